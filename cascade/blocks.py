@@ -1,0 +1,243 @@
+"""Building blocks shared by Stage B and Stage C, and the U-Net level machinery both use.
+
+Reference: Stability-AI/StableCascade `modules/common.py`, `modules/stage_b.py`, `modules/stage_c.py`. Parameter
+names are the official checkpoint's (`depthwise`, `channelwise.{0,2,4}`, `attention.attn.in_proj_weight`,
+`kv_mapper.1`, `mapper_<cond>`, ...), so the official files load with `strict=True`.
+
+Every block is called as `block(x, cond, skip=None)` where `cond` carries the r-embedding and the CLIP tokens; each
+block takes what it needs. The levels are built once and run in a loop with no type checks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Conditioning(NamedTuple):
+    r_embed: torch.Tensor  # (B, c_r * (1 + len(t_conds)))
+    clip: torch.Tensor  # (B, tokens, c_cond)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def layer_norm_2d(c: int) -> LayerNorm2d:
+    # Every norm inside the generators is non-affine with eps 1e-6.
+    return LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
+
+
+class GlobalResponseNorm(nn.Module):
+    """GRN from ConvNeXt-V2, on channels-last input (B, H, W, C)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, c))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+class ResBlock(nn.Module):
+    """Depthwise conv -> LN -> (concat skip) -> channelwise MLP with GRN, residual."""
+
+    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c, c, kernel_size=kernel_size, padding=kernel_size // 2, groups=c)
+        self.norm = layer_norm_2d(c)
+        self.channelwise = nn.Sequential(
+            nn.Linear(c + c_skip, c * 4),
+            nn.GELU(),
+            GlobalResponseNorm(c * 4),
+            nn.Dropout(dropout),
+            nn.Linear(c * 4, c),
+        )
+
+    def forward(self, x: torch.Tensor, cond: Conditioning | None = None, skip: torch.Tensor | None = None):
+        residual = x
+        x = self.norm(self.depthwise(x))
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)  # (B, c + c_skip, H, W)
+        x = self.channelwise(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + residual
+
+
+class TimestepBlock(nn.Module):
+    """Modulation x * (1 + a) + b by the r-embedding and one embedding per extra condition (`sca`, `crp`)."""
+
+    def __init__(self, c: int, c_r: int, conds: tuple[str, ...] = ("sca",)):
+        super().__init__()
+        self.mapper = nn.Linear(c_r, c * 2)
+        self.conds = tuple(conds)
+        for name in self.conds:
+            setattr(self, f"mapper_{name}", nn.Linear(c_r, c * 2))
+
+    def forward(self, x: torch.Tensor, cond: Conditioning, skip: torch.Tensor | None = None):
+        chunks = cond.r_embed.chunk(len(self.conds) + 1, dim=1)
+        ab = self.mapper(chunks[0])
+        for name, chunk in zip(self.conds, chunks[1:]):
+            ab = ab + getattr(self, f"mapper_{name}")(chunk)
+        a, b = ab[:, :, None, None].chunk(2, dim=1)  # (B, c, 1, 1) each
+        return x * (1 + a) + b
+
+
+class Attention2D(nn.Module):
+    """Multi-head attention of the image tokens over [image tokens; condition tokens]."""
+
+    def __init__(self, c: int, nhead: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(c, nhead, dropout=dropout, bias=True, batch_first=True)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, self_attn: bool) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.view(b, c, h * w).permute(0, 2, 1)  # (B, HW, C)
+        if self_attn:
+            kv = torch.cat([tokens, kv], dim=1)  # (B, HW + T, C)
+        out = self.attn(tokens, kv, kv, need_weights=False)[0]
+        return out.permute(0, 2, 1).reshape(b, c, h, w)
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.self_attn = self_attn
+        self.norm = layer_norm_2d(c)
+        self.attention = Attention2D(c, nhead, dropout)
+        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
+
+    def forward(self, x: torch.Tensor, cond: Conditioning, skip: torch.Tensor | None = None):
+        kv = self.kv_mapper(cond.clip)  # (B, T, c)
+        return x + self.attention(self.norm(x), kv, self_attn=self.self_attn)
+
+
+def r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of the noise level r in [0, 1]: (B,) -> (B, c_r), computed in float32."""
+    r = r.float() * max_positions
+    half = c_r // 2
+    freqs = torch.arange(half, device=r.device).float().mul(-math.log(max_positions) / (half - 1)).exp()
+    args = r[:, None] * freqs[None, :]
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    if c_r % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def interpolate_like(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize as the reference (align_corners=True, computed in float32), back in x's dtype."""
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=True).to(x.dtype)
+
+
+class CascadeUNet(nn.Module):
+    """The level structure shared by Stage B and Stage C.
+
+    Down path: per level a downscaler, then its blocks run `block_repeat` times with a 1x1 "repeat mapper" conv
+    between passes (the blocks' weights are shared across passes). Up path, deepest first: the first block of each
+    non-deepest level concatenates the matching down output. Subclasses build the conditioning, embedding and head,
+    then call `_build_levels` with their down- and upscaler factories.
+    """
+
+    def _build_levels(self, config, make_downscaler, make_upscaler) -> None:
+        c_hidden, nhead, level_config = config.c_hidden, config.nhead, config.level_config
+        dropout = config.dropout
+        n = len(c_hidden)
+
+        def block(kind: str, i: int, c_skip: int = 0) -> nn.Module:
+            if kind == "C":
+                return ResBlock(c_hidden[i], c_skip, kernel_size=config.kernel_size, dropout=dropout[i])
+            if kind == "A":
+                return AttnBlock(c_hidden[i], config.c_cond, nhead[i], self_attn=config.self_attn, dropout=dropout[i])
+            if kind == "T":
+                return TimestepBlock(c_hidden[i], config.c_r, conds=config.t_conds)
+            raise ValueError(f"level_config: unknown block type {kind!r}; allowed are 'C', 'T', 'A'")
+
+        def repeat_mappers(count: int, c: int) -> nn.ModuleList:
+            return nn.ModuleList(nn.Conv2d(c, c, kernel_size=1) for _ in range(count - 1))
+
+        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in range(n):
+            self.down_downscalers.append(make_downscaler(c_hidden[i - 1], c_hidden[i], i - 1) if i > 0 else nn.Identity())
+            self.down_blocks.append(
+                nn.ModuleList(block(kind, i) for _ in range(config.blocks[0][i]) for kind in level_config[i])
+            )
+            self.down_repeat_mappers.append(repeat_mappers(config.block_repeat[0][i], c_hidden[i]))
+
+        # Up levels are stored deepest first; `blocks[1]` and `block_repeat[1]` list them in that order too.
+        self.up_blocks, self.up_upscalers, self.up_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(n)):
+            self.up_upscalers.append(make_upscaler(c_hidden[i], c_hidden[i - 1], i - 1) if i > 0 else nn.Identity())
+            blocks = []
+            for j in range(config.blocks[1][::-1][i]):
+                for k, kind in enumerate(level_config[i]):
+                    # Only the level's very first block takes the skip connection (not the deepest level's).
+                    c_skip = c_hidden[i] if i < n - 1 and j == k == 0 else 0
+                    blocks.append(block(kind, i, c_skip))
+            self.up_blocks.append(nn.ModuleList(blocks))
+            self.up_repeat_mappers.append(repeat_mappers(config.block_repeat[1][::-1][i], c_hidden[i]))
+
+    def _r_conditioning(self, r: torch.Tensor, t_cond_values: dict[str, torch.Tensor]) -> torch.Tensor:
+        # r plus one embedding per extra condition; the released models always see 0 for `sca` and `crp`.
+        parts = [r_embedding(r, self.config.c_r)]
+        for name in self.config.t_conds:
+            value = t_cond_values.get(name)
+            parts.append(r_embedding(torch.zeros_like(r) if value is None else value, self.config.c_r))
+        return torch.cat(parts, dim=1)
+
+    def _down_encode(self, x: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
+        level_outputs = []
+        for blocks, downscaler, repeat_mappers in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
+            x = downscaler(x)
+            for pass_index in range(len(repeat_mappers) + 1):
+                for block in blocks:
+                    x = block(x, cond)
+                if pass_index < len(repeat_mappers):
+                    x = repeat_mappers[pass_index](x)
+            level_outputs.insert(0, x)  # deepest first
+        return level_outputs
+
+    def _up_decode(self, level_outputs: list[torch.Tensor], cond: Conditioning) -> torch.Tensor:
+        x = level_outputs[0]
+        for i, (blocks, upscaler, repeat_mappers) in enumerate(
+            zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)
+        ):
+            skip = level_outputs[i] if i > 0 else None
+            for pass_index in range(len(repeat_mappers) + 1):
+                if skip is not None and x.shape[-2:] != skip.shape[-2:]:
+                    # Odd latent sizes: the transposed conv overshoots or undershoots the down path's grid.
+                    x = interpolate_like(x, skip.shape[-2:])
+                x = blocks[0](x, cond, skip)
+                for block in blocks[1:]:
+                    x = block(x, cond)
+                if pass_index < len(repeat_mappers):
+                    x = repeat_mappers[pass_index](x)
+            x = upscaler(x)
+        return x
+
+    def _init_weights(self) -> None:
+        """The reference's initialisation (used when training from scratch; loading overwrites it)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.embedding[1].weight, 0.02)  # inputs
+        nn.init.zeros_(self.clf[1].weight)  # outputs start at zero
+        depth_scale = math.sqrt(1 / sum(self.config.blocks[0]))
+        for level in list(self.down_blocks) + list(self.up_blocks):
+            for block in level:
+                if isinstance(block, ResBlock):
+                    block.channelwise[-1].weight.data *= depth_scale
+                elif isinstance(block, TimestepBlock):
+                    for layer in block.modules():
+                        if isinstance(layer, nn.Linear):
+                            nn.init.zeros_(layer.weight)  # modulation starts as identity
