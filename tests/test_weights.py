@@ -1,0 +1,221 @@
+"""Loading the official layouts: diffusers folders written by diffusers itself, Stability single files, errors."""
+
+import json
+import struct
+
+import pytest
+import torch
+from diffusers import StableCascadeUNet
+from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+from safetensors.torch import save_file
+
+from cascade.convert import unet_config_to_diffusers
+from cascade.stage_a import STAGE_A, STAGE_A_TINY, StageA, stage_a_diffusers_config
+from cascade.stage_b import STAGE_B_3B, STAGE_B_700M, STAGE_B_TINY, StageB
+from cascade.stage_c import STAGE_C_1B, STAGE_C_3B, STAGE_C_TINY, StageC
+from cascade.weights import WeightsError, inspect_stage, load_stage, save_stage
+from tests.helpers import randomize
+
+
+def stability_keys(kind, diffusers_state):
+    """Convert a diffusers state dict back to Stability's keys, written independently of cascade.convert."""
+    out = {}
+    for key, value in diffusers_state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q." in key:
+            prefix, suffix = key.split(".attention.to_q.")
+            qkv = [diffusers_state[f"{prefix}.attention.to_{p}.{suffix}"] for p in "qkv"]
+            out[f"{prefix}.attention.attn.in_proj_{suffix}"] = torch.cat(qkv).contiguous()
+        elif ".attention.to_out.0." in key:
+            out[key.replace("to_out.0", "attn.out_proj")] = value
+        elif kind == "stage_b" and key.startswith("clip_txt_pooled_mapper."):
+            out[key.replace("clip_txt_pooled_mapper", "clip_mapper")] = value
+        elif kind == "stage_a" and key == "vquantizer.embedding.weight":
+            out["vquantizer.codebook.weight"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def c_inputs(g):
+    return (torch.randn(2, 16, 6, 6, generator=g), torch.rand(2, generator=g), torch.randn(2, 77, 32, generator=g),
+            torch.randn(2, 1, 32, generator=g), torch.randn(2, 1, 24, generator=g))
+
+
+def b_inputs(g):
+    return (torch.randn(2, 4, 32, 32, generator=g), torch.rand(2, generator=g), torch.randn(2, 16, 3, 3, generator=g),
+            torch.randn(2, 1, 32, generator=g))
+
+
+def diffusers_unet(config, seed):
+    return randomize(StableCascadeUNet(**unet_config_to_diffusers(config)), seed)
+
+
+def run_diffusers(df, kind, inputs):
+    with torch.no_grad():
+        if kind == "stage_c":
+            x, r, text, pooled, img = inputs
+            return df(x, r, clip_text_pooled=pooled, clip_text=text, clip_img=img).sample
+        x, r, effnet, pooled = inputs
+        return df(x, r, clip_text_pooled=pooled, effnet=effnet).sample
+
+
+CASES = [("stage_c", STAGE_C_TINY, c_inputs), ("stage_b", STAGE_B_TINY, b_inputs)]
+
+
+@pytest.mark.parametrize("kind,config,inputs", CASES, ids=["stage_c", "stage_b"])
+def test_diffusers_folder_from_save_pretrained_loads(tmp_path, kind, config, inputs):
+    df = diffusers_unet(config, 1)
+    df.save_pretrained(tmp_path / "unet")  # diffusers' own writer: config.json + diffusion_pytorch_model.safetensors
+    ours = load_stage(tmp_path / "unet", expect=kind)
+    assert ours.config == config
+    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
+    x = inputs(torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(*x), run_diffusers(df, kind, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,config,inputs", CASES, ids=["stage_c", "stage_b"])
+def test_stability_single_file_loads(tmp_path, kind, config, inputs):
+    df = diffusers_unet(config, 3)
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(stability_keys(kind, df.state_dict()), str(path))  # no metadata, as the official files
+    ours = load_stage(path, config=config, dtype=torch.float32)
+    x = inputs(torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(*x), run_diffusers(df, kind, x), rtol=1e-5, atol=1e-6)
+
+
+def test_stage_a_from_diffusers_folder_and_single_file(tmp_path):
+    df = randomize(PaellaVQModel(**stage_a_diffusers_config(STAGE_A_TINY)), 5)
+    df.save_pretrained(tmp_path / "vqgan")
+    save_file(stability_keys("stage_a", df.state_dict()), str(tmp_path / "stage_a.safetensors"))
+    z = torch.randn(1, 4, 8, 8)
+    expected = df.decode(z * STAGE_A_TINY.scale_factor).sample
+    from_folder = load_stage(tmp_path / "vqgan")
+    from_file = load_stage(tmp_path / "stage_a.safetensors", config=STAGE_A_TINY)
+    with torch.no_grad():
+        torch.testing.assert_close(from_folder.decode(z), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(from_file.decode(z), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_loads_straight_into_bf16_and_keeps_integer_buffers(tmp_path):
+    path = save_stage(randomize(StageA(STAGE_A_TINY)), tmp_path / "a.safetensors")
+    model = load_stage(path, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.state_dict()["down_blocks.3.1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_our_files_carry_their_configuration(tmp_path):
+    model = randomize(StageB(STAGE_B_TINY))
+    for layout, path in (("stability", tmp_path / "b.safetensors"), ("diffusers", tmp_path / "b")):
+        loaded = load_stage(save_stage(model, path, layout=layout))
+        assert loaded.config == STAGE_B_TINY
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def write_sparse_official(path, model_cls, config, dtype="BF16"):
+    """A full-size file in the official layout whose data is a sparse hole: only the header is real."""
+    with torch.device("meta"):
+        state = model_cls(config).state_dict()
+    header, offset = {}, 0
+    for k, v in state.items():
+        n = v.numel() * (8 if v.dtype == torch.int64 else 2)
+        header[k] = {"dtype": "I64" if v.dtype == torch.int64 else dtype, "shape": list(v.shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+@pytest.mark.parametrize(
+    "cls,config,kind",
+    [(StageC, STAGE_C_3B, "stage_c"), (StageC, STAGE_C_1B, "stage_c"), (StageB, STAGE_B_3B, "stage_b"),
+     (StageB, STAGE_B_700M, "stage_b"), (StageA, STAGE_A, "stage_a")],
+    ids=["c", "c_lite", "b", "b_lite", "a"],
+)
+def test_official_variant_detected_from_shapes(tmp_path, cls, config, kind):
+    path = write_sparse_official(tmp_path / "official.safetensors", cls, config)
+    source = inspect_stage(path)
+    assert source.kind.name == kind and source.config == config
+
+
+# ------------------------------------------------------------------------------------------------------- bad files
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(WeightsError, match="no such file or folder") as e:
+        load_stage(tmp_path / "stage_c_bf16.safetensors")
+    assert "stage_c_bf16.safetensors" in str(e.value)
+
+
+def test_truncated_file_is_reported(tmp_path):
+    path = save_stage(StageC(STAGE_C_TINY), tmp_path / "c.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(WeightsError, match=r"c\.safetensors: truncated"):
+        load_stage(path)
+
+
+def test_garbage_and_pickle_files_are_refused(tmp_path):
+    garbage = tmp_path / "stage_b.safetensors"
+    garbage.write_bytes(b"\x00" * 3 + b"definitely not safetensors" * 10)
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        load_stage(garbage)
+    pickle = tmp_path / "stage_b.bin"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(WeightsError, match="only .safetensors"):
+        load_stage(pickle)
+    folder = tmp_path / "decoder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "StableCascadeUNet", **unet_config_to_diffusers(STAGE_B_TINY)}))
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(WeightsError, match="pickle"):
+        load_stage(folder)
+
+
+def test_foreign_file_is_refused(tmp_path):
+    path = tmp_path / "unet.safetensors"
+    save_file({"conv_in.weight": torch.zeros(4, 4), "time_embedding.linear_1.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(WeightsError, match="not a Stable Cascade stage"):
+        load_stage(path)
+
+
+def test_mismatched_file_names_the_key(tmp_path):
+    path = save_stage(StageC(STAGE_C_TINY), tmp_path / "c.safetensors")
+    other = STAGE_C_TINY.__class__(**{**STAGE_C_TINY.__dict__, "c_clip_text": 48})
+    with pytest.raises(WeightsError, match=r"clip_txt_mapper.weight has shape \[64, 32\]"):
+        load_stage(path, config=other)
+    with pytest.raises(WeightsError, match="holds stage_c weights, but stage_b was expected"):
+        load_stage(path, expect="stage_b")
+
+
+def test_missing_keys_are_listed(tmp_path):
+    state = StageB(STAGE_B_TINY).state_dict()
+    del state["clf.1.weight"]
+    path = tmp_path / "b.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(WeightsError, match=r"1 missing keys \(clf.1.weight\)"):
+        load_stage(path, config=STAGE_B_TINY)
+
+
+def test_folder_without_config_or_weights(tmp_path):
+    (tmp_path / "prior").mkdir()
+    with pytest.raises(WeightsError, match="config.json, which is missing"):
+        load_stage(tmp_path / "prior")
+    (tmp_path / "prior" / "config.json").write_text(json.dumps({"_class_name": "StableCascadeUNet", **unet_config_to_diffusers(STAGE_C_TINY)}))
+    with pytest.raises(WeightsError, match="no diffusion_pytorch_model.safetensors"):
+        load_stage(tmp_path / "prior")
+
+
+def test_official_shapes_that_match_no_preset_need_a_config(tmp_path):
+    path = tmp_path / "c.safetensors"
+    save_file({k: v.contiguous() for k, v in StageC(STAGE_C_TINY).state_dict().items()}, str(path))
+    with pytest.raises(WeightsError, match="match no official configuration"):
+        load_stage(path)
