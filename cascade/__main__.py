@@ -1,0 +1,132 @@
+"""Generate images on one machine: `python -m cascade "a prompt" --weights DIR --out out.png --seed 7`.
+
+Exit codes: 0 every image written; 1 an image failed (e.g. NaN/Inf, reported on stderr); 2 bad arguments;
+3 the weights could not be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from .family import BUILTIN_MODELS, load_models
+from .pipeline import MAX_SEED, Request, Result, generate, validate
+from .weights import WeightsError
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cascade", description=__doc__.split("\n")[0])
+    p.add_argument("prompt", help="the text prompt")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--weights", type=Path, help="folder laid out as the official stable-cascade(-prior) repos")
+    src.add_argument("--model", choices=sorted(BUILTIN_MODELS), help="a built-in model (default: tiny)")
+    p.add_argument("--lite", action="store_true", help="use Stage C lite and Stage B lite from --weights")
+    p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG; with --num-images N, -0..-N-1")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}; image i uses seed + i")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--prior-steps", type=int, default=20)
+    p.add_argument("--prior-cfg", type=float, default=4.0)
+    p.add_argument("--decoder-steps", type=int, default=10)
+    p.add_argument("--decoder-cfg", type=float, default=1.1)
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    return p.parse_args(argv)
+
+
+def png_info(request: Request, model: str) -> PngInfo:
+    info = PngInfo()
+    info.add_text("prompt", request.prompt)
+    info.add_text("negative_prompt", request.negative_prompt)
+    info.add_text("seed", str(request.seed))
+    info.add_text(
+        "parameters",
+        f"model={model} size={request.width}x{request.height} prior_steps={request.prior_steps} "
+        f"prior_cfg={request.prior_cfg} decoder_steps={request.decoder_steps} decoder_cfg={request.decoder_cfg} "
+        f"sampler={request.sampler}",
+    )
+    return info
+
+
+def output_paths(out: Path, n: int) -> list[Path]:
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.num_images < 1:
+        print(f"error: --num-images: {args.num_images} is not allowed; use 1 or more", file=sys.stderr)
+        return 2
+    requests = [
+        Request(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            seed=args.seed + i,
+            width=args.width,
+            height=args.height,
+            prior_steps=args.prior_steps,
+            prior_cfg=args.prior_cfg,
+            decoder_steps=args.decoder_steps,
+            decoder_cfg=args.decoder_cfg,
+            sampler=args.sampler,
+        )
+        for i in range(args.num_images)
+    ]
+    try:
+        for r in requests:
+            validate(r)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    start = time.perf_counter()
+    try:
+        if args.weights is not None:
+            models = load_models(args.weights, lite=args.lite, dtype=dtype, device=device)
+        else:
+            models = BUILTIN_MODELS[args.model or "tiny"](device=device, dtype=dtype)
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    print(f"loaded {models.name} on {device} ({dtype}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    start = time.perf_counter()
+    results: list[Result] = generate(
+        models,
+        requests,
+        batch_size=args.batch_size,
+        progress=lambda done, total: print(f"generated {done}/{total}", file=sys.stderr),
+    )
+    failed = 0
+    for result, path in zip(results, output_paths(args.out, len(results))):
+        if result.prompt_truncated:
+            print(
+                f"warning: the prompt has {result.prompt_tokens} tokens; CLIP reads the first 77, the rest was cut",
+                file=sys.stderr,
+            )
+        if result.error:
+            failed += 1
+            print(f"error: seed {result.request.seed}: {result.error}; no image written", file=sys.stderr)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.image.save(path, pnginfo=png_info(result.request, models.name))
+        print(path)
+    print(f"{len(results) - failed} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

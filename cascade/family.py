@@ -1,0 +1,150 @@
+"""A whole model family: text encoder + Stage C + Stage B + Stage A (+ the optional EfficientNet and previewer).
+
+`load_models(folder)` reads one local folder laid out as the official Hugging Face repos, merged:
+stabilityai/stable-cascade (single files `stage_{a,b,c}[_lite][_bf16].safetensors`, `effnet_encoder.safetensors`,
+`previewer.safetensors`, and diffusers folders `decoder[_lite]/`, `vqgan/`, `text_encoder/`, `tokenizer/`) and
+stabilityai/stable-cascade-prior (`prior[_lite]/`, `text_encoder/`, `tokenizer/`). Either layout works for each stage.
+
+`tiny_models()` is the built-in `tiny` family: every stage in a small configuration with deterministic random
+weights, and the real CLIP tokenizer. It makes noise, not pictures; it exists for tests and as the default model
+until a trained demo model ships.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .stage_a import STAGE_A_TINY, StageA
+from .stage_b import STAGE_B_TINY, StageB
+from .stage_c import STAGE_C_TINY, StageC
+from .text import TINY_TEXT_CONFIG, TextEncoder, build_text_encoder, load_text_encoder
+from .weights import WeightsError, load_stage
+
+
+@dataclass
+class CascadeModels:
+    text_encoder: TextEncoder
+    stage_c: StageC
+    stage_b: StageB
+    stage_a: StageA
+    name: str = "custom"
+    effnet: nn.Module | None = None
+    previewer: nn.Module | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.stage_c.parameters()).device
+
+    @property
+    def clip_img_dim(self) -> int:
+        return self.stage_c.config.c_clip_img
+
+
+# Where each stage lives in the official repos, in order of preference ({lite} is "" or "_lite").
+_SINGLE_FILES = {
+    "stage_c": ("stage_c{lite}_bf16.safetensors", "stage_c{lite}.safetensors"),
+    "stage_b": ("stage_b{lite}_bf16.safetensors", "stage_b{lite}.safetensors"),
+    "stage_a": ("stage_a.safetensors",),
+    "effnet": ("effnet_encoder.safetensors",),
+    "previewer": ("previewer.safetensors",),
+}
+_DIFFUSERS_FOLDERS = {"stage_c": ("prior{lite}",), "stage_b": ("decoder{lite}",), "stage_a": ("vqgan",)}
+
+
+def find_stage(folder: Path, stage: str, lite: bool, dtype: torch.dtype) -> Path | None:
+    """The file or folder holding `stage` in an official-layout `folder`; the dtype decides fp32 vs bf16 first."""
+    suffix = "_lite" if lite else ""
+    singles = [folder / n.format(lite=suffix) for n in _SINGLE_FILES[stage]]
+    if dtype == torch.float32:
+        singles.reverse()  # read the fp32 file when full precision is asked for
+    folders = [folder / n.format(lite=suffix) for n in _DIFFUSERS_FOLDERS.get(stage, ())]
+    for candidate in singles + folders:
+        if candidate.is_file() or (candidate / "config.json").is_file():
+            return candidate
+    return None
+
+
+def load_models(
+    folder: str | os.PathLike,
+    *,
+    lite: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    with_effnet: bool = False,
+    with_previewer: bool = False,
+) -> CascadeModels:
+    """Load a model family from one local folder laid out as the official repos (see the module docstring).
+
+    Stage A (20 M parameters) stays float32, as in the reference; the rest take `dtype`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: weights folder not found")
+    variant = "lite" if lite else "big"
+
+    def need(stage: str) -> Path:
+        found = find_stage(folder, stage, lite, dtype)
+        if found is None:
+            names = [n.format(lite="_lite" if lite else "") for n in _SINGLE_FILES[stage]]
+            names += [n.format(lite="_lite" if lite else "") + "/" for n in _DIFFUSERS_FOLDERS.get(stage, ())]
+            raise WeightsError(f"{folder}: no {variant} {stage} weights: expected one of {', '.join(names)}")
+        return found
+
+    text_dir = folder / "text_encoder"
+    if not (text_dir / "config.json").is_file():
+        raise WeightsError(f"{folder}: no text encoder: expected text_encoder/ with config.json and model.safetensors")
+    tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None  # else the bundled one
+    text_variant = "bf16" if dtype == torch.bfloat16 and any(text_dir.glob("model.bf16*.safetensors*")) else None
+    models = CascadeModels(
+        text_encoder=load_text_encoder(
+            text_dir, tokenizer_dir, dtype=dtype, device=device, variant=text_variant
+        ),
+        stage_c=load_stage(need("stage_c"), dtype=dtype, device=device, expect="stage_c"),
+        stage_b=load_stage(need("stage_b"), dtype=dtype, device=device, expect="stage_b"),
+        stage_a=load_stage(need("stage_a"), dtype=torch.float32, device=device, expect="stage_a"),
+        name=f"{folder.name}:{variant}",
+    )
+    if with_effnet:
+        models.effnet = load_stage(need("effnet"), dtype=torch.float32, device=device, expect="effnet")
+    if with_previewer:
+        models.previewer = load_stage(need("previewer"), dtype=torch.float32, device=device, expect="previewer")
+    return models
+
+
+def _liven(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give the reference's zero-initialised weights (output conv, modulation, GRN, Stage A gammas) small random
+    values, so every path of the tiny model carries signal and the conditioning changes the output."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model
+
+
+def tiny_models(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> CascadeModels:
+    """The built-in `tiny` family: small configs, deterministic random weights, the real CLIP tokenizer."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        stage_c = _liven(StageC(STAGE_C_TINY), generator)
+        stage_b = _liven(StageB(STAGE_B_TINY), generator)
+        stage_a = _liven(StageA(STAGE_A_TINY), generator)
+    models = CascadeModels(
+        text_encoder=build_text_encoder(TINY_TEXT_CONFIG, seed=seed),
+        stage_c=stage_c,
+        stage_b=stage_b,
+        stage_a=stage_a,
+        name="tiny",
+    )
+    for m in (models.text_encoder, models.stage_c, models.stage_b):
+        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    models.stage_a.to(device=device).eval().requires_grad_(False)
+    return models
+
+
+BUILTIN_MODELS = {"tiny": tiny_models}

@@ -1,0 +1,260 @@
+"""In-process text-to-image generation: requests in, images out.
+
+The two halves are separate so the distributed pipeline can run them on different GPU pools:
+`run_prior` (text encoder + Stage C) turns requests into small `PriorOutput`s (the 16 x 24 x 24 latent and the pooled
+text embeddings Stage B needs), and `run_decoder` (Stage B + Stage A) turns those into images. `generate` runs both in
+one process, batching requests that share a shape and sampling parameters.
+
+Determinism: each request's noise, initial and per step, comes from CPU generators seeded from its seed alone (one
+for Stage C, one for Stage B), and guidance never mixes samples, so a request gives the same image alone or in any
+batch. A result holding NaN or Inf is reported as an error for that request, never returned as a black image.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import gdf
+from .family import CascadeModels
+
+# Stage C works at a 42.67x compression (1024 px -> 24 latent pixels), Stage A at 4x (inference/utils.py).
+STAGE_C_COMPRESSION = 42.67
+STAGE_A_COMPRESSION = 4
+SIZE_MULTIPLE, MIN_SIZE, MAX_SIZE = 32, 256, 2048
+MAX_STEPS = 1000
+MAX_SEED = 2**63 - 1
+PRIOR_SHIFT, DECODER_SHIFT = 2.0, 1.0  # the reference notebook's values
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    width: int = 1024
+    height: int = 1024
+    prior_steps: int = 20
+    prior_cfg: float = 4.0
+    decoder_steps: int = 10
+    decoder_cfg: float = 1.1
+    sampler: str = "ddpm"
+
+    def bucket(self) -> tuple:
+        """Requests with equal buckets can share a batch."""
+        return (self.width, self.height, self.prior_steps, self.prior_cfg, self.decoder_steps, self.decoder_cfg,
+                self.sampler)
+
+
+def validate(request: Request) -> None:
+    """Raise ValueError naming the field, the value and what is allowed."""
+    r = request
+    for name in ("prompt", "negative_prompt"):
+        if not isinstance(getattr(r, name), str):
+            raise ValueError(f"{name}: must be a string, got {type(getattr(r, name)).__name__}")
+    for name in ("width", "height"):
+        v = getattr(r, name)
+        if not isinstance(v, int) or isinstance(v, bool) or not MIN_SIZE <= v <= MAX_SIZE or v % SIZE_MULTIPLE:
+            raise ValueError(
+                f"{name}: {v!r} is not supported; use a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}"
+            )
+    for name in ("prior_steps", "decoder_steps"):
+        v = getattr(r, name)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_STEPS:
+            raise ValueError(f"{name}: {v!r} is not allowed; use an integer from 1 to {MAX_STEPS}")
+    for name in ("prior_cfg", "decoder_cfg"):
+        v = getattr(r, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 100:
+            raise ValueError(f"{name}: {v!r} is not allowed; use a finite number from 0 to 100")
+    if not isinstance(r.seed, int) or isinstance(r.seed, bool) or not 0 <= r.seed <= MAX_SEED:
+        raise ValueError(f"seed: {r.seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
+    if r.sampler not in gdf.SAMPLERS:
+        raise ValueError(f"sampler: {r.sampler!r} is not known; allowed are {sorted(gdf.SAMPLERS)}")
+
+
+def latent_sizes(width: int, height: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(Stage C latent shape, Stage B latent shape) per image, as the reference's calculate_latent_sizes."""
+    c = (16, math.ceil(height / STAGE_C_COMPRESSION), math.ceil(width / STAGE_C_COMPRESSION))
+    b = (4, math.ceil(height / STAGE_A_COMPRESSION), math.ceil(width / STAGE_A_COMPRESSION))
+    return c, b
+
+
+def stage_generator(seed: int, stage: str) -> torch.Generator:
+    """The CPU generator for one request's stage. Stage B's seed is derived, so its noise does not depend on how
+    many draws Stage C made (the stages may run on different machines)."""
+    if stage == "stage_c":
+        return torch.Generator().manual_seed(seed)
+    z = (seed + 0x9E3779B97F4A7C15) % 2**64  # splitmix64: a well-mixed, fixed function of the seed
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return torch.Generator().manual_seed(z ^ (z >> 31))
+
+
+def nonfinite(t: torch.Tensor) -> list[bool]:
+    """Per sample: does it hold NaN or Inf?"""
+    return (~torch.isfinite(t.float())).flatten(1).any(dim=1).tolist()
+
+
+@dataclass
+class PriorOutput:
+    """What Stage C hands to Stage B for one request: small enough for a queue (16 x 24 x 24 at 1024 px)."""
+
+    request: Request
+    latent: torch.Tensor | None  # (16, h, w) Stage C's predicted clean latent
+    clip_text_pooled: torch.Tensor | None  # (1, c_clip) prompt
+    clip_text_pooled_negative: torch.Tensor | None  # (1, c_clip) negative prompt (Stage B's unconditional input)
+    prompt_tokens: int = 0
+    prompt_truncated: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Result:
+    request: Request
+    image: Image.Image | None
+    error: str | None = None
+    prompt_truncated: bool = False
+    prompt_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _same_bucket(requests: Sequence[Request]) -> None:
+    if len({r.bucket() for r in requests}) > 1:
+        raise ValueError("a batch must share width, height, steps, cfg and sampler; use generate() to bucket requests")
+
+
+@torch.inference_mode()
+def run_prior(models: CascadeModels, requests: Sequence[Request]) -> list[PriorOutput]:
+    """Text encoder + Stage C for one bucket of requests."""
+    _same_bucket(requests)
+    start = time.perf_counter()
+    n, first = len(requests), requests[0]
+    device = models.device
+    text = models.text_encoder.encode([r.prompt for r in requests] + [r.negative_prompt for r in requests])
+    clip_text, pooled = text.clip_text.to(device), text.clip_text_pooled.to(device)
+    clip_img = torch.zeros(n, 1, models.clip_img_dim, device=device, dtype=clip_text.dtype)
+    cond = {"clip_text": clip_text[:n], "clip_text_pooled": pooled[:n], "clip_img": clip_img}
+    uncond = {"clip_text": clip_text[n:], "clip_text_pooled": pooled[n:], "clip_img": clip_img}
+    shape_c, _ = latent_sizes(first.width, first.height)
+    latents = gdf.sample(
+        gdf.guided_denoiser(models.stage_c, cond, uncond, first.prior_cfg),
+        [stage_generator(r.seed, "stage_c") for r in requests],
+        shape_c,
+        steps=first.prior_steps,
+        shift=PRIOR_SHIFT,
+        sampler=first.sampler,
+        device=device,
+    )
+    bad = nonfinite(latents)
+    seconds = (time.perf_counter() - start) / n
+    return [
+        PriorOutput(
+            request=r,
+            latent=None if bad[i] else latents[i].cpu(),
+            clip_text_pooled=pooled[i].cpu(),
+            clip_text_pooled_negative=pooled[n + i].cpu(),
+            prompt_tokens=text.num_tokens[i],
+            prompt_truncated=text.truncated[i],
+            error="Stage C produced NaN/Inf in the latent" if bad[i] else None,
+            seconds=seconds,
+        )
+        for i, r in enumerate(requests)
+    ]
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> 8-bit RGB."""
+    array = (image.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+@torch.inference_mode()
+def run_decoder(models: CascadeModels, priors: Sequence[PriorOutput]) -> list[Result]:
+    """Stage B + Stage A for one bucket of prior outputs; those that already failed pass through as errors."""
+    results: dict[int, Result] = {}
+    ok = []
+    for i, p in enumerate(priors):
+        if p.error is not None:
+            results[i] = Result(p.request, None, p.error, p.prompt_truncated, p.prompt_tokens, {"prior_s": p.seconds})
+        else:
+            ok.append(i)
+    if ok:
+        start = time.perf_counter()
+        batch = [priors[i] for i in ok]
+        _same_bucket([p.request for p in batch])
+        first, device = batch[0].request, models.device
+        dtype = next(models.stage_b.parameters()).dtype
+        effnet = torch.stack([p.latent for p in batch]).to(device=device, dtype=dtype)
+        cond = {"effnet": effnet, "clip": torch.stack([p.clip_text_pooled for p in batch]).to(device, dtype)}
+        uncond = {
+            "effnet": torch.zeros_like(effnet),
+            "clip": torch.stack([p.clip_text_pooled_negative for p in batch]).to(device, dtype),
+        }
+        _, shape_b = latent_sizes(first.width, first.height)
+        latents = gdf.sample(
+            gdf.guided_denoiser(models.stage_b, cond, uncond, first.decoder_cfg),
+            [stage_generator(p.request.seed, "stage_b") for p in batch],
+            shape_b,
+            steps=first.decoder_steps,
+            shift=DECODER_SHIFT,
+            sampler=first.sampler,
+            device=device,
+        )
+        stage_a_dtype = next(models.stage_a.parameters()).dtype
+        images = models.stage_a.decode(latents.to(stage_a_dtype))
+        bad_latent, bad_image = nonfinite(latents), nonfinite(images)
+        seconds = (time.perf_counter() - start) / len(batch)
+        for j, i in enumerate(ok):
+            p = priors[i]
+            error = (
+                "Stage B produced NaN/Inf in the latent"
+                if bad_latent[j]
+                else "Stage A produced NaN/Inf in the image"
+                if bad_image[j]
+                else None
+            )
+            image = None if error else to_pil(images[j])
+            timings = {"prior_s": p.seconds, "decoder_s": seconds}
+            results[i] = Result(p.request, image, error, p.prompt_truncated, p.prompt_tokens, timings)
+    return [results[i] for i in range(len(priors))]
+
+
+def buckets(requests: Sequence[Request], batch_size: int) -> list[list[int]]:
+    """Indices of requests grouped by shape and parameters, in batches of at most batch_size, in input order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.bucket(), []).append(i)
+    return [idx[k : k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
+
+
+def generate(
+    models: CascadeModels,
+    requests: Sequence[Request],
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Result]:
+    """Generate one image per request, in request order. Invalid requests raise ValueError before any work."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size} is not allowed; use 1 or more")
+    for i, r in enumerate(requests):
+        try:
+            validate(r)
+        except ValueError as e:
+            raise ValueError(f"request {i}: {e}") from None
+    results: list[Result | None] = [None] * len(requests)
+    done = 0
+    for idx in buckets(requests, batch_size):
+        batch = [requests[i] for i in idx]
+        for i, result in zip(idx, run_decoder(models, run_prior(models, batch))):
+            results[i] = result
+        done += len(idx)
+        if progress is not None:
+            progress(done, len(requests))
+    return results  # type: ignore[return-value]
