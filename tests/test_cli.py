@@ -1,0 +1,49 @@
+"""`python -m cascade`: images with their parameters in PNG text chunks, meaningful exit codes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from cascade.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--width", "256", "--height", "256", "--prior-steps", "2", "--decoder-steps", "2"]
+
+
+def test_cli_writes_png_with_parameters(tmp_path, capsys):
+    out = tmp_path / "out.png"
+    assert main(["a red circle", "--model", "tiny", "--out", str(out), "--seed", "7", *FAST]) == 0
+    image = Image.open(out)
+    assert image.size == (256, 256)
+    assert image.text["prompt"] == "a red circle" and image.text["seed"] == "7"
+    assert "prior_steps=2" in image.text["parameters"] and "model=tiny" in image.text["parameters"]
+
+
+def test_cli_num_images_use_consecutive_seeds(tmp_path):
+    out = tmp_path / "img.png"
+    assert main(["x", "--out", str(out), "--num-images", "2", "--seed", "3", *FAST]) == 0
+    seeds = [Image.open(tmp_path / f"img-{i}.png").text["seed"] for i in range(2)]
+    assert seeds == ["3", "4"]
+
+
+def test_cli_bad_size_exits_2_with_the_rule(tmp_path, capsys):
+    assert main(["x", "--out", str(tmp_path / "o.png"), "--width", "1000"]) == 2
+    assert "width: 1000 is not supported; use a multiple of 32 from 256 to 2048" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_bad_weights_exit_3_naming_the_folder(tmp_path, capsys):
+    assert main(["x", "--weights", str(tmp_path / "missing"), "--out", str(tmp_path / "o.png")]) == 3
+    assert "missing: weights folder not found" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    out = tmp_path / "o.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cascade", "a prompt", "--out", str(out), "--seed", "1", *FAST],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and "loaded tiny" in proc.stderr

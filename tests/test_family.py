@@ -1,0 +1,69 @@
+"""A whole family loads from one folder laid out as the official repos, in either layout, and generates the same
+images as the in-memory model it was saved from."""
+
+import numpy as np
+import pytest
+import torch
+
+from cascade import Request, WeightsError, generate, load_models, save_stage, tiny_models
+from cascade.text import save_tokenizer
+
+SMALL = dict(width=256, height=256, prior_steps=2, decoder_steps=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_models()
+
+
+def write_family(tiny, folder, layout):
+    tiny.text_encoder.model.save_pretrained(folder / "text_encoder")
+    save_tokenizer(folder / "tokenizer", tiny.text_encoder.tokenizer)
+    if layout == "stability":
+        save_stage(tiny.stage_c, folder / "stage_c.safetensors")
+        save_stage(tiny.stage_b, folder / "stage_b.safetensors")
+        save_stage(tiny.stage_a, folder / "stage_a.safetensors")
+    else:
+        save_stage(tiny.stage_c, folder / "prior", layout="diffusers")
+        save_stage(tiny.stage_b, folder / "decoder", layout="diffusers")
+        save_stage(tiny.stage_a, folder / "vqgan", layout="diffusers")
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["stability", "diffusers"])
+def test_family_folder_generates_like_the_original(tmp_path, tiny, layout):
+    folder = write_family(tiny, tmp_path / "weights", layout)
+    loaded = load_models(folder, dtype=torch.float32)
+    request = [Request("a red circle on a blue background", seed=3, **SMALL)]
+    expected = np.asarray(generate(tiny, request)[0].image)
+    assert np.array_equal(np.asarray(generate(loaded, request)[0].image), expected)
+
+
+def test_family_prefers_bf16_files_for_bf16(tmp_path, tiny):
+    folder = write_family(tiny, tmp_path / "weights", "stability")
+    save_stage(tiny.stage_c, folder / "stage_c_bf16.safetensors")
+    save_stage(tiny.stage_b, folder / "stage_b_bf16.safetensors")
+    from cascade.family import find_stage
+
+    assert find_stage(folder, "stage_c", False, torch.bfloat16).name == "stage_c_bf16.safetensors"
+    assert find_stage(folder, "stage_c", False, torch.float32).name == "stage_c.safetensors"
+    models = load_models(folder, dtype=torch.bfloat16)
+    assert next(models.stage_c.parameters()).dtype == torch.bfloat16
+    assert next(models.stage_a.parameters()).dtype == torch.float32  # Stage A stays fp32 as in the reference
+
+
+def test_missing_stage_names_what_was_expected(tmp_path, tiny):
+    folder = write_family(tiny, tmp_path / "weights", "stability")
+    (folder / "stage_b.safetensors").unlink()
+    with pytest.raises(WeightsError, match="no big stage_b weights: expected one of stage_b_bf16.safetensors"):
+        load_models(folder)
+    with pytest.raises(WeightsError, match="no lite stage_c weights"):
+        load_models(folder, lite=True)
+
+
+def test_missing_text_encoder_and_folder(tmp_path):
+    with pytest.raises(WeightsError, match="weights folder not found"):
+        load_models(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="no text encoder"):
+        load_models(tmp_path / "empty")

@@ -1,0 +1,111 @@
+"""In-process generation with the tiny built-in model: batching, determinism, per-request errors, validation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cascade import Request, generate, run_decoder, run_prior, tiny_models
+from cascade.pipeline import buckets, latent_sizes, stage_generator
+
+SMALL = dict(width=256, height=256, prior_steps=3, decoder_steps=2)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models()
+
+
+def test_latent_sizes_follow_the_reference():
+    assert latent_sizes(1024, 1024) == ((16, 24, 24), (4, 256, 256))
+    assert latent_sizes(1536, 1024) == ((16, 24, 36), (4, 256, 384))
+
+
+def test_images_have_the_requested_size_and_order(models):
+    requests = [Request("a red circle", seed=1, **SMALL), Request("a cat", seed=2, **{**SMALL, "width": 320}),
+                Request("a dog", seed=3, **SMALL)]
+    results = generate(models, requests, batch_size=2)
+    assert [r.request for r in results] == requests
+    assert [r.image.size for r in results] == [(256, 256), (320, 256), (256, 256)]
+    assert all(r.error is None for r in results)
+
+
+def test_same_seed_same_image_and_seeds_and_prompts_matter(models):
+    a, b, c, d = generate(models, [Request("a red circle", seed=7, **SMALL), Request("a red circle", seed=7, **SMALL),
+                                   Request("a red circle", seed=8, **SMALL), Request("a blue square", seed=7, **SMALL)])
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+    assert not np.array_equal(np.asarray(a.image), np.asarray(d.image))
+
+
+def test_a_request_is_the_same_alone_or_in_any_batch(models):
+    target = Request("a red circle", seed=11, prior_cfg=4.0, decoder_cfg=1.1, **SMALL)
+    mates = [Request("something else entirely", seed=s, **SMALL) for s in (1, 2, 3)]
+    alone = run_prior(models, [target])[0]
+    batched = run_prior(models, [mates[0], target, mates[1]])[1]
+    # fp32 batched matmuls round differently; in float64 the two are bit-identical. Allow rounding, nothing more.
+    scale = alone.latent.abs().max().item()
+    torch.testing.assert_close(batched.latent, alone.latent, rtol=0, atol=1e-5 * scale)
+    image_alone = np.asarray(run_decoder(models, [alone])[0].image, dtype=int)
+    image_batched = np.asarray(run_decoder(models, [run_prior(models, [mates[2]])[0], batched])[1].image, dtype=int)
+    assert np.abs(image_alone - image_batched).max() <= 1  # float rounding of batched matmuls, nothing more
+
+
+def test_float64_batches_are_bit_identical():
+    models64 = tiny_models(dtype=torch.float64)
+    target = Request("a red circle", seed=11, **SMALL)
+    alone = run_prior(models64, [target])[0].latent
+    batched = run_prior(models64, [Request("x", seed=3, **SMALL), target])[1].latent
+    assert torch.equal(alone, batched)
+
+
+def test_nan_is_reported_for_that_request_only(models):
+    poisoned = tiny_models()
+    token = poisoned.text_encoder.tokenizer("zebra")["input_ids"][1]
+    with torch.no_grad():
+        poisoned.text_encoder.model.text_model.embeddings.token_embedding.weight[token] = float("nan")
+    results = generate(poisoned, [Request("a zebra", seed=1, **SMALL), Request("a horse", seed=2, **SMALL)])
+    assert results[0].image is None and "NaN" in results[0].error and "Stage C" in results[0].error
+    assert results[1].error is None and results[1].image is not None
+
+
+def test_truncation_is_reported(models):
+    long_prompt = " ".join(["cat"] * 100)
+    result = generate(models, [Request(long_prompt, **SMALL), Request("a cat", **SMALL)])
+    assert result[0].prompt_truncated and result[0].prompt_tokens == 102
+    assert not result[1].prompt_truncated
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("width", 1000, "width: 1000 is not supported; use a multiple of 32 from 256 to 2048"),
+        ("height", 4096, "height: 4096 is not supported"),
+        ("width", -256, "width: -256"),
+        ("prior_steps", 0, "prior_steps: 0 is not allowed"),
+        ("decoder_steps", 10**6, "decoder_steps"),
+        ("prior_cfg", math.nan, "prior_cfg: nan is not allowed"),
+        ("seed", -1, "seed: -1 is not allowed"),
+        ("seed", 2**63, "seed"),
+        ("sampler", "euler", "sampler: 'euler' is not known"),
+        ("prompt", None, "prompt: must be a string"),
+    ],
+)
+def test_invalid_requests_are_rejected_before_any_work(models, field, value, message):
+    kwargs = {"prompt": "ok", **SMALL, field: value}
+    with pytest.raises(ValueError, match="request 1: " + message.replace("(", r"\(").replace("*", r"\*")):
+        generate(models, [Request("fine", **SMALL), Request(**kwargs)])
+
+
+def test_buckets_group_equal_parameters_in_batches():
+    rs = [Request("a", width=256), Request("b", width=512), Request("c", width=256), Request("d", width=256)]
+    assert buckets(rs, batch_size=2) == [[0, 2], [3], [1]]
+
+
+def test_stage_generators_are_independent_per_stage():
+    c, b = stage_generator(5, "stage_c"), stage_generator(5, "stage_c")
+    assert torch.equal(torch.randn(4, generator=c), torch.randn(4, generator=b))
+    assert not torch.equal(torch.randn(4, generator=stage_generator(5, "stage_c")),
+                           torch.randn(4, generator=stage_generator(5, "stage_b")))
+    stage_generator(2**63 - 1, "stage_b")  # the largest allowed seed works
