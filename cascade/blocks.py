@@ -164,9 +164,15 @@ class CascadeUNet(nn.Module):
         def repeat_mappers(count: int, c: int) -> nn.ModuleList:
             return nn.ModuleList(nn.Conv2d(c, c, kernel_size=1) for _ in range(count - 1))
 
-        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.down_blocks, self.down_downscalers, self.down_repeat_mappers = (
+            nn.ModuleList(),
+            nn.ModuleList(),
+            nn.ModuleList(),
+        )
         for i in range(n):
-            self.down_downscalers.append(make_downscaler(c_hidden[i - 1], c_hidden[i], i - 1) if i > 0 else nn.Identity())
+            self.down_downscalers.append(
+                make_downscaler(c_hidden[i - 1], c_hidden[i], i - 1) if i > 0 else nn.Identity()
+            )
             self.down_blocks.append(
                 nn.ModuleList(block(kind, i) for _ in range(config.blocks[0][i]) for kind in level_config[i])
             )
@@ -195,7 +201,9 @@ class CascadeUNet(nn.Module):
 
     def _down_encode(self, x: torch.Tensor, cond: Conditioning) -> list[torch.Tensor]:
         level_outputs = []
-        for blocks, downscaler, repeat_mappers in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
+        for blocks, downscaler, repeat_mappers in zip(
+            self.down_blocks, self.down_downscalers, self.down_repeat_mappers
+        ):
             x = downscaler(x)
             for pass_index in range(len(repeat_mappers) + 1):
                 for block in blocks:

@@ -155,5 +155,3 @@ def unet_config_to_diffusers(config: StageCConfig | StageBConfig) -> dict:
         timestep_conditioning_type=list(config.t_conds),
         switch_level=None if is_b else list(config.switch_level),
     )
-
-

@@ -101,9 +101,7 @@ def load_models(
     tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None  # else the bundled one
     text_variant = "bf16" if dtype == torch.bfloat16 and any(text_dir.glob("model.bf16*.safetensors*")) else None
     models = CascadeModels(
-        text_encoder=load_text_encoder(
-            text_dir, tokenizer_dir, dtype=dtype, device=device, variant=text_variant
-        ),
+        text_encoder=load_text_encoder(text_dir, tokenizer_dir, dtype=dtype, device=device, variant=text_variant),
         stage_c=load_stage(need("stage_c"), dtype=dtype, device=device, expect="stage_c"),
         stage_b=load_stage(need("stage_b"), dtype=dtype, device=device, expect="stage_b"),
         stage_a=load_stage(need("stage_a"), dtype=torch.float32, device=device, expect="stage_a"),

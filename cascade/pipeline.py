@@ -48,8 +48,15 @@ class Request:
 
     def bucket(self) -> tuple:
         """Requests with equal buckets can share a batch."""
-        return (self.width, self.height, self.prior_steps, self.prior_cfg, self.decoder_steps, self.decoder_cfg,
-                self.sampler)
+        return (
+            self.width,
+            self.height,
+            self.prior_steps,
+            self.prior_cfg,
+            self.decoder_steps,
+            self.decoder_cfg,
+            self.sampler,
+        )
 
 
 def validate(request: Request) -> None:

@@ -98,7 +98,9 @@ class StageC(CascadeUNet):
         """(B, 77, c_clip_text), (B, 1, c_clip_text_pooled), (B, N, c_clip_img) -> (B, 77 + 4 + 4N, c_cond)."""
         b = clip_text.shape[0]
         text = self.clip_txt_mapper(clip_text)
-        pooled = self.clip_txt_pooled_mapper(clip_text_pooled).view(b, clip_text_pooled.shape[1] * self.config.c_clip_seq, -1)
+        pooled = self.clip_txt_pooled_mapper(clip_text_pooled).view(
+            b, clip_text_pooled.shape[1] * self.config.c_clip_seq, -1
+        )
         img = self.clip_img_mapper(clip_img).view(b, clip_img.shape[1] * self.config.c_clip_seq, -1)
         return self.clip_norm(torch.cat([text, pooled, img], dim=1))
 
@@ -119,7 +121,9 @@ class StageC(CascadeUNet):
         dtype = self.embedding[1].weight.dtype
         cond = Conditioning(
             r_embed=self._r_conditioning(r, t_cond_values).to(dtype),  # (B, 192)
-            clip=self.clip_tokens(clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype)),  # (B, 85, c_cond)
+            clip=self.clip_tokens(
+                clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype)
+            ),  # (B, 85, c_cond)
         )
         h = self.embedding(x.to(dtype))  # (B, c_hidden[0], h, w)
         level_outputs = self._down_encode(h, cond)

@@ -52,10 +52,18 @@ class StageKind:
 KINDS = {
     k.name: k
     for k in (
-        StageKind("stage_c", StageC, StageCConfig, {"big": STAGE_C_3B, "lite": STAGE_C_1B}, ("clip_txt_mapper.weight",)),
-        StageKind("stage_b", StageB, StageBConfig, {"big": STAGE_B_3B, "lite": STAGE_B_700M}, ("effnet_mapper.0.weight",)),
-        StageKind("stage_a", StageA, StageAConfig, {"big": STAGE_A}, ("vquantizer.codebook.weight", "in_block.1.weight")),
-        StageKind("effnet", EfficientNetEncoder, EfficientNetEncoderConfig, {"big": EFFNET_ENCODER}, ("mapper.0.weight",)),
+        StageKind(
+            "stage_c", StageC, StageCConfig, {"big": STAGE_C_3B, "lite": STAGE_C_1B}, ("clip_txt_mapper.weight",)
+        ),
+        StageKind(
+            "stage_b", StageB, StageBConfig, {"big": STAGE_B_3B, "lite": STAGE_B_700M}, ("effnet_mapper.0.weight",)
+        ),
+        StageKind(
+            "stage_a", StageA, StageAConfig, {"big": STAGE_A}, ("vquantizer.codebook.weight", "in_block.1.weight")
+        ),
+        StageKind(
+            "effnet", EfficientNetEncoder, EfficientNetEncoderConfig, {"big": EFFNET_ENCODER}, ("mapper.0.weight",)
+        ),
         StageKind("previewer", Previewer, PreviewerConfig, {"big": PREVIEWER}, ("blocks.0.weight",)),
     )
 }
@@ -120,9 +128,7 @@ def detect_kind(path: Path, keys) -> StageKind:
         if all(k in keys for k in kind.signature):
             return kind
     sample = ", ".join(sorted(keys)[:5])
-    raise WeightsError(
-        f"{path}: not a Stable Cascade stage: its keys ({sample}, ...) match none of {sorted(KINDS)}"
-    )
+    raise WeightsError(f"{path}: not a Stable Cascade stage: its keys ({sample}, ...) match none of {sorted(KINDS)}")
 
 
 def _config_from_dict(cls, data: dict):
@@ -285,13 +291,11 @@ def _check_keys(path, kind, plan, tensors, expected) -> None:
     missing = sorted(set(expected) - set(plan))
     unexpected = sorted(set(plan) - set(expected))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
-        if unexpected:
-            parts.append(
-                f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:5])}{', ...' if len(unexpected) > 5 else ''})"
-            )
+        parts = [
+            f"{len(keys)} {what} keys ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
         raise WeightsError(f"{path}: does not match the {kind.name} configuration: {'; '.join(parts)}")
     for key, sources in plan.items():
         shapes = [tensors[s].shape for s in sources]

@@ -43,7 +43,10 @@ def test_python_dash_m_entry_point(tmp_path):
     out = tmp_path / "o.png"
     proc = subprocess.run(
         [sys.executable, "-m", "cascade", "a prompt", "--out", str(out), "--seed", "1", *FAST],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and "loaded tiny" in proc.stderr

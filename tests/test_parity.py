@@ -55,7 +55,12 @@ def test_stage_b_matches_diffusers(size):
 def test_conditioning_changes_the_output():
     ours = randomize(StageC(STAGE_C_TINY), 5)
     x, r = torch.randn(1, 16, 6, 6), torch.tensor([0.5])
-    text_a, text_b, pooled, img = torch.randn(1, 77, 32), torch.randn(1, 77, 32), torch.randn(1, 1, 32), torch.zeros(1, 1, 24)
+    text_a, text_b, pooled, img = (
+        torch.randn(1, 77, 32),
+        torch.randn(1, 77, 32),
+        torch.randn(1, 1, 32),
+        torch.zeros(1, 1, 24),
+    )
     with torch.no_grad():
         assert not torch.allclose(ours(x, r, text_a, pooled, img), ours(x, r, text_b, pooled, img))
 

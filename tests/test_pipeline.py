@@ -23,8 +23,11 @@ def test_latent_sizes_follow_the_reference():
 
 
 def test_images_have_the_requested_size_and_order(models):
-    requests = [Request("a red circle", seed=1, **SMALL), Request("a cat", seed=2, **{**SMALL, "width": 320}),
-                Request("a dog", seed=3, **SMALL)]
+    requests = [
+        Request("a red circle", seed=1, **SMALL),
+        Request("a cat", seed=2, **{**SMALL, "width": 320}),
+        Request("a dog", seed=3, **SMALL),
+    ]
     results = generate(models, requests, batch_size=2)
     assert [r.request for r in results] == requests
     assert [r.image.size for r in results] == [(256, 256), (320, 256), (256, 256)]
@@ -32,8 +35,15 @@ def test_images_have_the_requested_size_and_order(models):
 
 
 def test_same_seed_same_image_and_seeds_and_prompts_matter(models):
-    a, b, c, d = generate(models, [Request("a red circle", seed=7, **SMALL), Request("a red circle", seed=7, **SMALL),
-                                   Request("a red circle", seed=8, **SMALL), Request("a blue square", seed=7, **SMALL)])
+    a, b, c, d = generate(
+        models,
+        [
+            Request("a red circle", seed=7, **SMALL),
+            Request("a red circle", seed=7, **SMALL),
+            Request("a red circle", seed=8, **SMALL),
+            Request("a blue square", seed=7, **SMALL),
+        ],
+    )
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
     assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
     assert not np.array_equal(np.asarray(a.image), np.asarray(d.image))
@@ -106,6 +116,7 @@ def test_buckets_group_equal_parameters_in_batches():
 def test_stage_generators_are_independent_per_stage():
     c, b = stage_generator(5, "stage_c"), stage_generator(5, "stage_c")
     assert torch.equal(torch.randn(4, generator=c), torch.randn(4, generator=b))
-    assert not torch.equal(torch.randn(4, generator=stage_generator(5, "stage_c")),
-                           torch.randn(4, generator=stage_generator(5, "stage_b")))
+    assert not torch.equal(
+        torch.randn(4, generator=stage_generator(5, "stage_c")), torch.randn(4, generator=stage_generator(5, "stage_b"))
+    )
     stage_generator(2**63 - 1, "stage_b")  # the largest allowed seed works

@@ -39,13 +39,22 @@ def stability_keys(kind, diffusers_state):
 
 
 def c_inputs(g):
-    return (torch.randn(2, 16, 6, 6, generator=g), torch.rand(2, generator=g), torch.randn(2, 77, 32, generator=g),
-            torch.randn(2, 1, 32, generator=g), torch.randn(2, 1, 24, generator=g))
+    return (
+        torch.randn(2, 16, 6, 6, generator=g),
+        torch.rand(2, generator=g),
+        torch.randn(2, 77, 32, generator=g),
+        torch.randn(2, 1, 32, generator=g),
+        torch.randn(2, 1, 24, generator=g),
+    )
 
 
 def b_inputs(g):
-    return (torch.randn(2, 4, 32, 32, generator=g), torch.rand(2, generator=g), torch.randn(2, 16, 3, 3, generator=g),
-            torch.randn(2, 1, 32, generator=g))
+    return (
+        torch.randn(2, 4, 32, 32, generator=g),
+        torch.rand(2, generator=g),
+        torch.randn(2, 16, 3, 3, generator=g),
+        torch.randn(2, 1, 32, generator=g),
+    )
 
 
 def diffusers_unet(config, seed):
@@ -123,8 +132,11 @@ def write_sparse_official(path, model_cls, config, dtype="BF16"):
     header, offset = {}, 0
     for k, v in state.items():
         n = v.numel() * (8 if v.dtype == torch.int64 else 2)
-        header[k] = {"dtype": "I64" if v.dtype == torch.int64 else dtype, "shape": list(v.shape),
-                     "data_offsets": [offset, offset + n]}
+        header[k] = {
+            "dtype": "I64" if v.dtype == torch.int64 else dtype,
+            "shape": list(v.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -136,8 +148,13 @@ def write_sparse_official(path, model_cls, config, dtype="BF16"):
 
 @pytest.mark.parametrize(
     "cls,config,kind",
-    [(StageC, STAGE_C_3B, "stage_c"), (StageC, STAGE_C_1B, "stage_c"), (StageB, STAGE_B_3B, "stage_b"),
-     (StageB, STAGE_B_700M, "stage_b"), (StageA, STAGE_A, "stage_a")],
+    [
+        (StageC, STAGE_C_3B, "stage_c"),
+        (StageC, STAGE_C_1B, "stage_c"),
+        (StageB, STAGE_B_3B, "stage_b"),
+        (StageB, STAGE_B_700M, "stage_b"),
+        (StageA, STAGE_A, "stage_a"),
+    ],
     ids=["c", "c_lite", "b", "b_lite", "a"],
 )
 def test_official_variant_detected_from_shapes(tmp_path, cls, config, kind):
@@ -174,7 +191,9 @@ def test_garbage_and_pickle_files_are_refused(tmp_path):
         load_stage(pickle)
     folder = tmp_path / "decoder"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"_class_name": "StableCascadeUNet", **unet_config_to_diffusers(STAGE_B_TINY)}))
+    (folder / "config.json").write_text(
+        json.dumps({"_class_name": "StableCascadeUNet", **unet_config_to_diffusers(STAGE_B_TINY)})
+    )
     (folder / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(WeightsError, match="pickle"):
         load_stage(folder)
@@ -209,7 +228,9 @@ def test_folder_without_config_or_weights(tmp_path):
     (tmp_path / "prior").mkdir()
     with pytest.raises(WeightsError, match="config.json, which is missing"):
         load_stage(tmp_path / "prior")
-    (tmp_path / "prior" / "config.json").write_text(json.dumps({"_class_name": "StableCascadeUNet", **unet_config_to_diffusers(STAGE_C_TINY)}))
+    (tmp_path / "prior" / "config.json").write_text(
+        json.dumps({"_class_name": "StableCascadeUNet", **unet_config_to_diffusers(STAGE_C_TINY)})
+    )
     with pytest.raises(WeightsError, match="no diffusion_pytorch_model.safetensors"):
         load_stage(tmp_path / "prior")
 
