@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .family import BUILTIN_MODELS, load_models
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decoder-steps", type=int, default=10)
     p.add_argument("--decoder-cfg", type=float, default=1.1)
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--init-image", type=Path, help="img2img: start Stage C from this image")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img: how far to noise the image, in (0, 1]")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
@@ -89,15 +92,29 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    init_images = None
+    if args.init_image is not None:
+        try:
+            init_images = [Image.open(args.init_image).convert("RGB")] * len(requests)
+        except OSError as e:
+            print(f"error: --init-image: cannot read {args.init_image}: {e}", file=sys.stderr)
+            return 2
+        if not 0 < args.strength <= 1:
+            print(f"error: --strength: {args.strength} is not allowed; use a number in (0, 1]", file=sys.stderr)
+            return 2
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     start = time.perf_counter()
     try:
         if args.weights is not None:
-            models = load_models(args.weights, lite=args.lite, dtype=dtype, device=device)
+            models = load_models(
+                args.weights, lite=args.lite, dtype=dtype, device=device, with_effnet=init_images is not None
+            )
         else:
-            models = BUILTIN_MODELS[args.model or "tiny"](device=device, dtype=dtype)
+            models = BUILTIN_MODELS[args.model or "tiny"](
+                device=device, dtype=dtype, with_effnet=init_images is not None
+            )
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -109,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         requests,
         batch_size=args.batch_size,
         progress=lambda done, total: print(f"generated {done}/{total}", file=sys.stderr),
+        init_images=init_images,
+        strength=args.strength,
     )
     failed = 0
     for result, path in zip(results, output_paths(args.out, len(results))):

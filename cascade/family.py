@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .effnet import EFFNET_ENCODER, EfficientNetEncoder
 from .stage_a import STAGE_A_TINY, StageA
 from .stage_b import STAGE_B_TINY, StageB
 from .stage_c import STAGE_C_TINY, StageC
@@ -124,24 +125,33 @@ def _liven(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
-def tiny_models(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> CascadeModels:
-    """The built-in `tiny` family: small configs, deterministic random weights, the real CLIP tokenizer."""
+def tiny_models(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, with_effnet: bool = False
+) -> CascadeModels:
+    """The built-in `tiny` family: small configs, deterministic random weights, the real CLIP tokenizer.
+
+    with_effnet adds a randomly initialised full-size EfficientNet encoder (20 M parameters) for img2img.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         stage_c = _liven(StageC(STAGE_C_TINY), generator)
         stage_b = _liven(StageB(STAGE_B_TINY), generator)
         stage_a = _liven(StageA(STAGE_A_TINY), generator)
+        effnet = EfficientNetEncoder(EFFNET_ENCODER) if with_effnet else None
     models = CascadeModels(
         text_encoder=build_text_encoder(TINY_TEXT_CONFIG, seed=seed),
         stage_c=stage_c,
         stage_b=stage_b,
         stage_a=stage_a,
         name="tiny",
+        effnet=effnet,
     )
     for m in (models.text_encoder, models.stage_c, models.stage_b):
         m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    models.stage_a.to(device=device).eval().requires_grad_(False)
+    for m in (models.stage_a, models.effnet):  # fp32, as the reference
+        if m is not None:
+            m.to(device=device).eval().requires_grad_(False)
     return models
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from . import gdf
@@ -137,9 +138,48 @@ def _same_bucket(requests: Sequence[Request]) -> None:
         raise ValueError("a batch must share width, height, steps, cfg and sampler; use generate() to bucket requests")
 
 
+def to_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """A PIL image, or a (3, H, W) tensor in [0, 1] -> float32 (3, H, W) RGB in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        return image.float()
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def effnet_latents(
+    models: CascadeModels, images: Sequence[Image.Image | torch.Tensor], size: tuple[int, int]
+) -> torch.Tensor:
+    """Encode images into Stage C's latent space with the EfficientNet encoder: (B, 16, *size).
+
+    Each image is resized to 32x the latent grid first (768 px for a 1024 px image), as the reference's img2img.
+    """
+    if models.effnet is None:
+        raise ValueError(
+            "init_images: img2img needs the EfficientNet encoder (effnet_encoder.safetensors); "
+            "load the models with with_effnet=True"
+        )
+    pixel_size = (size[0] * 32, size[1] * 32)
+    pixels = torch.cat(
+        [
+            F.interpolate(to_tensor(im)[None], size=pixel_size, mode="bilinear", antialias=True, align_corners=False)
+            for im in images
+        ]
+    ).clamp(0, 1)  # (B, 3, 32h, 32w)
+    effnet_dtype = next(models.effnet.parameters()).dtype
+    return models.effnet.encode(pixels.to(models.device, effnet_dtype)).float()
+
+
 @torch.inference_mode()
-def run_prior(models: CascadeModels, requests: Sequence[Request]) -> list[PriorOutput]:
-    """Text encoder + Stage C for one bucket of requests."""
+def run_prior(
+    models: CascadeModels,
+    requests: Sequence[Request],
+    init_images: Sequence[Image.Image] | torch.Tensor | None = None,
+    strength: float = 0.8,
+) -> list[PriorOutput]:
+    """Text encoder + Stage C for one bucket of requests.
+
+    With `init_images` (img2img, one per request), Stage C starts from the images' EfficientNet latents noised to
+    t = strength (at shift 1, as the reference notebook) and denoises from there (t_start = strength).
+    """
     _same_bucket(requests)
     start = time.perf_counter()
     n, first = len(requests), requests[0]
@@ -150,13 +190,25 @@ def run_prior(models: CascadeModels, requests: Sequence[Request]) -> list[PriorO
     cond = {"clip_text": clip_text[:n], "clip_text_pooled": pooled[:n], "clip_img": clip_img}
     uncond = {"clip_text": clip_text[n:], "clip_text_pooled": pooled[n:], "clip_img": clip_img}
     shape_c, _ = latent_sizes(first.width, first.height)
+    generators = [stage_generator(r.seed, "stage_c") for r in requests]
+    x_init, t_start = None, 1.0
+    if init_images is not None:
+        if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+            raise ValueError(f"strength: {strength!r} is not allowed; use a number in (0, 1]")
+        if len(init_images) != n:
+            raise ValueError(f"init_images: {len(init_images)} images for {n} requests; give one per request")
+        x0 = effnet_latents(models, init_images, shape_c[1:])
+        x_init = gdf.diffuse(x0, strength, gdf.randn(shape_c, generators, device), shift=1.0)
+        t_start = float(strength)
     latents = gdf.sample(
         gdf.guided_denoiser(models.stage_c, cond, uncond, first.prior_cfg),
-        [stage_generator(r.seed, "stage_c") for r in requests],
+        generators,
         shape_c,
         steps=first.prior_steps,
         shift=PRIOR_SHIFT,
+        t_start=t_start,
         sampler=first.sampler,
+        x_init=x_init,
         device=device,
     )
     bad = nonfinite(latents)
@@ -246,8 +298,13 @@ def generate(
     requests: Sequence[Request],
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    init_images: Sequence[Image.Image | torch.Tensor] | None = None,
+    strength: float = 0.8,
 ) -> list[Result]:
-    """Generate one image per request, in request order. Invalid requests raise ValueError before any work."""
+    """Generate one image per request, in request order. Invalid requests raise ValueError before any work.
+
+    init_images (img2img): one image per request; Stage C starts from it noised to t = strength.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size: {batch_size} is not allowed; use 1 or more")
     for i, r in enumerate(requests):
@@ -255,11 +312,14 @@ def generate(
             validate(r)
         except ValueError as e:
             raise ValueError(f"request {i}: {e}") from None
+    if init_images is not None and len(init_images) != len(requests):
+        raise ValueError(f"init_images: {len(init_images)} images for {len(requests)} requests; give one per request")
     results: list[Result | None] = [None] * len(requests)
     done = 0
     for idx in buckets(requests, batch_size):
         batch = [requests[i] for i in idx]
-        for i, result in zip(idx, run_decoder(models, run_prior(models, batch))):
+        images = None if init_images is None else [init_images[i] for i in idx]
+        for i, result in zip(idx, run_decoder(models, run_prior(models, batch, images, strength))):
             results[i] = result
         done += len(idx)
         if progress is not None:

@@ -50,3 +50,12 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and "loaded tiny" in proc.stderr
+
+
+def test_cli_img2img(tmp_path, capsys):
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "init.png")
+    out = tmp_path / "o.png"
+    args = ["x", "--out", str(out), "--init-image", str(tmp_path / "init.png"), "--strength", "0.5", *FAST]
+    assert main(args) == 0 and out.is_file()
+    assert main(["x", "--out", str(out), "--init-image", str(tmp_path / "none.png")]) == 2
+    assert "--init-image: cannot read" in capsys.readouterr().err

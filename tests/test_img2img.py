@@ -1,0 +1,69 @@
+"""img2img: Stage C starts from the EfficientNet latent of an image, noised to t = strength (the sampler's t_start)."""
+
+import pytest
+import torch
+from PIL import Image
+
+from cascade import Request, generate, run_prior, tiny_models
+from cascade import gdf
+from cascade.pipeline import PRIOR_SHIFT, effnet_latents, stage_generator
+
+SMALL = dict(width=256, height=256, prior_steps=3, decoder_steps=2)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_models(with_effnet=True)
+
+
+def picture(color):
+    return Image.new("RGB", (300, 200), color)
+
+
+def test_stage_c_starts_from_the_noised_image_latent(models):
+    seen = []
+    hook = models.stage_c.register_forward_pre_hook(
+        lambda module, args: seen.append((args[0].clone(), args[1].clone()))
+    )
+    request = Request("a red circle", seed=4, prior_cfg=1.0, **SMALL)  # cfg 1: one model call per step
+    try:
+        run_prior(models, [request], [picture("red")], strength=0.6)
+    finally:
+        hook.remove()
+    x_first, r_first = seen[0]
+    # The first step sees the image latent noised at t = 0.6 with the request's first noise draw...
+    latent = effnet_latents(models, [picture("red")], (6, 6))
+    noise = gdf.randn((16, 6, 6), [stage_generator(4, "stage_c")])
+    torch.testing.assert_close(x_first, gdf.diffuse(latent, 0.6, noise, shift=1.0))
+    # ...and the noise level r of t_start = 0.6 on Stage C's shifted schedule, not r(1).
+    expected_r = gdf.noise_cond(gdf.log_snr(torch.tensor([0.6]), PRIOR_SHIFT))
+    torch.testing.assert_close(r_first, expected_r)
+    assert len(seen) == 3
+
+
+def test_the_init_image_matters_and_results_are_deterministic(models):
+    request = [Request("a red circle", seed=4, **SMALL)]
+    red = run_prior(models, request, [picture("red")])[0].latent
+    blue = run_prior(models, request, [picture("blue")])[0].latent
+    assert not torch.allclose(red, blue)
+    torch.testing.assert_close(run_prior(models, request, [picture("red")])[0].latent, red, rtol=0, atol=0)
+
+
+def test_generate_with_init_images(models):
+    results = generate(
+        models,
+        [Request("a", seed=1, **SMALL), Request("b", seed=2, **SMALL)],
+        init_images=[picture("red"), picture("green")],
+        strength=0.5,
+    )
+    assert all(r.error is None and r.image.size == (256, 256) for r in results)
+
+
+def test_img2img_errors(models):
+    request = [Request("a", **SMALL)]
+    with pytest.raises(ValueError, match=r"strength: 0 is not allowed; use a number in \(0, 1\]"):
+        run_prior(models, request, [picture("red")], strength=0)
+    with pytest.raises(ValueError, match="2 images for 1 requests"):
+        run_prior(models, request, [picture("red"), picture("red")])
+    with pytest.raises(ValueError, match="needs the EfficientNet encoder"):
+        run_prior(tiny_models(), request, [picture("red")])
