@@ -4,8 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cascade import Request, generate, run_prior, tiny_models
-from cascade import gdf
+from cascade import Request, gdf, generate, run_prior, tiny_models
 from cascade.pipeline import PRIOR_SHIFT, effnet_latents, stage_generator
 
 SMALL = dict(width=256, height=256, prior_steps=3, decoder_steps=2)

@@ -120,3 +120,14 @@ def test_stage_generators_are_independent_per_stage():
         torch.randn(4, generator=stage_generator(5, "stage_c")), torch.randn(4, generator=stage_generator(5, "stage_b"))
     )
     stage_generator(2**63 - 1, "stage_b")  # the largest allowed seed works
+
+
+def test_bf16_models_run_and_agree_with_fp32(models):
+    """The dtype path a GPU takes (bf16 weights, fp32 sampler maths, fp32 Stage A), checked on the CPU."""
+    request = [Request("a red circle", seed=5, **SMALL)]
+    bf16 = run_prior(tiny_models(dtype=torch.bfloat16), request)
+    fp32 = run_prior(models, request)
+    assert bf16[0].error is None and bf16[0].latent.dtype == torch.float32
+    correlation = torch.corrcoef(torch.stack([bf16[0].latent.ravel(), fp32[0].latent.ravel()]))[0, 1]
+    assert correlation > 0.99
+    assert run_decoder(tiny_models(dtype=torch.bfloat16), bf16)[0].error is None
