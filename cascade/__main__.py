@@ -23,28 +23,33 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cascade", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m cascade",
+        description="Generate images with Stable Cascade on one machine.",
+        epilog="Exit codes: 0 all images written; 1 an image failed; 2 bad arguments; 3 weights not loadable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("prompt", help="the text prompt")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", type=Path, help="folder laid out as the official stable-cascade(-prior) repos")
     src.add_argument("--model", choices=sorted(BUILTIN_MODELS), help="a built-in model (default: tiny)")
     p.add_argument("--lite", action="store_true", help="use Stage C lite and Stage B lite from --weights")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG; with --num-images N, -0..-N-1")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional input)")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}; image i uses seed + i")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--prior-steps", type=int, default=20)
-    p.add_argument("--prior-cfg", type=float, default=4.0)
-    p.add_argument("--decoder-steps", type=int, default=10)
-    p.add_argument("--decoder-cfg", type=float, default=1.1)
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    p.add_argument("--num-images", type=int, default=1, help="images of the prompt, one seed each")
+    p.add_argument("--width", type=int, default=1024, help="a multiple of 32 from 256 to 2048")
+    p.add_argument("--height", type=int, default=1024, help="a multiple of 32 from 256 to 2048")
+    p.add_argument("--prior-steps", type=int, default=20, help="Stage C sampling steps")
+    p.add_argument("--prior-cfg", type=float, default=4.0, help="Stage C guidance scale")
+    p.add_argument("--decoder-steps", type=int, default=10, help="Stage B sampling steps")
+    p.add_argument("--decoder-cfg", type=float, default=1.1, help="Stage B guidance scale")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm as the reference; ddim is eta 0")
     p.add_argument("--init-image", type=Path, help="img2img: start Stage C from this image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how far to noise the image, in (0, 1]")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     return p.parse_args(argv)
 
 
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --strength: {args.strength} is not allowed; use a number in (0, 1]", file=sys.stderr)
             return 2
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     start = time.perf_counter()
     try:

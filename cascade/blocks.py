@@ -121,6 +121,20 @@ class AttnBlock(nn.Module):
         return x + self.attention(self.norm(x), kv, self_attn=self.self_attn)
 
 
+def patch_embedding(c_in: int, c: int, patch_size: int) -> nn.Sequential:
+    """Latent -> features: pixel-unshuffle patches, 1x1 conv, LN (keys `embedding.1.*`)."""
+    return nn.Sequential(
+        nn.PixelUnshuffle(patch_size), nn.Conv2d(c_in * patch_size**2, c, kernel_size=1), layer_norm_2d(c)
+    )
+
+
+def patch_head(c: int, c_out: int, patch_size: int) -> nn.Sequential:
+    """Features -> predicted noise: LN, 1x1 conv, pixel-shuffle back (keys `clf.1.*`)."""
+    return nn.Sequential(
+        layer_norm_2d(c), nn.Conv2d(c, c_out * patch_size**2, kernel_size=1), nn.PixelShuffle(patch_size)
+    )
+
+
 def r_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding of the noise level r in [0, 1]: (B,) -> (B, c_r), computed in float32."""
     r = r.float() * max_positions

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .blocks import CascadeUNet, Conditioning, interpolate_like, layer_norm_2d
+from .blocks import CascadeUNet, Conditioning, interpolate_like, layer_norm_2d, patch_embedding, patch_head
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,7 @@ class StageB(CascadeUNet):
         self.clip_mapper = nn.Linear(config.c_clip, config.c_cond * config.c_clip_seq)
         self.clip_norm = nn.LayerNorm(config.c_cond, elementwise_affine=False, eps=1e-6)
 
-        self.embedding = nn.Sequential(
-            nn.PixelUnshuffle(config.patch_size),
-            nn.Conv2d(config.c_in * config.patch_size**2, c0, kernel_size=1),
-            layer_norm_2d(c0),
-        )
+        self.embedding = patch_embedding(config.c_in, c0, config.patch_size)
 
         def downscaler(c_prev: int, c: int, level: int) -> nn.Module:
             return nn.Sequential(layer_norm_2d(c_prev), nn.Conv2d(c_prev, c, kernel_size=2, stride=2))
@@ -72,11 +68,7 @@ class StageB(CascadeUNet):
 
         self._build_levels(config, downscaler, upscaler)
 
-        self.clf = nn.Sequential(
-            layer_norm_2d(c0),
-            nn.Conv2d(c0, config.c_out * config.patch_size**2, kernel_size=1),
-            nn.PixelShuffle(config.patch_size),
-        )
+        self.clf = patch_head(c0, config.c_out, config.patch_size)
         self._init_weights()
         nn.init.normal_(self.clip_mapper.weight, std=0.02)
         for mapper in (self.effnet_mapper, self.pixels_mapper):

@@ -307,27 +307,20 @@ def _check_keys(path, kind, plan, tensors, expected) -> None:
 
 
 def _read_tensors(plan, tensors, dtype, device) -> dict[str, torch.Tensor]:
-    by_file: dict[Path, list[str]] = {}
-    for key, sources in plan.items():
-        by_file.setdefault(tensors[sources[0]].file, []).append(key)
     state = {}
-    for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in keys:
-                # Source keys of one entry (q, k, v) may live in other shards; open those on demand.
-                parts = [_get(f, file, tensors, s) for s in plan[key]]
-                t = assemble(parts)
-                # Floating tensors take the requested dtype; integer buffers (BatchNorm counters) keep theirs.
-                state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
-                del parts, t
+    for key, sources in plan.items():
+        # One safe_open per tensor: get_tensor returns a view into a mapping of the whole file, and every page read
+        # through it stays mapped (counted in RSS, up to 1x the file) until the file is closed. Opening per tensor
+        # releases each tensor's pages, so peak RSS stays ~1x the model (docs/MODEL.md has the measurements).
+        parts = []
+        for name in sources:
+            with safe_open(str(tensors[name].file), framework="pt", device="cpu") as f:
+                parts.append(f.get_tensor(name))
+        t = assemble(parts)
+        # Floating tensors take the requested dtype; integer buffers (BatchNorm counters) keep theirs.
+        state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+        del parts, t
     return state
-
-
-def _get(f, file: Path, tensors: dict[str, TensorInfo], name: str) -> torch.Tensor:
-    if tensors[name].file == file:
-        return f.get_tensor(name)
-    with safe_open(str(tensors[name].file), framework="pt", device="cpu") as other:
-        return other.get_tensor(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
