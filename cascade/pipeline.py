@@ -13,6 +13,7 @@ batch. A result holding NaN or Inf is reported as an error for that request, nev
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ class Request:
         )
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy integers from Parquet included
+
+
 def validate(request: Request) -> None:
     """Raise ValueError naming the field, the value and what is allowed."""
     r = request
@@ -68,19 +73,19 @@ def validate(request: Request) -> None:
             raise ValueError(f"{name}: must be a string, got {type(getattr(r, name)).__name__}")
     for name in ("width", "height"):
         v = getattr(r, name)
-        if not isinstance(v, int) or isinstance(v, bool) or not MIN_SIZE <= v <= MAX_SIZE or v % SIZE_MULTIPLE:
+        if not _is_int(v) or not MIN_SIZE <= v <= MAX_SIZE or v % SIZE_MULTIPLE:
             raise ValueError(
                 f"{name}: {v!r} is not supported; use a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}"
             )
     for name in ("prior_steps", "decoder_steps"):
         v = getattr(r, name)
-        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_STEPS:
+        if not _is_int(v) or not 1 <= v <= MAX_STEPS:
             raise ValueError(f"{name}: {v!r} is not allowed; use an integer from 1 to {MAX_STEPS}")
     for name in ("prior_cfg", "decoder_cfg"):
         v = getattr(r, name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 100:
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 100:
             raise ValueError(f"{name}: {v!r} is not allowed; use a finite number from 0 to 100")
-    if not isinstance(r.seed, int) or isinstance(r.seed, bool) or not 0 <= r.seed <= MAX_SEED:
+    if not _is_int(r.seed) or not 0 <= r.seed <= MAX_SEED:
         raise ValueError(f"seed: {r.seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
     if r.sampler not in gdf.SAMPLERS:
         raise ValueError(f"sampler: {r.sampler!r} is not known; allowed are {sorted(gdf.SAMPLERS)}")
@@ -96,6 +101,7 @@ def latent_sizes(width: int, height: int) -> tuple[tuple[int, int, int], tuple[i
 def stage_generator(seed: int, stage: str) -> torch.Generator:
     """The CPU generator for one request's stage. Stage B's seed is derived, so its noise does not depend on how
     many draws Stage C made (the stages may run on different machines)."""
+    seed = int(seed)  # numpy integers would overflow in the mixing below
     if stage == "stage_c":
         return torch.Generator().manual_seed(seed)
     z = (seed + 0x9E3779B97F4A7C15) % 2**64  # splitmix64: a well-mixed, fixed function of the seed

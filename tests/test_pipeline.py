@@ -122,6 +122,21 @@ def test_stage_generators_are_independent_per_stage():
     stage_generator(2**63 - 1, "stage_b")  # the largest allowed seed works
 
 
+def test_numpy_numbers_from_parquet_are_accepted(models):
+    request = Request(
+        "a",
+        seed=np.int64(2**62),
+        width=np.int64(256),
+        height=256,
+        prior_steps=np.int32(2),
+        prior_cfg=np.float32(4.0),
+        decoder_steps=2,
+    )
+    plain = Request("a", seed=2**62, width=256, height=256, prior_steps=2, prior_cfg=4.0, decoder_steps=2)
+    a, b = generate(models, [request, plain])
+    assert a.error is None and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+
+
 def test_bf16_models_run_and_agree_with_fp32(models):
     """The dtype path a GPU takes (bf16 weights, fp32 sampler maths, fp32 Stage A), checked on the CPU."""
     request = [Request("a red circle", seed=5, **SMALL)]
