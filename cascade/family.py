@@ -100,9 +100,9 @@ def load_models(
     if not (text_dir / "config.json").is_file():
         raise WeightsError(f"{folder}: no text encoder: expected text_encoder/ with config.json and model.safetensors")
     tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None  # else the bundled one
-    text_variant = "bf16" if dtype == torch.bfloat16 and any(text_dir.glob("model.bf16*.safetensors*")) else None
+    text_encoder = _load_text(text_dir, tokenizer_dir, dtype, device)
     models = CascadeModels(
-        text_encoder=load_text_encoder(text_dir, tokenizer_dir, dtype=dtype, device=device, variant=text_variant),
+        text_encoder=text_encoder,
         stage_c=load_stage(need("stage_c"), dtype=dtype, device=device, expect="stage_c"),
         stage_b=load_stage(need("stage_b"), dtype=dtype, device=device, expect="stage_b"),
         stage_a=load_stage(need("stage_a"), dtype=torch.float32, device=device, expect="stage_a"),
@@ -113,6 +113,23 @@ def load_models(
     if with_previewer:
         models.previewer = load_stage(need("previewer"), dtype=torch.float32, device=device, expect="previewer")
     return models
+
+
+def _load_text(text_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype, device) -> TextEncoder:
+    """CLIP-G from `text_encoder/`, reading the weight variant that matches dtype when the folder has several."""
+
+    def exists(variant: str | None) -> bool:
+        tag = f".{variant}" if variant else ""
+        return (text_dir / f"model{tag}.safetensors").is_file() or (
+            text_dir / f"model.safetensors.index{tag}.json"
+        ).is_file()
+
+    prefer = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    variant = next((v for v in dict.fromkeys([prefer, None, "bf16", "fp16"]) if exists(v)), None)
+    try:
+        return load_text_encoder(text_dir, tokenizer_dir, dtype=dtype, device=device, variant=variant)
+    except (OSError, ValueError) as e:  # FileNotFoundError included; transformers raises OSError for bad folders
+        raise WeightsError(f"{text_dir}: the text encoder could not be loaded: {e}") from e
 
 
 def _liven(model: nn.Module, generator: torch.Generator) -> nn.Module:

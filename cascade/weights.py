@@ -161,7 +161,7 @@ def _expected_shapes(kind: StageKind, config) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _diffusers_folder(path: Path, variant: str | None) -> tuple[StageKind, Any, list[Path]]:
+def _diffusers_folder(path: Path, variant: str | None, prefer: str | None) -> tuple[StageKind, Any, list[Path]]:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise WeightsError(f"{path}: a diffusers model folder needs config.json, which is missing")
@@ -183,21 +183,25 @@ def _diffusers_folder(path: Path, variant: str | None) -> tuple[StageKind, Any, 
             )
     except (KeyError, TypeError) as e:
         raise WeightsError(f"{cfg_path}: incomplete {class_name} configuration (missing {e})") from None
-    return kind, config, _weight_files(path, variant)
+    return kind, config, _weight_files(path, variant, prefer)
 
 
-def _weight_files(folder: Path, variant: str | None) -> list[Path]:
-    stems = ("diffusion_pytorch_model", "model")
-    variants = [variant] if variant else [None, "bf16", "fp16"]
+def _weight_files(folder: Path, variant: str | None, prefer: str | None = None) -> list[Path]:
+    """The safetensors file(s) of a diffusers model folder: one file, or the shards an index names.
+
+    Variant names as diffusers writes them: `diffusion_pytorch_model.bf16.safetensors`, and for shards the index
+    `diffusion_pytorch_model.safetensors.index.bf16.json` (transformers' `model.*` names follow the same rule).
+    """
+    variants = [variant] if variant else list(dict.fromkeys([prefer, None, "bf16", "fp16"]))
     for v in variants:
-        for stem in stems:
-            name = f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors"
-            if (folder / name).is_file():
-                return [folder / name]
-            index = folder / f"{name}.index.json"
-            if index.is_file():
-                weight_map = json.loads(index.read_text()).get("weight_map", {})
-                return [folder / f for f in dict.fromkeys(weight_map.values())]
+        for stem in ("diffusion_pytorch_model", "model"):
+            single = f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors"
+            indexes = [f"{stem}.safetensors.index.{v}.json", f"{single}.index.json"] if v else [f"{single}.index.json"]
+            if (folder / single).is_file():
+                return [folder / single]
+            for index in indexes:
+                if (folder / index).is_file():
+                    return _shards(folder, folder / index)
     pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
     if pickles:
         raise WeightsError(
@@ -205,6 +209,18 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path]:
         )
     wanted = f"variant {variant!r} of " if variant else ""
     raise WeightsError(f"{folder}: no {wanted}diffusion_pytorch_model.safetensors (or sharded index) in this folder")
+
+
+def _shards(folder: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightsError(f"{index}: not a valid shard index ({e})") from None
+    shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise WeightsError(f"{index}: names shards that are missing: {', '.join(missing)}")
+    return shards
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -224,12 +240,21 @@ class StageSource:
 
 
 def inspect_stage(
-    path: str | os.PathLike, *, config: Any = None, variant: str | None = None, expect: str | None = None
+    path: str | os.PathLike,
+    *,
+    config: Any = None,
+    variant: str | None = None,
+    expect: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> StageSource:
-    """Identify the stage and configuration of a single file or diffusers folder without reading tensor data."""
+    """Identify the stage and configuration of a single file or diffusers folder without reading tensor data.
+
+    In a diffusers folder holding several variants, the one matching `dtype` is read unless `variant` names one.
+    """
     path = Path(path)
     if path.is_dir():
-        kind, folder_config, files = _diffusers_folder(path, variant)
+        prefer = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+        kind, folder_config, files = _diffusers_folder(path, variant, prefer)
         config = config or folder_config
         layout = "diffusers"
     elif path.exists():
@@ -268,13 +293,13 @@ def load_stage(
 
     dtype/device: where the weights end up (each tensor is converted on its own, no float32 copy of the model).
     config: the stage's configuration when the file carries none and matches no official preset.
-    variant: a diffusers weight variant ("bf16", "fp16"); by default the plain one, else whichever exists.
+    variant: a diffusers weight variant ("bf16", "fp16"); by default the one matching dtype, else the plain one.
     expect: the kind the caller needs ("stage_c", "stage_b", "stage_a", "effnet", "previewer"), checked.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WeightsError(f"{path}: device {device} requested but CUDA is not available")
-    source = inspect_stage(path, config=config, variant=variant, expect=expect)
+    source = inspect_stage(path, config=config, variant=variant, expect=expect, dtype=dtype)
     with torch.device("meta"):
         model = source.kind.model(source.config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

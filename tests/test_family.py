@@ -67,3 +67,16 @@ def test_missing_text_encoder_and_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError, match="no text encoder"):
         load_models(tmp_path / "empty")
+
+
+def test_text_encoder_variant_and_broken_text_encoder(tmp_path, tiny):
+    folder = write_family(tiny, tmp_path / "weights", "stability")
+    for f in (folder / "text_encoder").glob("model*.safetensors"):
+        f.unlink()
+    tiny.text_encoder.model.save_pretrained(folder / "text_encoder", variant="bf16")  # only a bf16 variant
+    models = load_models(folder, dtype=torch.float32)  # still found, read into fp32
+    assert next(models.text_encoder.parameters()).dtype == torch.float32
+    for f in (folder / "text_encoder").glob("model*.safetensors"):
+        f.unlink()
+    with pytest.raises(WeightsError, match="text_encoder: the text encoder could not be loaded"):
+        load_models(folder)

@@ -240,3 +240,134 @@ def test_official_shapes_that_match_no_preset_need_a_config(tmp_path):
     save_file({k: v.contiguous() for k, v in StageC(STAGE_C_TINY).state_dict().items()}, str(path))
     with pytest.raises(WeightsError, match="match no official configuration"):
         load_stage(path)
+
+
+# The configurations diffusers' scripts/convert_stable_cascade(_lite).py gives the official prior/ and decoder/
+# folders (what their config.json files hold).
+_PRIOR = dict(
+    in_channels=16,
+    out_channels=16,
+    timestep_ratio_embedding_dim=64,
+    patch_size=1,
+    conditioning_dim=2048,
+    block_out_channels=[2048, 2048],
+    num_attention_heads=[32, 32],
+    down_num_layers_per_block=[8, 24],
+    up_num_layers_per_block=[24, 8],
+    down_blocks_repeat_mappers=[1, 1],
+    up_blocks_repeat_mappers=[1, 1],
+    block_types_per_layer=[["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"]] * 2,
+    clip_text_in_channels=1280,
+    clip_text_pooled_in_channels=1280,
+    clip_image_in_channels=768,
+    clip_seq=4,
+    kernel_size=3,
+    dropout=[0.1, 0.1],
+    self_attn=True,
+    timestep_conditioning_type=["sca", "crp"],
+    switch_level=[False],
+)
+_PRIOR_LITE = dict(
+    _PRIOR,
+    conditioning_dim=1536,
+    block_out_channels=[1536, 1536],
+    num_attention_heads=[24, 24],
+    down_num_layers_per_block=[4, 12],
+    up_num_layers_per_block=[12, 4],
+)
+_DECODER = dict(
+    in_channels=4,
+    out_channels=4,
+    timestep_ratio_embedding_dim=64,
+    patch_size=2,
+    conditioning_dim=1280,
+    block_out_channels=[320, 640, 1280, 1280],
+    down_num_layers_per_block=[2, 6, 28, 6],
+    up_num_layers_per_block=[6, 28, 6, 2],
+    down_blocks_repeat_mappers=[1, 1, 1, 1],
+    up_blocks_repeat_mappers=[3, 3, 2, 2],
+    num_attention_heads=[0, 0, 20, 20],
+    block_types_per_layer=[["SDCascadeResBlock", "SDCascadeTimestepBlock"]] * 2
+    + [["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"]] * 2,
+    clip_text_pooled_in_channels=1280,
+    clip_seq=4,
+    effnet_in_channels=16,
+    pixel_mapper_in_channels=3,
+    kernel_size=3,
+    dropout=[0, 0, 0.1, 0.1],
+    self_attn=True,
+    timestep_conditioning_type=["sca"],
+)
+_DECODER_LITE = dict(
+    _DECODER,
+    block_out_channels=[320, 576, 1152, 1152],
+    num_attention_heads=[0, 9, 18, 18],
+    down_num_layers_per_block=[2, 4, 14, 4],
+    up_num_layers_per_block=[4, 14, 4, 2],
+    up_blocks_repeat_mappers=[2, 2, 2, 2],
+)
+
+
+@pytest.mark.parametrize(
+    "kwargs,preset",
+    [(_PRIOR, STAGE_C_3B), (_PRIOR_LITE, STAGE_C_1B), (_DECODER, STAGE_B_3B), (_DECODER_LITE, STAGE_B_700M)],
+    ids=["prior", "prior_lite", "decoder", "decoder_lite"],
+)
+def test_official_diffusers_folders_map_to_the_presets(tmp_path, kwargs, preset):
+    with torch.device("meta"):
+        df = StableCascadeUNet(**kwargs)
+    df.save_config(tmp_path)  # config.json exactly as save_pretrained writes it
+    # Weights: diffusers' own key names and shapes, data left as a sparse hole (only headers are read here).
+    state = df.state_dict()
+    header, offset = {}, 0
+    for k, v in state.items():
+        header[k] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset, offset + 2 * v.numel()]}
+        offset += 2 * v.numel()
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(tmp_path / "diffusion_pytorch_model.bf16.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    source = inspect_stage(tmp_path)
+    assert source.config == preset and source.layout == "diffusers"
+    # Every diffusers key maps onto one of ours with the right shape (the strict check load_stage runs).
+    from cascade.convert import diffusers_key_plan
+    from cascade.weights import _check_keys, _expected_shapes
+
+    _check_keys(
+        tmp_path,
+        source.kind,
+        diffusers_key_plan(source.kind.name, source.tensors),
+        source.tensors,
+        _expected_shapes(source.kind, preset),
+    )
+
+
+def test_sharded_variant_folders_as_diffusers_writes_them(tmp_path):
+    df = diffusers_unet(STAGE_C_TINY, 6)
+    df.save_pretrained(tmp_path / "prior")  # plain fp32 weights and, beside them, a bf16 variant in shards
+    bf16_twin = StableCascadeUNet(**unet_config_to_diffusers(STAGE_C_TINY))
+    bf16_twin.load_state_dict({k: v.bfloat16() for k, v in df.state_dict().items()})
+    bf16_twin.to(torch.bfloat16).save_pretrained(tmp_path / "prior", variant="bf16", max_shard_size="200KB")
+    files = sorted(p.name for p in (tmp_path / "prior").iterdir())
+    assert any("bf16-00001-of" in f for f in files) and "diffusion_pytorch_model.safetensors" in files
+    bf16 = inspect_stage(tmp_path / "prior", dtype=torch.bfloat16)
+    assert {t.file.name for t in bf16.tensors.values()} == {f for f in files if ".bf16-" in f}
+    assert {t.file.name for t in inspect_stage(tmp_path / "prior").tensors.values()} == {
+        "diffusion_pytorch_model.safetensors"
+    }
+    x = c_inputs(torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = run_diffusers(df, "stage_c", x)
+        torch.testing.assert_close(load_stage(tmp_path / "prior")(*x), expected, rtol=1e-5, atol=1e-6)
+        from_shards = load_stage(tmp_path / "prior", variant="bf16")  # bf16 shards read into fp32
+        torch.testing.assert_close(from_shards(*x), expected, rtol=0.05, atol=0.05)
+
+
+def test_missing_shard_is_named(tmp_path):
+    df = diffusers_unet(STAGE_B_TINY, 8)
+    df.save_pretrained(tmp_path / "decoder", max_shard_size="100KB")
+    shard = sorted((tmp_path / "decoder").glob("*-00002-of-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(WeightsError, match=f"names shards that are missing: {shard.name}"):
+        load_stage(tmp_path / "decoder")
