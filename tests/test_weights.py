@@ -125,15 +125,15 @@ def test_our_files_carry_their_configuration(tmp_path):
             assert torch.equal(loaded.state_dict()[k], v), k
 
 
-def write_sparse_official(path, model_cls, config, dtype="BF16"):
-    """A full-size file in the official layout whose data is a sparse hole: only the header is real."""
-    with torch.device("meta"):
-        state = model_cls(config).state_dict()
+def write_sparse(path, state):
+    """A safetensors file with the real header of `state` (bf16, int64 kept) whose data is a sparse hole: full-size
+    official layouts cost no disk and no memory, and only headers are read from them."""
     header, offset = {}, 0
     for k, v in state.items():
-        n = v.numel() * (8 if v.dtype == torch.int64 else 2)
+        integer = v.dtype == torch.int64
+        n = v.numel() * (8 if integer else 2)
         header[k] = {
-            "dtype": "I64" if v.dtype == torch.int64 else dtype,
+            "dtype": "I64" if integer else "BF16",
             "shape": list(v.shape),
             "data_offsets": [offset, offset + n],
         }
@@ -144,6 +144,11 @@ def write_sparse_official(path, model_cls, config, dtype="BF16"):
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(8 + len(raw) + offset)
     return path
+
+
+def write_sparse_official(path, model_cls, config):
+    with torch.device("meta"):
+        return write_sparse(path, model_cls(config).state_dict())
 
 
 @pytest.mark.parametrize(
@@ -317,17 +322,8 @@ def test_official_diffusers_folders_map_to_the_presets(tmp_path, kwargs, preset)
     with torch.device("meta"):
         df = StableCascadeUNet(**kwargs)
     df.save_config(tmp_path)  # config.json exactly as save_pretrained writes it
-    # Weights: diffusers' own key names and shapes, data left as a sparse hole (only headers are read here).
-    state = df.state_dict()
-    header, offset = {}, 0
-    for k, v in state.items():
-        header[k] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [offset, offset + 2 * v.numel()]}
-        offset += 2 * v.numel()
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(tmp_path / "diffusion_pytorch_model.bf16.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
+    # Weights: diffusers' own key names and shapes (only headers are read here).
+    write_sparse(tmp_path / "diffusion_pytorch_model.bf16.safetensors", df.state_dict())
     source = inspect_stage(tmp_path)
     assert source.config == preset and source.layout == "diffusers"
     # Every diffusers key maps onto one of ours with the right shape (the strict check load_stage runs).
