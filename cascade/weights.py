@@ -143,12 +143,20 @@ def _config_from_dict(cls, data: dict):
 
 
 def _preset_for(path: Path, kind: StageKind, tensors: dict[str, TensorInfo]):
-    """The official preset whose parameter shapes equal the file's (this is how big/lite are told apart)."""
+    """The official preset whose parameter shapes the file's match (this is how big and lite are told apart).
+
+    A file that matches one preset nearly everywhere gets that preset, so the strict check that follows can name the
+    exact keys that are missing or wrong instead of a vague "no configuration matches".
+    """
     shapes = {k: t.shape for k, t in tensors.items()}
+    scored = []
     for config in kind.presets.values():
         expected = _expected_shapes(kind, config)
-        if all(shapes.get(k) == s for k, s in expected.items() if k in shapes) and len(shapes) == len(expected):
-            return config
+        matching = sum(shapes.get(k) == s for k, s in expected.items())
+        scored.append((matching / max(len(expected), len(shapes)), config))
+    score, config = max(scored, key=lambda item: item[0])
+    if score >= 0.9:
+        return config
     raise WeightsError(
         f"{path}: a {kind.name} checkpoint whose shapes match no official configuration "
         f"({', '.join(kind.presets)}); pass config= to load_stage"

@@ -367,3 +367,12 @@ def test_missing_shard_is_named(tmp_path):
     shard.unlink()
     with pytest.raises(WeightsError, match=f"names shards that are missing: {shard.name}"):
         load_stage(tmp_path / "decoder")
+
+
+def test_official_file_with_a_missing_tensor_names_it(tmp_path):
+    with torch.device("meta"):
+        state = StageB(STAGE_B_700M).state_dict()
+    del state["down_blocks.2.3.channelwise.4.bias"]
+    path = write_sparse(tmp_path / "stage_b_lite_bf16.safetensors", state)
+    with pytest.raises(WeightsError, match=r"1 missing keys \(down_blocks.2.3.channelwise.4.bias\)"):
+        load_stage(path)
