@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +165,14 @@ def _preset_for(path: Path, kind: StageKind, tensors: dict[str, TensorInfo]):
 
 
 def _expected_shapes(kind: StageKind, config) -> dict[str, tuple[int, ...]]:
+    return _shapes_of(kind.name, config)
+
+
+@lru_cache(maxsize=16)
+def _shapes_of(kind_name: str, config) -> dict[str, tuple[int, ...]]:
+    # Building a full-size model on the meta device takes about a second; detection asks for each preset.
     with torch.device("meta"):
-        model = kind.model(config)
+        model = KINDS[kind_name].model(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -310,7 +317,7 @@ def load_stage(
     source = inspect_stage(path, config=config, variant=variant, expect=expect, dtype=dtype)
     with torch.device("meta"):
         model = source.kind.model(source.config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = _expected_shapes(source.kind, source.config)
     tensors = source.tensors
     plan = diffusers_key_plan(source.kind.name, tensors) if source.layout == "diffusers" else {k: (k,) for k in tensors}
     _check_keys(source.path, source.kind, plan, tensors, expected)
