@@ -16,7 +16,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .family import BUILTIN_MODELS, load_models
-from .pipeline import MAX_SEED, Request, Result, generate, validate
+from .pipeline import MAX_SEED, Request, Result, generate, validate, validate_strength
 from .weights import WeightsError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"error: --init-image: cannot read {args.init_image}: {e}", file=sys.stderr)
             return 2
-        if not 0 < args.strength <= 1:
-            print(f"error: --strength: {args.strength} is not allowed; use a number in (0, 1]", file=sys.stderr)
+        try:
+            validate_strength(args.strength)
+        except ValueError as e:
+            print(f"error: --{e}", file=sys.stderr)
             return 2
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)

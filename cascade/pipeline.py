@@ -91,6 +91,12 @@ def validate(request: Request) -> None:
         raise ValueError(f"sampler: {r.sampler!r} is not known; allowed are {sorted(gdf.SAMPLERS)}")
 
 
+def validate_strength(strength: float) -> None:
+    """img2img's noise level t_start: in (0, 1]."""
+    if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not 0 < strength <= 1:
+        raise ValueError(f"strength: {strength!r} is not allowed; use a number in (0, 1]")
+
+
 def latent_sizes(width: int, height: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(Stage C latent shape, Stage B latent shape) per image, as the reference's calculate_latent_sizes."""
     c = (16, math.ceil(height / STAGE_C_COMPRESSION), math.ceil(width / STAGE_C_COMPRESSION))
@@ -199,8 +205,7 @@ def run_prior(
     generators = [stage_generator(r.seed, "stage_c") for r in requests]
     x_init, t_start = None, 1.0
     if init_images is not None:
-        if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
-            raise ValueError(f"strength: {strength!r} is not allowed; use a number in (0, 1]")
+        validate_strength(strength)
         if len(init_images) != n:
             raise ValueError(f"init_images: {len(init_images)} images for {n} requests; give one per request")
         x0 = effnet_latents(models, init_images, shape_c[1:])
@@ -278,13 +283,11 @@ def run_decoder(models: CascadeModels, priors: Sequence[PriorOutput]) -> list[Re
         seconds = (time.perf_counter() - start) / len(batch)
         for j, i in enumerate(ok):
             p = priors[i]
-            error = (
-                "Stage B produced NaN/Inf in the latent"
-                if bad_latent[j]
-                else "Stage A produced NaN/Inf in the image"
-                if bad_image[j]
-                else None
-            )
+            error = None
+            if bad_latent[j]:
+                error = "Stage B produced NaN/Inf in the latent"
+            elif bad_image[j]:
+                error = "Stage A produced NaN/Inf in the image"
             image = None if error else to_pil(images[j])
             timings = {"prior_s": p.seconds, "decoder_s": seconds}
             results[i] = Result(p.request, image, error, p.prompt_truncated, p.prompt_tokens, timings)
