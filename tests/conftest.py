@@ -19,3 +19,25 @@ def pytest_collection_modifyitems(config, items):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A real S3 server for the whole session; each test makes its own bucket."""
+    from tests.servers import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweed, monkeypatch, request):
+    """A fresh bucket, and the standard AWS variables pointing at the test server for this test."""
+    from tests.servers import s3_env
+
+    for name, value in s3_env().items():
+        monkeypatch.setenv(name, value)
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    seaweed.client().create_bucket(Bucket=name)
+    return name

