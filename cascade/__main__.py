@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
 from .family import BUILTIN_MODELS, load_models
+from .imagefile import png_info
 from .pipeline import MAX_SEED, Request, Result, generate, validate, validate_strength
 from .weights import WeightsError
 
@@ -51,20 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     return p.parse_args(argv)
-
-
-def png_info(request: Request, model: str) -> PngInfo:
-    info = PngInfo()
-    info.add_text("prompt", request.prompt)
-    info.add_text("negative_prompt", request.negative_prompt)
-    info.add_text("seed", str(request.seed))
-    info.add_text(
-        "parameters",
-        f"model={model} size={request.width}x{request.height} prior_steps={request.prior_steps} "
-        f"prior_cfg={request.prior_cfg} decoder_steps={request.decoder_steps} decoder_cfg={request.decoder_cfg} "
-        f"sampler={request.sampler}",
-    )
-    return info
 
 
 def output_paths(out: Path, n: int) -> list[Path]:

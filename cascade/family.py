@@ -26,20 +26,26 @@ from .stage_c import STAGE_C_TINY, StageC
 from .text import TINY_TEXT_CONFIG, TextEncoder, build_text_encoder, load_text_encoder
 from .weights import WeightsError, load_stage
 
+# The two halves a process can hold: the prior (text encoder + Stage C) and the decoder (Stage B + Stage A).
+PARTS = ("prior", "decoder")
+
 
 @dataclass
 class CascadeModels:
-    text_encoder: TextEncoder
-    stage_c: StageC
-    stage_b: StageB
-    stage_a: StageA
+    """A loaded family. A process that holds one half (a GPU pool's actor) has None for the other half's stages."""
+
+    text_encoder: TextEncoder | None
+    stage_c: StageC | None
+    stage_b: StageB | None
+    stage_a: StageA | None
     name: str = "custom"
     effnet: nn.Module | None = None
     previewer: nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
-        return next(self.stage_c.parameters()).device
+        model = self.stage_c if self.stage_c is not None else self.stage_b
+        return next(model.parameters()).device
 
     @property
     def clip_img_dim(self) -> int:
@@ -78,11 +84,14 @@ def load_models(
     device: torch.device | str = "cpu",
     with_effnet: bool = False,
     with_previewer: bool = False,
+    parts: tuple[str, ...] = PARTS,
 ) -> CascadeModels:
     """Load a model family from one local folder laid out as the official repos (see the module docstring).
 
-    Stage A (20 M parameters) stays float32, as in the reference; the rest take `dtype`.
+    Stage A (20 M parameters) stays float32, as in the reference; the rest take `dtype`. `parts` limits the load to
+    the prior ("prior": text encoder + Stage C) or the decoder ("decoder": Stage B + A).
     """
+    _check_parts(parts)
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: weights folder not found")
@@ -96,16 +105,21 @@ def load_models(
             raise WeightsError(f"{folder}: no {variant} {stage} weights: expected one of {', '.join(names)}")
         return found
 
-    text_dir = folder / "text_encoder"
-    if not (text_dir / "config.json").is_file():
-        raise WeightsError(f"{folder}: no text encoder: expected text_encoder/ with config.json and model.safetensors")
-    tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None  # else the bundled one
-    text_encoder = _load_text(text_dir, tokenizer_dir, dtype, device)
+    prior, decoder = "prior" in parts, "decoder" in parts
+    text_encoder = None
+    if prior:
+        text_dir = folder / "text_encoder"
+        if not (text_dir / "config.json").is_file():
+            raise WeightsError(
+                f"{folder}: no text encoder: expected text_encoder/ with config.json and model.safetensors"
+            )
+        tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None  # else the bundled one
+        text_encoder = _load_text(text_dir, tokenizer_dir, dtype, device)
     models = CascadeModels(
         text_encoder=text_encoder,
-        stage_c=load_stage(need("stage_c"), dtype=dtype, device=device, expect="stage_c"),
-        stage_b=load_stage(need("stage_b"), dtype=dtype, device=device, expect="stage_b"),
-        stage_a=load_stage(need("stage_a"), dtype=torch.float32, device=device, expect="stage_a"),
+        stage_c=load_stage(need("stage_c"), dtype=dtype, device=device, expect="stage_c") if prior else None,
+        stage_b=load_stage(need("stage_b"), dtype=dtype, device=device, expect="stage_b") if decoder else None,
+        stage_a=load_stage(need("stage_a"), dtype=torch.float32, device=device, expect="stage_a") if decoder else None,
         name=f"{folder.name}:{variant}",
     )
     if with_effnet:
@@ -142,13 +156,25 @@ def _liven(model: nn.Module, generator: torch.Generator) -> nn.Module:
     return model
 
 
+def _check_parts(parts: tuple[str, ...]) -> None:
+    if not parts or set(parts) - set(PARTS):
+        raise ValueError(f"parts: {parts!r} is not allowed; use a non-empty subset of {PARTS}")
+
+
 def tiny_models(
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, with_effnet: bool = False
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    with_effnet: bool = False,
+    parts: tuple[str, ...] = PARTS,
 ) -> CascadeModels:
     """The built-in `tiny` family: small configs, deterministic random weights, the real CLIP tokenizer.
 
-    with_effnet adds a randomly initialised full-size EfficientNet encoder (20 M parameters) for img2img.
+    with_effnet adds a randomly initialised full-size EfficientNet encoder (20 M parameters) for img2img. `parts`
+    keeps only the prior or the decoder half; every stage is still built in the same order, so its weights do not
+    depend on which half a process holds.
     """
+    _check_parts(parts)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -164,8 +190,13 @@ def tiny_models(
         name="tiny",
         effnet=effnet,
     )
+    if "prior" not in parts:
+        models.text_encoder = models.stage_c = None
+    if "decoder" not in parts:
+        models.stage_b = models.stage_a = None
     for m in (models.text_encoder, models.stage_c, models.stage_b):
-        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if m is not None:
+            m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     for m in (models.stage_a, models.effnet):  # fp32, as the reference
         if m is not None:
             m.to(device=device).eval().requires_grad_(False)

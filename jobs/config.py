@@ -1,0 +1,269 @@
+"""The job's configuration: a YAML file and/or flags, validated in full before anything starts.
+
+Every setting has one name, used as the YAML key and (with `_` as `-`) as the flag: `prior_steps: 30` in the file is
+`--prior-steps 30` on the command line; the pools are nested in YAML (`prior_pool: {actors: 2}`) and flat on the
+command line (`--prior-pool-actors 2`). Flags override the file. Unknown keys are errors that suggest the nearest
+valid key. Credentials are never configuration: they come from the standard AWS chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from cascade.pipeline import MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE
+
+IMAGE_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+LATENT_DTYPES = ("bf16", "fp16", "fp32")
+LAYOUTS = ("files", "webdataset")
+MAX_NUM_IMAGES = 10_000
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class PoolConfig:
+    """One GPU actor pool. gpus is per actor ("auto": 1 when the cluster has GPUs, else 0); fractions pack actors."""
+
+    actors: int = 1
+    gpus: float | str = "auto"
+    cpus: float = 0.0  # GPU actors reserve no CPU: on small nodes the reads and writes need it (platform notes)
+    batch_size: int = 4
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources, to land on a node type
+
+
+@dataclass
+class JobConfig:
+    prompts: str = ""
+    out: str = ""
+    model: str = "tiny"
+    lite: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    # Defaults for rows that do not set them.
+    negative_prompt: str = ""
+    num_images: int = 1
+    width: int = 1024
+    height: int = 1024
+    prior_steps: int = 20
+    prior_cfg: float = 4.0
+    decoder_steps: int = 10
+    decoder_cfg: float = 1.1
+    sampler: str = "ddpm"
+    # Output.
+    image_format: str = "png"
+    quality: int = 95
+    layout: str = "files"
+    shard_size: int = 256
+    overwrite: bool = False
+    retry_errors: bool = False
+    report: bool = True
+    manifest_rows: int = 1000
+    manifest_seconds: float = 60.0
+    # Pools and transport.
+    prior_pool: PoolConfig = field(default_factory=PoolConfig)
+    decoder_pool: PoolConfig = field(default_factory=PoolConfig)
+    writer_cpus: float = 1.0
+    latent_dtype: str = "bf16"
+    storage_attempts: int = 10
+    progress_seconds: float = 5.0
+
+    def public(self) -> dict:
+        """The configuration as recorded in _SUCCESS and the report (it holds no secrets: none are settings)."""
+        return asdict(self)
+
+
+POOL_KEYS = {f.name for f in fields(PoolConfig)}
+KEYS = {f.name for f in fields(JobConfig)}
+
+
+def _unknown(key: str, valid: set[str], where: str) -> ConfigError:
+    near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"{where}{key!r} is not a known setting{hint}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
+
+
+def from_mapping(data: dict) -> JobConfig:
+    """Build and validate a JobConfig from a mapping (parsed YAML merged with flags)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"the configuration must be a mapping of settings, got {type(data).__name__}")
+    config = JobConfig()
+    for key, value in data.items():
+        if key not in KEYS:
+            raise _unknown(str(key), KEYS, "")
+        if key in ("prior_pool", "decoder_pool"):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: must be a mapping of {', '.join(sorted(POOL_KEYS))}")
+            pool = PoolConfig()
+            for k, v in value.items():
+                if k not in POOL_KEYS:
+                    raise _unknown(str(k), POOL_KEYS, f"{key}: ")
+                setattr(pool, k, v)
+            value = pool
+        setattr(config, key, value)
+    validate(config)
+    return config
+
+
+def validate(c: JobConfig) -> None:
+    _check(
+        isinstance(c.prompts, str) and c.prompts.strip() != "",
+        "prompts",
+        c.prompts,
+        "give a Parquet file, folder, glob or s3:// URI",
+    )
+    _check(isinstance(c.out, str) and c.out.strip() != "", "out", c.out, "give a local folder or an s3:// prefix")
+    _check(isinstance(c.model, str) and c.model != "", "model", c.model, "give 'tiny' or a local weights folder")
+    _check(isinstance(c.lite, bool), "lite", c.lite, "use true or false")
+    _check(c.dtype in DTYPES, "dtype", c.dtype, f"use one of {', '.join(DTYPES)}")
+    _check(_is_int(c.seed) and 0 <= c.seed <= MAX_SEED, "seed", c.seed, "use an integer from 0 to 2**63 - 1")
+    _check(isinstance(c.negative_prompt, str), "negative_prompt", c.negative_prompt, "use a string")
+    _check(
+        _is_int(c.num_images) and 1 <= c.num_images <= MAX_NUM_IMAGES,
+        "num_images",
+        c.num_images,
+        f"use an integer from 1 to {MAX_NUM_IMAGES}",
+    )
+    for key in ("width", "height"):
+        v = getattr(c, key)
+        _check(
+            _is_int(v) and MIN_SIZE <= v <= MAX_SIZE and v % SIZE_MULTIPLE == 0,
+            key,
+            v,
+            f"use a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}",
+        )
+    for key in ("prior_steps", "decoder_steps"):
+        v = getattr(c, key)
+        _check(_is_int(v) and 1 <= v <= MAX_STEPS, key, v, f"use an integer from 1 to {MAX_STEPS}")
+    for key in ("prior_cfg", "decoder_cfg"):
+        v = getattr(c, key)
+        _check(_is_num(v) and 0 <= v <= 100, key, v, "use a finite number from 0 to 100")
+    _check(c.sampler in ("ddpm", "ddim"), "sampler", c.sampler, "use ddpm or ddim")
+    _check(c.image_format in IMAGE_FORMATS, "image_format", c.image_format, f"use one of {', '.join(IMAGE_FORMATS)}")
+    _check(_is_int(c.quality) and 1 <= c.quality <= 100, "quality", c.quality, "use an integer from 1 to 100")
+    _check(c.layout in LAYOUTS, "layout", c.layout, f"use one of {', '.join(LAYOUTS)}")
+    _check(_is_int(c.shard_size) and 1 <= c.shard_size <= 100_000, "shard_size", c.shard_size, "use 1 to 100000")
+    for key in ("overwrite", "retry_errors", "report"):
+        _check(isinstance(getattr(c, key), bool), key, getattr(c, key), "use true or false")
+    _check(_is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")
+    for key in ("manifest_seconds", "progress_seconds"):
+        _check(_is_num(getattr(c, key)) and getattr(c, key) > 0, key, getattr(c, key), "use a number above 0")
+    _check(_is_num(c.writer_cpus) and c.writer_cpus > 0, "writer_cpus", c.writer_cpus, "use a number above 0")
+    _check(c.latent_dtype in LATENT_DTYPES, "latent_dtype", c.latent_dtype, f"use one of {', '.join(LATENT_DTYPES)}")
+    _check(
+        _is_int(c.storage_attempts) and 1 <= c.storage_attempts <= 100,
+        "storage_attempts",
+        c.storage_attempts,
+        "use 1 to 100",
+    )
+    for name in ("prior_pool", "decoder_pool"):
+        p: PoolConfig = getattr(c, name)
+        _check(_is_int(p.actors) and p.actors >= 1, f"{name}.actors", p.actors, "use an integer of 1 or more")
+        _check(
+            p.gpus == "auto" or (_is_num(p.gpus) and p.gpus >= 0 and (p.gpus <= 1 or float(p.gpus).is_integer())),
+            f"{name}.gpus",
+            p.gpus,
+            "use 'auto', 0, a fraction up to 1 (to pack actors on a GPU) or a whole number",
+        )
+        _check(_is_num(p.cpus) and p.cpus >= 0, f"{name}.cpus", p.cpus, "use a number of 0 or more")
+        _check(_is_int(p.batch_size) and 1 <= p.batch_size <= 1024, f"{name}.batch_size", p.batch_size, "use 1 to 1024")
+        _check(
+            isinstance(p.resources, dict)
+            and all(isinstance(k, str) and _is_num(v) and v > 0 for k, v in p.resources.items()),
+            f"{name}.resources",
+            p.resources,
+            'use a mapping of resource name to a positive amount, e.g. {"stage_c": 1}',
+        )
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Parse a YAML configuration file with the safe loader."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; every default is None, meaning "from the file, else the built-in default"."""
+    defaults = JobConfig()
+    parser.add_argument("--config", help="a YAML file of settings (flags override it)")
+    for f in fields(JobConfig):
+        if f.name in ("prior_pool", "decoder_pool"):
+            for pf in fields(PoolConfig):
+                flag = f"--{f.name}-{pf.name}".replace("_", "-")
+                kind = (
+                    json.loads
+                    if pf.name == "resources"
+                    else (int if pf.name in ("actors", "batch_size") else _gpus if pf.name == "gpus" else float)
+                )
+                parser.add_argument(
+                    flag, dest=f"{f.name}.{pf.name}", type=kind, default=None, help=f"{f.name}: {pf.name}"
+                )
+            continue
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})"
+            )
+        else:
+            kind = type(default) if default is not None else str
+            parser.add_argument(
+                flag, dest=f.name, type=kind, default=None, help=f"(default {default!r})" if default != "" else None
+            )
+
+
+def _gpus(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
+def resolve(args: argparse.Namespace) -> JobConfig:
+    """YAML (if --config) overlaid with the flags that were given, then validated."""
+    data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    for key, value in vars(args).items():
+        if value is None or key == "config":
+            continue
+        if "." in key:
+            pool, sub = key.split(".", 1)
+            current = data.get(pool)
+            if current is None:
+                current = {}
+            if isinstance(current, dict):  # anything else is left for validation to name
+                data[pool] = {**current, sub: value}
+        elif key in KEYS:
+            data[key] = value
+    return from_mapping(data)

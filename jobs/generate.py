@@ -1,0 +1,334 @@
+"""The batch job: `python -m jobs.generate --prompts PROMPTS --out OUT [--config job.yaml] [flags]`.
+
+    Parquet prompts -> read tasks -> Stage C actor pool -> latent queue -> Stage B/A actor pool -> writer tasks
+                                                                                   -> images, manifests, _SUCCESS
+
+Everything runs on Ray Data's streaming executor: the pools are `map_batches` operators with `ActorPoolStrategy`, the
+latent queue is the stream of blocks between them, bounded by Ray Data's backpressure. The driver only plans, reads
+the stream of manifest rows, writes manifests and reports progress; it holds 8 bytes per image of the input.
+
+Runs on a laptop (a local Ray is started for the job) or on a cluster (`RAY_ADDRESS`, `ray job submit`).
+
+Exit codes: 0 complete (`_SUCCESS` written; rows that failed are in the manifest with their error); 1 incomplete
+(no `_SUCCESS`: rerun the same command to resume); 2 bad configuration or input; 3 the model cannot be loaded;
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def log(message: str) -> None:
+    print(f"[generate] {message}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import add_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.generate",
+        description="Render every prompt of a Parquet data set with Stable Cascade on a Ray cluster.",
+        epilog="Exit codes: 0 complete; 1 incomplete (rerun to resume); 2 bad configuration or input; "
+        "3 model not loadable; 130 interrupted. Credentials come from the standard AWS chain only.",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def check_model(config) -> None:
+    """Fail before Ray starts when the weights folder is unusable (the message names the file)."""
+    from cascade.family import BUILTIN_MODELS, find_stage
+    from cascade.weights import WeightsError, inspect_stage
+    from workers.models import torch_dtype
+
+    if config.model in BUILTIN_MODELS:
+        return
+    folder = Path(config.model)
+    if not folder.is_dir():
+        raise WeightsError(
+            f"model: {config.model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a weights folder"
+        )
+    import torch
+
+    dtype = torch_dtype(config.dtype, torch.device("cuda"))
+    for stage in ("stage_c", "stage_b", "stage_a"):
+        found = find_stage(folder, stage, config.lite, dtype)
+        if found is None:
+            raise WeightsError(f"{folder}: no {'lite' if config.lite else 'big'} {stage} weights found")
+        inspect_stage(found, expect=stage)
+    if not (folder / "text_encoder" / "config.json").is_file():
+        raise WeightsError(f"{folder}: no text encoder: expected text_encoder/ with config.json and model.safetensors")
+
+
+def init_ray():
+    import ray
+
+    os.environ.setdefault("RAY_ACCEPT_CLUSTER_RESOURCES", "1")
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        # A private local Ray for this job: dashboard off, nothing listening beyond loopback.
+        ray.init(include_dashboard=False, log_to_driver=True)
+    return ray
+
+
+def pool_args(pool, cluster_gpus: float) -> dict:
+    gpus = pool.gpus if pool.gpus != "auto" else (1.0 if cluster_gpus > 0 else 0.0)
+    args = {"num_gpus": gpus, "num_cpus": pool.cpus}
+    if pool.resources:
+        args["resources"] = dict(pool.resources)
+    return args
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import pyarrow
+    import ray
+    import torch
+    import transformers
+
+    try:
+        own = version("cascade-batch")
+    except PackageNotFoundError:
+        own = "source"
+    return {
+        "cascade-batch": own,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+class Progress:
+    """A progress line every `every` seconds: images done / total, images/s over the last minute, ETA."""
+
+    def __init__(self, total: int, every: float):
+        self.total, self.every = total, every
+        self.done = self.errors = 0
+        self.start = self.last = time.monotonic()
+        self.history: list[tuple[float, int]] = [(self.start, 0)]
+
+    def update(self, done: int, errors: int) -> None:
+        self.done += done
+        self.errors += errors
+        now = time.monotonic()
+        self.history.append((now, self.done))
+        while len(self.history) > 2 and now - self.history[0][0] > 60:
+            self.history.pop(0)
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            log(self.line())
+
+    def rate(self) -> float:
+        (t0, d0), (t1, d1) = self.history[0], self.history[-1]
+        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate()
+        left = self.total - self.done
+        eta = f"{int(left / rate // 60)}m{int(left / rate % 60):02d}s" if rate > 0 else "?"
+        pct = 100 * self.done / self.total if self.total else 100
+        return f"{self.done}/{self.total} images ({pct:.1f}%), {rate:.2f} images/s, ETA {eta}, {self.errors} errors"
+
+
+def run(config) -> int:
+    from cascade.weights import WeightsError
+    from workers.storage import StorageError, open_storage
+
+    from . import inputs, manifest
+
+    started = time.time()
+    try:
+        plan = inputs.plan(config)
+    except inputs.InputError as e:
+        log(f"error: {e}")
+        return EXIT_INPUT
+    try:
+        check_model(config)
+    except WeightsError as e:
+        log(f"error: {e}")
+        return EXIT_MODEL
+    log(f"{plan.rows} prompts in {len(plan.sources)} file(s): {plan.images} images")
+
+    out = open_storage(config.out, config.storage_attempts)
+    try:
+        if config.overwrite:
+            log(f"--overwrite: removed {manifest.clear_outputs(out)} earlier output files")
+        previous = manifest.previous_work(out, plan.image_hashes, config.retry_errors)
+        if previous.stale_keys:
+            out.delete(previous.stale_keys)
+    except StorageError as e:
+        log(f"error: {e}")
+        return EXIT_INCOMPLETE
+    todo = plan.images - len(previous.done)
+    if len(previous.done):
+        log(
+            f"resuming: {previous.ok} images done and {previous.errors} errors recorded by earlier runs; "
+            f"{previous.missing} recorded images missing from storage will be rendered again"
+        )
+
+    from workers.models import model_digest
+
+    digest = model_digest(config.model, config.lite, config.dtype, lambda p: log(f"hashing {p.name}"))
+    run_id = manifest.new_run_id()
+    writer = manifest.ManifestWriter(out, run_id, config.manifest_rows, config.manifest_seconds)
+    progress = Progress(todo, config.progress_seconds)
+    queue_bytes = [0, 0]  # bytes of latents + pooled embeddings, images
+    if todo:
+        try:
+            stream(config, plan, previous, out, digest, writer, progress, queue_bytes)
+        except KeyboardInterrupt:
+            writer.flush()
+            log("interrupted: rerun the same command to resume")
+            return EXIT_INTERRUPTED
+        except Exception as e:  # Ray, storage: keep what is done, say how to go on
+            with contextlib.suppress(Exception):  # storage may be what failed
+                writer.flush()
+            log(f"error: the job stopped: {type(e).__name__}: {e}")
+            log("rerun the same command to resume: finished images are kept")
+            return EXIT_INCOMPLETE
+    writer.flush()
+    finished = time.time()
+
+    rendered = progress.done
+    accounted = len(previous.done) + rendered
+    if accounted != plan.images:
+        log(f"incomplete: {accounted} of {plan.images} images accounted for; no _SUCCESS written; rerun to resume")
+        return EXIT_INCOMPLETE
+    from .report import write_report
+
+    table = manifest.read_manifests(out, ["status"])
+    ok = sum(1 for s in table.column("status").to_pylist() if s == "ok") if table is not None else 0
+    summary = {
+        "complete": True,
+        "images": plan.images,
+        "prompts": plan.rows,
+        "ok": ok,
+        "errors": plan.images - ok,
+        "rendered_this_run": rendered,
+        "errors_this_run": progress.errors,
+        "resumed": len(previous.done),
+        "run_id": run_id,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+        "wall_s": round(finished - started, 3),
+        "images_per_s": round(rendered / (finished - started), 4) if rendered else 0.0,
+        "latent_queue_bytes_per_image": round(queue_bytes[0] / rendered, 1) if rendered else None,
+        "model": config.model,
+        "model_digest": digest,
+        "manifests": writer.parts,
+        "versions": versions(),
+        "config": config.public(),
+    }
+    if config.report:
+        write_report(out, run_id, summary)
+    manifest.write_success(out, summary)
+    log(
+        f"done: {ok} images ok, {plan.images - ok} errors, {rendered} rendered in this run in "
+        f"{finished - started:.1f} s -> {out.location()}"
+    )
+    return EXIT_OK
+
+
+def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -> None:
+    """Build the Ray Data pipeline and consume its manifest rows as they arrive."""
+    init_ray()
+    import ray
+    import ray.data
+
+    from workers.stages import DecoderStage, PriorStage
+    from workers.writer import write_images
+
+    from .inputs import read_fragments, work_items
+
+    ctx = ray.data.DataContext.get_current()
+    # Small blocks keep the two pools streaming at the same time (an actor stage emits one block per input block).
+    ctx.target_max_block_size = 1 << 20
+    ctx.enable_progress_bars = False  # the job prints its own progress line, in images
+    ctx.print_on_execution_start = False
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    model_args = {"model": config.model, "lite": config.lite, "dtype": config.dtype}
+    model_args["latent_dtype"] = config.latent_dtype
+    prior, decoder = config.prior_pool, config.decoder_pool
+    log(
+        f"pools: Stage C {prior.actors} x {pool_args(prior, cluster_gpus)}, "
+        f"Stage B/A {decoder.actors} x {pool_args(decoder, cluster_gpus)}; cluster GPUs: {cluster_gpus:g}"
+    )
+    items = work_items(plan.sources)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        read_fragments,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"sources": plan.sources, "config": config, "extra": plan.extra, "done": previous.done},
+    )
+    ds = ds.map_batches(
+        PriorStage,
+        fn_constructor_kwargs=model_args,
+        compute=ray.data.ActorPoolStrategy(size=prior.actors),
+        batch_size=prior.batch_size,
+        batch_format="pyarrow",
+        **pool_args(prior, cluster_gpus),
+    )
+    ds = ds.map_batches(
+        DecoderStage,
+        fn_constructor_kwargs=model_args,
+        compute=ray.data.ActorPoolStrategy(size=decoder.actors),
+        batch_size=decoder.batch_size,
+        batch_format="pyarrow",
+        **pool_args(decoder, cluster_gpus),
+    )
+    ds = ds.map_batches(
+        write_images,
+        batch_size=decoder.batch_size,
+        batch_format="pyarrow",
+        num_cpus=config.writer_cpus,
+        fn_kwargs={
+            "storage": out,
+            "image_format": config.image_format,
+            "quality": config.quality,
+            "model": config.model,
+            "digest": digest,
+            "overwrite": config.overwrite,
+        },
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if "queue_bytes" in batch.column_names:
+            queue_bytes[0] += sum(v or 0 for v in batch.column("queue_bytes").to_pylist())
+        writer.add(batch)
+        errors = sum(1 for s in batch.column("status").to_pylist() if s != "ok")
+        progress.update(batch.num_rows, errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError, resolve
+
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve(args)
+    except ConfigError as e:
+        log(f"error: {e}")
+        return EXIT_INPUT
+    try:
+        return run(config)
+    except KeyboardInterrupt:
+        log("interrupted: rerun the same command to resume")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

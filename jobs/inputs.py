@@ -1,0 +1,413 @@
+"""Prompts in: find the Parquet files, check their schemas before anything starts, and turn rows into images to render.
+
+Identity. Every image is (id, image_index). A row's id is its `id` column, or, without one, `{file}:{row}` (the file's
+path under the prompts location and the row's index in it), which is stable across reruns of the same input. A row
+renders `num_images` images; image i's seed is the row's `seed` + i, or, without one, a hash of the job seed, the id
+and i. The output key is a pure function of (id, image_index): reruns, retries and resumes write the same keys.
+
+Bad rows do not stop the job: a null or empty prompt, an unsupported size, steps or cfg becomes an `error` on that
+row, which travels to the manifest (status "error"). Bad files do: a missing input, a file that is not Parquet, no
+`prompt` column or a column of the wrong type stop the job before any model loads, with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cascade.pipeline import MAX_SEED, Request, validate
+from workers.storage import LocalStorage, S3Storage, Storage, StorageError, is_s3
+
+from .config import MAX_NUM_IMAGES, JobConfig
+
+
+class InputError(ValueError):
+    """The prompts cannot be used: the message names the file and what is wrong."""
+
+
+# Columns a row may set, and the Arrow types each accepts (null: an all-null column).
+STRING, INTEGER, NUMBER = "string", "integer", "number"
+PARAMETERS = {
+    "negative_prompt": STRING,
+    "seed": INTEGER,
+    "width": INTEGER,
+    "height": INTEGER,
+    "num_images": INTEGER,
+    "prior_steps": INTEGER,
+    "prior_cfg": NUMBER,
+    "decoder_steps": INTEGER,
+    "decoder_cfg": NUMBER,
+}
+# The columns the pipeline itself writes to the manifest; an input column of the same name is renamed input_<name>.
+RESERVED = {
+    "id", "image_index", "prompt", "negative_prompt", "seed", "width", "height", "prior_steps", "prior_cfg",
+    "decoder_steps", "decoder_cfg", "sampler", "key", "source", "row", "error", "status", "sha256", "bytes", "model",
+    "model_digest", "prompt_tokens", "prompt_truncated",
+}  # fmt: skip
+KEY_NAME_MAX = 100  # characters of an id kept in a key; S3 keys may be 1024 bytes
+
+
+def _accepts(kind: str, t: pa.DataType) -> bool:
+    if pa.types.is_null(t):
+        return True
+    if kind == STRING:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    # Integer columns with nulls come out of pandas as float64: accepted, each value checked per row.
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One Parquet file: where it is, the name ids are built from, and its row groups as (first row, rows)."""
+
+    storage: Storage
+    key: str
+    name: str
+    row_groups: tuple[tuple[int, int], ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(n for _, n in self.row_groups)
+
+    def open(self) -> pq.ParquetFile:
+        return pq.ParquetFile(self.storage.open_input(self.key))
+
+
+def _has_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def find_files(prompts: str) -> tuple[Storage, list[tuple[str, str]]]:
+    """(storage, [(key, name)]) for a file, a folder, a glob or an s3:// URI of any of those."""
+    if is_s3(prompts):
+        bucket, _, path = prompts[len("s3://") :].partition("/")
+        storage = S3Storage(f"s3://{bucket}")
+        if _has_glob(path):
+            base = path[: min(path.find(c) for c in "*?[" if c in path)].rpartition("/")[0]
+            keys = [k for k, _ in storage.list(base) if fnmatch.fnmatch(k, path)]
+        elif path.endswith(".parquet") and storage.exists(path):
+            base, keys = path.rpartition("/")[0], [path]
+        else:
+            base = path.strip("/")
+            keys = [k for k, _ in storage.list(base) if k.endswith(".parquet")]
+        strip = len(base) + 1 if base else 0
+        found = [(k, k[strip:]) for k in sorted(keys)]
+    else:
+        path = Path(prompts).expanduser()
+        if _has_glob(prompts):
+            base = Path(prompts[: min(prompts.find(c) for c in "*?[" if c in prompts)]).parent
+            files = [Path(f) for f in sorted(glob.glob(prompts, recursive=True)) if Path(f).is_file()]
+        elif path.is_file():
+            base, files = path.parent, [path]
+        elif path.is_dir():
+            base, files = path, sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        else:
+            raise InputError(f"prompts: {prompts}: no such file or folder")
+        root = base.resolve()
+        storage = LocalStorage(root)
+        found = [(f.resolve().relative_to(root).as_posix(),) * 2 for f in files]
+    if not found:
+        raise InputError(f"prompts: {prompts}: no Parquet files found")
+    return storage, found
+
+
+@dataclass
+class Plan:
+    """What the job will render, known before it starts."""
+
+    sources: list[Source]
+    rows: int
+    images: int
+    image_hashes: np.ndarray  # sorted uint64, one per image to account for
+    extra: pa.Schema  # the input's other columns, carried to the manifest
+
+
+def image_hash(id_: str, image_index: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{id_}\0{image_index}".encode(), digest_size=8).digest(), "little")
+
+
+def hashes(pairs: Iterator[tuple[str, int]]) -> np.ndarray:
+    return np.fromiter((image_hash(i, k) for i, k in pairs), dtype=np.uint64)
+
+
+def row_id(value, source_name: str, row: int) -> str:
+    if value is None:
+        return f"{source_name}:{row}"
+    return str(value)
+
+
+def image_count(value, default: int) -> int:
+    """Images a row renders; an invalid num_images still accounts for one (error) row."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and 1 <= value <= MAX_NUM_IMAGES:
+        return value
+    return 1
+
+
+def plan(config: JobConfig) -> Plan:
+    """Find and check the inputs, and count the images: everything that can fail before a model loads."""
+    try:
+        storage, files = find_files(config.prompts)
+    except StorageError as e:
+        raise InputError(f"prompts: {e}") from None
+    sources, extra_fields = [], {}
+    image_ids: list[np.ndarray] = []
+    rows = images = 0
+    for key, name in files:
+        where = storage.location(key)
+        pf = _open_parquet(storage, key)
+        schema = pf.schema_arrow
+        _check_schema(schema, where, extra_fields)
+        groups, first = [], 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            groups.append((first, n))
+            first += n
+        sources.append(Source(storage, key, name, tuple(groups)))
+        ids, counts = _ids_and_counts(pf, name, first, config.num_images)
+        image_ids.append(hashes((i, k) for i, c in zip(ids, counts) for k in range(c)))
+        rows += first
+        images += sum(counts)
+    if rows == 0:
+        raise InputError(f"prompts: {config.prompts}: no rows (every file is empty)")
+    all_images = np.sort(np.concatenate(image_ids))
+    repeated = all_images[1:][all_images[1:] == all_images[:-1]]
+    if len(repeated):
+        _report_duplicate(sources, config.num_images)
+    return Plan(sources, rows, images, all_images, pa.schema(list(extra_fields.values())))
+
+
+def _open_parquet(storage: Storage, key: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(storage.open_input(key))
+    except StorageError as e:
+        raise InputError(f"prompts: {e}") from None
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"prompts: {storage.location(key)} is not a readable Parquet file: {e}") from None
+
+
+def _check_schema(schema: pa.Schema, where: str, extra_fields: dict[str, pa.Field]) -> None:
+    """Column names and types; the other columns join extra_fields (renamed input_<name> if the name is taken)."""
+    if "prompt" not in schema.names:
+        raise InputError(f"prompts: {where} has no 'prompt' column (columns: {', '.join(schema.names) or 'none'})")
+    known = {"prompt": STRING, **PARAMETERS}
+    for field in schema:
+        if field.name == "id":
+            if not (_accepts(STRING, field.type) or pa.types.is_integer(field.type)):
+                raise InputError(f"prompts: {where}: column 'id' has type {field.type}; use strings or integers")
+        elif field.name in known:
+            kind = known[field.name]
+            if not _accepts(kind, field.type):
+                allowed = {STRING: "strings", INTEGER: "integers", NUMBER: "numbers"}[kind]
+                raise InputError(f"prompts: {where}: column {field.name!r} has type {field.type}; use {allowed}")
+        else:
+            out = f"input_{field.name}" if field.name in RESERVED else field.name
+            previous = extra_fields.get(out)
+            if previous is None or pa.types.is_null(previous.type):
+                extra_fields[out] = pa.field(out, field.type)
+            elif previous.type != field.type and not pa.types.is_null(field.type):
+                raise InputError(
+                    f"prompts: {where}: column {field.name!r} has type {field.type}, "
+                    f"but {previous.type} in an earlier file"
+                )
+
+
+def _ids_and_counts(pf: pq.ParquetFile, name: str, rows: int, default: int) -> tuple[list[str], list[int]]:
+    """Every row's id and image count, reading only the id and num_images columns."""
+    columns = [c for c in ("id", "num_images") if c in pf.schema_arrow.names]
+    table = pf.read(columns=columns) if columns else None
+    raw_ids = table.column("id").to_pylist() if "id" in columns else [None] * rows
+    raw_counts = table.column("num_images").to_pylist() if "num_images" in columns else [None] * rows
+    return [row_id(v, name, r) for r, v in enumerate(raw_ids)], [image_count(v, default) for v in raw_counts]
+
+
+def _report_duplicate(sources: list[Source], default: int) -> None:
+    """Find the first repeated id (only on this error path, so the scan above keeps no strings) and raise."""
+    seen: dict[str, str] = {}
+    for source in sources:
+        ids, _ = _ids_and_counts(source.open(), source.name, source.rows, default)
+        for row, id_ in enumerate(ids):
+            where = f"{source.storage.location(source.key)} row {row}"
+            if id_ in seen:
+                raise InputError(
+                    f"prompts: duplicate id {id_!r}: {seen[id_]} and {where}; ids must be unique "
+                    "(each id names its images' keys)"
+                )
+            seen[id_] = where
+
+
+# --- keys ------------------------------------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def image_key(id_: str, image_index: int, ext: str) -> str:
+    """`images/{2 hex}/{name}-{i}.{ext}`: inside the output prefix whatever the id holds (no `/` survives), short
+    enough for S3, spread over 256 prefixes. An id that had to change gets a hash of the original, so two different
+    ids never share a key."""
+    digest = hashlib.blake2b(id_.encode(), digest_size=8).hexdigest()
+    name = _UNSAFE.sub("_", id_)
+    if name.startswith("."):
+        name = "_" + name[1:]
+    if name != id_ or len(name) > KEY_NAME_MAX or not name:
+        name = f"{name[: KEY_NAME_MAX - 17]}-{digest}"
+    return f"images/{digest[:2]}/{name}-{image_index}.{ext}"
+
+
+def image_seed(row_seed, job_seed: int, id_: str, image_index: int) -> int:
+    if row_seed is None:
+        digest = hashlib.blake2b(f"{job_seed}\0{id_}\0{image_index}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") & MAX_SEED
+    return row_seed + image_index
+
+
+# --- expansion (runs in Ray Data read tasks) ----------------------------------------------------------------------
+
+IMAGE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image_index", pa.int64()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("prior_steps", pa.int64()),
+        ("prior_cfg", pa.float64()),
+        ("decoder_steps", pa.int64()),
+        ("decoder_cfg", pa.float64()),
+        ("sampler", pa.string()),
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def _number(name: str, value, default, integer: bool):
+    """A row's value for a parameter, or raise ValueError naming it."""
+    if value is None or (isinstance(value, float) and math.isnan(value) and integer):
+        return default
+    if integer:
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"{name}: {value!r} is not allowed; use an integer")
+            value = int(value)
+        return value
+    return float(value)
+
+
+def expand_row(row: dict, source: str, index: int, config: JobConfig) -> list[dict]:
+    """One input row -> one dict per image (an invalid row -> one dict with `error`)."""
+    id_ = row_id(row.get("id"), source, index)
+    base = {"id": id_, "source": source, "row": index, "sampler": config.sampler}
+    try:
+        prompt = row.get("prompt")
+        if prompt is None:
+            raise ValueError("prompt: missing (null)")
+        if not prompt.strip():
+            raise ValueError("prompt: empty")
+        raw_count = row.get("num_images")
+        count = image_count(raw_count, config.num_images)
+        given = raw_count is not None and not (isinstance(raw_count, float) and math.isnan(raw_count))
+        if given and count == 1 and raw_count != 1:
+            raise ValueError(f"num_images: {raw_count!r} is not allowed; use an integer from 1 to {MAX_NUM_IMAGES}")
+        negative = row.get("negative_prompt")
+        values = {
+            name: _number(name, row.get(name), getattr(config, name), kind == INTEGER)
+            for name, kind in PARAMETERS.items()
+            if name not in ("negative_prompt", "seed", "num_images")
+        }
+        row_seed = _number("seed", row.get("seed"), None, True)
+        if row_seed is not None and not 0 <= row_seed <= MAX_SEED:
+            raise ValueError(f"seed: {row_seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
+    except (ValueError, TypeError, OverflowError) as e:
+        return [{**base, "image_index": 0, "prompt": row.get("prompt"), "error": str(e)}]
+    images = []
+    for k in range(count):
+        seed = image_seed(row_seed, config.seed, id_, k)
+        request = Request(
+            prompt=prompt,
+            negative_prompt=config.negative_prompt if negative is None else negative,
+            seed=seed,
+            sampler=config.sampler,
+            **values,
+        )
+        image = {**base, **request.__dict__, "image_index": k, "key": None, "error": None}
+        try:
+            validate(request)
+            image["key"] = image_key(id_, k, config.image_format)
+        except ValueError as e:
+            image["error"] = str(e)
+            for name in ("seed", *values):  # keep only values that fit the manifest's types
+                v = image[name]
+                if isinstance(v, int) and not -(2**63) <= v < 2**63:
+                    image[name] = None
+                if isinstance(v, float) and not math.isfinite(v):
+                    image[name] = None
+        images.append(image)
+    return images
+
+
+def read_fragments(
+    items: pa.Table,
+    sources: list[Source],
+    config: JobConfig,
+    extra: pa.Schema,
+    done: np.ndarray,
+    chunk_rows: int = 64,
+) -> Iterator[pa.Table]:
+    """A Ray Data UDF: read (source, row group) work items and yield small tables of images still to render.
+
+    Small output blocks keep the stages streaming: an actor stage emits one block per input block (platform notes).
+    """
+    for item in items.to_pylist():
+        source = sources[item["source"]]
+        pf = source.open()
+        table = pf.read_row_group(item["row_group"])
+        first = item["first_row"]
+        rows = table.to_pylist()
+        pending: list[dict] = []
+        for offset, row in enumerate(rows):
+            for image in expand_row(row, source.name, first + offset, config):
+                h = np.uint64(image_hash(image["id"], image["image_index"]))
+                pos = np.searchsorted(done, h)
+                if pos < len(done) and done[pos] == h:
+                    continue
+                for field in extra:
+                    original = field.name[len("input_") :] if field.name.startswith("input_") else field.name
+                    image[field.name] = row.get(original if original in RESERVED else field.name)
+                pending.append(image)
+            if len(pending) >= chunk_rows:
+                yield _table(pending, extra)
+                pending = []
+        if pending:
+            yield _table(pending, extra)
+
+
+def _table(images: list[dict], extra: pa.Schema) -> pa.Table:
+    schema = pa.schema(list(IMAGE_SCHEMA) + list(extra))
+    return pa.Table.from_pylist(images, schema=schema)
+
+
+def work_items(sources: list[Source]) -> list[dict]:
+    """One Ray Data item per (file, row group)."""
+    return [
+        {"source": i, "row_group": g, "first_row": first}
+        for i, s in enumerate(sources)
+        for g, (first, _) in enumerate(s.row_groups)
+    ]

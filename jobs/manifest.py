@@ -1,0 +1,137 @@
+"""Manifests and the commit protocol.
+
+Layout under `{out}`:
+- `images/..`: the images, at keys fixed by (id, image_index).
+- `manifests/part-{run}-{n}.parquet`: one row per image, written after those images are stored, never overwritten
+  (conditional writes; each run has its own id).
+- `_SUCCESS`: a JSON summary, written last and only when every image of the input is accounted for.
+
+Resume reads the manifests: an image counts as done when a manifest row says `ok` and storage lists its key with the
+recorded size (or the row says `error`, unless errors are retried). Everything else is rendered again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workers.storage import Storage, StorageError
+
+from .inputs import image_hash
+
+MANIFEST_DIR = "manifests"
+SUCCESS = "_SUCCESS"
+REPORT = "report.html"
+OUTPUT_DIRS = ("images", MANIFEST_DIR)
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+class ManifestWriter:
+    """Buffers manifest rows and writes a part every `rows` rows or `seconds` seconds, whichever comes first."""
+
+    def __init__(self, storage: Storage, run_id: str, rows: int, seconds: float):
+        self.storage, self.run_id, self.rows, self.seconds = storage, run_id, rows, seconds
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.parts: list[str] = []
+        self.last = time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        table = table.append_column("run_id", pa.array([self.run_id] * table.num_rows, pa.string()))
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        if self.buffered >= self.rows or time.monotonic() - self.last >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last = time.monotonic()
+        if not self.buffer:
+            return
+        table = pa.concat_tables(self.buffer, promote_options="permissive")
+        out = io.BytesIO()
+        pq.write_table(table, out, compression="zstd")
+        key = f"{MANIFEST_DIR}/part-{self.run_id}-{len(self.parts):06d}.parquet"
+        self.storage.put(key, out.getvalue(), if_absent=True, content_type="application/vnd.apache.parquet")
+        self.parts.append(key)
+        self.buffer, self.buffered = [], 0
+
+
+def manifest_keys(storage: Storage) -> list[str]:
+    return sorted(k for k, _ in storage.list(MANIFEST_DIR) if k.endswith(".parquet"))
+
+
+def read_manifests(storage: Storage, columns: list[str] | None = None) -> pa.Table | None:
+    """All manifest parts as one table (parts are small; read whole, then select)."""
+    tables = []
+    for key in manifest_keys(storage):
+        table = pq.read_table(io.BytesIO(storage.get(key)))
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
+        tables.append(table)
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+@dataclass
+class Previous:
+    done: np.ndarray  # sorted uint64 image hashes that need no work
+    ok: int
+    errors: int
+    missing: int  # manifest rows whose image is gone or has another size: rendered again
+    stale_keys: list[str]  # objects whose size disagrees with their manifest row: removed before rendering again
+
+
+def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool) -> Previous:
+    """What earlier runs finished, checked against a listing of the stored images."""
+    table = read_manifests(storage, ["id", "image_index", "status", "key", "bytes"])
+    if table is None or table.num_rows == 0:
+        return Previous(np.zeros(0, np.uint64), 0, 0, 0, [])
+    listed = dict(storage.list("images"))
+    done, ok, errors, missing, stale = [], 0, 0, 0, []
+    for row in table.to_pylist():
+        h = image_hash(row["id"], row["image_index"])
+        pos = np.searchsorted(expected, np.uint64(h))
+        if pos >= len(expected) or expected[pos] != h:
+            continue  # not part of this input
+        if row["status"] == "ok":
+            size = listed.get(row["key"])
+            if size is None or size != row["bytes"]:
+                missing += 1
+                if size is not None:
+                    stale.append(row["key"])
+                continue
+            ok += 1
+        elif retry_errors:
+            continue
+        else:
+            errors += 1
+        done.append(h)
+    return Previous(np.unique(np.array(done, dtype=np.uint64)), ok, errors, missing, stale)
+
+
+def clear_outputs(storage: Storage) -> int:
+    """--overwrite: remove what earlier runs wrote (only the job's own files), so the job starts over."""
+    keys = [k for d in OUTPUT_DIRS for k, _ in storage.list(d)] + [k for k in (SUCCESS, REPORT) if storage.exists(k)]
+    storage.delete(keys)
+    return len(keys)
+
+
+def write_success(storage: Storage, summary: dict) -> None:
+    data = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
+    storage.put(SUCCESS, data, content_type="application/json")
+
+
+def read_success(storage: Storage) -> dict | None:
+    try:
+        return json.loads(storage.get(SUCCESS))
+    except StorageError:
+        return None

@@ -1,0 +1,207 @@
+"""`{out}/report.html`: one self-contained page (no scripts, no external files) built from this run's manifests.
+
+- Throughput over time for each pool: images finished per time bin by the Stage C pool, the Stage B/A pool and the
+  writers.
+- Each pool's busy fraction: the union of its actors' batch intervals over (actors x the pool's span), and the
+  fraction of the run's wall time during which both GPU pools were busy at once.
+- A timeline of every actor's batches, which shows whether the pools overlap.
+- A contact sheet of sample images with their prompts (escaped: a prompt is text, never markup).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+
+import pyarrow.compute as pc
+from PIL import Image
+
+from workers.storage import Storage
+
+from .manifest import REPORT, read_manifests
+
+POOLS = (("prior", "Stage C pool", "#4878d0"), ("decoder", "Stage B/A pool", "#ee854a"))
+SHEET_IMAGES, THUMB = 24, 160
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _length(intervals) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        total += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def pool_stats(rows: list[dict]) -> dict:
+    """Per pool: actors, batches as (actor, start, end), busy fraction; and the time both pools were busy."""
+    stats, busy = {}, {}
+    for pool, _, _ in POOLS:
+        batches = {
+            (r[f"{pool}_actor"], r[f"{pool}_start"], r[f"{pool}_end"])
+            for r in rows
+            if r.get(f"{pool}_actor") is not None and r.get(f"{pool}_start") is not None
+        }
+        actors = sorted({a for a, _, _ in batches})
+        if not batches:
+            stats[pool] = {"actors": 0, "batches": [], "busy_fraction": 0.0, "span_s": 0.0}
+            busy[pool] = []
+            continue
+        span = (min(s for _, s, _ in batches), max(e for _, _, e in batches))
+        per_actor = [_union([(s, e) for a, s, e in batches if a == actor]) for actor in actors]
+        busy_s = sum(_length(iv) for iv in per_actor)
+        stats[pool] = {
+            "actors": len(actors),
+            "batches": sorted(batches, key=lambda b: b[1]),
+            "busy_fraction": busy_s / (len(actors) * (span[1] - span[0])) if span[1] > span[0] else 1.0,
+            "span_s": span[1] - span[0],
+            "span": span,
+        }
+        busy[pool] = _union([(s, e) for _, s, e in batches])
+    both = _intersect(busy["prior"], busy["decoder"])
+    starts = [s["span"][0] for s in stats.values() if s.get("span")]
+    ends = [s["span"][1] for s in stats.values() if s.get("span")]
+    ends += [r["write_end"] for r in rows if r.get("write_end")]
+    wall = (max(ends) - min(starts)) if starts else 0.0
+    return {"pools": stats, "both_busy_s": both, "wall_s": wall, "t0": min(starts) if starts else 0.0}
+
+
+def _svg_throughput(rows: list[dict], t0: float, wall: float) -> str:
+    bins = 40
+    width, height, pad = 720, 200, 30
+    step = max(wall, 1e-6) / bins
+    lines = []
+    peak = 1e-9
+    series = []
+    for pool, label, color in (*POOLS, ("write", "writers", "#6acc64")):
+        counts = [0] * bins
+        for r in rows:
+            t = r.get(f"{pool}_end")
+            if t is not None:
+                counts[min(bins - 1, max(0, int((t - t0) / step)))] += 1
+        rates = [c / step for c in counts]
+        peak = max(peak, *rates)
+        series.append((label, color, rates))
+    for label, color, rates in series:
+        points = " ".join(
+            f"{pad + (i + 0.5) * (width - 2 * pad) / bins:.1f},{height - pad - r / peak * (height - 2 * pad):.1f}"
+            for i, r in enumerate(rates)
+        )
+        lines.append(
+            f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}">'
+            f"<title>{label}</title></polyline>"
+        )
+    legend = "".join(
+        f'<text x="{pad + 10 + k * 160}" y="16" fill="{color}" font-size="12">{html.escape(label)}</text>'
+        for k, (label, color, _) in enumerate(series)
+    )
+    axes = (
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#888"/>'
+        f'<text x="{pad}" y="{height - 8}" font-size="11">0 s</text>'
+        f'<text x="{width - pad - 40}" y="{height - 8}" font-size="11">{wall:.1f} s</text>'
+        f'<text x="2" y="{pad}" font-size="11">{peak:.2f}/s</text>'
+    )
+    return f'<svg width="{width}" height="{height}" role="img">{axes}{legend}{"".join(lines)}</svg>'
+
+
+def _svg_timeline(stats: dict) -> str:
+    rows_svg, y, width, pad, lane = [], 10, 720, 140, 16
+    t0, wall = stats["t0"], max(stats["wall_s"], 1e-6)
+    for pool, label, color in POOLS:
+        batches = stats["pools"][pool]["batches"]
+        actors = sorted({a for a, _, _ in batches})
+        for actor in actors:
+            name = f"{label} {actors.index(actor)}"
+            rows_svg.append(f'<text x="0" y="{y + 11}" font-size="11">{html.escape(name)}</text>')
+            for a, s, e in batches:
+                if a == actor:
+                    x = pad + (s - t0) / wall * (width - pad - 10)
+                    w = max(1.0, (e - s) / wall * (width - pad - 10))
+                    rows_svg.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{lane - 4}" fill="{color}"/>')
+            y += lane
+    return f'<svg width="{width}" height="{y + 10}" role="img">{"".join(rows_svg)}</svg>'
+
+
+def _thumbnail(data: bytes) -> str:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image.thumbnail((THUMB, THUMB))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=80)
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def build_report(storage: Storage, run_id: str, summary: dict) -> str:
+    table = read_manifests(storage)
+    rows = table.filter(pc.equal(table.column("run_id"), run_id)).to_pylist() if table is not None else []
+    stats = pool_stats(rows)
+    esc = html.escape
+    pool_rows = "".join(
+        f"<tr><td>{esc(label)}</td><td>{stats['pools'][pool]['actors']}</td>"
+        f"<td>{stats['pools'][pool]['busy_fraction']:.1%}</td><td>{stats['pools'][pool]['span_s']:.1f} s</td></tr>"
+        for pool, label, _ in POOLS
+    )
+    overlap = stats["both_busy_s"] / stats["wall_s"] if stats["wall_s"] else 0.0
+    samples = [r for r in rows if r["status"] == "ok"][:SHEET_IMAGES]
+    cells = []
+    for r in samples:
+        try:
+            thumb = _thumbnail(storage.get(r["key"]))
+        except Exception:  # a contact sheet is best effort; the manifest is the record
+            continue
+        cells.append(
+            f'<figure><img src="data:image/jpeg;base64,{thumb}" alt=""><figcaption>{esc(r["prompt"] or "")}'
+            f"<br><small>{esc(r['id'])} #{r['image_index']} seed {r['seed']}</small></figcaption></figure>"
+        )
+    errors = [r for r in rows if r["status"] != "ok"][:20]
+    error_rows = "".join(
+        f"<tr><td>{esc(str(r['id']))}</td><td>{r['image_index']}</td><td>{esc(r['error'] or '')}</td></tr>"
+        for r in errors
+    )
+    facts = {
+        k: summary[k] for k in ("images", "ok", "errors", "rendered_this_run", "resumed", "wall_s", "images_per_s")
+    }
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>cascade-batch report {esc(run_id)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:900px}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px}}
+figure{{display:inline-block;width:{THUMB}px;margin:6px;vertical-align:top}}
+figcaption{{font-size:11px;overflow-wrap:anywhere}}</style></head><body>
+<h1>Run {esc(run_id)}</h1>
+<pre>{esc(json.dumps(facts, indent=1))}</pre>
+<p>Model {esc(str(summary.get("model")))} (weights digest {esc(str(summary.get("model_digest")))}).</p>
+<h2>Pools</h2>
+<table><tr><th>pool</th><th>actors</th><th>busy</th><th>span</th></tr>{pool_rows}</table>
+<p>Both GPU pools busy at once: {overlap:.1%} of the {stats["wall_s"]:.1f} s between the first and last batch.</p>
+<h2>Throughput over time (images/s)</h2>
+{_svg_throughput(rows, stats["t0"], stats["wall_s"])}
+<h2>Timeline (each bar is one batch)</h2>
+{_svg_timeline(stats)}
+<h2>Samples</h2>
+{"".join(cells) or "<p>No images in this run.</p>"}
+<h2>Errors (first 20)</h2>
+<table><tr><th>id</th><th>image</th><th>error</th></tr>{error_rows}</table>
+</body></html>
+"""
+
+
+def write_report(storage: Storage, run_id: str, summary: dict) -> None:
+    storage.put(REPORT, build_report(storage, run_id, summary).encode(), content_type="text/html; charset=utf-8")

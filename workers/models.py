@@ -1,0 +1,64 @@
+"""Which models a job uses, loaded where the actor runs, and a digest that identifies their weights in manifests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from cascade.family import BUILTIN_MODELS, find_stage, load_models
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def device() -> torch.device:
+    """The GPU Ray assigned to this actor (it sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def torch_dtype(dtype: str, on: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU (the reference's precision), fp32 on a CPU (bf16 matmuls are slow there)."""
+    if dtype == "auto":
+        return torch.bfloat16 if on.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def load_part(model: str, lite: bool, dtype: str, part: str):
+    """The prior ("prior") or decoder ("decoder") half of a built-in model or an official-layout weights folder."""
+    on = device()
+    if model in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model](device=on, dtype=torch_dtype(dtype, on), parts=(part,))
+    return load_models(model, lite=lite, dtype=torch_dtype(dtype, on), device=on, parts=(part,))
+
+
+def weight_files(model: str, lite: bool, dtype: str) -> list[Path]:
+    """The files a weights folder's load reads (dtype decides between the fp32 and bf16 files)."""
+    folder = Path(model)
+    files: list[Path] = []
+    for stage in ("stage_c", "stage_b", "stage_a"):
+        found = find_stage(folder, stage, lite, torch_dtype(dtype, torch.device("cuda")))
+        if found is not None:
+            files += [found] if found.is_file() else sorted(found.glob("*"))
+    files += sorted((folder / "text_encoder").glob("*"))
+    return [f for f in files if f.is_file()]
+
+
+def model_digest(model: str, lite: bool, dtype: str, progress=None) -> str:
+    """sha256 over the weights' bytes (built-in models: over their tensors), in a fixed order; 16 hex digits."""
+    h = hashlib.sha256()
+    if model in BUILTIN_MODELS:
+        models = BUILTIN_MODELS[model](dtype=torch.float32)
+        for stage in (models.text_encoder, models.stage_c, models.stage_b, models.stage_a):
+            for name, tensor in stage.state_dict().items():
+                h.update(name.encode())
+                h.update(tensor.detach().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+    for path in weight_files(model, lite, dtype):
+        if progress is not None:
+            progress(path)
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]

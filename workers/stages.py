@@ -1,0 +1,171 @@
+"""The pipeline's operators for Ray Data's `map_batches`: two GPU actor pools and a CPU writer.
+
+- `PriorStage` (actor): text encoder + Stage C. Adds per image the Stage C latent and the pooled text embeddings of
+  the prompt and the negative prompt, as raw bf16/fp16/fp32 bytes: the latent queue between the pools.
+- `DecoderStage` (actor): Stage B + Stage A. Replaces those with the image's RGB pixels.
+- `write_images` (task): encodes each image, stores it at its key with a conditional write and returns manifest rows.
+
+Batches are Arrow tables; columns the stages do not know (the input's extra columns) pass through untouched. A row
+with an `error` passes through every stage without work. Each actor loads its models once, onto the GPU Ray gave it
+(CUDA_VISIBLE_DEVICES) or the CPU when there is none, and splits each batch into buckets of equal size, steps and cfg.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cascade.pipeline import PriorOutput, Request, buckets, latent_sizes, run_decoder, run_prior
+
+from .models import load_part
+
+WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LATENT_COLUMNS = ("latent", "clip_pooled", "clip_pooled_negative")
+REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "prior_steps", "prior_cfg")
+REQUEST_FIELDS += ("decoder_steps", "decoder_cfg", "sampler")
+
+
+def to_wire(t: torch.Tensor, dtype: str) -> bytes:
+    """A tensor as raw little-endian bytes of `dtype` (bf16 travels as its 16-bit pattern)."""
+    t = t.detach().to("cpu", WIRE_DTYPES[dtype]).contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def from_wire(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of to_wire, as float32."""
+    if dtype == "bf16":
+        return torch.from_numpy(np.frombuffer(data, dtype=np.int16).copy()).view(torch.bfloat16).reshape(shape).float()
+    np_dtype = {"fp16": np.float16, "fp32": np.float32}[dtype]
+    return torch.from_numpy(np.frombuffer(data, dtype=np_dtype).copy()).reshape(shape).float()
+
+
+def requests_of(rows: list[dict]) -> list[Request]:
+    return [Request(**{k: row[k] for k in REQUEST_FIELDS}) for row in rows]
+
+
+def _set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
+    for name, values in columns.items():
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, values)
+        else:
+            table = table.append_column(name, values)
+    return table
+
+
+def _actor_name(stage: str) -> str:
+    return f"{stage}@{socket.gethostname()}:{os.getpid()}"
+
+
+class _Stage:
+    part = ""
+
+    def __init__(self, model: str, lite: bool, dtype: str, latent_dtype: str):
+        start = time.perf_counter()
+        self.models = load_part(model, lite, dtype, self.part)
+        self.latent_dtype = latent_dtype
+        self.name = _actor_name(self.part)
+        self.load_s = time.perf_counter() - start
+
+    def _groups(self, rows: list[dict]) -> list[list[int]]:
+        """Indices of the rows to work on, grouped by bucket (size, steps, cfg), in input order."""
+        todo = [i for i, row in enumerate(rows) if row["error"] is None]
+        requests = requests_of([rows[i] for i in todo])
+        return [[todo[j] for j in group] for group in buckets(requests, batch_size=len(rows) or 1)]
+
+
+class PriorStage(_Stage):
+    """Text encoder + Stage C."""
+
+    part = "prior"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.time()
+        rows = batch.select(["error", *REQUEST_FIELDS]).to_pylist()
+        n = len(rows)
+        latent, pooled, negative = [None] * n, [None] * n, [None] * n
+        tokens, truncated, errors = [None] * n, [None] * n, [row["error"] for row in rows]
+        seconds = [None] * n
+        for group in self._groups(rows):
+            outputs = run_prior(self.models, requests_of([rows[i] for i in group]))
+            for i, out in zip(group, outputs):
+                tokens[i], truncated[i], seconds[i] = out.prompt_tokens, out.prompt_truncated, out.seconds
+                if out.error is not None:
+                    errors[i] = out.error
+                    continue
+                latent[i] = to_wire(out.latent, self.latent_dtype)
+                pooled[i] = to_wire(out.clip_text_pooled, self.latent_dtype)
+                negative[i] = to_wire(out.clip_text_pooled_negative, self.latent_dtype)
+        end = time.time()
+        table = _set_columns(
+            batch,
+            {
+                "error": pa.array(errors, pa.string()),
+                "latent": pa.array(latent, pa.binary()),
+                "clip_pooled": pa.array(pooled, pa.binary()),
+                "clip_pooled_negative": pa.array(negative, pa.binary()),
+                "prompt_tokens": pa.array(tokens, pa.int64()),
+                "prompt_truncated": pa.array(truncated, pa.bool_()),
+                "prior_s": pa.array(seconds, pa.float64()),
+                "prior_start": pa.array([start] * n, pa.float64()),
+                "prior_end": pa.array([end] * n, pa.float64()),
+                "prior_actor": pa.array([self.name] * n, pa.string()),
+            },
+        )
+        # What one image costs in the latent queue: its share of this block's Arrow bytes, metadata included.
+        return table.append_column("queue_bytes", pa.array([table.nbytes // max(n, 1)] * n, pa.int64()))
+
+
+class DecoderStage(_Stage):
+    """Stage B + Stage A."""
+
+    part = "decoder"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.time()
+        rows = batch.select(["error", *REQUEST_FIELDS, *LATENT_COLUMNS, "prompt_tokens", "prompt_truncated"])
+        rows = rows.to_pylist()
+        n = len(rows)
+        pixels, errors, seconds = [None] * n, [row["error"] for row in rows], [None] * n
+        for group in self._groups(rows):
+            priors = []
+            for i in group:
+                row = rows[i]
+                shape_c, _ = latent_sizes(row["width"], row["height"])
+                pooled = from_wire(row["clip_pooled"], self.latent_dtype, (1, -1))
+                negative = from_wire(row["clip_pooled_negative"], self.latent_dtype, (1, -1))
+                priors.append(
+                    PriorOutput(
+                        request=requests_of([row])[0],
+                        latent=from_wire(row["latent"], self.latent_dtype, shape_c),
+                        clip_text_pooled=pooled,
+                        clip_text_pooled_negative=negative,
+                        prompt_tokens=row["prompt_tokens"],
+                        prompt_truncated=row["prompt_truncated"],
+                    )
+                )
+            for i, result in zip(group, run_decoder(self.models, priors)):
+                seconds[i] = result.timings.get("decoder_s")
+                if result.error is not None:
+                    errors[i] = result.error
+                else:
+                    pixels[i] = np.asarray(result.image, dtype=np.uint8).tobytes()
+        end = time.time()
+        table = batch.drop_columns([c for c in LATENT_COLUMNS if c in batch.column_names])
+        return _set_columns(
+            table,
+            {
+                "error": pa.array(errors, pa.string()),
+                "pixels": pa.array(pixels, pa.binary()),
+                "decoder_s": pa.array(seconds, pa.float64()),
+                "decoder_start": pa.array([start] * n, pa.float64()),
+                "decoder_end": pa.array([end] * n, pa.float64()),
+                "decoder_actor": pa.array([self.name] * n, pa.string()),
+            },
+        )
