@@ -21,7 +21,6 @@ from cascade.pipeline import MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTI
 IMAGE_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LATENT_DTYPES = ("bf16", "fp16", "fp32")
-LAYOUTS = ("files", "webdataset")
 MAX_NUM_IMAGES = 10_000
 
 
@@ -61,8 +60,6 @@ class JobConfig:
     # Output.
     image_format: str = "png"
     quality: int = 95
-    layout: str = "files"
-    shard_size: int = 256
     overwrite: bool = False
     retry_errors: bool = False
     report: bool = True
@@ -162,8 +159,6 @@ def validate(c: JobConfig) -> None:
     _check(c.sampler in ("ddpm", "ddim"), "sampler", c.sampler, "use ddpm or ddim")
     _check(c.image_format in IMAGE_FORMATS, "image_format", c.image_format, f"use one of {', '.join(IMAGE_FORMATS)}")
     _check(_is_int(c.quality) and 1 <= c.quality <= 100, "quality", c.quality, "use an integer from 1 to 100")
-    _check(c.layout in LAYOUTS, "layout", c.layout, f"use one of {', '.join(LAYOUTS)}")
-    _check(_is_int(c.shard_size) and 1 <= c.shard_size <= 100_000, "shard_size", c.shard_size, "use 1 to 100000")
     for key in ("overwrite", "retry_errors", "report"):
         _check(isinstance(getattr(c, key), bool), key, getattr(c, key), "use true or false")
     _check(_is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")

@@ -12,7 +12,6 @@ row, which travels to the manifest (status "error"). Bad files do: a missing inp
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import hashlib
 import math
@@ -87,14 +86,39 @@ def _has_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
+def _glob_base(pattern: str) -> str:
+    """The folder part of a pattern before its first wildcard: `in/sub/*.parquet` -> `in/sub`."""
+    return pattern[: min(pattern.find(c) for c in "*?[" if c in pattern)].rpartition("/")[0]
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """Shell-style matching on keys as glob.glob does on paths: `*` and `?` stay within a folder, `**` crosses them."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[" and "]" in pattern[i + 1 :]:
+            end = pattern.index("]", i + 1)
+            out, i = out + "[" + pattern[i + 1 : end].replace("!", "^", 1) + "]", end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
 def find_files(prompts: str) -> tuple[Storage, list[tuple[str, str]]]:
     """(storage, [(key, name)]) for a file, a folder, a glob or an s3:// URI of any of those."""
     if is_s3(prompts):
         bucket, _, path = prompts[len("s3://") :].partition("/")
         storage = S3Storage(f"s3://{bucket}")
         if _has_glob(path):
-            base = path[: min(path.find(c) for c in "*?[" if c in path)].rpartition("/")[0]
-            keys = [k for k, _ in storage.list(base) if fnmatch.fnmatch(k, path)]
+            base, regex = _glob_base(path), _glob_regex(path)
+            keys = [k for k, _ in storage.list(base) if regex.match(k)]
         elif path.endswith(".parquet") and storage.exists(path):
             base, keys = path.rpartition("/")[0], [path]
         else:
@@ -105,7 +129,7 @@ def find_files(prompts: str) -> tuple[Storage, list[tuple[str, str]]]:
     else:
         path = Path(prompts).expanduser()
         if _has_glob(prompts):
-            base = Path(prompts[: min(prompts.find(c) for c in "*?[" if c in prompts)]).parent
+            base = Path(_glob_base(prompts) or ".")
             files = [Path(f) for f in sorted(glob.glob(prompts, recursive=True)) if Path(f).is_file()]
         elif path.is_file():
             base, files = path.parent, [path]

@@ -80,3 +80,21 @@ def test_text_encoder_variant_and_broken_text_encoder(tmp_path, tiny):
         f.unlink()
     with pytest.raises(WeightsError, match="text_encoder: the text encoder could not be loaded"):
         load_models(folder)
+
+
+def test_parts_load_one_half_with_the_same_weights(tmp_path, tiny):
+    prior, decoder = tiny_models(parts=("prior",)), tiny_models(parts=("decoder",))
+    assert prior.stage_b is None and prior.stage_a is None and prior.stage_c is not None
+    assert decoder.text_encoder is None and decoder.stage_c is None and decoder.stage_a is not None
+    for a, b in zip(prior.stage_c.state_dict().values(), tiny.stage_c.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(decoder.stage_b.state_dict().values(), tiny.stage_b.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="parts"):
+        tiny_models(parts=("stage_x",))
+    folder = write_family(tiny, tmp_path / "w", "stability")
+    (folder / "stage_c.safetensors").unlink()
+    half = load_models(folder, parts=("decoder",), dtype=torch.float32)  # needs nothing of the prior's
+    assert half.stage_c is None and half.text_encoder is None and half.stage_b is not None
+    with pytest.raises(WeightsError, match="stage_c"):
+        load_models(folder, parts=("prior",), dtype=torch.float32)

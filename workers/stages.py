@@ -60,7 +60,14 @@ def _set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
 
 
 def _actor_name(stage: str) -> str:
-    return f"{stage}@{socket.gethostname()}:{os.getpid()}"
+    """stage@host:pid/node: which process, and which Ray node (several nodes can share a host)."""
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:12]
+    except Exception:  # outside Ray (tests, in-process use)
+        node = "local"
+    return f"{stage}@{socket.gethostname()}:{os.getpid()}/{node}"
 
 
 class _Stage:

@@ -1,0 +1,94 @@
+"""The job's configuration: YAML and flags, validated in full, with errors that name the key and suggest fixes."""
+
+import pytest
+
+from jobs.config import ConfigError, from_mapping, load_yaml, resolve
+from jobs.generate import build_parser
+
+
+def parse(*argv, tmp_path=None, yaml_text=None):
+    args = list(argv)
+    if yaml_text is not None:
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml_text)
+        args += ["--config", str(path)]
+    return resolve(build_parser().parse_args(args))
+
+
+def test_flags_override_the_file(tmp_path):
+    config = parse(
+        "--prompts", "p.parquet", "--prior-steps", "7", "--prior-pool-actors", "3", "--no-report",
+        tmp_path=tmp_path,
+        yaml_text="out: s3://bucket/run\nprior_steps: 30\nprior_pool: {actors: 2, batch_size: 8, gpus: 0.5}\n",
+    )  # fmt: skip
+    assert (config.prompts, config.out, config.prior_steps) == ("p.parquet", "s3://bucket/run", 7)
+    assert (config.prior_pool.actors, config.prior_pool.batch_size, config.prior_pool.gpus) == (3, 8, 0.5)
+    assert config.report is False and config.decoder_pool.actors == 1
+
+
+def test_pool_resources_flag_takes_json():
+    config = parse("--prompts", "p", "--out", "o", "--decoder-pool-resources", '{"stage_b": 1}')
+    assert config.decoder_pool.resources == {"stage_b": 1}
+
+
+def test_unknown_keys_suggest_the_nearest(tmp_path):
+    with pytest.raises(ConfigError, match="'prior_step' is not a known setting; did you mean 'prior_steps'"):
+        from_mapping({"prompts": "p", "out": "o", "prior_step": 3})
+    with pytest.raises(ConfigError, match="prior_pool: 'actor' is not a known setting; did you mean 'actors'"):
+        from_mapping({"prompts": "p", "out": "o", "prior_pool": {"actor": 2}})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("width", 1000, "width: 1000 is not allowed; use a multiple of 32 from 256 to 2048"),
+        ("height", -64, "height: -64"),
+        ("prior_steps", 0, "prior_steps: 0 is not allowed; use an integer from 1 to 1000"),
+        ("decoder_cfg", float("nan"), "decoder_cfg: nan"),
+        ("seed", 2**63, "seed: 9223372036854775808"),
+        ("num_images", 0, "num_images: 0"),
+        ("image_format", "gif", "image_format: 'gif' is not allowed; use one of png, webp, jpeg"),
+        ("quality", 0, "quality: 0"),
+        ("prompts", "", "prompts: ''"),
+        ("overwrite", "yes", "overwrite: 'yes' is not allowed; use true or false"),
+    ],
+)
+def test_bad_values_are_named(key, value, message):
+    with pytest.raises(ConfigError) as e:
+        from_mapping({"prompts": "p", "out": "o", key: value})
+    assert message in str(e.value)
+
+
+def test_bad_pool_values_are_named():
+    with pytest.raises(ConfigError, match=r"prior_pool.gpus: 1.5 is not allowed"):
+        from_mapping({"prompts": "p", "out": "o", "prior_pool": {"gpus": 1.5}})
+    with pytest.raises(ConfigError, match=r"decoder_pool.actors: 0"):
+        from_mapping({"prompts": "p", "out": "o", "decoder_pool": {"actors": 0}})
+    with pytest.raises(ConfigError, match=r"decoder_pool.resources"):
+        from_mapping({"prompts": "p", "out": "o", "decoder_pool": {"resources": {"stage_b": -1}}})
+    with pytest.raises(ConfigError, match="prior_pool: must be a mapping"):
+        from_mapping({"prompts": "p", "out": "o", "prior_pool": 3})
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prompts: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_yaml(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_yaml(listy)
+    # The safe loader: no Python objects from YAML.
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("prompts: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(evil)
+
+
+def test_public_config_round_trips():
+    config = from_mapping({"prompts": "p", "out": "o", "prior_pool": {"actors": 2}})
+    again = from_mapping(config.public())
+    assert again == config

@@ -1,0 +1,185 @@
+"""Prompts in: file discovery (local and S3), schema checks before anything starts, ids, seeds, keys, row errors."""
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.config import from_mapping
+from jobs.inputs import (
+    InputError,
+    expand_row,
+    find_files,
+    image_hash,
+    image_key,
+    image_seed,
+    plan,
+    read_fragments,
+    work_items,
+)
+
+SMALL = {"width": 256, "height": 256, "prior_steps": 2, "decoder_steps": 2}
+
+
+def config(prompts, **kw):
+    return from_mapping({"prompts": str(prompts), "out": "unused", **SMALL, **kw})
+
+
+def write(path, **columns):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_find_files_local(tmp_path):
+    write(tmp_path / "in/a.parquet", prompt=["x"])
+    write(tmp_path / "in/sub/b.parquet", prompt=["y"])
+    (tmp_path / "in/notes.txt").write_text("not parquet")
+    _, found = find_files(str(tmp_path / "in"))
+    assert [name for _, name in found] == ["a.parquet", "sub/b.parquet"]
+    _, found = find_files(str(tmp_path / "in/*.parquet"))
+    assert [name for _, name in found] == ["a.parquet"]
+    _, found = find_files(str(tmp_path / "in/sub/b.parquet"))
+    assert [name for _, name in found] == ["b.parquet"]
+    with pytest.raises(InputError, match="no such file or folder"):
+        find_files(str(tmp_path / "missing.parquet"))
+    with pytest.raises(InputError, match="no Parquet files found"):
+        find_files(str(tmp_path / "in/*.csv"))
+
+
+def test_find_files_and_plan_on_s3(s3_bucket, tmp_path):
+    import io
+
+    from workers.storage import open_storage
+
+    storage = open_storage(f"s3://{s3_bucket}")
+    for key, prompts in [("run/a.parquet", ["x", "y"]), ("run/b/c.parquet", ["z"]), ("other/d.parquet", ["w"])]:
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"prompt": prompts}), buf)
+        storage.put(key, buf.getvalue())
+    _, found = find_files(f"s3://{s3_bucket}/run")
+    assert [name for _, name in found] == ["a.parquet", "b/c.parquet"]
+    _, found = find_files(f"s3://{s3_bucket}/run/*.parquet")
+    assert [name for _, name in found] == ["a.parquet"]
+    p = plan(config(f"s3://{s3_bucket}/run/"))
+    assert (p.rows, p.images) == (3, 3)
+    with pytest.raises(InputError, match="no Parquet files"):
+        plan(config(f"s3://{s3_bucket}/nothing-here"))
+
+
+def test_plan_counts_images_and_rejects_bad_files(tmp_path):
+    write(tmp_path / "ok.parquet", prompt=["a", "b", "c"], num_images=[2, None, 0])
+    p = plan(config(tmp_path / "ok.parquet", num_images=3))
+    assert (p.rows, p.images) == (3, 2 + 3 + 1)  # num_images 0 still accounts for one (error) row
+    assert len(p.image_hashes) == 6 and np.all(np.diff(p.image_hashes.astype(np.float64)) >= 0)
+
+    write(tmp_path / "noprompt.parquet", text=["a"])
+    with pytest.raises(InputError, match=r"noprompt.parquet has no 'prompt' column \(columns: text\)"):
+        plan(config(tmp_path / "noprompt.parquet"))
+    (tmp_path / "fake.parquet").write_bytes(b"this is not parquet")
+    with pytest.raises(InputError, match="fake.parquet is not a readable Parquet file"):
+        plan(config(tmp_path / "fake.parquet"))
+    write(tmp_path / "types.parquet", prompt=["a"], width=["wide"])
+    with pytest.raises(InputError, match="column 'width' has type string; use integers"):
+        plan(config(tmp_path / "types.parquet"))
+    write(tmp_path / "numprompt.parquet", prompt=[1])
+    with pytest.raises(InputError, match="column 'prompt' has type int64; use strings"):
+        plan(config(tmp_path / "numprompt.parquet"))
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    with pytest.raises(InputError, match="no rows"):
+        plan(config(tmp_path / "empty.parquet"))
+
+
+def test_duplicate_ids_are_refused_naming_both_rows(tmp_path):
+    write(tmp_path / "in/a.parquet", prompt=["a", "b"], id=["x", "y"])
+    write(tmp_path / "in/b.parquet", prompt=["c"], id=["x"])
+    with pytest.raises(InputError, match=r"duplicate id 'x': .*a.parquet row 0 and .*b.parquet row 0"):
+        plan(config(tmp_path / "in"))
+
+
+def test_expand_row_ids_seeds_and_defaults():
+    c = config("p", seed=5, num_images=1)
+    images = expand_row({"prompt": "a cat", "num_images": 3}, "part.parquet", 7, c)
+    assert [i["id"] for i in images] == ["part.parquet:7"] * 3
+    assert [i["image_index"] for i in images] == [0, 1, 2]
+    seeds = [i["seed"] for i in images]
+    assert len(set(seeds)) == 3 and all(0 <= s < 2**63 for s in seeds)
+    assert seeds == [image_seed(None, 5, "part.parquet:7", k) for k in range(3)]  # stable across reruns
+    assert seeds != [image_seed(None, 6, "part.parquet:7", k) for k in range(3)]  # the job seed matters
+    given = expand_row({"prompt": "a cat", "id": "cat", "seed": 100, "num_images": 2, "width": 512}, "p", 0, c)
+    assert [(i["seed"], i["width"], i["height"], i["error"]) for i in given] == [
+        (100, 512, 256, None),
+        (101, 512, 256, None),
+    ]
+    assert given[0]["key"] == image_key("cat", 0, "png") == "images/" + given[0]["key"].split("/", 1)[1]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": None}, "prompt: missing (null)"),
+        ({"prompt": "   \t"}, "prompt: empty"),
+        ({"prompt": "a", "width": 100}, "width: 100 is not supported"),
+        ({"prompt": "a", "height": -256}, "height: -256 is not supported"),
+        ({"prompt": "a", "width": 10**12}, "width: 1000000000000 is not supported"),
+        ({"prompt": "a", "prior_steps": 0}, "prior_steps: 0 is not allowed"),
+        ({"prompt": "a", "decoder_steps": 10**6}, "decoder_steps: 1000000 is not allowed"),
+        ({"prompt": "a", "prior_cfg": math.nan}, "prior_cfg: nan is not allowed"),
+        ({"prompt": "a", "seed": -1}, "seed: -1 is not allowed"),
+        ({"prompt": "a", "num_images": 0}, "num_images: 0 is not allowed"),
+        ({"prompt": "a", "num_images": 10**9}, "num_images: 1000000000 is not allowed"),
+        ({"prompt": "a", "width": 256.5}, "width: 256.5 is not allowed; use an integer"),
+    ],
+)
+def test_bad_rows_become_one_error_row(row, message):
+    images = expand_row(row, "p.parquet", 3, config("p"))
+    assert len(images) == 1 and message in images[0]["error"]
+    assert images[0]["id"] == "p.parquet:3" and images[0]["image_index"] == 0
+
+
+def test_seed_above_the_range_after_adding_the_index_is_an_error():
+    images = expand_row({"prompt": "a", "seed": 2**63 - 1, "num_images": 2}, "p", 0, config("p"))
+    assert images[0]["error"] is None and "seed" in images[1]["error"]
+
+
+@pytest.mark.parametrize(
+    "id_",
+    ["a/b/c", "../../etc/passwd", "/abs/path", "..", ".hidden", "x" * 1000, "é漢字🙂", "a\0b", "", "dup dup"],
+)
+def test_keys_stay_inside_the_images_prefix(id_):
+    key = image_key(id_, 3, "png")
+    head, shard, name = key.split("/")
+    assert head == "images" and len(shard) == 2 and name.endswith("-3.png")
+    assert not name.startswith(".") and ".." not in key.split("/")
+    assert len(key.encode()) <= 140
+    assert all(c.isascii() and (c.isalnum() or c in "._-/") for c in key)
+
+
+def test_different_ids_never_share_a_key():
+    ids = ["a/b", "a_b", "a:b", "x" * 1000, "x" * 999 + "y", "A", "a"]
+    keys = {image_key(i, 0, "png") for i in ids}
+    assert len(keys) == len(ids)
+
+
+def test_read_fragments_skips_done_images_and_carries_extra_columns(tmp_path):
+    write(
+        tmp_path / "p.parquet",
+        prompt=["a", "b", "c"],
+        id=["i0", "i1", "i2"],
+        style=["s0", "s1", "s2"],
+        key=["user-key-0", "user-key-1", "user-key-2"],  # a reserved name: carried as input_key
+    )
+    c = config(tmp_path / "p.parquet")
+    p = plan(c)
+    assert p.extra.names == ["style", "input_key"]
+    done = np.sort(np.array([image_hash("i1", 0)], dtype=np.uint64))
+    tables = list(
+        read_fragments(pa.table({"source": [0], "row_group": [0], "first_row": [0]}), p.sources, c, p.extra, done)
+    )
+    rows = pa.concat_tables(tables).to_pylist()
+    assert [r["id"] for r in rows] == ["i0", "i2"]
+    assert [(r["style"], r["input_key"]) for r in rows] == [("s0", "user-key-0"), ("s2", "user-key-2")]
+    assert rows[0]["key"].startswith("images/")
+    assert work_items(p.sources) == [{"source": 0, "row_group": 0, "first_row": 0}]
