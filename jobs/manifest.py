@@ -88,34 +88,59 @@ class Previous:
     errors: int
     missing: int  # manifest rows whose image is gone or has another size: rendered again
     stale_keys: list[str]  # objects whose size disagrees with their manifest row: removed before rendering again
+    drop: dict[str, list[int]]  # manifest part -> rows to remove, because their image is rendered again
 
 
 def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool) -> Previous:
     """What earlier runs finished, checked against a listing of the stored images."""
-    table = read_manifests(storage, ["id", "image_index", "status", "key", "bytes"])
-    if table is None or table.num_rows == 0:
-        return Previous(np.zeros(0, np.uint64), 0, 0, 0, [])
+    previous = Previous(np.zeros(0, np.uint64), 0, 0, 0, [], {})
+    parts = manifest_keys(storage)
+    if not parts:
+        return previous
     listed = dict(storage.list("images"))
-    done, ok, errors, missing, stale = [], 0, 0, 0, []
-    for row in table.to_pylist():
-        h = image_hash(row["id"], row["image_index"])
-        pos = np.searchsorted(expected, np.uint64(h))
-        if pos >= len(expected) or expected[pos] != h:
-            continue  # not part of this input
-        if row["status"] == "ok":
-            size = listed.get(row["key"])
-            if size is None or size != row["bytes"]:
-                missing += 1
-                if size is not None:
-                    stale.append(row["key"])
+    done = []
+    for part in parts:
+        table = pq.read_table(io.BytesIO(storage.get(part)), columns=["id", "image_index", "status", "key", "bytes"])
+        for index, row in enumerate(table.to_pylist()):
+            h = image_hash(row["id"], row["image_index"])
+            pos = np.searchsorted(expected, np.uint64(h))
+            if pos >= len(expected) or expected[pos] != h:
+                continue  # not part of this input: left as it is
+            if row["status"] == "ok":
+                size = listed.get(row["key"])
+                if size is None or size != row["bytes"]:
+                    previous.missing += 1
+                    if size is not None:
+                        previous.stale_keys.append(row["key"])
+                    previous.drop.setdefault(part, []).append(index)
+                    continue
+                previous.ok += 1
+            elif retry_errors:
+                previous.drop.setdefault(part, []).append(index)
                 continue
-            ok += 1
-        elif retry_errors:
+            else:
+                previous.errors += 1
+            done.append(h)
+    previous.done = np.unique(np.array(done, dtype=np.uint64))
+    return previous
+
+
+def drop_rows(storage: Storage, drop: dict[str, list[int]]) -> None:
+    """Rewrite manifest parts without the rows of images that will be rendered again, so no image ever has two rows.
+
+    Each part is replaced in place (one atomic PUT): a crash leaves either the old part, which the next resume
+    repairs the same way, or the new one; never a duplicate and never a lost row.
+    """
+    for part, rows in drop.items():
+        table = pq.read_table(io.BytesIO(storage.get(part)))
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[rows] = False
+        if not keep.any():
+            storage.delete([part])
             continue
-        else:
-            errors += 1
-        done.append(h)
-    return Previous(np.unique(np.array(done, dtype=np.uint64)), ok, errors, missing, stale)
+        out = io.BytesIO()
+        pq.write_table(table.filter(pa.array(keep)), out, compression="zstd")
+        storage.put(part, out.getvalue(), content_type="application/vnd.apache.parquet")
 
 
 def clear_outputs(storage: Storage) -> int:

@@ -1,7 +1,14 @@
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Ray in tests: no token auth (a plain ray.init() turns it on for later runs), no usage reporting, and a private,
+# short temp dir (its socket paths must stay under 108 bytes). Subprocesses (ray start, ray job submit) inherit these.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt", dir="/tmp"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,3 +48,14 @@ def s3_bucket(seaweed, monkeypatch, request):
     name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     seaweed.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """An in-process local Ray with two fake GPUs: actors asking for one GPU get scheduled and see
+    CUDA_VISIBLE_DEVICES, while torch finds no CUDA and runs on the CPU."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"])
+    yield ray
+    ray.shutdown()

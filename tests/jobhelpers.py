@@ -1,0 +1,48 @@
+"""Shared by the pipeline tests: small prompt sets and checks of a finished output."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.manifest import SUCCESS, read_manifests
+from workers.storage import Storage, sha256_hex
+
+# Small and fast on a 2-core CPU: 256 px, few steps.
+FAST = ["--width", "256", "--height", "256", "--prior-steps", "3", "--decoder-steps", "2", "--progress-seconds", "1"]
+
+
+def prompts_table(n: int, **extra) -> pa.Table:
+    columns = {"prompt": [f"a red circle number {i}" for i in range(n)], "style": [f"s{i}" for i in range(n)]}
+    columns.update(extra)
+    return pa.table(columns)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    out = io.BytesIO()
+    pq.write_table(table, out)
+    return out.getvalue()
+
+
+def check_output(storage: Storage, expected_images: int) -> pa.Table:
+    """Every image exactly once in the manifests; every ok row's object present with its sha256; _SUCCESS last."""
+    table = read_manifests(storage)
+    assert table is not None and table.num_rows == expected_images
+    pairs = list(zip(table.column("id").to_pylist(), table.column("image_index").to_pylist()))
+    assert len(set(pairs)) == len(pairs), "an image has two manifest rows"
+    listed = dict(storage.list("images"))
+    ok_keys = []
+    for row in table.to_pylist():
+        if row["status"] == "ok":
+            assert row["key"] in listed and listed[row["key"]] == row["bytes"]
+            assert sha256_hex(storage.get(row["key"])) == row["sha256"]
+            ok_keys.append(row["key"])
+        else:
+            assert row["error"] and row["key"] is None
+    assert sorted(listed) == sorted(ok_keys), "storage holds images no manifest row describes"
+    summary = json.loads(storage.get(SUCCESS))
+    assert summary["complete"] is True and summary["images"] == expected_images
+    return table

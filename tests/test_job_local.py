@@ -1,0 +1,123 @@
+"""The whole job on a local Ray with fake GPUs: every prompt rendered once, manifests, resume, overwrite, report."""
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.generate import main
+from jobs.manifest import SUCCESS, manifest_keys, read_manifests
+from tests.jobhelpers import FAST, check_output, prompts_table
+from workers.storage import LocalStorage
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def run_job(prompts, out, *flags):
+    return main(["--prompts", str(prompts), "--out", str(out), *FAST, *flags])
+
+
+def test_job_renders_resumes_and_starts_over(tmp_path, capsys):
+    table = prompts_table(5, num_images=[1, 2, 1, 1, 1])
+    table = table.append_column("id", __import__("pyarrow").array(["p0", "a/../b", "p2", "p3", "p4"]))
+    rows = table.to_pylist()
+    rows[3]["prompt"] = "   "  # becomes a per-row error, the job goes on
+    pq.write_table(table.from_pylist(rows, schema=table.schema), tmp_path / "prompts.parquet")
+    out = LocalStorage(tmp_path / "out")
+
+    # Both pools ask for a (fake) GPU each: the Stage C and Stage B/A actors are scheduled side by side.
+    assert run_job(tmp_path / "prompts.parquet", out.root, "--prior-pool-gpus", "1", "--decoder-pool-gpus", "1") == 0
+    manifest = check_output(out, 6)
+    rows = {(r["id"], r["image_index"]): r for r in manifest.to_pylist()}
+    assert rows[("p3", 0)]["status"] == "error" and rows[("p3", 0)]["error"] == "prompt: empty"
+    assert rows[("a/../b", 1)]["status"] == "ok" and rows[("a/../b", 1)]["key"].startswith("images/")
+    assert rows[("p2", 0)]["style"] == "s2"  # extra columns travel untouched
+    assert rows[("p0", 0)]["model"] == "tiny" and len(rows[("p0", 0)]["model_digest"]) == 16
+    assert rows[("p0", 0)]["prior_actor"].startswith("prior@") and rows[("p0", 0)]["decoder_actor"].startswith(
+        "decoder@"
+    )
+    image = Image.open(io.BytesIO(out.get(rows[("p0", 0)]["key"])))
+    assert image.size == (256, 256) and image.text["prompt"] == "a red circle number 0"
+    assert image.text["seed"] == str(rows[("p0", 0)]["seed"])
+    summary = json.loads(out.get(SUCCESS))
+    assert (summary["ok"], summary["errors"], summary["rendered_this_run"]) == (5, 1, 6)
+    assert summary["latent_queue_bytes_per_image"] > 0 and summary["config"]["width"] == 256
+    report = out.get("report.html").decode()
+    assert "Stage C pool" in report and "data:image/jpeg;base64," in report
+    err = capsys.readouterr().err
+    assert "6/6 images (100.0%)" in err
+
+    # A rerun finds everything done.
+    parts = manifest_keys(out)
+    assert run_job(tmp_path / "prompts.parquet", out.root) == 0
+    assert manifest_keys(out) == parts and json.loads(out.get(SUCCESS))["rendered_this_run"] == 0
+
+    # A lost image is rendered again, its old manifest row replaced: still one row per image.
+    lost = rows[("p4", 0)]["key"]
+    out.delete([lost])
+    assert run_job(tmp_path / "prompts.parquet", out.root) == 0
+    check_output(out, 6)
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 1 and out.exists(lost)
+
+    # Retrying errors re-renders just the error row (still an error: the prompt is empty).
+    assert run_job(tmp_path / "prompts.parquet", out.root, "--retry-errors") == 0
+    check_output(out, 6)
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 1
+
+    # --overwrite starts over.
+    assert run_job(tmp_path / "prompts.parquet", out.root, "--overwrite") == 0
+    check_output(out, 6)
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 6
+
+
+def test_job_on_s3_in_and_out_leaks_no_secret(s3_bucket, tmp_path):
+    """As a user runs it: `python -m jobs.generate` in its own process (its own local Ray), credentials only in the
+    standard AWS variables, prompts and outputs on the S3 server."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.jobhelpers import parquet_bytes
+    from tests.servers import S3_SECRET_KEY
+    from workers.storage import open_storage
+
+    bucket = open_storage(f"s3://{s3_bucket}")
+    bucket.put("in/part-0.parquet", parquet_bytes(prompts_table(3)))
+    bucket.put("in/part-1.parquet", parquet_bytes(prompts_table(2)))
+    flags = ["--image-format", "jpeg", "--quality", "80", "--prior-pool-batch-size", "2"]
+    argv = ["--prompts", f"s3://{s3_bucket}/in/", "--out", f"s3://{s3_bucket}/runs/one", *FAST, *flags]
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.generate", *argv],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = open_storage(f"s3://{s3_bucket}/runs/one")
+    manifest = check_output(out, 5)
+    assert sorted(manifest.column("id").to_pylist()) == [f"part-0.parquet:{i}" for i in range(3)] + [
+        f"part-1.parquet:{i}" for i in range(2)
+    ]
+    key = manifest.column("key")[0].as_py()
+    assert key.endswith(".jpeg") and Image.open(io.BytesIO(out.get(key))).format == "JPEG"
+    # The secret is nowhere: not in any object written, not in the logs.
+    for k, _ in bucket.list("runs"):
+        assert S3_SECRET_KEY.encode() not in bucket.get(k), k
+    assert S3_SECRET_KEY not in done.stderr + done.stdout
+
+
+def test_bad_input_fails_before_any_model_loads(tmp_path, capsys):
+    pq.write_table(prompts_table(2).drop_columns(["prompt"]), tmp_path / "noprompt.parquet")
+    assert run_job(tmp_path / "noprompt.parquet", tmp_path / "out") == 2
+    assert "has no 'prompt' column" in capsys.readouterr().err
+    assert run_job(tmp_path / "missing.parquet", tmp_path / "out") == 2
+    pq.write_table(prompts_table(2), tmp_path / "ok.parquet")
+    assert run_job(tmp_path / "ok.parquet", tmp_path / "out", "--model", str(tmp_path / "no-weights")) == 3
+    assert "neither a built-in model" in capsys.readouterr().err
+    assert run_job(tmp_path / "ok.parquet", tmp_path / "out", "--width", "100") == 2
+    assert "width: 100 is not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert read_manifests(LocalStorage(tmp_path / "out")) is None
