@@ -59,3 +59,12 @@ def local_ray():
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"])
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    from tests.servers import TwoNodeCluster
+
+    cluster = TwoNodeCluster()
+    yield cluster
+    cluster.stop()

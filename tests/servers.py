@@ -6,6 +6,7 @@ change, a Ray cluster or auth token of the user's (a plain ray.init() turns toke
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -100,3 +101,61 @@ class SeaweedFS:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_binary() -> str:
+    here = Path(sys.executable).parent / "ray"
+    return str(here) if here.exists() else "ray"
+
+
+class TwoNodeCluster:
+    """`ray start --head` plus a second `ray start --address ...` on this machine, each with one fake GPU and its own
+    custom resource (`stage_c` on the head, `stage_b` on the second node), so each pool lands on its own node."""
+
+    def __init__(self):
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        ray = ray_binary()
+        common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+        self._run(
+            [ray, "start", "--head", f"--port={self.port}", "--num-cpus=2", "--num-gpus=1",
+             '--resources={"stage_c": 1}', "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={os.environ['RAY_TMPDIR']}", *common]
+        )  # fmt: skip
+        self._run(
+            [ray, "start", f"--address={self.address}", "--num-cpus=1", "--num-gpus=1", '--resources={"stage_b": 1}',
+             f"--dashboard-agent-listen-port={free_port()}", *common]
+        )  # fmt: skip
+        self.nodes = self._wait_for_nodes(2)
+
+    @staticmethod
+    def _run(argv: list[str]) -> None:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv[:3])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+
+    def _wait_for_nodes(self, n: int) -> dict[str, str]:
+        """{custom resource: node id} once n nodes are alive (asked from a separate driver process)."""
+        script = (
+            f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR');"
+            "print(json.dumps([[n['NodeID'], n['Resources']] for n in ray.nodes() if n['Alive']]))"
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+            nodes = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+            if len(nodes) >= n:
+                return {r: node for node, res in nodes for r in ("stage_c", "stage_b") if r in res}
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the local cluster did not come up: {done.stderr[-2000:]}")
+            time.sleep(1)
+
+    def stop(self) -> None:
+        subprocess.run([ray_binary(), "stop", "--force"], capture_output=True, timeout=120)
