@@ -1,0 +1,37 @@
+"""cluster.yaml parses, and its node types and resources agree with the job settings that go with it."""
+
+from pathlib import Path
+
+import yaml
+
+from jobs.config import from_mapping, load_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_is_a_valid_launcher_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text())))  # Ray's own schema check
+
+
+def test_cluster_yaml_and_job_settings_agree():
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in types and types[cluster["head_node_type"]]["max_workers"] == 0
+    job = from_mapping({"prompts": "s3://b/p", "out": "s3://b/o", **load_yaml(ROOT / "examples/cluster-job.yaml")})
+    for pool in (job.prior_pool, job.decoder_pool):
+        assert len(pool.resources) == 1, "each pool pins itself to one node type"
+        ((resource, per_actor),) = pool.resources.items()
+        carriers = [t for t in types.values() if resource in t.get("resources", {})]
+        assert len(carriers) == 1, f"exactly one node type carries {resource}"
+        node = carriers[0]
+        slots = node["resources"][resource] // per_actor * node["max_workers"]
+        assert pool.actors <= slots, f"{pool.actors} actors need more {resource} than the cluster can hold ({slots})"
+        assert pool.gpus * node["resources"][resource] / per_actor <= 8  # one actor per GPU of a p5.48xlarge
+    # The two pools land on different node types.
+    assert job.prior_pool.resources.keys() != job.decoder_pool.resources.keys()
+    # The dashboard and job server stay on the head's loopback; setup installs the project.
+    assert all("--dashboard-host=127.0.0.1" in c for c in cluster["head_start_ray_commands"] if "--head" in c)
+    assert any("pip install -e" in c and "pipeline" in c for c in cluster["setup_commands"])
+    assert cluster["file_mounts"]["~/cascade-batch"] == "."
