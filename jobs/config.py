@@ -44,6 +44,7 @@ class JobConfig:
     prompts: str = ""
     out: str = ""
     model: str = "tiny"
+    dry_run: bool = False  # skip the model maths, move the same data (zero latents, grey images): tests the plumbing
     lite: bool = False
     dtype: str = "auto"
     seed: int = 0
@@ -159,7 +160,7 @@ def validate(c: JobConfig) -> None:
     _check(c.sampler in ("ddpm", "ddim"), "sampler", c.sampler, "use ddpm or ddim")
     _check(c.image_format in IMAGE_FORMATS, "image_format", c.image_format, f"use one of {', '.join(IMAGE_FORMATS)}")
     _check(_is_int(c.quality) and 1 <= c.quality <= 100, "quality", c.quality, "use an integer from 1 to 100")
-    for key in ("overwrite", "retry_errors", "report"):
+    for key in ("overwrite", "retry_errors", "report", "dry_run"):
         _check(isinstance(getattr(c, key), bool), key, getattr(c, key), "use true or false")
     _check(_is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")
     for key in ("manifest_seconds", "progress_seconds"):

@@ -187,7 +187,11 @@ def run(config) -> int:
 
     from workers.models import model_digest
 
-    digest = model_digest(config.model, config.lite, config.dtype, lambda p: log(f"hashing {p.name}"))
+    if config.dry_run:
+        digest = "dry-run"
+        log("dry run: no model maths; zero latents and grey images of the requested sizes")
+    else:
+        digest = model_digest(config.model, config.lite, config.dtype, lambda p: log(f"hashing {p.name}"))
     run_id = manifest.new_run_id()
     writer = manifest.ManifestWriter(out, run_id, config.manifest_rows, config.manifest_seconds)
     progress = Progress(todo, config.progress_seconds)
@@ -267,6 +271,7 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     model_args = {"model": config.model, "lite": config.lite, "dtype": config.dtype}
     model_args["latent_dtype"] = config.latent_dtype
+    model_args["dry_run"] = config.dry_run
     prior, decoder = config.prior_pool, config.decoder_pool
     log(
         f"pools: Stage C {prior.actors} x {pool_args(prior, cluster_gpus)}, "
@@ -305,7 +310,7 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
             "storage": out,
             "image_format": config.image_format,
             "quality": config.quality,
-            "model": config.model,
+            "model": "dry-run" if config.dry_run else config.model,
             "digest": digest,
             "overwrite": config.overwrite,
         },

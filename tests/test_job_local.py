@@ -121,3 +121,17 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, capsys):
     assert "width: 100 is not allowed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert read_manifests(LocalStorage(tmp_path / "out")) is None
+
+
+def test_dry_run_moves_full_size_data_through_every_stage(tmp_path):
+    pq.write_table(prompts_table(64), tmp_path / "prompts.parquet")
+    out = LocalStorage(tmp_path / "out")
+    flags = ["--dry-run", "--width", "1024", "--height", "1024", "--prior-pool-batch-size", "32"]
+    assert main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *flags]) == 0
+    manifest = check_output(out, 64)
+    assert set(manifest.column("model").to_pylist()) == {"dry-run"}
+    image = Image.open(io.BytesIO(out.get(manifest.column("key")[0].as_py())))
+    assert image.size == (1024, 1024)
+    # A full-size Stage C latent (16 x 24 x 24 bf16) and two pooled embeddings (2 x 1280 bf16) per image, plus metadata.
+    per_image = json.loads(out.get(SUCCESS))["latent_queue_bytes_per_image"]
+    assert 16 * 24 * 24 * 2 + 2 * 1280 * 2 <= per_image < 16 * 24 * 24 * 2 + 2 * 1280 * 2 + 2000

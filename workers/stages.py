@@ -19,8 +19,9 @@ import time
 import numpy as np
 import pyarrow as pa
 import torch
+from PIL import Image
 
-from cascade.pipeline import PriorOutput, Request, buckets, latent_sizes, run_decoder, run_prior
+from cascade.pipeline import PriorOutput, Request, Result, buckets, latent_sizes, run_decoder, run_prior
 
 from .models import load_part
 
@@ -59,6 +60,24 @@ def _set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
     return table
 
 
+# Dry runs skip the model maths but move the same data: full-size latents and pooled embeddings (zeros) through the
+# queue, full-size images (flat grey) to the writers. For testing storage, manifests and the plumbing at scale.
+DRY_CLIP_DIM = 1280  # CLIP-G's pooled width, as the official model
+
+
+def dry_prior(requests: list[Request]) -> list[PriorOutput]:
+    outputs = []
+    for r in requests:
+        shape_c, _ = latent_sizes(r.width, r.height)
+        zeros = torch.zeros(1, DRY_CLIP_DIM)
+        outputs.append(PriorOutput(r, torch.zeros(shape_c), zeros, zeros))
+    return outputs
+
+
+def dry_decoder(priors: list[PriorOutput]) -> list[Result]:
+    return [Result(p.request, Image.new("RGB", (p.request.width, p.request.height), (128, 128, 128))) for p in priors]
+
+
 def _actor_name(stage: str) -> str:
     """stage@host:pid/node: which process, and which Ray node (several nodes can share a host)."""
     try:
@@ -73,9 +92,9 @@ def _actor_name(stage: str) -> str:
 class _Stage:
     part = ""
 
-    def __init__(self, model: str, lite: bool, dtype: str, latent_dtype: str):
+    def __init__(self, model: str, lite: bool, dtype: str, latent_dtype: str, dry_run: bool = False):
         start = time.perf_counter()
-        self.models = load_part(model, lite, dtype, self.part)
+        self.models = None if dry_run else load_part(model, lite, dtype, self.part)
         self.latent_dtype = latent_dtype
         self.name = _actor_name(self.part)
         self.load_s = time.perf_counter() - start
@@ -100,7 +119,8 @@ class PriorStage(_Stage):
         tokens, truncated, errors = [None] * n, [None] * n, [row["error"] for row in rows]
         seconds = [None] * n
         for group in self._groups(rows):
-            outputs = run_prior(self.models, requests_of([rows[i] for i in group]))
+            requests = requests_of([rows[i] for i in group])
+            outputs = run_prior(self.models, requests) if self.models is not None else dry_prior(requests)
             for i, out in zip(group, outputs):
                 tokens[i], truncated[i], seconds[i] = out.prompt_tokens, out.prompt_truncated, out.seconds
                 if out.error is not None:
@@ -157,7 +177,8 @@ class DecoderStage(_Stage):
                         prompt_truncated=row["prompt_truncated"],
                     )
                 )
-            for i, result in zip(group, run_decoder(self.models, priors)):
+            results = run_decoder(self.models, priors) if self.models is not None else dry_decoder(priors)
+            for i, result in zip(group, results):
                 seconds[i] = result.timings.get("decoder_s")
                 if result.error is not None:
                     errors[i] = result.error

@@ -1,0 +1,102 @@
+"""Measure the Ray pipeline: driver memory as the input grows, pool overlap, and the latent queue's bytes per image.
+
+    .venv/bin/python scripts/measure_pipeline.py --prompts 1000 10000 100000 --dry-run
+    .venv/bin/python scripts/measure_pipeline.py --prompts 200 --prior-steps 6 --decoder-steps 4
+
+Each size runs the real job (`jobs.generate`) in this process on a local Ray, into a fresh local folder, while a thread
+samples the driver's RSS every 0.2 s. Prints one row per size; --json writes them too. `--dry-run` skips the model
+maths but moves the same data (full-size latents, full-size images), so large inputs finish in minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def rss() -> int:
+    """This process's resident set size in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--prior-steps", type=int, default=2)
+    p.add_argument("--decoder-steps", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.generate import main as generate
+    from jobs.manifest import read_manifests, read_success
+    from jobs.report import pool_stats
+    from workers.storage import LocalStorage
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    results = []
+    for n in args.prompts:
+        work = Path(tempfile.mkdtemp(prefix="measure-"))
+        pq.write_table(pa.table({"prompt": [f"a red circle number {i}" for i in range(n)]}), work / "p.parquet")
+        peak, stop = [rss()], threading.Event()
+
+        def sample(peak=peak, stop=stop) -> None:
+            while not stop.is_set():
+                peak.append(rss())
+                time.sleep(0.2)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        start = time.perf_counter()
+        code = generate(
+            [
+                "--prompts", str(work / "p.parquet"), "--out", str(work / "out"),
+                "--width", str(args.size), "--height", str(args.size),
+                "--prior-steps", str(args.prior_steps), "--decoder-steps", str(args.decoder_steps),
+                "--prior-pool-batch-size", str(args.batch_size), "--decoder-pool-batch-size", str(args.batch_size),
+                "--progress-seconds", "30", "--manifest-rows", "5000",
+                *(["--dry-run"] if args.dry_run else []),
+            ]
+        )  # fmt: skip
+        wall = time.perf_counter() - start
+        stop.set()
+        thread.join()
+        out = LocalStorage(work / "out")
+        summary = read_success(out) or {}
+        table = read_manifests(out)
+        stats = pool_stats(table.to_pylist()) if table is not None else None
+        row = {
+            "prompts": n,
+            "exit": code,
+            "wall_s": round(wall, 1),
+            "images_per_s": round(n / wall, 2),
+            "driver_rss_start_mb": round(peak[0] / 2**20),
+            "driver_rss_peak_mb": round(max(peak) / 2**20),
+            "queue_bytes_per_image": summary.get("latent_queue_bytes_per_image"),
+        }
+        if stats is not None:
+            for pool in ("prior", "decoder"):
+                row[f"{pool}_busy"] = round(stats["pools"][pool]["busy_fraction"], 3)
+            row["both_busy_fraction"] = round(stats["both_busy_s"] / stats["wall_s"], 3) if stats["wall_s"] else 0
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
