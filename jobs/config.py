@@ -20,6 +20,7 @@ from cascade.pipeline import MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTI
 
 IMAGE_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+LAYOUTS = ("files", "webdataset")
 LATENT_DTYPES = ("bf16", "fp16", "fp32")
 MAX_NUM_IMAGES = 10_000
 
@@ -61,6 +62,8 @@ class JobConfig:
     # Output.
     image_format: str = "png"
     quality: int = 95
+    layout: str = "files"  # or "webdataset": tar shards of shard_size images under shards/ (img2dataset-compatible)
+    shard_size: int = 128
     overwrite: bool = False
     retry_errors: bool = False
     report: bool = True
@@ -160,6 +163,8 @@ def validate(c: JobConfig) -> None:
     _check(c.sampler in ("ddpm", "ddim"), "sampler", c.sampler, "use ddpm or ddim")
     _check(c.image_format in IMAGE_FORMATS, "image_format", c.image_format, f"use one of {', '.join(IMAGE_FORMATS)}")
     _check(_is_int(c.quality) and 1 <= c.quality <= 100, "quality", c.quality, "use an integer from 1 to 100")
+    _check(c.layout in LAYOUTS, "layout", c.layout, f"use one of {', '.join(LAYOUTS)}")
+    _check(_is_int(c.shard_size) and 1 <= c.shard_size <= 100_000, "shard_size", c.shard_size, "use 1 to 100000")
     for key in ("overwrite", "retry_errors", "report", "dry_run"):
         _check(isinstance(getattr(c, key), bool), key, getattr(c, key), "use true or false")
     _check(_is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")

@@ -259,7 +259,7 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
     import ray.data
 
     from workers.stages import DecoderStage, PriorStage
-    from workers.writer import write_images
+    from workers.writer import write_images, write_shard
 
     from .inputs import read_fragments, work_items
 
@@ -301,9 +301,10 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
         batch_format="pyarrow",
         **pool_args(decoder, cluster_gpus),
     )
+    webdataset = config.layout == "webdataset"
     ds = ds.map_batches(
-        write_images,
-        batch_size=decoder.batch_size,
+        write_shard if webdataset else write_images,
+        batch_size=config.shard_size if webdataset else decoder.batch_size,
         batch_format="pyarrow",
         num_cpus=config.writer_cpus,
         fn_kwargs={

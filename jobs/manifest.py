@@ -29,7 +29,7 @@ from .inputs import image_hash
 MANIFEST_DIR = "manifests"
 SUCCESS = "_SUCCESS"
 REPORT = "report.html"
-OUTPUT_DIRS = ("images", MANIFEST_DIR)
+OUTPUT_DIRS = ("images", "shards", MANIFEST_DIR)
 
 
 def new_run_id() -> str:
@@ -97,10 +97,12 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool) ->
     parts = manifest_keys(storage)
     if not parts:
         return previous
-    listed = dict(storage.list("images"))
+    listed = {**dict(storage.list("images")), **dict(storage.list("shards"))}
     done = []
     for part in parts:
-        table = pq.read_table(io.BytesIO(storage.get(part)), columns=["id", "image_index", "status", "key", "bytes"])
+        table = pq.read_table(io.BytesIO(storage.get(part)))
+        columns = ["id", "image_index", "status", "key", "bytes", "member"]
+        table = table.select([c for c in columns if c in table.column_names])
         for index, row in enumerate(table.to_pylist()):
             h = image_hash(row["id"], row["image_index"])
             pos = np.searchsorted(expected, np.uint64(h))
@@ -108,6 +110,8 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool) ->
                 continue  # not part of this input: left as it is
             if row["status"] == "ok":
                 size = listed.get(row["key"])
+                if row.get("member") is not None:  # in a WebDataset shard: the shard must be there
+                    size = row["bytes"] if size is not None else None
                 if size is None or size != row["bytes"]:
                     previous.missing += 1
                     if size is not None:

@@ -135,3 +135,44 @@ def test_dry_run_moves_full_size_data_through_every_stage(tmp_path):
     # A full-size Stage C latent (16 x 24 x 24 bf16) and two pooled embeddings (2 x 1280 bf16) per image, plus metadata.
     per_image = json.loads(out.get(SUCCESS))["latent_queue_bytes_per_image"]
     assert 16 * 24 * 24 * 2 + 2 * 1280 * 2 <= per_image < 16 * 24 * 24 * 2 + 2 * 1280 * 2 + 2000
+
+
+def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
+    import tarfile
+
+    from workers.storage import sha256_hex
+
+    pq.write_table(prompts_table(7), tmp_path / "prompts.parquet")
+    out = LocalStorage(tmp_path / "out")
+    argv = ["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *FAST]
+    assert main([*argv, "--layout", "webdataset", "--shard-size", "3"]) == 0
+
+    def members() -> dict:
+        found = {}
+        for key, _ in out.list("shards"):
+            with tarfile.open(fileobj=io.BytesIO(out.get(key))) as tar:
+                for m in tar.getmembers():
+                    found[(key, m.name)] = tar.extractfile(m).read()
+        return found
+
+    manifest = read_manifests(out).to_pylist()
+    stored = members()
+    assert len(manifest) == 7 and len({(r["id"], r["image_index"]) for r in manifest}) == 7
+    assert len(stored) == 7 * 3 and not list(out.list("images"))  # image, .txt, .json per sample
+    for row in manifest:
+        image = stored[(row["key"], row["member"])]
+        assert sha256_hex(image) == row["sha256"] and "." not in row["member"].rsplit(".", 1)[0]
+        stem = row["member"].rsplit(".", 1)[0]
+        assert stored[(row["key"], stem + ".txt")].decode() == row["prompt"]
+        meta = json.loads(stored[(row["key"], stem + ".json")])
+        assert (meta["id"], meta["seed"], meta["style"]) == (row["id"], row["seed"], row["style"])
+
+    lost = manifest[0]["key"]
+    lost_rows = sum(1 for r in manifest if r["key"] == lost)
+    out.delete([lost])
+    assert main([*argv, "--layout", "webdataset", "--shard-size", "3"]) == 0
+    manifest = read_manifests(out).to_pylist()
+    assert len(manifest) == 7 and len({(r["id"], r["image_index"]) for r in manifest}) == 7
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == lost_rows
+    stored = members()
+    assert all((r["key"], r["member"]) in stored for r in manifest)

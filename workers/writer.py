@@ -1,5 +1,8 @@
 """The writer: encode each image, store it at its key (written once: a conditional write), emit its manifest row.
 
+Two layouts: `files` (one object per image under images/) and `webdataset` (tar shards under shards/, one per writer
+batch, img2dataset-compatible: per sample an image, a `.txt` caption and a `.json` of its metadata).
+
 Runs as Ray Data tasks on CPUs, so PNG encoding and uploads never hold a GPU. A row is emitted only after its image is
 stored, which is what lets the driver write manifests after their images. A retried or resumed write of a key that
 exists adopts the stored object (its sha256 comes from its metadata), so every image is in storage exactly once and
@@ -8,6 +11,10 @@ its manifest row describes the bytes that are there. With `overwrite` the write 
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import tarfile
 import time
 
 import numpy as np
@@ -18,7 +25,7 @@ from cascade.imagefile import encode
 from cascade.pipeline import Request
 
 from .stages import REQUEST_FIELDS, _set_columns
-from .storage import Storage
+from .storage import Storage, sha256_hex
 
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
@@ -59,5 +66,79 @@ def write_images(
             "model_digest": pa.array([digest] * n, pa.string()),
             "write_s": pa.array(seconds, pa.float64()),
             "write_end": pa.array(ends, pa.float64()),
+        },
+    )
+
+
+def sample_key(id_: str, image_index: int) -> str:
+    """A WebDataset sample key: no dots (WebDataset splits a member's name at its first dot) and unique per image."""
+    return f"{hashlib.blake2b(id_.encode(), digest_size=8).hexdigest()}-{image_index}"
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+JSON_SKIP = {"pixels", "latent", "clip_pooled", "clip_pooled_negative"}
+
+
+def write_shard(
+    batch: pa.Table, storage: Storage, image_format: str, quality: int, model: str, digest: str, overwrite: bool
+) -> pa.Table:
+    """Write the batch's images as one tar shard. Its key is a hash of the samples it holds, so a retried batch writes
+    (or adopts) the same shard; manifest rows name the shard (`key`) and the sample (`member`)."""
+    rows = batch.to_pylist()
+    start = time.perf_counter()
+    members: dict[str, bytes] = {}
+    row_members: list[str | None] = []
+    for row in rows:
+        if row["error"] is not None:
+            row_members.append(None)
+            continue
+        request = Request(**{k: row[k] for k in REQUEST_FIELDS})
+        pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
+        name = sample_key(row["id"], row["image_index"])
+        members[f"{name}.{image_format}"] = encode(Image.fromarray(pixels), request, model, image_format, quality)
+        members[f"{name}.txt"] = row["prompt"].encode()
+        meta = {k: v for k, v in row.items() if k not in JSON_SKIP and not isinstance(v, bytes)}
+        members[f"{name}.json"] = json.dumps({**meta, "model": model, "model_digest": digest}, default=str).encode()
+        row_members.append(f"{name}.{image_format}")
+    shard_key = key = None
+    if members:
+        names = sorted(members)
+        shard_key = "shards/" + hashlib.blake2b("\0".join(names).encode(), digest_size=10).hexdigest() + ".tar"
+        out = io.BytesIO()
+        now = time.time()
+        with tarfile.open(fileobj=out, mode="w") as tar:
+            for name in names:
+                _tar_member(tar, name, members[name], now)
+        stored = storage.put(shard_key, out.getvalue(), if_absent=not overwrite, content_type="application/x-tar")
+        if stored.existed:  # a retry: describe the members that are stored, not the ones just encoded
+            with tarfile.open(fileobj=io.BytesIO(storage.get(shard_key))) as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        key = shard_key
+    seconds = (time.perf_counter() - start) / max(len(rows), 1)
+    end = time.time()
+    n = len(rows)
+    ok = [m is not None and m in members for m in row_members]
+    errors = [
+        row["error"] if row["error"] is not None else (None if good else "the shard holds no such sample")
+        for row, good in zip(rows, ok)
+    ]
+    return _set_columns(
+        batch.drop_columns(["pixels"]),
+        {
+            "key": pa.array([key if good else None for good in ok], pa.string()),
+            "member": pa.array([m if good else None for m, good in zip(row_members, ok)], pa.string()),
+            "sha256": pa.array([sha256_hex(members[m]) if good else None for m, good in zip(row_members, ok)]),
+            "bytes": pa.array([len(members[m]) if good else None for m, good in zip(row_members, ok)], pa.int64()),
+            "status": pa.array(["ok" if good else "error" for good in ok], pa.string()),
+            "error": pa.array(errors, pa.string()),
+            "model": pa.array([model] * n, pa.string()),
+            "model_digest": pa.array([digest] * n, pa.string()),
+            "write_s": pa.array([seconds] * n, pa.float64()),
+            "write_end": pa.array([end] * n, pa.float64()),
         },
     )
