@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -236,6 +237,7 @@ def run(config) -> int:
         "wall_s": round(finished - started, 3),
         "images_per_s": round(rendered / (finished - started), 4) if rendered else 0.0,
         "latent_queue_bytes_per_image": round(queue_bytes[0] / rendered, 1) if rendered else None,
+        "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "model": config.model,
         "model_digest": digest,
         "manifests": writer.parts,

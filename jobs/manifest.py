@@ -70,14 +70,18 @@ def manifest_keys(storage: Storage) -> list[str]:
     return sorted(k for k, _ in storage.list(MANIFEST_DIR) if k.endswith(".parquet"))
 
 
-def read_manifests(storage: Storage, columns: list[str] | None = None) -> pa.Table | None:
-    """All manifest parts as one table (parts are small; read whole, then select)."""
-    tables = []
-    for key in manifest_keys(storage):
-        table = pq.read_table(io.BytesIO(storage.get(key)))
-        if columns is not None:
-            table = table.select([c for c in columns if c in table.column_names])
-        tables.append(table)
+def read_part(storage: Storage, key: str, columns: list[str] | None = None) -> pa.Table:
+    """One manifest part, reading only `columns` (those it has) when given."""
+    pf = pq.ParquetFile(io.BytesIO(storage.get(key)))
+    if columns is None:
+        return pf.read()
+    return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
+
+
+def read_manifests(storage: Storage, columns: list[str] | None = None, run_id: str | None = None) -> pa.Table | None:
+    """All manifest parts (or one run's) as one table."""
+    keys = [k for k in manifest_keys(storage) if run_id is None or f"/part-{run_id}-" in f"/{k.rpartition('/')[2]}"]
+    tables = [read_part(storage, key, columns) for key in keys]
     return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
@@ -100,9 +104,7 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool) ->
     listed = {**dict(storage.list("images")), **dict(storage.list("shards"))}
     done = []
     for part in parts:
-        table = pq.read_table(io.BytesIO(storage.get(part)))
-        columns = ["id", "image_index", "status", "key", "bytes", "member"]
-        table = table.select([c for c in columns if c in table.column_names])
+        table = read_part(storage, part, ["id", "image_index", "status", "key", "bytes", "member"])
         for index, row in enumerate(table.to_pylist()):
             h = image_hash(row["id"], row["image_index"])
             pos = np.searchsorted(expected, np.uint64(h))
@@ -136,7 +138,7 @@ def drop_rows(storage: Storage, drop: dict[str, list[int]]) -> None:
     repairs the same way, or the new one; never a duplicate and never a lost row.
     """
     for part, rows in drop.items():
-        table = pq.read_table(io.BytesIO(storage.get(part)))
+        table = read_part(storage, part)
         keep = np.ones(table.num_rows, dtype=bool)
         keep[rows] = False
         if not keep.any():

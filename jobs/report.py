@@ -15,6 +15,8 @@ import html
 import io
 import json
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
@@ -52,15 +54,22 @@ def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> fl
     return total
 
 
-def pool_stats(rows: list[dict]) -> dict:
-    """Per pool: actors, batches as (actor, start, end), busy fraction; and the time both pools were busy."""
+STAT_COLUMNS = [f"{pool}_{x}" for pool, _, _ in POOLS for x in ("actor", "start", "end")] + ["write_end", "status"]
+
+
+def pool_stats(table: pa.Table) -> dict:
+    """Per pool: actors, batches as (actor, start, end), busy fraction; and the time both pools were busy.
+
+    Works on Arrow columns: a batch is one distinct (actor, start, end), so only batches, not rows, become Python."""
     stats, busy = {}, {}
     for pool, _, _ in POOLS:
-        batches = {
-            (r[f"{pool}_actor"], r[f"{pool}_start"], r[f"{pool}_end"])
-            for r in rows
-            if r.get(f"{pool}_actor") is not None and r.get(f"{pool}_start") is not None
-        }
+        names = [f"{pool}_actor", f"{pool}_start", f"{pool}_end"]
+        if not set(names) <= set(table.column_names):
+            stats[pool] = {"actors": 0, "batches": [], "busy_fraction": 0.0, "span_s": 0.0}
+            busy[pool] = []
+            continue
+        unique = table.select(names).drop_null().group_by(names).aggregate([])
+        batches = sorted(zip(*(unique.column(n).to_pylist() for n in names)), key=lambda b: b[1])
         actors = sorted({a for a, _, _ in batches})
         if not batches:
             stats[pool] = {"actors": 0, "batches": [], "busy_fraction": 0.0, "span_s": 0.0}
@@ -71,7 +80,7 @@ def pool_stats(rows: list[dict]) -> dict:
         busy_s = sum(_length(iv) for iv in per_actor)
         stats[pool] = {
             "actors": len(actors),
-            "batches": sorted(batches, key=lambda b: b[1]),
+            "batches": batches,
             "busy_fraction": busy_s / (len(actors) * (span[1] - span[0])) if span[1] > span[0] else 1.0,
             "span_s": span[1] - span[0],
             "span": span,
@@ -80,12 +89,13 @@ def pool_stats(rows: list[dict]) -> dict:
     both = _intersect(busy["prior"], busy["decoder"])
     starts = [s["span"][0] for s in stats.values() if s.get("span")]
     ends = [s["span"][1] for s in stats.values() if s.get("span")]
-    ends += [r["write_end"] for r in rows if r.get("write_end")]
+    if "write_end" in table.column_names and table.column("write_end").null_count < table.num_rows:
+        ends.append(pc.max(table.column("write_end")).as_py())
     wall = (max(ends) - min(starts)) if starts else 0.0
     return {"pools": stats, "both_busy_s": both, "wall_s": wall, "t0": min(starts) if starts else 0.0}
 
 
-def _svg_throughput(rows: list[dict], t0: float, wall: float) -> str:
+def _svg_throughput(table: pa.Table, t0: float, wall: float) -> str:
     bins = 40
     width, height, pad = 720, 200, 30
     step = max(wall, 1e-6) / bins
@@ -93,12 +103,10 @@ def _svg_throughput(rows: list[dict], t0: float, wall: float) -> str:
     peak = 1e-9
     series = []
     for pool, label, color in (*POOLS, ("write", "writers", "#6acc64")):
-        counts = [0] * bins
-        for r in rows:
-            t = r.get(f"{pool}_end")
-            if t is not None:
-                counts[min(bins - 1, max(0, int((t - t0) / step)))] += 1
-        rates = [c / step for c in counts]
+        name = f"{pool}_end"
+        ends = table.column(name).drop_null().to_numpy() if name in table.column_names else np.zeros(0)
+        counts, _ = np.histogram(ends, bins=bins, range=(t0, t0 + bins * step))
+        rates = (counts / step).tolist()
         peak = max(peak, *rates)
         series.append((label, color, rates))
     for label, color, rates in series:
@@ -150,9 +158,17 @@ def _thumbnail(data: bytes) -> str:
 
 
 def build_report(storage: Storage, run_id: str, summary: dict) -> str:
-    table = read_manifests(storage)
-    rows = table.filter(pc.equal(table.column("run_id"), run_id)).to_pylist() if table is not None else []
-    stats = pool_stats(rows)
+    table = read_manifests(storage, STAT_COLUMNS, run_id=run_id)
+    if table is None:
+        table = pa.table({c: pa.array([], pa.string()) for c in ("status",)})
+    stats = pool_stats(table)
+    # Only the rows shown become Python: the first ok images for the contact sheet, the first errors.
+    rows: list[dict] = []
+    shown = read_manifests(storage, ["id", "image_index", "seed", "prompt", "key", "status", "error"], run_id=run_id)
+    if shown is not None:
+        status = shown.column("status")
+        rows = shown.filter(pc.equal(status, "ok")).slice(0, SHEET_IMAGES).to_pylist()
+        rows += shown.filter(pc.not_equal(status, "ok")).slice(0, 20).to_pylist()
     esc = html.escape
     pool_rows = "".join(
         f"<tr><td>{esc(label)}</td><td>{stats['pools'][pool]['actors']}</td>"
@@ -192,7 +208,7 @@ figcaption{{font-size:11px;overflow-wrap:anywhere}}</style></head><body>
 <table><tr><th>pool</th><th>actors</th><th>busy</th><th>span</th></tr>{pool_rows}</table>
 <p>Both GPU pools busy at once: {overlap:.1%} of the {stats["wall_s"]:.1f} s between the first and last batch.</p>
 <h2>Throughput over time (images/s)</h2>
-{_svg_throughput(rows, stats["t0"], stats["wall_s"])}
+{_svg_throughput(table, stats["t0"], stats["wall_s"])}
 <h2>Timeline (each bar is one batch)</h2>
 {_svg_timeline(stats)}
 <h2>Samples</h2>

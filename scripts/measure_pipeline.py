@@ -44,7 +44,7 @@ def main() -> None:
 
     from jobs.generate import main as generate
     from jobs.manifest import read_manifests, read_success
-    from jobs.report import pool_stats
+    from jobs.report import STAT_COLUMNS, pool_stats
     from workers.storage import LocalStorage
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -77,8 +77,8 @@ def main() -> None:
         thread.join()
         out = LocalStorage(work / "out")
         summary = read_success(out) or {}
-        table = read_manifests(out)
-        stats = pool_stats(table.to_pylist()) if table is not None else None
+        table = read_manifests(out, STAT_COLUMNS)
+        stats = pool_stats(table) if table is not None else None
         row = {
             "prompts": n,
             "exit": code,

@@ -1,0 +1,71 @@
+"""report.html: pool busy fractions and overlap from batch intervals; prompts shown as text, never markup."""
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from jobs.report import build_report, pool_stats
+from workers.storage import LocalStorage
+
+
+def batches_table():
+    # Stage C: one actor busy 0-4 and 5-9 (2 batches of 2 rows); Stage B/A: two actors, 2-6 and 6-10 / 3-10.
+    rows = []
+    for prior, decoder in [
+        ((0, 4), ("d0", 2, 6)),
+        ((0, 4), ("d1", 3, 10)),
+        ((5, 9), ("d0", 6, 10)),
+        ((5, 9), ("d1", 3, 10)),
+    ]:
+        rows.append(
+            {
+                "prior_actor": "p0", "prior_start": float(prior[0]), "prior_end": float(prior[1]),
+                "decoder_actor": decoder[0], "decoder_start": float(decoder[1]), "decoder_end": float(decoder[2]),
+                "write_end": 10.5, "status": "ok",
+            }
+        )  # fmt: skip
+    return pa.Table.from_pylist(rows)
+
+
+def test_pool_stats_from_batch_intervals():
+    stats = pool_stats(batches_table())
+    prior, decoder = stats["pools"]["prior"], stats["pools"]["decoder"]
+    assert prior["actors"] == 1 and len(prior["batches"]) == 2
+    assert abs(prior["busy_fraction"] - 8 / 9) < 1e-9  # busy 8 s of its 9 s span
+    assert decoder["actors"] == 2 and len(decoder["batches"]) == 3
+    assert abs(decoder["busy_fraction"] - (8 + 7) / (2 * 8)) < 1e-9  # d0 busy 2-10, d1 3-10, span 2-10
+    assert abs(stats["both_busy_s"] - 6) < 1e-9  # Stage C busy 0-4, 5-9; decoder busy 2-10: overlap 2 + 4
+    assert abs(stats["wall_s"] - 10.5) < 1e-9
+
+
+def test_report_escapes_prompts(tmp_path):
+    storage = LocalStorage(tmp_path)
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(out, format="PNG")
+    storage.put("images/aa/x-0.png", out.getvalue())
+    table = batches_table().slice(0, 2)
+    table = table.append_column("run_id", pa.array(["r1"] * 2))
+    extra = {
+        "id": ["x", "y"],
+        "image_index": [0, 0],
+        "seed": [1, 2],
+        "prompt": ["<script>alert(1)</script>", "fine"],
+        "key": ["images/aa/x-0.png", None],
+        "error": [None, "prompt: <b>bad</b>"],
+    }
+    for name, values in extra.items():
+        table = table.append_column(name, pa.array(values))
+    table = table.set_column(table.column_names.index("status"), "status", pa.array(["ok", "error"]))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.put("manifests/part-r1-000000.parquet", buf.getvalue())
+    page = build_report(
+        storage,
+        "r1",
+        {k: 0 for k in ("images", "ok", "errors", "rendered_this_run", "resumed", "wall_s", "images_per_s")},
+    )
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<b>bad</b>" not in page and "&lt;b&gt;bad&lt;/b&gt;" in page
+    assert page.count("data:image/jpeg;base64,") == 1 and "Stage B/A pool" in page
