@@ -16,7 +16,7 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from cascade.pipeline import MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE
+from cascade.pipeline import MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE, Request
 
 IMAGE_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -49,16 +49,16 @@ class JobConfig:
     lite: bool = False
     dtype: str = "auto"
     seed: int = 0
-    # Defaults for rows that do not set them.
-    negative_prompt: str = ""
+    # Defaults for rows that do not set them: the model's own defaults (the reference notebook's).
+    negative_prompt: str = Request.negative_prompt
     num_images: int = 1
-    width: int = 1024
-    height: int = 1024
-    prior_steps: int = 20
-    prior_cfg: float = 4.0
-    decoder_steps: int = 10
-    decoder_cfg: float = 1.1
-    sampler: str = "ddpm"
+    width: int = Request.width
+    height: int = Request.height
+    prior_steps: int = Request.prior_steps
+    prior_cfg: float = Request.prior_cfg
+    decoder_steps: int = Request.decoder_steps
+    decoder_cfg: float = Request.decoder_cfg
+    sampler: str = Request.sampler
     # Output.
     image_format: str = "png"
     quality: int = 95

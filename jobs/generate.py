@@ -279,6 +279,12 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
         f"pools: Stage C {prior.actors} x {pool_args(prior, cluster_gpus)}, "
         f"Stage B/A {decoder.actors} x {pool_args(decoder, cluster_gpus)}; cluster GPUs: {cluster_gpus:g}"
     )
+    wanted = sum(p.actors * pool_args(p, cluster_gpus)["num_gpus"] for p in (prior, decoder))
+    if wanted > cluster_gpus:
+        log(
+            f"warning: the pools ask for {wanted:g} GPUs and the cluster has {cluster_gpus:g} now; "
+            "actors wait until an autoscaler adds GPU nodes"
+        )
     items = work_items(plan.sources)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
@@ -287,22 +293,15 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
         batch_format="pyarrow",
         fn_kwargs={"sources": plan.sources, "config": config, "extra": plan.extra, "done": previous.done},
     )
-    ds = ds.map_batches(
-        PriorStage,
-        fn_constructor_kwargs=model_args,
-        compute=ray.data.ActorPoolStrategy(size=prior.actors),
-        batch_size=prior.batch_size,
-        batch_format="pyarrow",
-        **pool_args(prior, cluster_gpus),
-    )
-    ds = ds.map_batches(
-        DecoderStage,
-        fn_constructor_kwargs=model_args,
-        compute=ray.data.ActorPoolStrategy(size=decoder.actors),
-        batch_size=decoder.batch_size,
-        batch_format="pyarrow",
-        **pool_args(decoder, cluster_gpus),
-    )
+    for stage, pool in ((PriorStage, prior), (DecoderStage, decoder)):
+        ds = ds.map_batches(
+            stage,
+            fn_constructor_kwargs=model_args,
+            compute=ray.data.ActorPoolStrategy(size=pool.actors),
+            batch_size=pool.batch_size,
+            batch_format="pyarrow",
+            **pool_args(pool, cluster_gpus),
+        )
     webdataset = config.layout == "webdataset"
     ds = ds.map_batches(
         write_shard if webdataset else write_images,
