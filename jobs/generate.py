@@ -79,8 +79,9 @@ def init_ray():
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        # A private local Ray for this job: dashboard off, nothing listening beyond loopback.
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # A private local Ray for this job (even if another local cluster runs: set RAY_ADDRESS to use that one),
+        # dashboard off.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
     return ray
 
 

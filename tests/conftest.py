@@ -56,7 +56,7 @@ def local_ray():
     CUDA_VISIBLE_DEVICES, while torch finds no CUDA and runs on the CPU."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"])
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"])
     yield ray
     ray.shutdown()
 

@@ -6,6 +6,7 @@ change, a Ray cluster or auth token of the user's (a plain ray.init() turns toke
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,15 +121,26 @@ class TwoNodeCluster:
     custom resource (`stage_c` on the head, `stage_b` on the second node), so each pool lands on its own node."""
 
     def __init__(self):
+        # Its own temp dir: stop() finds this cluster's processes by it and leaves any other Ray on the machine alone.
+        self.temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         ray = ray_binary()
+        # Every port chosen free, so the cluster never collides with another Ray (or SeaweedFS) on this machine.
         common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1"]
         self._run(
             [ray, "start", "--head", f"--port={self.port}", "--num-cpus=2", "--num-gpus=1",
              '--resources={"stage_c": 1}', "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={os.environ['RAY_TMPDIR']}", *common]
+             f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
+             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}", *common]
         )  # fmt: skip
         self._run(
             [ray, "start", f"--address={self.address}", "--num-cpus=1", "--num-gpus=1", '--resources={"stage_b": 1}',
@@ -158,4 +171,27 @@ class TwoNodeCluster:
             time.sleep(1)
 
     def stop(self) -> None:
-        subprocess.run([ray_binary(), "stop", "--force"], capture_output=True, timeout=120)
+        """Kill this cluster's processes (not `ray stop`, which would stop every Ray of the user on the machine).
+
+        The GCS, raylets, dashboard and monitors name the temp dir on their command lines; the agents and workers
+        they started are found as their descendants."""
+        parents, cmdlines = {}, {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdlines[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes()
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                parents[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        mine = {pid for pid, cmdline in cmdlines.items() if self.temp_dir.encode() in cmdline}
+        grew = True
+        while grew:  # and their descendants (agents and workers rename themselves, e.g. ray::DashboardAgent)
+            children = {pid for pid, parent in parents.items() if parent in mine} - mine
+            mine |= children
+            grew = bool(children)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in mine:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(2)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
