@@ -295,6 +295,9 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
         fn_kwargs={"sources": plan.sources, "config": config, "extra": plan.extra, "done": previous.done},
     )
     for stage, pool in ((PriorStage, prior), (DecoderStage, decoder)):
+        # Blocks of one batch: an actor emits one block per input block, so a block of many batches would hold the
+        # next pool back until all of them are done, and the pools would take turns instead of overlapping.
+        ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
         ds = ds.map_batches(
             stage,
             fn_constructor_kwargs=model_args,

@@ -176,3 +176,19 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == lost_rows
     stored = members()
     assert all((r["key"], r["member"]) in stored for r in manifest)
+
+
+def test_the_pools_stream_instead_of_taking_turns(tmp_path):
+    """Ray issue #44767's trap: a stage that waits for the one before it to finish everything. Stage B/A must start
+    on the first latents while Stage C is still working."""
+    from jobs.report import STAT_COLUMNS, pool_stats
+
+    pq.write_table(prompts_table(40), tmp_path / "prompts.parquet")
+    out = LocalStorage(tmp_path / "out")
+    flags = ["--width", "256", "--height", "256", "--prior-steps", "10", "--decoder-steps", "2"]
+    flags += ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2"]
+    assert main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *flags]) == 0
+    stats = pool_stats(read_manifests(out, STAT_COLUMNS))
+    prior, decoder = stats["pools"]["prior"]["span"], stats["pools"]["decoder"]["span"]
+    assert decoder[0] < prior[0] + 0.5 * (prior[1] - prior[0]), (prior, decoder)
+    assert stats["both_busy_s"] > 0.3 * (prior[1] - prior[0])
