@@ -52,11 +52,16 @@ def main() -> None:
     for n in args.prompts:
         work = Path(tempfile.mkdtemp(prefix="measure-"))
         pq.write_table(pa.table({"prompt": [f"a red circle number {i}" for i in range(n)]}), work / "p.parquet")
-        peak, stop = [rss()], threading.Event()
+        peak, stop, trace = [rss()], threading.Event(), []
+        t0 = time.monotonic()
 
-        def sample(peak=peak, stop=stop) -> None:
+        def sample(peak=peak, stop=stop, trace=trace, t0=t0) -> None:
+            last = 0.0
             while not stop.is_set():
                 peak.append(rss())
+                if time.monotonic() - last >= 10:  # a coarse trace: does memory grow while the job streams?
+                    last = time.monotonic()
+                    trace.append((round(last - t0), round(peak[-1] / 2**20)))
                 time.sleep(0.2)
 
         thread = threading.Thread(target=sample, daemon=True)
@@ -87,6 +92,7 @@ def main() -> None:
             "driver_rss_start_mb": round(peak[0] / 2**20),
             "driver_rss_peak_mb": round(max(peak) / 2**20),
             "queue_bytes_per_image": summary.get("latent_queue_bytes_per_image"),
+            "rss_trace_s_mb": trace,
         }
         if stats is not None:
             for pool in ("prior", "decoder"):
