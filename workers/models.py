@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -55,10 +57,38 @@ def model_digest(model: str, lite: bool, dtype: str, progress=None) -> str:
                 h.update(tensor.detach().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
     for path in weight_files(model, lite, dtype):
-        if progress is not None:
-            progress(path)
         h.update(path.name.encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
+        h.update(file_sha256(path, progress).encode())
     return h.hexdigest()[:16]
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cascade-batch" / "sha256.json"
+
+
+def file_sha256(path: Path, progress=None) -> str:
+    """A file's sha256, cached by (path, size, mtime): the official weights are GBs, hashed once per machine."""
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache_file = _cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    if progress is not None:
+        progress(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    cache[key] = h.hexdigest()
+    try:  # a read-only home only costs the next job another hash
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+    return cache[key]
