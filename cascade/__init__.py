@@ -4,6 +4,7 @@ This package imports no Ray, S3 or Parquet code; `workers/` and `jobs/` build th
 """
 
 from .family import BUILTIN_MODELS, CascadeModels, load_models, tiny_models
+from .geometry import OFFICIAL, Geometry
 from .pipeline import PriorOutput, Request, Result, generate, run_decoder, run_prior
 from .stage_a import STAGE_A, StageA, StageAConfig
 from .stage_b import STAGE_B_3B, STAGE_B_700M, StageB, StageBConfig
@@ -15,6 +16,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BUILTIN_MODELS",
     "CascadeModels",
+    "Geometry",
+    "OFFICIAL",
     "PriorOutput",
     "Request",
     "Result",

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .family import BUILTIN_MODELS, load_models
+from .family import BUILTIN_MODELS, family_geometry, load_models
 from .imagefile import png_info
 from .pipeline import MAX_SEED, Request, Result, generate, validate, validate_strength
 from .weights import WeightsError
@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional input)")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}; image i uses seed + i")
     p.add_argument("--num-images", type=int, default=1, help="images of the prompt, one seed each")
-    p.add_argument("--width", type=int, default=1024, help="a multiple of 32 from 256 to 2048")
-    p.add_argument("--height", type=int, default=1024, help="a multiple of 32 from 256 to 2048")
+    p.add_argument("--width", type=int, help="default: the family's (1024 for the official one); sizes it supports")
+    p.add_argument("--height", type=int, help="default: the family's (1024 for the official one)")
     p.add_argument("--prior-steps", type=int, default=20, help="Stage C sampling steps")
     p.add_argument("--prior-cfg", type=float, default=4.0, help="Stage C guidance scale")
     p.add_argument("--decoder-steps", type=int, default=10, help="Stage B sampling steps")
@@ -62,13 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_images < 1:
         print(f"error: --num-images: {args.num_images} is not allowed; use 1 or more", file=sys.stderr)
         return 2
+    try:
+        geometry = family_geometry(args.weights if args.weights is not None else args.model or "tiny")
+    except WeightsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     requests = [
         Request(
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
             seed=args.seed + i,
-            width=args.width,
-            height=args.height,
+            width=geometry.default_size if args.width is None else args.width,
+            height=geometry.default_size if args.height is None else args.height,
             prior_steps=args.prior_steps,
             prior_cfg=args.prior_cfg,
             decoder_steps=args.decoder_steps,
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     try:
         for r in requests:
-            validate(r)
+            validate(r, geometry)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ until a trained demo model ships.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from .effnet import EFFNET_ENCODER, EfficientNetEncoder
+from .geometry import OFFICIAL, Geometry
 from .stage_a import STAGE_A_TINY, StageA
 from .stage_b import STAGE_B_TINY, StageB
 from .stage_c import STAGE_C_TINY, StageC
@@ -41,6 +43,7 @@ class CascadeModels:
     name: str = "custom"
     effnet: nn.Module | None = None
     previewer: nn.Module | None = None
+    geometry: Geometry = OFFICIAL
 
     @property
     def device(self) -> torch.device:
@@ -121,6 +124,7 @@ def load_models(
         stage_b=load_stage(need("stage_b"), dtype=dtype, device=device, expect="stage_b") if decoder else None,
         stage_a=load_stage(need("stage_a"), dtype=torch.float32, device=device, expect="stage_a") if decoder else None,
         name=f"{folder.name}:{variant}",
+        geometry=family_geometry(folder),
     )
     if with_effnet:
         models.effnet = load_stage(need("effnet"), dtype=torch.float32, device=device, expect="effnet")
@@ -204,3 +208,24 @@ def tiny_models(
 
 
 BUILTIN_MODELS = {"tiny": tiny_models}
+BUILTIN_GEOMETRY = {"tiny": OFFICIAL}  # the tiny family has the official architecture's geometry
+
+# A family folder of our own (not an official one) may carry family.json: {"geometry": {...Geometry fields...}}.
+FAMILY_FILE = "family.json"
+
+
+def family_geometry(model: str | os.PathLike) -> Geometry:
+    """The geometry of a built-in model or a weights folder, without loading any weights."""
+    if str(model) in BUILTIN_GEOMETRY:
+        return BUILTIN_GEOMETRY[str(model)]
+    path = Path(model) / FAMILY_FILE
+    if not path.is_file():
+        return OFFICIAL
+    try:
+        spec = json.loads(path.read_text()).get("geometry", {})
+        geometry = Geometry(**spec)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{path}: not a valid family file: {e}") from None
+    if not (geometry.min_size <= geometry.default_size <= geometry.max_size and geometry.size_multiple > 0):
+        raise WeightsError(f"{path}: geometry {geometry} is inconsistent (default size outside min..max)")
+    return geometry

@@ -25,11 +25,10 @@ from PIL import Image
 
 from . import gdf
 from .family import CascadeModels
+from .geometry import OFFICIAL, Geometry
 
-# Stage C works at a 42.67x compression (1024 px -> 24 latent pixels), Stage A at 4x (inference/utils.py).
-STAGE_C_COMPRESSION = 42.67
-STAGE_A_COMPRESSION = 4
-SIZE_MULTIPLE, MIN_SIZE, MAX_SIZE = 32, 256, 2048
+STAGE_C_COMPRESSION, STAGE_A_COMPRESSION = OFFICIAL.stage_c_compression, OFFICIAL.stage_a_compression
+SIZE_MULTIPLE, MIN_SIZE, MAX_SIZE = OFFICIAL.size_multiple, OFFICIAL.min_size, OFFICIAL.max_size
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 PRIOR_SHIFT, DECODER_SHIFT = 2.0, 1.0  # the reference notebook's values
@@ -65,18 +64,14 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy integers from Parquet included
 
 
-def validate(request: Request) -> None:
-    """Raise ValueError naming the field, the value and what is allowed."""
+def validate(request: Request, geometry: Geometry = OFFICIAL) -> None:
+    """Raise ValueError naming the field, the value and what is allowed (sizes: those `geometry` supports)."""
     r = request
     for name in ("prompt", "negative_prompt"):
         if not isinstance(getattr(r, name), str):
             raise ValueError(f"{name}: must be a string, got {type(getattr(r, name)).__name__}")
     for name in ("width", "height"):
-        v = getattr(r, name)
-        if not _is_int(v) or not MIN_SIZE <= v <= MAX_SIZE or v % SIZE_MULTIPLE:
-            raise ValueError(
-                f"{name}: {v!r} is not supported; use a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}"
-            )
+        geometry.check_size(name, getattr(r, name))
     for name in ("prior_steps", "decoder_steps"):
         v = getattr(r, name)
         if not _is_int(v) or not 1 <= v <= MAX_STEPS:
@@ -97,10 +92,13 @@ def validate_strength(strength: float) -> None:
         raise ValueError(f"strength: {strength!r} is not allowed; use a number in (0, 1]")
 
 
-def latent_sizes(width: int, height: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def latent_sizes(
+    width: int, height: int, geometry: Geometry = OFFICIAL
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(Stage C latent shape, Stage B latent shape) per image, as the reference's calculate_latent_sizes."""
-    c = (16, math.ceil(height / STAGE_C_COMPRESSION), math.ceil(width / STAGE_C_COMPRESSION))
-    b = (4, math.ceil(height / STAGE_A_COMPRESSION), math.ceil(width / STAGE_A_COMPRESSION))
+    fc, fa = geometry.stage_c_compression, geometry.stage_a_compression
+    c = (16, math.ceil(height / fc), math.ceil(width / fc))
+    b = (4, math.ceil(height / fa), math.ceil(width / fa))
     return c, b
 
 
@@ -201,7 +199,7 @@ def run_prior(
     clip_img = torch.zeros(n, 1, models.clip_img_dim, device=device, dtype=clip_text.dtype)
     cond = {"clip_text": clip_text[:n], "clip_text_pooled": pooled[:n], "clip_img": clip_img}
     uncond = {"clip_text": clip_text[n:], "clip_text_pooled": pooled[n:], "clip_img": clip_img}
-    shape_c, _ = latent_sizes(first.width, first.height)
+    shape_c, _ = latent_sizes(first.width, first.height, models.geometry)
     generators = [stage_generator(r.seed, "stage_c") for r in requests]
     x_init, t_start = None, 1.0
     if init_images is not None:
@@ -267,7 +265,7 @@ def run_decoder(models: CascadeModels, priors: Sequence[PriorOutput]) -> list[Re
             "effnet": torch.zeros_like(effnet),
             "clip": torch.stack([p.clip_text_pooled_negative for p in batch]).to(device, dtype),
         }
-        _, shape_b = latent_sizes(first.width, first.height)
+        _, shape_b = latent_sizes(first.width, first.height, models.geometry)
         latents = gdf.sample(
             gdf.guided_denoiser(models.stage_b, cond, uncond, first.decoder_cfg),
             [stage_generator(p.request.seed, "stage_b") for p in batch],
@@ -318,7 +316,7 @@ def generate(
         raise ValueError(f"batch_size: {batch_size} is not allowed; use 1 or more")
     for i, r in enumerate(requests):
         try:
-            validate(r)
+            validate(r, models.geometry)
         except ValueError as e:
             raise ValueError(f"request {i}: {e}") from None
     if init_images is not None and len(init_images) != len(requests):

@@ -16,7 +16,10 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from cascade.pipeline import MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE, SIZE_MULTIPLE, Request
+from cascade.family import family_geometry
+from cascade.geometry import OFFICIAL, Geometry
+from cascade.pipeline import MAX_SEED, MAX_STEPS, Request
+from cascade.weights import WeightsError
 
 IMAGE_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -52,8 +55,8 @@ class JobConfig:
     # Defaults for rows that do not set them: the model's own defaults (the reference notebook's).
     negative_prompt: str = Request.negative_prompt
     num_images: int = 1
-    width: int = Request.width
-    height: int = Request.height
+    width: int | None = None  # None: the model family's default size (1024 for the official family)
+    height: int | None = None
     prior_steps: int = Request.prior_steps
     prior_cfg: float = Request.prior_cfg
     decoder_steps: int = Request.decoder_steps
@@ -146,14 +149,16 @@ def validate(c: JobConfig) -> None:
         c.num_images,
         f"use an integer from 1 to {MAX_NUM_IMAGES}",
     )
+    geometry = _geometry(c.model)
     for key in ("width", "height"):
         v = getattr(c, key)
-        _check(
-            _is_int(v) and MIN_SIZE <= v <= MAX_SIZE and v % SIZE_MULTIPLE == 0,
-            key,
-            v,
-            f"use a multiple of {SIZE_MULTIPLE} from {MIN_SIZE} to {MAX_SIZE}",
-        )
+        if v is None:
+            setattr(c, key, geometry.default_size)
+        else:
+            try:
+                geometry.check_size(key, v)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     for key in ("prior_steps", "decoder_steps"):
         v = getattr(c, key)
         _check(_is_int(v) and 1 <= v <= MAX_STEPS, key, v, f"use an integer from 1 to {MAX_STEPS}")
@@ -196,6 +201,14 @@ def validate(c: JobConfig) -> None:
             p.resources,
             'use a mapping of resource name to a positive amount, e.g. {"stage_c": 1}',
         )
+
+
+def _geometry(model: str) -> Geometry:
+    """The sizes the model family supports; a broken family file is reported when the model is checked (exit 3)."""
+    try:
+        return family_geometry(model)
+    except WeightsError:
+        return OFFICIAL
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -242,7 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})"
             )
         else:
-            kind = type(default) if default is not None else str
+            kind = type(default) if default is not None else int  # width, height: None means the family default
             parser.add_argument(
                 flag, dest=f.name, type=kind, default=None, help=f"(default {default!r})" if default != "" else None
             )

@@ -261,11 +261,13 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
     import ray
     import ray.data
 
+    from cascade.family import family_geometry
     from workers.stages import DecoderStage, PriorStage
     from workers.writer import write_images, write_shard
 
     from .inputs import read_fragments, work_items
 
+    geometry = family_geometry(config.model)
     ctx = ray.data.DataContext.get_current()
     # Small blocks keep the two pools streaming at the same time (an actor stage emits one block per input block).
     ctx.target_max_block_size = 1 << 20
@@ -275,6 +277,7 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
     model_args = {"model": config.model, "lite": config.lite, "dtype": config.dtype}
     model_args["latent_dtype"] = config.latent_dtype
     model_args["dry_run"] = config.dry_run
+    model_args["geometry"] = geometry
     prior, decoder = config.prior_pool, config.decoder_pool
     log(
         f"pools: Stage C {prior.actors} x {pool_args(prior, cluster_gpus)}, "
@@ -292,7 +295,13 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
         read_fragments,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"sources": plan.sources, "config": config, "extra": plan.extra, "done": previous.done},
+        fn_kwargs={
+            "sources": plan.sources,
+            "config": config,
+            "extra": plan.extra,
+            "done": previous.done,
+            "geometry": geometry,
+        },
     )
     for stage, pool in ((PriorStage, prior), (DecoderStage, decoder)):
         # Blocks of one batch: an actor emits one block per input block, so a block of many batches would hold the

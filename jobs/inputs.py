@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cascade.geometry import OFFICIAL, Geometry
 from cascade.pipeline import MAX_SEED, Request, validate
 from workers.storage import LocalStorage, S3Storage, Storage, StorageError, is_s3
 
@@ -335,7 +336,7 @@ def _number(name: str, value, default, integer: bool):
     return float(value)
 
 
-def expand_row(row: dict, source: str, index: int, config: JobConfig) -> list[dict]:
+def expand_row(row: dict, source: str, index: int, config: JobConfig, geometry: Geometry = OFFICIAL) -> list[dict]:
     """One input row -> one dict per image (an invalid row -> one dict with `error`)."""
     id_ = row_id(row.get("id"), source, index)
     base = {"id": id_, "source": source, "row": index, "sampler": config.sampler}
@@ -373,7 +374,7 @@ def expand_row(row: dict, source: str, index: int, config: JobConfig) -> list[di
         )
         image = {**base, **request.__dict__, "image_index": k, "key": None, "error": None}
         try:
-            validate(request)
+            validate(request, geometry)
             image["key"] = image_key(id_, k, config.image_format)
         except ValueError as e:
             image["error"] = str(e)
@@ -393,6 +394,7 @@ def read_fragments(
     config: JobConfig,
     extra: pa.Schema,
     done: np.ndarray,
+    geometry: Geometry = OFFICIAL,
     chunk_rows: int = 64,
 ) -> Iterator[pa.Table]:
     """A Ray Data UDF: read (source, row group) work items and yield small tables of images still to render.
@@ -407,7 +409,7 @@ def read_fragments(
         rows = table.to_pylist()
         pending: list[dict] = []
         for offset, row in enumerate(rows):
-            for image in expand_row(row, source.name, first + offset, config):
+            for image in expand_row(row, source.name, first + offset, config, geometry):
                 h = np.uint64(image_hash(image["id"], image["image_index"]))
                 pos = np.searchsorted(done, h)
                 if pos < len(done) and done[pos] == h:

@@ -41,8 +41,8 @@ def test_unknown_keys_suggest_the_nearest(tmp_path):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("width", 1000, "width: 1000 is not allowed; use a multiple of 32 from 256 to 2048"),
-        ("height", -64, "height: -64"),
+        ("width", 1000, "width: 1000 is not supported; use a multiple of 32 from 256 to 2048"),
+        ("height", -64, "height: -64 is not supported"),
         ("prior_steps", 0, "prior_steps: 0 is not allowed; use an integer from 1 to 1000"),
         ("decoder_cfg", float("nan"), "decoder_cfg: nan"),
         ("seed", 2**63, "seed: 9223372036854775808"),
@@ -92,3 +92,8 @@ def test_public_config_round_trips():
     config = from_mapping({"prompts": "p", "out": "o", "prior_pool": {"actors": 2}})
     again = from_mapping(config.public())
     assert again == config
+
+
+def test_size_flags_are_integers_defaulting_to_the_family_size():
+    assert parse("--prompts", "p", "--out", "o", "--width", "512").width == 512
+    assert parse("--prompts", "p", "--out", "o").height == 1024

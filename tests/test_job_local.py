@@ -118,7 +118,7 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, capsys):
     assert run_job(tmp_path / "ok.parquet", tmp_path / "out", "--model", str(tmp_path / "no-weights")) == 3
     assert "neither a built-in model" in capsys.readouterr().err
     assert run_job(tmp_path / "ok.parquet", tmp_path / "out", "--width", "100") == 2
-    assert "width: 100 is not allowed" in capsys.readouterr().err
+    assert "width: 100 is not supported" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert read_manifests(LocalStorage(tmp_path / "out")) is None
 

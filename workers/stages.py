@@ -21,6 +21,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from cascade.geometry import OFFICIAL
 from cascade.pipeline import PriorOutput, Request, Result, buckets, latent_sizes, run_decoder, run_prior
 
 from .models import load_part
@@ -65,10 +66,10 @@ def _set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
 DRY_CLIP_DIM = 1280  # CLIP-G's pooled width, as the official model
 
 
-def dry_prior(requests: list[Request]) -> list[PriorOutput]:
+def dry_prior(requests: list[Request], geometry=OFFICIAL) -> list[PriorOutput]:
     outputs = []
     for r in requests:
-        shape_c, _ = latent_sizes(r.width, r.height)
+        shape_c, _ = latent_sizes(r.width, r.height, geometry)
         zeros = torch.zeros(1, DRY_CLIP_DIM)
         outputs.append(PriorOutput(r, torch.zeros(shape_c), zeros, zeros))
     return outputs
@@ -92,9 +93,10 @@ def _actor_name(stage: str) -> str:
 class _Stage:
     part = ""
 
-    def __init__(self, model: str, lite: bool, dtype: str, latent_dtype: str, dry_run: bool = False):
+    def __init__(self, model: str, lite: bool, dtype: str, latent_dtype: str, dry_run: bool = False, geometry=OFFICIAL):
         start = time.perf_counter()
         self.models = None if dry_run else load_part(model, lite, dtype, self.part)
+        self.geometry = geometry if self.models is None else self.models.geometry
         self.latent_dtype = latent_dtype
         self.name = _actor_name(self.part)
         self.load_s = time.perf_counter() - start
@@ -120,7 +122,10 @@ class PriorStage(_Stage):
         seconds = [None] * n
         for group in self._groups(rows):
             requests = requests_of([rows[i] for i in group])
-            outputs = run_prior(self.models, requests) if self.models is not None else dry_prior(requests)
+            if self.models is not None:
+                outputs = run_prior(self.models, requests)
+            else:
+                outputs = dry_prior(requests, self.geometry)
             for i, out in zip(group, outputs):
                 tokens[i], truncated[i], seconds[i] = out.prompt_tokens, out.prompt_truncated, out.seconds
                 if out.error is not None:
@@ -164,7 +169,7 @@ class DecoderStage(_Stage):
             priors = []
             for i in group:
                 row = rows[i]
-                shape_c, _ = latent_sizes(row["width"], row["height"])
+                shape_c, _ = latent_sizes(row["width"], row["height"], self.geometry)
                 pooled = from_wire(row["clip_pooled"], self.latent_dtype, (1, -1))
                 negative = from_wire(row["clip_pooled_negative"], self.latent_dtype, (1, -1))
                 priors.append(

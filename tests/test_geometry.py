@@ -1,0 +1,67 @@
+"""A family's geometry: the official one by default, a family's own from family.json, used by every entry point."""
+
+import json
+
+import pytest
+import torch
+
+from cascade import Request, generate
+from cascade.family import family_geometry, load_models
+from cascade.geometry import OFFICIAL, Geometry
+from cascade.pipeline import latent_sizes, validate
+from cascade.weights import WeightsError
+from jobs.config import ConfigError, from_mapping
+from tests.test_models_digest import write_family
+
+SMALL = {"stage_c_compression": 16, "min_size": 64, "max_size": 256, "size_multiple": 16, "default_size": 64}
+
+
+def test_official_geometry_is_the_reference():
+    assert latent_sizes(1024, 1024, OFFICIAL) == ((16, 24, 24), (4, 256, 256))
+    with pytest.raises(ValueError, match="width: 1000 is not supported; use a multiple of 32 from 256 to 2048"):
+        validate(Request("a", width=1000))
+
+
+def test_a_family_file_sets_the_geometry(tmp_path):
+    folder = write_family(tmp_path / "small")
+    assert family_geometry(folder) == OFFICIAL  # no family.json: an official layout
+    (folder / "family.json").write_text(json.dumps({"geometry": SMALL}))
+    small = family_geometry(folder)
+    assert small == Geometry(**SMALL) and latent_sizes(64, 96, small) == ((16, 6, 4), (4, 24, 16))
+    models = load_models(folder, dtype=torch.float32)
+    assert models.geometry == small
+    results = generate(models, [Request("a red circle", seed=1, width=64, height=96, prior_steps=2, decoder_steps=2)])
+    assert results[0].error is None and results[0].image.size == (64, 96)
+    with pytest.raises(ValueError, match="width: 1024 is not supported; use a multiple of 16 from 64 to 256"):
+        generate(models, [Request("x", width=1024, height=64)])
+    # The job: sizes default to the family's and are checked against its rules.
+    config = from_mapping({"prompts": "p", "out": "o", "model": str(folder)})
+    assert (config.width, config.height) == (64, 64)
+    with pytest.raises(ConfigError, match="width: 1024 is not supported; use a multiple of 16 from 64 to 256"):
+        from_mapping({"prompts": "p", "out": "o", "model": str(folder), "width": 1024})
+    assert from_mapping({"prompts": "p", "out": "o"}).width == 1024  # tiny: the official geometry
+
+
+def test_a_broken_family_file_is_named(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "family.json").write_text(json.dumps({"geometry": {"stage_c_compresion": 16}}))
+    with pytest.raises(WeightsError, match="family.json: not a valid family file"):
+        family_geometry(folder)
+    (folder / "family.json").write_text(json.dumps({"geometry": {"default_size": 4096}}))
+    with pytest.raises(WeightsError, match="inconsistent"):
+        family_geometry(folder)
+
+
+def test_cli_uses_the_family_default_size(tmp_path):
+    from PIL import Image
+
+    from cascade.__main__ import main
+
+    folder = write_family(tmp_path / "small")
+    (folder / "family.json").write_text(json.dumps({"geometry": SMALL}))
+    out = tmp_path / "x.png"
+    argv = ["a red circle", "--weights", str(folder), "--out", str(out), "--prior-steps", "2", "--decoder-steps", "2"]
+    assert main(argv) == 0
+    assert Image.open(out).size == (64, 64)
+    assert main([*argv, "--width", "1024"]) == 2
