@@ -1,0 +1,143 @@
+"""One training loop for every stage: AdamW with warm-up, gradient clipping, EMA, a progress bar, and checkpoints
+that resume exactly (the same weights as an uninterrupted run, on the same machine).
+
+A checkpoint is a folder: `{name}.safetensors` and `{name}.ema.safetensors` per trained module (safetensors only, as
+every weight this project reads), and `state.pt` for the optimizer, the step, the data generator, the loss-weight
+buckets and the loss history (loaded with `weights_only=True`: tensors and plain containers, no code).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .objective import EMA, AdaptiveLossWeight
+
+
+@dataclass
+class RunConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 100
+    grad_clip: float = 1.0  # the reference clips at 1.0
+    ema_beta: float = 0.999
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)} is not allowed; use 1 or more")
+
+
+@dataclass
+class Trained:
+    modules: dict[str, nn.Module]
+    ema: dict[str, nn.Module]
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+
+
+def _save(checkpoint: Path, modules, emas, optimizer, step, generator, loss_weight, losses, seconds, run) -> None:
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    for name, module in modules.items():
+        for suffix, state in (("", module.state_dict()), (".ema", emas[name].model.state_dict())):
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, checkpoint / f"{name}{suffix}.safetensors")
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "loss_weight": loss_weight.state_dict() if loss_weight is not None else {},
+        "ema_steps": {name: ema.steps for name, ema in emas.items()},
+        "losses": losses,
+        "seconds": seconds,
+        "run": asdict(run),
+    }
+    tmp = checkpoint / "state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, checkpoint / "state.pt")  # the state names a complete set of weights, or the previous one stays
+
+
+def fit(
+    modules: dict[str, nn.Module],
+    step_fn: Callable[[torch.Generator, AdaptiveLossWeight | None], torch.Tensor],
+    run: RunConfig,
+    checkpoint: Path | None = None,
+    loss_weight: AdaptiveLossWeight | None = None,
+    description: str = "training",
+    progress: bool = True,
+) -> Trained:
+    """Train `modules` (all their parameters) by minimising `step_fn(generator, loss_weight)`; resume from
+    `checkpoint` when it holds a state. The generator drives all of the step's randomness (data, noise, dropout
+    choices), so a resumed run draws what an uninterrupted one would."""
+    torch.manual_seed(run.seed)
+    generator = torch.Generator().manual_seed(run.seed)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine decay to 10 %
+        if step < run.warmup:
+            return run.lr * (step + 1) / run.warmup
+        progress_ = (step - run.warmup) / max(1, run.steps - run.warmup)
+        return run.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_)))
+
+    emas = {name: EMA(m, run.ema_beta) for name, m in modules.items()}
+    step, losses, seconds = 0, [], 0.0
+    if checkpoint is not None and (checkpoint / "state.pt").is_file():
+        state = torch.load(checkpoint / "state.pt", weights_only=True)
+        for name, module in modules.items():
+            module.load_state_dict(load_file(checkpoint / f"{name}.safetensors"))
+            emas[name].model.load_state_dict(load_file(checkpoint / f"{name}.ema.safetensors"))
+            emas[name].steps = state["ema_steps"][name]
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if loss_weight is not None and state["loss_weight"]:
+            loss_weight.load_state_dict(state["loss_weight"])
+        step, losses, seconds = state["step"], list(state["losses"]), state["seconds"]
+
+    bar = None
+    if progress and step < run.steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=run.steps, initial=step, desc=description, unit="step", dynamic_ncols=True)
+    for m in modules.values():
+        m.train()
+    started = time.perf_counter()
+    while step < run.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        loss = step_fn(generator, loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
+        optimizer.step()
+        for name, module in modules.items():
+            emas[name].update(module)
+        losses.append(float(loss.detach()))
+        step += 1
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if checkpoint is not None and (step % run.checkpoint_every == 0 or step == run.steps):
+            elapsed = seconds + time.perf_counter() - started
+            _save(checkpoint, modules, emas, optimizer, step, generator, loss_weight, losses, elapsed, run)
+    if bar is not None:
+        bar.close()
+    for m in modules.values():
+        m.eval()
+    seconds += time.perf_counter() - started
+    return Trained(modules, {name: ema.model for name, ema in emas.items()}, losses, seconds, step)

@@ -1,0 +1,57 @@
+"""The training loop resumes exactly; the semantic encoder learns a normalised latent that keeps what a thumbnail
+needs."""
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from cascade.semantic import SemanticEncoder, SemanticEncoderConfig
+from cascade.train.loop import RunConfig, fit
+from cascade.train.objective import AdaptiveLossWeight, diffusion_loss
+from cascade.train.semantic import train_semantic
+from cascade.train.shapes import make_dataset
+
+
+def small_task():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16), nn.GELU(), nn.Conv2d(16, 4, 3, padding=1))
+    x0 = torch.randn(32, 4, 8, 8)
+
+    def step(generator, loss_weight):
+        batch = x0[torch.randint(32, (8,), generator=generator)]
+        _, adjusted = diffusion_loss(lambda x, r: net(x), batch, {}, loss_weight, generator)
+        return adjusted
+
+    return net, step
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    run = RunConfig(steps=6, batch_size=8, lr=1e-2, warmup=2, checkpoint_every=3, ema_beta=0.9)
+    net, step = small_task()
+    straight = fit({"net": net}, step, run, tmp_path / "a", AdaptiveLossWeight(), progress=False)
+
+    net, step = small_task()
+    half = RunConfig(**{**run.__dict__, "steps": 3})
+    fit({"net": net}, step, half, tmp_path / "b", AdaptiveLossWeight(), progress=False)  # "crashes" after step 3
+    net, step = small_task()  # a new process: fresh weights, then the checkpoint
+    resumed = fit({"net": net}, step, run, tmp_path / "b", AdaptiveLossWeight(), progress=False)
+
+    assert resumed.steps == straight.steps == 6 and resumed.losses == straight.losses
+    for a, b in zip(straight.modules["net"].state_dict().values(), resumed.modules["net"].state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.ema["net"].state_dict().values(), resumed.ema["net"].state_dict().values()):
+        assert torch.equal(a, b)
+    saved = load_file(tmp_path / "a" / "net.ema.safetensors")
+    assert torch.equal(saved["0.weight"], straight.ema["net"].state_dict()["0.weight"])
+
+
+def test_semantic_encoder_learns_a_normalised_latent():
+    data = make_dataset(256, size=64, seed=0)
+    run = RunConfig(steps=60, batch_size=32, lr=3e-3, warmup=10, ema_beta=0.9)
+    trained = train_semantic(data, run, progress=False)
+    assert sum(trained.losses[-10:]) / 10 < 0.5 * sum(trained.losses[:5]) / 5
+    encoder: SemanticEncoder = trained.modules["encoder"]
+    with torch.no_grad():
+        latent = encoder.encode(data.images[:64])
+    assert latent.shape == (64, 16, 4, 4) and SemanticEncoderConfig().stride == 16
+    assert abs(float(latent.mean())) < 0.5 and 0.5 < float(latent.std()) < 1.5
