@@ -52,8 +52,9 @@ class Trained:
 def _save(checkpoint: Path, modules, emas, optimizer, step, generator, loss_weight, losses, seconds, run) -> None:
     checkpoint.mkdir(parents=True, exist_ok=True)
     for name, module in modules.items():
-        for suffix, state in (("", module.state_dict()), (".ema", emas[name].model.state_dict())):
-            save_file({k: v.detach().contiguous() for k, v in state.items()}, checkpoint / f"{name}{suffix}.safetensors")
+        for suffix, weights in (("", module.state_dict()), (".ema", emas[name].model.state_dict())):
+            tensors = {k: v.detach().contiguous() for k, v in weights.items()}
+            save_file(tensors, checkpoint / f"{name}{suffix}.safetensors")
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
