@@ -101,6 +101,14 @@ class _Stage:
         self.name = _actor_name(self.part)
         self.load_s = time.perf_counter() - start
 
+    def _batch_columns(self, start: float, end: float, n: int) -> dict[str, pa.Array]:
+        """When this batch ran, and on which actor: the report's busy fractions and timeline come from these."""
+        return {
+            f"{self.part}_start": pa.array([start] * n, pa.float64()),
+            f"{self.part}_end": pa.array([end] * n, pa.float64()),
+            f"{self.part}_actor": pa.array([self.name] * n, pa.string()),
+        }
+
     def _groups(self, rows: list[dict]) -> list[list[int]]:
         """Indices of the rows to work on, grouped by bucket (size, steps, cfg), in input order."""
         todo = [i for i, row in enumerate(rows) if row["error"] is None]
@@ -145,9 +153,7 @@ class PriorStage(_Stage):
                 "prompt_tokens": pa.array(tokens, pa.int64()),
                 "prompt_truncated": pa.array(truncated, pa.bool_()),
                 "prior_s": pa.array(seconds, pa.float64()),
-                "prior_start": pa.array([start] * n, pa.float64()),
-                "prior_end": pa.array([end] * n, pa.float64()),
-                "prior_actor": pa.array([self.name] * n, pa.string()),
+                **self._batch_columns(start, end, n),
             },
         )
         # What one image costs in the latent queue: its share of this block's Arrow bytes, metadata included.
@@ -197,8 +203,6 @@ class DecoderStage(_Stage):
                 "error": pa.array(errors, pa.string()),
                 "pixels": pa.array(pixels, pa.binary()),
                 "decoder_s": pa.array(seconds, pa.float64()),
-                "decoder_start": pa.array([start] * n, pa.float64()),
-                "decoder_end": pa.array([end] * n, pa.float64()),
-                "decoder_actor": pa.array([self.name] * n, pa.string()),
+                **self._batch_columns(start, end, n),
             },
         )
