@@ -35,6 +35,4 @@ def train_semantic(
         recon = previewer(encoder.encode(images))
         return F.mse_loss(recon, F.interpolate(images, size=recon.shape[-2:], mode="area"))
 
-    return fit(
-        {"encoder": encoder, "previewer": previewer}, step, run, checkpoint, None, "semantic encoder", progress
-    )
+    return fit({"encoder": encoder, "previewer": previewer}, step, run, checkpoint, None, "semantic encoder", progress)

@@ -1,0 +1,104 @@
+"""Trainers for the two diffusion stages, with the reference's objective and conditioning dropouts.
+
+Both train on tensors computed once up front with the frozen encoders (the reference computes them per batch under
+no_grad; with a fixed, small data set precomputing is the same maths and several times faster on a CPU):
+
+- Stage C (the prior) denoises semantic latents, conditioned on the caption's CLIP hidden states and pooled
+  embedding, and a CLIP image embedding that is zeros here (the reference feeds one for 10 % of samples; a family
+  trained from scratch has no image CLIP). Captions are replaced by "" for 5 % of samples, which is what makes
+  classifier-free guidance work at sampling time.
+- Stage B (the decoder) denoises Stage A latents, conditioned on the semantic latent of the same image (zeroed for
+  10 % of samples) and the pooled caption embedding ("" for 5 %).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..stage_b import StageB, StageBConfig
+from ..stage_c import StageC, StageCConfig
+from ..text import TextEncoder
+from .loop import RunConfig, Trained, fit
+from .objective import AdaptiveLossWeight, diffusion_loss
+
+CAPTION_DROPOUT = 0.05  # the reference: captions -> "" for 5 % (Stages B and C)
+EFFNET_DROPOUT = 0.10  # the reference: Stage B's effnet conditioning zeroed for 10 %
+
+
+@dataclass
+class TextTensors:
+    """A data set's captions through the frozen text encoder, and the empty caption's ("" : the unconditional)."""
+
+    clip_text: torch.Tensor  # (N, 77, hidden)
+    pooled: torch.Tensor  # (N, 1, projection)
+    empty_text: torch.Tensor  # (1, 77, hidden)
+    empty_pooled: torch.Tensor  # (1, 1, projection)
+
+
+@torch.no_grad()
+def encode_captions(text_encoder: TextEncoder, captions: list[str], batch: int = 256) -> TextTensors:
+    text_encoder.eval()
+    parts = [text_encoder.encode(captions[i : i + batch]) for i in range(0, len(captions), batch)]
+    empty = text_encoder.encode([""])
+    return TextTensors(
+        torch.cat([p.clip_text for p in parts]).float(),
+        torch.cat([p.clip_text_pooled for p in parts]).float(),
+        empty.clip_text.float(),
+        empty.clip_text_pooled.float(),
+    )
+
+
+def _drop(values: torch.Tensor, replacement: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each sample's `values` by `replacement` with probability p."""
+    mask = (torch.rand(values.shape[0], generator=generator) < p).view(-1, *[1] * (values.dim() - 1))
+    return torch.where(mask, replacement.expand_as(values), values)
+
+
+def train_stage_c(
+    latents: torch.Tensor,
+    text: TextTensors,
+    config: StageCConfig,
+    run: RunConfig,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> Trained:
+    """latents: (N, 16, h, w) semantic latents of the images whose captions `text` holds."""
+    model = StageC(config)
+    clip_img = torch.zeros(run.batch_size, 1, config.c_clip_img)
+
+    def step(generator: torch.Generator, loss_weight: AdaptiveLossWeight) -> torch.Tensor:
+        idx = torch.randint(latents.shape[0], (run.batch_size,), generator=generator)
+        keep = torch.rand(run.batch_size, generator=generator) >= CAPTION_DROPOUT
+        clip_text = torch.where(keep.view(-1, 1, 1), text.clip_text[idx], text.empty_text)
+        pooled = torch.where(keep.view(-1, 1, 1), text.pooled[idx], text.empty_pooled)
+        conditions = {"clip_text": clip_text, "clip_text_pooled": pooled, "clip_img": clip_img}
+        return diffusion_loss(model, latents[idx], conditions, loss_weight, generator)[1]
+
+    return fit({"stage_c": model}, step, run, checkpoint, AdaptiveLossWeight(), "Stage C", progress)
+
+
+def train_stage_b(
+    stage_a_latents: torch.Tensor,
+    semantic_latents: torch.Tensor,
+    text: TextTensors,
+    config: StageBConfig,
+    run: RunConfig,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> Trained:
+    """stage_a_latents: (N, 4, H/4, W/4) (Stage A's encode, scaled as at inference); semantic_latents: (N, 16, h, w)
+    of the same images; text: their captions."""
+    model = StageB(config)
+
+    def step(generator: torch.Generator, loss_weight: AdaptiveLossWeight) -> torch.Tensor:
+        idx = torch.randint(stage_a_latents.shape[0], (run.batch_size,), generator=generator)
+        effnet = semantic_latents[idx]
+        effnet = _drop(effnet, torch.zeros_like(effnet[:1]), EFFNET_DROPOUT, generator)
+        pooled = _drop(text.pooled[idx], text.empty_pooled, CAPTION_DROPOUT, generator)
+        conditions = {"effnet": effnet, "clip": pooled}
+        return diffusion_loss(model, stage_a_latents[idx], conditions, loss_weight, generator)[1]
+
+    return fit({"stage_b": model}, step, run, checkpoint, AdaptiveLossWeight(), "Stage B", progress)
