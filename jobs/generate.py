@@ -186,6 +186,9 @@ def run(config) -> int:
             f"resuming: {previous.ok} images done and {previous.errors} errors recorded by earlier runs; "
             f"{previous.missing} recorded images missing from storage will be rendered again"
         )
+    if todo == 0 and out.exists(manifest.SUCCESS):
+        log(f"nothing to do: {out.location()} is complete (its _SUCCESS and report stay as they are)")
+        return EXIT_OK
 
     from workers.models import model_digest
 
@@ -246,7 +249,8 @@ def run(config) -> int:
         "config": config.public(),
     }
     if config.report:
-        write_report(out, run_id, summary)
+        # A run that only finished the bookkeeping (e.g. after a crash just before _SUCCESS) reports on all runs.
+        write_report(out, run_id if rendered else None, summary)
     manifest.write_success(out, summary)
     log(
         f"done: {ok} images ok, {plan.images - ok} errors, {rendered} rendered in this run in "

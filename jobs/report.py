@@ -157,7 +157,8 @@ def _thumbnail(data: bytes) -> str:
     return base64.b64encode(out.getvalue()).decode()
 
 
-def build_report(storage: Storage, run_id: str, summary: dict) -> str:
+def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
+    """The page for one run (run_id), or for every run in the manifests (None)."""
     table = read_manifests(storage, STAT_COLUMNS, run_id=run_id)
     if table is None:
         table = pa.table({c: pa.array([], pa.string()) for c in ("status",)})
@@ -196,12 +197,12 @@ def build_report(storage: Storage, run_id: str, summary: dict) -> str:
         k: summary[k] for k in ("images", "ok", "errors", "rendered_this_run", "resumed", "wall_s", "images_per_s")
     }
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>cascade-batch report {esc(run_id)}</title>
+<html><head><meta charset="utf-8"><title>cascade-batch report {esc(run_id or "all runs")}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:900px}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px}}
 figure{{display:inline-block;width:{THUMB}px;margin:6px;vertical-align:top}}
 figcaption{{font-size:11px;overflow-wrap:anywhere}}</style></head><body>
-<h1>Run {esc(run_id)}</h1>
+<h1>{esc(f"Run {run_id}" if run_id else "All runs")}</h1>
 <pre>{esc(json.dumps(facts, indent=1))}</pre>
 <p>Model {esc(str(summary.get("model")))} (weights digest {esc(str(summary.get("model_digest")))}).</p>
 <h2>Pools</h2>
@@ -219,5 +220,5 @@ figcaption{{font-size:11px;overflow-wrap:anywhere}}</style></head><body>
 """
 
 
-def write_report(storage: Storage, run_id: str, summary: dict) -> None:
+def write_report(storage: Storage, run_id: str | None, summary: dict) -> None:
     storage.put(REPORT, build_report(storage, run_id, summary).encode(), content_type="text/html; charset=utf-8")

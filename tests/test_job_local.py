@@ -49,10 +49,17 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "6/6 images (100.0%)" in err
 
-    # A rerun finds everything done.
-    parts = manifest_keys(out)
+    # A rerun finds everything done and leaves the output as it is.
+    parts, success, report = manifest_keys(out), out.get(SUCCESS), out.get("report.html")
     assert run_job(tmp_path / "prompts.parquet", out.root) == 0
-    assert manifest_keys(out) == parts and json.loads(out.get(SUCCESS))["rendered_this_run"] == 0
+    assert manifest_keys(out) == parts and out.get(SUCCESS) == success and out.get("report.html") == report
+    assert "is complete" in capsys.readouterr().err
+
+    # Complete but without _SUCCESS (a crash just before it): the rerun only writes it, with a report on all runs.
+    out.delete([SUCCESS])
+    assert run_job(tmp_path / "prompts.parquet", out.root) == 0
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 0 and json.loads(out.get(SUCCESS))["ok"] == 5
+    assert "All runs" in out.get("report.html").decode() and "data:image/jpeg" in out.get("report.html").decode()
 
     # A lost image is rendered again, its old manifest row replaced: still one row per image.
     lost = rows[("p4", 0)]["key"]
