@@ -77,7 +77,8 @@ class Storage:
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
-        return self.head(key) is not None
+        """Whether the key holds an object (never reads or hashes it)."""
+        raise NotImplementedError
 
     def location(self, key: str = "") -> str:
         return join(self.url, key) if key else self.url
@@ -123,6 +124,9 @@ class LocalStorage(Storage):
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise StorageError(f"{self.location(key)}: not found") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
 
     def head(self, key: str) -> Stored | None:
         path = self._path(key)
@@ -260,18 +264,27 @@ class S3Storage(Storage):
         except (ClientError, BotoCoreError) as e:
             raise self._fail("reading", key, e) from None
 
-    def head(self, key: str) -> Stored | None:
+    def _head_object(self, key: str, what: str = "checking") -> dict | None:
+        """The HEAD response, or None when the key holds no object."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as e:
             code, status = _error_code(e)
             if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise self._fail("checking", key, e) from None
+            raise self._fail(what, key, e) from None
         except BotoCoreError as e:
-            raise self._fail("checking", key, e) from None
+            raise self._fail(what, key, e) from None
+
+    def exists(self, key: str) -> bool:
+        return self._head_object(key) is not None
+
+    def head(self, key: str) -> Stored | None:
+        response = self._head_object(key)
+        if response is None:
+            return None
         digest = response.get("Metadata", {}).get(SHA256_META)
         if not digest:  # written by something else: hash it once
             digest = sha256_hex(self.get(key))
@@ -303,21 +316,10 @@ class S3Storage(Storage):
                 raise self._fail("deleting under", "", e) from None
 
     def open_input(self, key: str):
-        head = self.head_size(key)
-        return _RangeReader(self, key, head)
-
-    def head_size(self, key: str) -> int:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return int(self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
-        except ClientError as e:
-            code, status = _error_code(e)
-            if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
-                raise StorageError(f"{self.location(key)}: not found") from None
-            raise self._fail("reading", key, e) from None
-        except BotoCoreError as e:
-            raise self._fail("reading", key, e) from None
+        response = self._head_object(key, "reading")
+        if response is None:
+            raise StorageError(f"{self.location(key)}: not found")
+        return _RangeReader(self, key, int(response["ContentLength"]))
 
 
 class _RangeReader(io.RawIOBase):
