@@ -79,6 +79,24 @@ def find_stage(folder: Path, stage: str, lite: bool, dtype: torch.dtype) -> Path
     return None
 
 
+def locate_stage(folder: Path, stage: str, lite: bool, dtype: torch.dtype) -> Path:
+    """find_stage, or a WeightsError naming every file or folder that would have done."""
+    found = find_stage(folder, stage, lite, dtype)
+    if found is None:
+        names = [n.format(lite="_lite" if lite else "") for n in _SINGLE_FILES[stage]]
+        names += [n.format(lite="_lite" if lite else "") + "/" for n in _DIFFUSERS_FOLDERS.get(stage, ())]
+        variant = "lite" if lite else "big"
+        raise WeightsError(f"{folder}: no {variant} {stage} weights: expected one of {', '.join(names)}")
+    return found
+
+
+def locate_text_encoder(folder: Path) -> Path:
+    text_dir = folder / "text_encoder"
+    if not (text_dir / "config.json").is_file():
+        raise WeightsError(f"{folder}: no text encoder: expected text_encoder/ with config.json and model.safetensors")
+    return text_dir
+
+
 def load_models(
     folder: str | os.PathLike,
     *,
@@ -99,23 +117,11 @@ def load_models(
     if not folder.is_dir():
         raise WeightsError(f"{folder}: weights folder not found")
     variant = "lite" if lite else "big"
-
-    def need(stage: str) -> Path:
-        found = find_stage(folder, stage, lite, dtype)
-        if found is None:
-            names = [n.format(lite="_lite" if lite else "") for n in _SINGLE_FILES[stage]]
-            names += [n.format(lite="_lite" if lite else "") + "/" for n in _DIFFUSERS_FOLDERS.get(stage, ())]
-            raise WeightsError(f"{folder}: no {variant} {stage} weights: expected one of {', '.join(names)}")
-        return found
-
+    need = lambda stage: locate_stage(folder, stage, lite, dtype)
     prior, decoder = "prior" in parts, "decoder" in parts
     text_encoder = None
     if prior:
-        text_dir = folder / "text_encoder"
-        if not (text_dir / "config.json").is_file():
-            raise WeightsError(
-                f"{folder}: no text encoder: expected text_encoder/ with config.json and model.safetensors"
-            )
+        text_dir = locate_text_encoder(folder)
         tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None  # else the bundled one
         text_encoder = _load_text(text_dir, tokenizer_dir, dtype, device)
     models = CascadeModels(

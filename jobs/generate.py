@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_model(config) -> None:
     """Fail before Ray starts when the weights folder is unusable (the message names the file)."""
-    from cascade.family import BUILTIN_MODELS, find_stage
+    from cascade.family import BUILTIN_MODELS, locate_stage, locate_text_encoder
     from cascade.weights import WeightsError, inspect_stage
     from workers.models import torch_dtype
 
@@ -62,12 +62,8 @@ def check_model(config) -> None:
 
     dtype = torch_dtype(config.dtype, torch.device("cuda"))
     for stage in ("stage_c", "stage_b", "stage_a"):
-        found = find_stage(folder, stage, config.lite, dtype)
-        if found is None:
-            raise WeightsError(f"{folder}: no {'lite' if config.lite else 'big'} {stage} weights found")
-        inspect_stage(found, expect=stage)
-    if not (folder / "text_encoder" / "config.json").is_file():
-        raise WeightsError(f"{folder}: no text encoder: expected text_encoder/ with config.json and model.safetensors")
+        inspect_stage(locate_stage(folder, stage, config.lite, dtype), expect=stage)
+    locate_text_encoder(folder)
 
 
 def init_ray():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cascade.family import BUILTIN_MODELS, find_stage, load_models
+from cascade.family import BUILTIN_MODELS, load_models, locate_stage, locate_text_encoder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -39,10 +39,9 @@ def weight_files(model: str, lite: bool, dtype: str) -> list[Path]:
     folder = Path(model)
     files: list[Path] = []
     for stage in ("stage_c", "stage_b", "stage_a"):
-        found = find_stage(folder, stage, lite, torch_dtype(dtype, torch.device("cuda")))
-        if found is not None:
-            files += [found] if found.is_file() else sorted(found.glob("*"))
-    files += sorted((folder / "text_encoder").glob("*"))
+        found = locate_stage(folder, stage, lite, torch_dtype(dtype, torch.device("cuda")))
+        files += [found] if found.is_file() else sorted(found.glob("*"))
+    files += sorted(locate_text_encoder(folder).glob("*"))
     return [f for f in files if f.is_file()]
 
 
