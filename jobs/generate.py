@@ -45,14 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_model(config) -> None:
-    """Fail before Ray starts when the weights folder is unusable (the message names the file)."""
-    from cascade.family import BUILTIN_MODELS, locate_stage, locate_text_encoder
+def check_model(config):
+    """Fail before Ray starts when the weights folder is unusable (the message names the file); return the family's
+    geometry."""
+    from cascade.family import BUILTIN_MODELS, family_geometry, locate_stage, locate_text_encoder
     from cascade.weights import WeightsError, inspect_stage
     from workers.models import torch_dtype
 
+    geometry = family_geometry(config.model)  # a broken family.json names itself
     if config.model in BUILTIN_MODELS:
-        return
+        return geometry
     folder = Path(config.model)
     if not folder.is_dir():
         raise WeightsError(
@@ -64,12 +66,12 @@ def check_model(config) -> None:
     for stage in ("stage_c", "stage_b", "stage_a"):
         inspect_stage(locate_stage(folder, stage, config.lite, dtype), expect=stage)
     locate_text_encoder(folder)
+    return geometry
 
 
 def init_ray():
     import ray
 
-    os.environ.setdefault("RAY_ACCEPT_CLUSTER_RESOURCES", "1")
     if ray.is_initialized():
         return ray
     if os.environ.get("RAY_ADDRESS"):
@@ -156,7 +158,7 @@ def run(config) -> int:
         log(f"error: {e}")
         return EXIT_INPUT
     try:
-        check_model(config)
+        geometry = check_model(config)
     except WeightsError as e:
         log(f"error: {e}")
         return EXIT_MODEL
@@ -196,10 +198,10 @@ def run(config) -> int:
     run_id = manifest.new_run_id()
     writer = manifest.ManifestWriter(out, run_id, config.manifest_rows, config.manifest_seconds)
     progress = Progress(todo, config.progress_seconds)
-    queue_bytes = [0, 0]  # bytes of latents + pooled embeddings, images
+    queue_bytes = 0
     if todo:
         try:
-            stream(config, plan, previous, out, digest, writer, progress, queue_bytes)
+            queue_bytes = stream(config, plan, previous, out, digest, writer, progress, geometry)
         except KeyboardInterrupt:
             writer.flush()
             log("interrupted: rerun the same command to resume")
@@ -220,8 +222,7 @@ def run(config) -> int:
         return EXIT_INCOMPLETE
     from .report import write_report
 
-    table = manifest.read_manifests(out, ["status"])
-    ok = sum(1 for s in table.column("status").to_pylist() if s == "ok") if table is not None else 0
+    ok = previous.ok + rendered - progress.errors
     summary = {
         "complete": True,
         "images": plan.images,
@@ -236,7 +237,7 @@ def run(config) -> int:
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
         "wall_s": round(finished - started, 3),
         "images_per_s": round(rendered / (finished - started), 4) if rendered else 0.0,
-        "latent_queue_bytes_per_image": round(queue_bytes[0] / rendered, 1) if rendered else None,
+        "latent_queue_bytes_per_image": round(queue_bytes / rendered, 1) if rendered else None,
         "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "model": config.model,
         "model_digest": digest,
@@ -255,19 +256,17 @@ def run(config) -> int:
     return EXIT_OK
 
 
-def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -> None:
-    """Build the Ray Data pipeline and consume its manifest rows as they arrive."""
+def stream(config, plan, previous, out, digest, writer, progress, geometry) -> int:
+    """Build the Ray Data pipeline and consume its manifest rows as they arrive; return the latent queue's bytes."""
     init_ray()
     import ray
     import ray.data
 
-    from cascade.family import family_geometry
     from workers.stages import DecoderStage, PriorStage
     from workers.writer import write_images, write_shard
 
     from .inputs import read_fragments, work_items
 
-    geometry = family_geometry(config.model)
     ctx = ray.data.DataContext.get_current()
     # Small blocks keep the two pools streaming at the same time (an actor stage emits one block per input block).
     ctx.target_max_block_size = 1 << 20
@@ -330,12 +329,14 @@ def stream(config, plan, previous, out, digest, writer, progress, queue_bytes) -
             "overwrite": config.overwrite,
         },
     )
+    queue_bytes = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if "queue_bytes" in batch.column_names:
-            queue_bytes[0] += sum(v or 0 for v in batch.column("queue_bytes").to_pylist())
+            queue_bytes += sum(v or 0 for v in batch.column("queue_bytes").to_pylist())
         writer.add(batch)
         errors = sum(1 for s in batch.column("status").to_pylist() if s != "ok")
         progress.update(batch.num_rows, errors)
+    return queue_bytes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,3 +65,16 @@ def test_cli_uses_the_family_default_size(tmp_path):
     assert main(argv) == 0
     assert Image.open(out).size == (64, 64)
     assert main([*argv, "--width", "1024"]) == 2
+
+
+def test_the_job_stops_on_a_broken_family_file_before_it_starts(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.generate import main as job
+
+    folder = write_family(tmp_path / "w")
+    (folder / "family.json").write_text("{not json")
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "p.parquet")
+    assert job(["--prompts", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "out"), "--model", str(folder)]) == 3
+    assert "family.json: not a valid family file" in capsys.readouterr().err
