@@ -11,6 +11,7 @@ from PIL.PngImagePlugin import PngInfo
 from .pipeline import Request
 
 FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 EXIF_IMAGE_DESCRIPTION = 0x010E
 
 

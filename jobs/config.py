@@ -18,10 +18,10 @@ from pathlib import Path
 
 from cascade.family import family_geometry
 from cascade.geometry import OFFICIAL, Geometry
+from cascade.imagefile import FORMATS
 from cascade.pipeline import MAX_SEED, MAX_STEPS, Request
 from cascade.weights import WeightsError
 
-IMAGE_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LAYOUTS = ("files", "webdataset")
 LATENT_DTYPES = ("bf16", "fp16", "fp32")
@@ -166,7 +166,7 @@ def validate(c: JobConfig) -> None:
         v = getattr(c, key)
         _check(_is_num(v) and 0 <= v <= 100, key, v, "use a finite number from 0 to 100")
     _check(c.sampler in ("ddpm", "ddim"), "sampler", c.sampler, "use ddpm or ddim")
-    _check(c.image_format in IMAGE_FORMATS, "image_format", c.image_format, f"use one of {', '.join(IMAGE_FORMATS)}")
+    _check(c.image_format in FORMATS, "image_format", c.image_format, f"use one of {', '.join(FORMATS)}")
     _check(_is_int(c.quality) and 1 <= c.quality <= 100, "quality", c.quality, "use an integer from 1 to 100")
     _check(c.layout in LAYOUTS, "layout", c.layout, f"use one of {', '.join(LAYOUTS)}")
     _check(_is_int(c.shard_size) and 1 <= c.shard_size <= 100_000, "shard_size", c.shard_size, "use 1 to 100000")

@@ -161,6 +161,13 @@ def image_hash(id_: str, image_index: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{id_}\0{image_index}".encode(), digest_size=8).digest(), "little")
 
 
+def contains(sorted_hashes: np.ndarray, h: int) -> bool:
+    """Is the image hash `h` in a sorted uint64 array (the resume's done set, the plan's images)?"""
+    h = np.uint64(h)
+    pos = np.searchsorted(sorted_hashes, h)
+    return bool(pos < len(sorted_hashes) and sorted_hashes[pos] == h)
+
+
 def hashes(pairs: Iterator[tuple[str, int]]) -> np.ndarray:
     return np.fromiter((image_hash(i, k) for i, k in pairs), dtype=np.uint64)
 
@@ -388,6 +395,12 @@ def expand_row(row: dict, source: str, index: int, config: JobConfig, geometry: 
     return images
 
 
+def _input_column(out_name: str) -> str:
+    """The input column an extra manifest column comes from (input_<name> carries a name the manifest uses)."""
+    name = out_name.removeprefix("input_")
+    return name if name != out_name and name in RESERVED else out_name
+
+
 def read_fragments(
     items: pa.Table,
     sources: list[Source],
@@ -401,6 +414,8 @@ def read_fragments(
 
     Small output blocks keep the stages streaming: an actor stage emits one block per input block (platform notes).
     """
+    schema = pa.schema(list(IMAGE_SCHEMA) + list(extra))
+    carried = [(f.name, _input_column(f.name)) for f in extra]
     for item in items.to_pylist():
         source = sources[item["source"]]
         pf = source.open()
@@ -410,24 +425,16 @@ def read_fragments(
         pending: list[dict] = []
         for offset, row in enumerate(rows):
             for image in expand_row(row, source.name, first + offset, config, geometry):
-                h = np.uint64(image_hash(image["id"], image["image_index"]))
-                pos = np.searchsorted(done, h)
-                if pos < len(done) and done[pos] == h:
+                if contains(done, image_hash(image["id"], image["image_index"])):
                     continue
-                for field in extra:
-                    original = field.name[len("input_") :] if field.name.startswith("input_") else field.name
-                    image[field.name] = row.get(original if original in RESERVED else field.name)
+                for out_name, in_name in carried:
+                    image[out_name] = row.get(in_name)
                 pending.append(image)
             if len(pending) >= chunk_rows:
-                yield _table(pending, extra)
+                yield pa.Table.from_pylist(pending, schema=schema)
                 pending = []
         if pending:
-            yield _table(pending, extra)
-
-
-def _table(images: list[dict], extra: pa.Schema) -> pa.Table:
-    schema = pa.schema(list(IMAGE_SCHEMA) + list(extra))
-    return pa.Table.from_pylist(images, schema=schema)
+            yield pa.Table.from_pylist(pending, schema=schema)
 
 
 def work_items(sources: list[Source]) -> list[dict]:

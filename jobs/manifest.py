@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from workers.storage import Storage, StorageError
 
-from .inputs import image_hash
+from .inputs import contains, image_hash
 
 MANIFEST_DIR = "manifests"
 SUCCESS = "_SUCCESS"
@@ -80,7 +80,7 @@ def read_part(storage: Storage, key: str, columns: list[str] | None = None) -> p
 
 def read_manifests(storage: Storage, columns: list[str] | None = None, run_id: str | None = None) -> pa.Table | None:
     """All manifest parts (or one run's) as one table."""
-    keys = [k for k in manifest_keys(storage) if run_id is None or f"/part-{run_id}-" in f"/{k.rpartition('/')[2]}"]
+    keys = [k for k in manifest_keys(storage) if run_id is None or k.rpartition("/")[2].startswith(f"part-{run_id}-")]
     tables = [read_part(storage, key, columns) for key in keys]
     return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
@@ -107,8 +107,7 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool) ->
         table = read_part(storage, part, ["id", "image_index", "status", "key", "bytes", "member"])
         for index, row in enumerate(table.to_pylist()):
             h = image_hash(row["id"], row["image_index"])
-            pos = np.searchsorted(expected, np.uint64(h))
-            if pos >= len(expected) or expected[pos] != h:
+            if not contains(expected, h):
                 continue  # not part of this input: left as it is
             if row["status"] == "ok":
                 size = listed.get(row["key"])

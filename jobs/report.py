@@ -64,17 +64,15 @@ def pool_stats(table: pa.Table) -> dict:
     stats, busy = {}, {}
     for pool, _, _ in POOLS:
         names = [f"{pool}_actor", f"{pool}_start", f"{pool}_end"]
-        if not set(names) <= set(table.column_names):
-            stats[pool] = {"actors": 0, "batches": [], "busy_fraction": 0.0, "span_s": 0.0}
-            busy[pool] = []
-            continue
-        unique = table.select(names).drop_null().group_by(names).aggregate([])
-        batches = sorted(zip(*(unique.column(n).to_pylist() for n in names)), key=lambda b: b[1])
-        actors = sorted({a for a, _, _ in batches})
+        batches = []
+        if set(names) <= set(table.column_names):
+            unique = table.select(names).drop_null().group_by(names).aggregate([])
+            batches = sorted(zip(*(unique.column(n).to_pylist() for n in names)), key=lambda b: b[1])
         if not batches:
             stats[pool] = {"actors": 0, "batches": [], "busy_fraction": 0.0, "span_s": 0.0}
             busy[pool] = []
             continue
+        actors = sorted({a for a, _, _ in batches})
         span = (min(s for _, s, _ in batches), max(e for _, _, e in batches))
         per_actor = [_union([(s, e) for a, s, e in batches if a == actor]) for actor in actors]
         busy_s = sum(_length(iv) for iv in per_actor)

@@ -48,8 +48,12 @@ def from_wire(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=np_dtype).copy()).reshape(shape).float()
 
 
+def request_of(row: dict) -> Request:
+    return Request(**{k: row[k] for k in REQUEST_FIELDS})
+
+
 def requests_of(rows: list[dict]) -> list[Request]:
-    return [Request(**{k: row[k] for k in REQUEST_FIELDS}) for row in rows]
+    return [request_of(row) for row in rows]
 
 
 def _set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
@@ -180,7 +184,7 @@ class DecoderStage(_Stage):
                 negative = from_wire(row["clip_pooled_negative"], self.latent_dtype, (1, -1))
                 priors.append(
                     PriorOutput(
-                        request=requests_of([row])[0],
+                        request=request_of(row),
                         latent=from_wire(row["latent"], self.latent_dtype, shape_c),
                         clip_text_pooled=pooled,
                         clip_text_pooled_negative=negative,

@@ -21,29 +21,39 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from cascade.imagefile import encode
-from cascade.pipeline import Request
+from cascade.imagefile import CONTENT_TYPES, encode
 
-from .stages import REQUEST_FIELDS, _set_columns
+from .stages import REQUEST_FIELDS, _set_columns, request_of
 from .storage import Storage, sha256_hex
 
-CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+def _encoded(row: dict, model: str, image_format: str, quality: int) -> bytes:
+    """The row's pixels as an image file with its parameters embedded."""
+    pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
+    return encode(Image.fromarray(pixels), request_of(row), model, image_format, quality)
+
+
+def _write_columns(model: str, digest: str, seconds: list[float], ends: list[float]) -> dict[str, pa.Array]:
+    n = len(seconds)
+    return {
+        "model": pa.array([model] * n, pa.string()),
+        "model_digest": pa.array([digest] * n, pa.string()),
+        "write_s": pa.array(seconds, pa.float64()),
+        "write_end": pa.array(ends, pa.float64()),
+    }
 
 
 def write_images(
     batch: pa.Table, storage: Storage, image_format: str, quality: int, model: str, digest: str, overwrite: bool
 ) -> pa.Table:
     rows = batch.select(["error", "key", "pixels", *REQUEST_FIELDS]).to_pylist()
-    n = len(rows)
     keys, sha, size, status, errors, seconds, ends = [], [], [], [], [], [], []
     for row in rows:
         start = time.perf_counter()
         error = row["error"]
         key = digest_hex = nbytes = None
         if error is None:
-            request = Request(**{k: row[k] for k in REQUEST_FIELDS})
-            pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
-            data = encode(Image.fromarray(pixels), request, model, image_format, quality)
+            data = _encoded(row, model, image_format, quality)
             stored = storage.put(row["key"], data, if_absent=not overwrite, content_type=CONTENT_TYPES[image_format])
             key, digest_hex, nbytes = stored.key, stored.sha256, stored.bytes
         keys.append(key)
@@ -62,10 +72,7 @@ def write_images(
             "bytes": pa.array(size, pa.int64()),
             "status": pa.array(status, pa.string()),
             "error": pa.array(errors, pa.string()),
-            "model": pa.array([model] * n, pa.string()),
-            "model_digest": pa.array([digest] * n, pa.string()),
-            "write_s": pa.array(seconds, pa.float64()),
-            "write_end": pa.array(ends, pa.float64()),
+            **_write_columns(model, digest, seconds, ends),
         },
     )
 
@@ -97,10 +104,8 @@ def write_shard(
         if row["error"] is not None:
             row_members.append(None)
             continue
-        request = Request(**{k: row[k] for k in REQUEST_FIELDS})
-        pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
         name = sample_key(row["id"], row["image_index"])
-        members[f"{name}.{image_format}"] = encode(Image.fromarray(pixels), request, model, image_format, quality)
+        members[f"{name}.{image_format}"] = _encoded(row, model, image_format, quality)
         members[f"{name}.txt"] = row["prompt"].encode()
         meta = {k: v for k, v in row.items() if k not in JSON_SKIP and not isinstance(v, bytes)}
         members[f"{name}.json"] = json.dumps({**meta, "model": model, "model_digest": digest}, default=str).encode()
@@ -136,9 +141,6 @@ def write_shard(
             "bytes": pa.array([len(members[m]) if good else None for m, good in zip(row_members, ok)], pa.int64()),
             "status": pa.array(["ok" if good else "error" for good in ok], pa.string()),
             "error": pa.array(errors, pa.string()),
-            "model": pa.array([model] * n, pa.string()),
-            "model_digest": pa.array([digest] * n, pa.string()),
-            "write_s": pa.array([seconds] * n, pa.float64()),
-            "write_end": pa.array([end] * n, pa.float64()),
+            **_write_columns(model, digest, [seconds] * n, [end] * n),
         },
     )
