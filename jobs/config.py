@@ -79,6 +79,9 @@ class JobConfig:
     latent_dtype: str = "bf16"
     storage_attempts: int = 10
     progress_seconds: float = 5.0
+    # How long a pool may find no live node it fits on (a node lost for good, an autoscaler that adds none) before
+    # the job stops, so that it never waits forever; 0 waits forever.
+    node_wait_seconds: float = 600.0
 
     def public(self) -> dict:
         """The configuration as recorded in _SUCCESS and the report (it holds no secrets: none are settings)."""
@@ -175,6 +178,8 @@ def validate(c: JobConfig) -> None:
     _check(_is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")
     for key in ("manifest_seconds", "progress_seconds"):
         _check(_is_num(getattr(c, key)) and getattr(c, key) > 0, key, getattr(c, key), "use a number above 0")
+    v = c.node_wait_seconds
+    _check(_is_num(v) and v >= 0, "node_wait_seconds", v, "use a number of seconds, 0 to wait forever")
     _check(_is_num(c.writer_cpus) and c.writer_cpus > 0, "writer_cpus", c.writer_cpus, "use a number above 0")
     _check(c.latent_dtype in LATENT_DTYPES, "latent_dtype", c.latent_dtype, f"use one of {', '.join(LATENT_DTYPES)}")
     _check(

@@ -91,6 +91,12 @@ def pool_args(pool, cluster_gpus: float) -> dict:
     return args
 
 
+def actor_needs(pool, cluster_gpus: float) -> dict[str, float]:
+    """What one actor of the pool needs from a node, in Ray's resource names."""
+    args = pool_args(pool, cluster_gpus)
+    return {"GPU": args["num_gpus"], "CPU": args["num_cpus"], **args.get("resources", {})}
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -209,7 +215,7 @@ def run(config) -> int:
         except Exception as e:  # Ray, storage: keep what is done, say how to go on
             with contextlib.suppress(Exception):  # storage may be what failed
                 writer.flush()
-            log(f"error: the job stopped: {type(e).__name__}: {e}")
+            log(f"error: the job stopped: {failure(e)}")
             log("rerun the same command to resume: finished images are kept")
             return EXIT_INCOMPLETE
     writer.flush()
@@ -256,6 +262,24 @@ def run(config) -> int:
     return EXIT_OK
 
 
+def failure(e: BaseException) -> str:
+    """One clear line for a storage failure, wherever it happened; Ray's full report for anything else.
+
+    A writer task's StorageError reaches the driver only as text inside Ray's task error (Ray Data wraps it in a
+    UserCodeException, and the chain does not survive pickling), so it is found by its type's name in that text."""
+    import re
+
+    from workers.storage import StorageError
+
+    if isinstance(e, StorageError):
+        found = [str(e)]
+    else:
+        found = re.findall(rf"^{StorageError.__module__}\.StorageError: (.+)$", str(e), flags=re.MULTILINE)
+    if found:
+        return f"{found[-1]} (after the retries set by storage_attempts)"
+    return f"{type(e).__name__}: {e}"
+
+
 def stream(config, plan, previous, out, digest, writer, progress, geometry) -> int:
     """Build the Ray Data pipeline and consume its manifest rows as they arrive; return the latent queue's bytes."""
     init_ray()
@@ -266,6 +290,7 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
     from workers.writer import write_images, write_shard
 
     from .inputs import read_fragments, work_items
+    from .placement import NodeWatch, PlacementError
 
     ctx = ray.data.DataContext.get_current()
     # Small blocks keep the two pools streaming at the same time (an actor stage emits one block per input block).
@@ -330,12 +355,28 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
         },
     )
     queue_bytes = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if "queue_bytes" in batch.column_names:
-            queue_bytes += sum(v or 0 for v in batch.column("queue_bytes").to_pylist())
-        writer.add(batch)
-        errors = sum(1 for s in batch.column("status").to_pylist() if s != "ok")
-        progress.update(batch.num_rows, errors)
+    watch = None
+    if config.node_wait_seconds > 0:
+        needs = {
+            name: actor_needs(pool, cluster_gpus)
+            for name, pool in (("Stage C pool", prior), ("Stage B/A pool", decoder))
+        }
+        watch = NodeWatch(needs, config.node_wait_seconds, log)
+        watch.start()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if "queue_bytes" in batch.column_names:
+                queue_bytes += sum(v or 0 for v in batch.column("queue_bytes").to_pylist())
+            writer.add(batch)
+            errors = sum(1 for s in batch.column("status").to_pylist() if s != "ok")
+            progress.update(batch.num_rows, errors)
+    except KeyboardInterrupt:
+        if watch is not None and watch.reason:
+            raise PlacementError(watch.reason) from None
+        raise
+    finally:
+        if watch is not None:
+            watch.stop()
     return queue_bytes
 
 

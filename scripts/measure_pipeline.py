@@ -28,6 +28,13 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def seconds_per_1000(table) -> list[float]:
+    """Wall seconds between the 1,000th, 2,000th, ... image written (by each image's write time)."""
+    ends = sorted(t for t in table.column("write_end").to_pylist() if t is not None)
+    marks = ends[999::1000]
+    return [round(b - a, 1) for a, b in zip(marks, marks[1:])]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", type=int, nargs="+", default=[1000, 10000])
@@ -84,6 +91,7 @@ def main() -> None:
         summary = read_success(out) or {}
         table = read_manifests(out, STAT_COLUMNS)
         stats = pool_stats(table) if table is not None else None
+        per_1000 = seconds_per_1000(table) if table is not None else []
         row = {
             "prompts": n,
             "exit": code,
@@ -93,6 +101,8 @@ def main() -> None:
             "driver_rss_peak_mb": round(max(peak) / 2**20),
             "queue_bytes_per_image": summary.get("latent_queue_bytes_per_image"),
             "rss_trace_s_mb": trace,
+            # Is the job as fast at its end as at its start? Seconds per 1,000 images, by when they were written.
+            "s_per_1000_images": per_1000,
         }
         if stats is not None:
             for pool in ("prior", "decoder"):

@@ -111,6 +111,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_descendants(roots: set[int]) -> set[int]:
+    """The processes `roots` and every process below them (by parent pid)."""
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parents[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, grew = set(roots), True
+    while grew:  # agents and workers rename themselves (e.g. ray::DashboardAgent): found by their parents
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return found
+
+
 def ray_binary() -> str:
     here = Path(sys.executable).parent / "ray"
     return str(here) if here.exists() else "ray"
@@ -142,11 +158,25 @@ class TwoNodeCluster:
              f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
              f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}", *common]
         )  # fmt: skip
+        self.add_node()
+
+    def add_node(self) -> None:
+        """Start the second node (`stage_b`), again after kill_node()."""
         self._run(
-            [ray, "start", f"--address={self.address}", "--num-cpus=1", "--num-gpus=1", '--resources={"stage_b": 1}',
-             f"--dashboard-agent-listen-port={free_port()}", *common]
+            [ray_binary(), "start", f"--address={self.address}", "--num-cpus=1", "--num-gpus=1",
+             '--resources={"stage_b": 1}', f"--dashboard-agent-listen-port={free_port()}",
+             "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
         )  # fmt: skip
         self.nodes = self._wait_for_nodes(2)
+
+    def kill_node(self, resource: str = "stage_b") -> None:
+        """SIGKILL the raylet of the node holding `resource` and every process it started: the node dies as a lost
+        machine does, without a goodbye."""
+        raylets = [pid for pid, cmdline in self._cmdlines().items() if self.temp_dir.encode() in cmdline
+                   and b"/raylet" in cmdline.split(b"\0")[0] and resource.encode() in cmdline]  # fmt: skip
+        assert len(raylets) == 1, f"expected one raylet with {resource}, found {raylets}"
+        self._kill(with_descendants(set(raylets)), [signal.SIGKILL])
+        self.nodes.pop(resource, None)
 
     @staticmethod
     def _run(argv: list[str]) -> None:
@@ -170,28 +200,27 @@ class TwoNodeCluster:
                 raise RuntimeError(f"the local cluster did not come up: {done.stderr[-2000:]}")
             time.sleep(1)
 
+    @staticmethod
+    def _cmdlines() -> dict[int, bytes]:
+        found = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                found[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return found
+
+    @staticmethod
+    def _kill(pids: set[int], signals) -> None:
+        for sig in signals:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(2)
+
     def stop(self) -> None:
         """Kill this cluster's processes (not `ray stop`, which would stop every Ray of the user on the machine).
 
         The GCS, raylets, dashboard and monitors name the temp dir on their command lines; the agents and workers
         they started are found as their descendants."""
-        parents, cmdlines = {}, {}
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmdlines[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes()
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                parents[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-        mine = {pid for pid, cmdline in cmdlines.items() if self.temp_dir.encode() in cmdline}
-        grew = True
-        while grew:  # and their descendants (agents and workers rename themselves, e.g. ray::DashboardAgent)
-            children = {pid for pid, parent in parents.items() if parent in mine} - mine
-            mine |= children
-            grew = bool(children)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in mine:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(2)
+        mine = {pid for pid, cmdline in self._cmdlines().items() if self.temp_dir.encode() in cmdline}
+        self._kill(with_descendants(mine), [signal.SIGTERM, signal.SIGKILL])
         shutil.rmtree(self.temp_dir, ignore_errors=True)

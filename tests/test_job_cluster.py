@@ -66,3 +66,49 @@ def test_driver_killed_mid_run_then_rerun_renders_every_image_once(two_node_clus
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming:" in rerun.stderr
     check_output(out, 24)  # every image once in the manifests and in storage, nothing lost, nothing extra
+
+
+def test_losing_the_decoder_node_stops_the_job_clearly_and_a_rerun_completes(two_node_cluster, tmp_path):
+    """The Stage B/A pool is pinned to the second node (`stage_b`); that node dies mid-job. No other node can run the
+    pool, so the job stops with exit 1 and says why; once the node is back, a rerun finishes with every image once."""
+    pq.write_table(prompts_table(24), tmp_path / "prompts.parquet")
+    out = LocalStorage(tmp_path / "out")
+    argv = [
+        sys.executable,
+        "-m",
+        "jobs.generate",
+        "--prompts",
+        str(tmp_path / "prompts.parquet"),
+        "--out",
+        str(out.root),
+    ]
+    argv += [*FAST, *POOLS, "--manifest-rows", "2", "--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2"]
+    argv += ["--node-wait-seconds", "5"]
+    env = {**os.environ, "RAY_ADDRESS": two_node_cluster.address, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "driver.log"
+    with open(log, "w") as stderr:
+        driver = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 300
+            while sum(1 for _ in out.list("images")) < 2:
+                assert driver.poll() is None, "the job ended before the node could be killed"
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            two_node_cluster.kill_node("stage_b")
+            code = driver.wait(timeout=240)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    text = log.read_text()
+    try:
+        assert code == 1, text[-4000:]
+        assert "no live node can run the Stage B/A pool (one actor needs GPU 1, stage_b 1)" in text, text[-4000:]
+        assert "rerun the same command to resume" in text
+        assert not out.exists("_SUCCESS")
+        assert sum(1 for _ in out.list("images")) < 24
+    finally:
+        two_node_cluster.add_node()  # the node comes back (and the cluster is whole for any later test)
+
+    rerun = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    check_output(out, 24)

@@ -1,0 +1,79 @@
+"""Whether each pool still has a live node it fits on, and stopping the job when one has had none for too long.
+
+Ray restarts a lost actor (Ray Data asks for unlimited restarts and task retries), so a pool whose node dies comes
+back on any node that has what one actor needs. When no live node has it (the pool is pinned to a node type by a
+custom resource and the last such node is gone, or it needs GPUs the cluster no longer has), the restart waits for
+an autoscaler to add one, forever if none comes. `NodeWatch` turns that wait into a clear stop after
+`node_wait_seconds`: finished images are kept, and a rerun resumes once the nodes are back.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+
+class PlacementError(RuntimeError):
+    """A pool has had no live node it fits on for longer than the job waits."""
+
+
+def fits(need: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(name, 0.0) >= amount for name, amount in need.items() if amount > 0)
+
+
+def describe(need: dict[str, float]) -> str:
+    return ", ".join(f"{name} {amount:g}" for name, amount in sorted(need.items()) if amount > 0) or "nothing"
+
+
+def unplaceable(needs: dict[str, dict[str, float]], nodes: list[dict[str, float]]) -> list[str]:
+    """The pools (by name) that fit on none of the nodes (each node's total resources)."""
+    return [pool for pool, need in needs.items() if not any(fits(need, node) for node in nodes)]
+
+
+def live_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+class NodeWatch(threading.Thread):
+    """Checks every `period` seconds that each pool fits on some live node; after `timeout` seconds without one it
+    records why in `reason` and sends the main thread a SIGINT, which turns that into a PlacementError."""
+
+    def __init__(self, needs: dict[str, dict[str, float]], timeout: float, log, period: float = 2.0, nodes=live_nodes):
+        super().__init__(daemon=True, name="node-watch")
+        self.needs, self.timeout, self.log, self.period, self.nodes = needs, timeout, log, period, nodes
+        self.reason: str | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        since: float | None = None
+        while not self._done.wait(self.period):
+            try:
+                missing = unplaceable(self.needs, self.nodes())
+            except Exception:  # the cluster is unreachable for a moment: Ray itself will report a lost cluster
+                continue
+            if not missing:
+                if since is not None:
+                    self.log("every pool has a live node to run on again")
+                since = None
+                continue
+            pools = " or ".join(f"the {pool} (one actor needs {describe(self.needs[pool])})" for pool in missing)
+            if since is None:
+                since = time.monotonic()
+                self.log(f"warning: no live node can run {pools}; waiting up to {self.timeout:g} s (node_wait_seconds)")
+            if time.monotonic() - since >= self.timeout:
+                self.reason = (
+                    f"no live node can run {pools} for {self.timeout:g} s (node_wait_seconds): a node was lost, "
+                    "or the autoscaler added none. Bring such a node back (or change the pool's resources), then "
+                    "rerun the same command"
+                )
+                if not self._done.is_set():
+                    # A real SIGINT to the main thread: it wakes a thread blocked on a lock, which
+                    # _thread.interrupt_main() (a flag checked between bytecodes) does not.
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return
+
+    def stop(self) -> None:
+        self._done.set()

@@ -1,0 +1,84 @@
+"""Storage faults: the job against the real S3 server (SeaweedFS) behind a fault-injecting proxy.
+
+Throttling, 500s, connection resets (before and after the server acted) and slow replies are retried with backoff
+and the job completes with every image exactly once; an outage longer than the retry budget stops the job with a
+clear message and no `_SUCCESS`, and a rerun after the outage completes it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.faultproxy import FAULTS, FaultProxy
+from tests.jobhelpers import FAST, check_output, parquet_bytes, prompts_table
+from tests.servers import S3_HOST, S3_PORT, S3_SECRET_KEY
+from workers.storage import open_storage
+
+
+@pytest.fixture
+def proxy(seaweed):
+    p = FaultProxy((S3_HOST, S3_PORT), slow_seconds=1.0)
+    yield p
+    p.stop()
+
+
+def run_job(bucket: str, proxy: FaultProxy, *flags: str) -> subprocess.CompletedProcess:
+    """The job in its own process, as a user runs it, reaching S3 only through the proxy."""
+    argv = ["--prompts", f"s3://{bucket}/in/", "--out", f"s3://{bucket}/out", *FAST, *flags]
+    argv += ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2", "--manifest-rows", "2"]
+    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url}
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.generate", *argv], env=env, capture_output=True, text=True, timeout=400
+    )
+
+
+def test_faults_within_the_retry_budget_are_retried_and_nothing_is_lost_or_duplicated(s3_bucket, proxy):
+    bucket = open_storage(f"s3://{s3_bucket}")  # direct to the server: the test's own view
+    bucket.put("in/prompts.parquet", parquet_bytes(prompts_table(8)))
+
+    # Every third request gets a fault, in turn: each kind many times, on reads, listings and writes alike.
+    proxy.rule = lambda method, path, n: FAULTS[(n // 3) % len(FAULTS)] if n % 3 == 0 else None
+    done = run_job(s3_bucket, proxy)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert set(proxy.injected) == set(FAULTS), proxy.injected
+    check_output(open_storage(f"s3://{s3_bucket}/out"), 8)
+
+    # A faulted request was sent again (what botocore's standard retries do, with backoff and jitter).
+    for i, (method, path, fault) in enumerate(proxy.requests):
+        if fault and fault != "slow":
+            assert (method, path) in [(m, p) for m, p, _ in proxy.requests[i + 1 :]], (method, path, fault)
+    # A write that reached the server but whose reply was lost was retried as a conditional write: that image is
+    # stored once and described once (check_output); the retry adopted it.
+    assert any(m == "PUT" and "/out/images/" in p and f == "reset_after" for m, p, f in proxy.requests)
+    assert S3_SECRET_KEY not in done.stderr + done.stdout
+
+
+def test_an_outage_past_the_retry_budget_stops_the_job_and_a_rerun_completes_it(s3_bucket, proxy):
+    bucket = open_storage(f"s3://{s3_bucket}")
+    bucket.put("in/prompts.parquet", parquet_bytes(prompts_table(10)))
+    image_puts = []
+
+    def outage_after_three_images(method: str, path: str, n: int) -> str | None:
+        if method == "PUT" and "/out/images/" in path:
+            image_puts.append(path)
+        return "slowdown" if len(image_puts) > 3 else None
+
+    proxy.rule = outage_after_three_images
+    failed = run_job(s3_bucket, proxy, "--storage-attempts", "3")
+    assert failed.returncode == 1, failed.stderr[-4000:]
+    out = open_storage(f"s3://{s3_bucket}/out")
+    assert not out.exists("_SUCCESS")
+    # The message says what failed, where, and what to do; never a credential.
+    assert f"s3://{s3_bucket}/out/" in failed.stderr and "SlowDown (HTTP 503)" in failed.stderr
+    assert "rerun the same command to resume" in failed.stderr
+    assert "Traceback" not in failed.stderr and "UDF" not in failed.stderr  # one clear line, not Ray's report
+    assert S3_SECRET_KEY not in failed.stderr + failed.stdout
+
+    proxy.rule = lambda method, path, n: None  # the outage is over
+    rerun = run_job(s3_bucket, proxy, "--storage-attempts", "3")
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    check_output(out, 10)
