@@ -69,6 +69,7 @@ class JobConfig:
     shard_size: int = 128
     overwrite: bool = False
     retry_errors: bool = False
+    verify: bool = False  # on resume, also check each stored image's sha256 (reads every image back)
     report: bool = True
     manifest_rows: int = 1000
     manifest_seconds: float = 60.0
@@ -173,7 +174,7 @@ def validate(c: JobConfig) -> None:
     _check(_is_int(c.quality) and 1 <= c.quality <= 100, "quality", c.quality, "use an integer from 1 to 100")
     _check(c.layout in LAYOUTS, "layout", c.layout, f"use one of {', '.join(LAYOUTS)}")
     _check(_is_int(c.shard_size) and 1 <= c.shard_size <= 100_000, "shard_size", c.shard_size, "use 1 to 100000")
-    for key in ("overwrite", "retry_errors", "report", "dry_run"):
+    for key in ("overwrite", "retry_errors", "verify", "report", "dry_run"):
         _check(isinstance(getattr(c, key), bool), key, getattr(c, key), "use true or false")
     _check(_is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")
     for key in ("manifest_seconds", "progress_seconds"):

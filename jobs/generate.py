@@ -174,7 +174,7 @@ def run(config) -> int:
     try:
         if config.overwrite:
             log(f"--overwrite: removed {manifest.clear_outputs(out)} earlier output files")
-        previous = manifest.previous_work(out, plan.image_hashes, config.retry_errors)
+        previous = manifest.previous_work(out, plan.image_hashes, config.retry_errors, config.verify)
         # Order matters for a crash in between: remove bad objects before the rows that point at them.
         if previous.stale_keys:
             out.delete(previous.stale_keys)
@@ -188,7 +188,7 @@ def run(config) -> int:
     if len(previous.done):
         log(
             f"resuming: {previous.ok} images done and {previous.errors} errors recorded by earlier runs; "
-            f"{previous.missing} recorded images missing from storage will be rendered again"
+            f"{previous.missing} recorded images missing from storage (or changed) will be rendered again"
         )
     if todo == 0 and out.exists(manifest.SUCCESS):
         log(f"nothing to do: {out.location()} is complete (its _SUCCESS and report stay as they are)")

@@ -7,7 +7,8 @@ Layout under `{out}`:
 - `_SUCCESS`: a JSON summary, written last and only when every image of the input is accounted for.
 
 Resume reads the manifests: an image counts as done when a manifest row says `ok` and storage lists its key with the
-recorded size (or the row says `error`, unless errors are retried). Everything else is rendered again.
+recorded size (with `verify`, also holding bytes of the recorded sha256), or the row says `error` (unless errors are
+retried). Everything else is rendered again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import tarfile
 import time
 from dataclasses import dataclass
 
@@ -22,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.storage import Storage, StorageError
+from workers.storage import Storage, StorageError, sha256_hex
 
 from .inputs import contains, image_hash
 
@@ -95,39 +97,69 @@ class Previous:
     drop: dict[str, list[int]]  # manifest part -> rows to remove, because their image is rendered again
 
 
-def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool) -> Previous:
-    """What earlier runs finished, checked against a listing of the stored images."""
+def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, verify: bool = False) -> Previous:
+    """What earlier runs finished, checked against a listing of the stored images (and, with `verify`, against the
+    sha256 of their bytes)."""
     previous = Previous(np.zeros(0, np.uint64), 0, 0, 0, [], {})
     parts = manifest_keys(storage)
     if not parts:
         return previous
     listed = {**dict(storage.list("images")), **dict(storage.list("shards"))}
-    done = []
+    rows = []  # (part, index, row) of this input's images
     for part in parts:
-        table = read_part(storage, part, ["id", "image_index", "status", "key", "bytes", "member"])
+        table = read_part(storage, part, ["id", "image_index", "status", "key", "bytes", "member", "sha256"])
         for index, row in enumerate(table.to_pylist()):
-            h = image_hash(row["id"], row["image_index"])
-            if not contains(expected, h):
-                continue  # not part of this input: left as it is
-            if row["status"] == "ok":
-                size = listed.get(row["key"])
-                if row.get("member") is not None:  # in a WebDataset shard: the shard must be there
-                    size = row["bytes"] if size is not None else None
-                if size is None or size != row["bytes"]:
-                    previous.missing += 1
-                    if size is not None:
-                        previous.stale_keys.append(row["key"])
-                    previous.drop.setdefault(part, []).append(index)
-                    continue
-                previous.ok += 1
-            elif retry_errors:
+            row["hash"] = image_hash(row["id"], row["image_index"])
+            if contains(expected, row["hash"]):  # rows of other inputs are left as they are
+                rows.append((part, index, row))
+    ok = [row for _, _, row in rows if row["status"] == "ok"]
+    bad = {row["key"] for row in ok if row["key"] not in listed}
+    # An image object must have its recorded size; a shard only has to be there (its rows give member sizes).
+    bad |= {row["key"] for row in ok if row.get("member") is None and listed.get(row["key"]) != row["bytes"]}
+    if verify:
+        bad |= mismatched(storage, [row for row in ok if row["key"] not in bad])
+    done = []
+    for part, index, row in rows:
+        if row["status"] == "ok":
+            if row["key"] in bad:
+                previous.missing += 1
                 previous.drop.setdefault(part, []).append(index)
                 continue
-            else:
-                previous.errors += 1
-            done.append(h)
+            previous.ok += 1
+        elif retry_errors:
+            previous.drop.setdefault(part, []).append(index)
+            continue
+        else:
+            previous.errors += 1
+        done.append(row["hash"])
+    # A bad object still stored is removed before it is written again (a shard with one bad member goes whole: all
+    # of its rows are rendered again).
+    previous.stale_keys = sorted(k for k in bad if k in listed)
     previous.done = np.unique(np.array(done, dtype=np.uint64))
     return previous
+
+
+def mismatched(storage: Storage, rows: list[dict], threads: int = 16) -> set[str]:
+    """The keys whose stored bytes (an image, or a shard member) no longer have the manifest's sha256."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    by_key: dict[str, list[dict]] = {}
+    for row in rows:
+        by_key.setdefault(row["key"], []).append(row)
+
+    def check(key: str) -> bool:
+        try:
+            data = storage.get(key)
+        except StorageError:
+            return False  # gone since the listing
+        if by_key[key][0].get("member") is None:
+            return sha256_hex(data) == by_key[key][0]["sha256"]
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = {m.name: sha256_hex(tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()}
+        return all(members.get(row["member"]) == row["sha256"] for row in by_key[key])
+
+    with ThreadPoolExecutor(threads) as pool:
+        return {key for key, good in zip(by_key, pool.map(check, by_key)) if not good}
 
 
 def drop_rows(storage: Storage, drop: dict[str, list[int]]) -> None:

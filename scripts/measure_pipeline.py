@@ -28,6 +28,19 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def rss_parts() -> dict[str, int]:
+    """RSS split by kind, in MB: `anon` is the process's own memory; `shmem` counts the pages of Ray's shared object
+    store this process has touched (reading blocks maps them), which grows towards the store's size without being
+    memory the driver holds."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            for name, key in (("RssAnon:", "anon"), ("RssFile:", "file"), ("RssShmem:", "shmem")):
+                if line.startswith(name):
+                    parts[key] = round(int(line.split()[1]) / 1024)
+    return parts
+
+
 def seconds_per_1000(table) -> list[float]:
     """Wall seconds between the 1,000th, 2,000th, ... image written (by each image's write time)."""
     ends = sorted(t for t in table.column("write_end").to_pylist() if t is not None)
@@ -68,7 +81,7 @@ def main() -> None:
                 peak.append(rss())
                 if time.monotonic() - last >= 10:  # a coarse trace: does memory grow while the job streams?
                     last = time.monotonic()
-                    trace.append((round(last - t0), round(peak[-1] / 2**20)))
+                    trace.append((round(last - t0), round(peak[-1] / 2**20), rss_parts()))
                 time.sleep(0.2)
 
         thread = threading.Thread(target=sample, daemon=True)

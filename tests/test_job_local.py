@@ -68,6 +68,18 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys):
     check_output(out, 6)
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 1 and out.exists(lost)
 
+    # An image whose bytes changed but kept their size: a plain resume (presence and size, from one listing) cannot
+    # see it; --verify reads every image back, finds the sha256 mismatch and renders that one again.
+    changed = rows[("p2", 0)]["key"]
+    data = bytearray(out.get(changed))
+    data[-20] ^= 0xFF
+    out.put(changed, bytes(data))
+    assert run_job(tmp_path / "prompts.parquet", out.root) == 0
+    assert "is complete" in capsys.readouterr().err and out.get(changed) == bytes(data)
+    assert run_job(tmp_path / "prompts.parquet", out.root, "--verify") == 0
+    check_output(out, 6)  # which checks every stored image against its manifest's sha256
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 1 and out.get(changed) != bytes(data)
+
     # Retrying errors re-renders just the error row (still an error: the prompt is empty).
     assert run_job(tmp_path / "prompts.parquet", out.root, "--retry-errors") == 0
     check_output(out, 6)
@@ -183,6 +195,25 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == lost_rows
     stored = members()
     assert all((r["key"], r["member"]) in stored for r in manifest)
+
+    # One changed member: --verify renders its whole shard again (a shard is one object), nothing else.
+    row = manifest[-1]
+    with tarfile.open(fileobj=io.BytesIO(out.get(row["key"]))) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    files[row["member"]] = files[row["member"]][:-1] + b"\0"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out.put(row["key"], buffer.getvalue())
+    in_shard = sum(1 for r in manifest if r["key"] == row["key"])
+    assert main([*argv, "--layout", "webdataset", "--shard-size", "3", "--verify"]) == 0
+    manifest = read_manifests(out).to_pylist()
+    assert len(manifest) == 7 and json.loads(out.get(SUCCESS))["rendered_this_run"] == in_shard
+    stored = members()
+    assert all(sha256_hex(stored[(r["key"], r["member"])]) == r["sha256"] for r in manifest)
 
 
 def test_the_pools_stream_instead_of_taking_turns(tmp_path):
