@@ -3,6 +3,7 @@
 import io
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -230,3 +231,35 @@ def test_the_pools_stream_instead_of_taking_turns(tmp_path):
     prior, decoder = stats["pools"]["prior"]["span"], stats["pools"]["decoder"]["span"]
     assert decoder[0] < prior[0] + 0.5 * (prior[1] - prior[0]), (prior, decoder)
     assert stats["both_busy_s"] > 0.3 * (prior[1] - prior[0])
+
+
+def test_nan_from_fp16_overflow_is_an_error_row_never_a_black_image(tmp_path):
+    """A weights folder whose embedding of the word "overflow" is finite in fp32 but beyond fp16's range (65504):
+    in fp16, prompts with that word give NaN in Stage C's latent. That image is an error row naming the stage; no
+    picture is stored for it; the other prompts render and the job completes."""
+    import torch
+
+    from cascade import save_stage, tiny_models
+    from cascade.text import save_tokenizer
+
+    tiny = tiny_models()
+    (word,) = tiny.text_encoder.tokenizer("overflow", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        tiny.text_encoder.model.get_input_embeddings().weight[word] = 1e5
+    folder = tmp_path / "weights"
+    tiny.text_encoder.model.save_pretrained(folder / "text_encoder")
+    save_tokenizer(folder / "tokenizer", tiny.text_encoder.tokenizer)
+    for stage in ("stage_c", "stage_b", "stage_a"):
+        save_stage(getattr(tiny, stage), folder / f"{stage}.safetensors")
+    prompts = ["a red circle", "an overflow square", "a blue square"]
+    pq.write_table(__import__("pyarrow").table({"prompt": prompts}), tmp_path / "prompts.parquet")
+    out = LocalStorage(tmp_path / "out")
+
+    assert run_job(tmp_path / "prompts.parquet", out.root, "--model", str(folder), "--dtype", "fp16") == 0
+    manifest = {r["prompt"]: r for r in check_output(out, 3).to_pylist()}
+    assert manifest["an overflow square"]["status"] == "error"
+    assert manifest["an overflow square"]["error"] == "Stage C produced NaN/Inf in the latent"
+    assert len(list(out.list("images"))) == 2
+    for prompt in ("a red circle", "a blue square"):
+        pixels = np.asarray(Image.open(io.BytesIO(out.get(manifest[prompt]["key"]))))
+        assert manifest[prompt]["status"] == "ok" and pixels.std() > 1  # a picture, not a flat black square
