@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--prior-steps", type=int, default=2)
     p.add_argument("--decoder-steps", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--manifest-rows", type=int, default=5000)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -93,7 +94,7 @@ def main() -> None:
                 "--width", str(args.size), "--height", str(args.size),
                 "--prior-steps", str(args.prior_steps), "--decoder-steps", str(args.decoder_steps),
                 "--prior-pool-batch-size", str(args.batch_size), "--decoder-pool-batch-size", str(args.batch_size),
-                "--progress-seconds", "30", "--manifest-rows", "5000",
+                "--progress-seconds", "30", "--manifest-rows", str(args.manifest_rows),
                 *(["--dry-run"] if args.dry_run else []),
             ]
         )  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import numpy as np
@@ -85,17 +86,25 @@ def dry_decoder(priors: list[PriorOutput]) -> list[Result]:
 
 def _actor_name(stage: str) -> str:
     """stage@host:pid/node: which process, and which Ray node (several nodes can share a host)."""
+    node = "local"  # outside Ray (in-process use, tests)
     try:
         import ray
 
-        node = ray.get_runtime_context().get_node_id()[:12]
-    except Exception:  # outside Ray (tests, in-process use)
-        node = "local"
+        if ray.is_initialized():  # (asking for the runtime context would start a Ray)
+            node = ray.get_runtime_context().get_node_id()[:12]
+    except Exception:
+        pass
     return f"{stage}@{socket.gethostname()}:{os.getpid()}/{node}"
+
+
+def free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _Stage:
     part = ""
+    title = ""  # the pool's name in messages
 
     def __init__(self, model: str, lite: bool, dtype: str, latent_dtype: str, dry_run: bool = False, geometry=OFFICIAL):
         start = time.perf_counter()
@@ -104,6 +113,7 @@ class _Stage:
         self.latent_dtype = latent_dtype
         self.name = _actor_name(self.part)
         self.load_s = time.perf_counter() - start
+        self.fit = 1 << 30  # the largest batch known to fit in the device's memory (lowered on out-of-memory)
 
     def _batch_columns(self, start: float, end: float, n: int) -> dict[str, pa.Array]:
         """When this batch ran, and on which actor: the report's busy fractions and timeline come from these."""
@@ -112,6 +122,32 @@ class _Stage:
             f"{self.part}_end": pa.array([end] * n, pa.float64()),
             f"{self.part}_actor": pa.array([self.name] * n, pa.string()),
         }
+
+    def _fitted(self, run, items: list, failed) -> list:
+        """run(items) in chunks the device's memory holds. A chunk that runs out of memory is split in half and
+        retried, and later batches stay at the size that fitted; one image that does not fit alone becomes an
+        error row (failed(item, reason)) that names the size, and the job goes on."""
+        results = []
+        for start in range(0, len(items), self.fit):
+            chunk = items[start : start + self.fit]
+            try:
+                results += run(chunk)
+            except torch.cuda.OutOfMemoryError:
+                free_device_memory()
+                if len(chunk) == 1:
+                    r = getattr(chunk[0], "request", chunk[0])  # a Request (Stage C) or a PriorOutput
+                    reason = f"{self.title}: out of GPU memory for one {r.width}x{r.height} image; use a smaller size"
+                    results.append(failed(chunk[0], reason))
+                    continue
+                self.fit = len(chunk) // 2
+                print(
+                    f"warning: {self.title}: a batch of {len(chunk)} ran out of GPU memory; running batches of "
+                    f"{self.fit} on this actor from now on (set {self.part}_pool.batch_size to {self.fit} or less)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                results += self._fitted(run, chunk, failed)
+        return results
 
     def _groups(self, rows: list[dict]) -> list[list[int]]:
         """Indices of the rows to work on, grouped by bucket (size, steps, cfg), in input order."""
@@ -124,6 +160,7 @@ class PriorStage(_Stage):
     """Text encoder + Stage C."""
 
     part = "prior"
+    title = "Stage C"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.time()
@@ -135,7 +172,11 @@ class PriorStage(_Stage):
         for group in self._groups(rows):
             requests = requests_of([rows[i] for i in group])
             if self.models is not None:
-                outputs = run_prior(self.models, requests)
+                outputs = self._fitted(
+                    lambda chunk: run_prior(self.models, chunk),
+                    requests,
+                    lambda r, reason: PriorOutput(r, None, None, None, error=reason),
+                )
             else:
                 outputs = dry_prior(requests, self.geometry)
             for i, out in zip(group, outputs):
@@ -168,6 +209,7 @@ class DecoderStage(_Stage):
     """Stage B + Stage A."""
 
     part = "decoder"
+    title = "Stage B/A"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.time()
@@ -192,7 +234,14 @@ class DecoderStage(_Stage):
                         prompt_truncated=row["prompt_truncated"],
                     )
                 )
-            results = run_decoder(self.models, priors) if self.models is not None else dry_decoder(priors)
+            if self.models is not None:
+                results = self._fitted(
+                    lambda chunk: run_decoder(self.models, chunk),
+                    priors,
+                    lambda p, reason: Result(p.request, None, reason, p.prompt_truncated, p.prompt_tokens),
+                )
+            else:
+                results = dry_decoder(priors)
             for i, result in zip(group, results):
                 seconds[i] = result.timings.get("decoder_s")
                 if result.error is not None:

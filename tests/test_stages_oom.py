@@ -1,0 +1,79 @@
+"""A batch too large for the device's memory: the pool actor splits it, retries, and keeps the size that fitted; one
+image that does not fit alone becomes an error row naming the size. On a CPU the device's limit is injected (the
+stage's model call raises CUDA's out-of-memory error above a batch size); on a GPU a real limit is set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+import workers.stages as stages
+from cascade import Request
+from workers.stages import REQUEST_FIELDS, DecoderStage, PriorStage
+
+SMALL = dict(width=256, height=256, prior_steps=2, decoder_steps=2)
+
+
+def batch(n: int, size: int = 256) -> pa.Table:
+    args = {**SMALL, "width": size, "height": size}
+    rows = [{"error": None, **Request(f"a red circle number {i}", seed=i, **args).__dict__} for i in range(n)]
+    return pa.Table.from_pylist([{k: row[k] for k in ("error", *REQUEST_FIELDS)} for row in rows])
+
+
+def device_holds(limit: int, monkeypatch, name: str) -> list[int]:
+    """Make `stages.<name>` fail as a device with room for `limit` images would; return the batch sizes it ran."""
+    real, sizes = getattr(stages, name), []
+
+    def limited(models, items):
+        if len(items) > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        sizes.append(len(items))
+        return real(models, items)
+
+    monkeypatch.setattr(stages, name, limited)
+    return sizes
+
+
+def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_images(monkeypatch, capsys):
+    whole = PriorStage("tiny", False, "fp32", "fp32")(batch(5))
+    stage = PriorStage("tiny", False, "fp32", "fp32")
+    sizes = device_holds(2, monkeypatch, "run_prior")
+    split = stage(batch(5))
+    assert sizes == [2, 2, 1] and stage.fit == 2  # halved until it fitted, then kept at 2
+    assert split.column("error").null_count == 5
+    for a, b in zip(whole.column("latent").to_pylist(), split.column("latent").to_pylist()):
+        np.testing.assert_allclose(np.frombuffer(a, np.float32), np.frombuffer(b, np.float32), rtol=1e-4, atol=1e-3)
+    assert "set prior_pool.batch_size to 2 or less" in capsys.readouterr().err
+
+    sizes.clear()
+    stage(batch(3))  # the next batch starts at the size that fitted: no second out-of-memory
+    assert sizes == [2, 1]
+
+
+def test_an_image_too_large_for_the_device_alone_is_an_error_row_and_the_rest_go_on(monkeypatch):
+    prior = PriorStage("tiny", False, "fp32", "bf16")(batch(3))
+    decoder = DecoderStage("tiny", False, "fp32", "bf16")
+    device_holds(0, monkeypatch, "run_decoder")
+    out = decoder(prior)
+    errors = out.column("error").to_pylist()
+    assert errors == ["Stage B/A: out of GPU memory for one 256x256 image; use a smaller size"] * 3
+    assert out.column("pixels").null_count == 3
+
+
+@pytest.mark.gpu
+def test_a_real_cuda_out_of_memory_is_split(monkeypatch):
+    """On a GPU: cap this process's share of the card so that a large Stage B/A batch cannot fit."""
+    prior = PriorStage("tiny", False, "fp32", "bf16")(batch(8, size=2048))
+    decoder = DecoderStage("tiny", False, "fp32", "bf16")
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    allowed = (torch.cuda.memory_allocated() + 256 * 2**20) / total  # a little room above what is held now
+    torch.cuda.set_per_process_memory_fraction(allowed)
+    try:
+        out = decoder(prior)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert decoder.fit < 8
+    assert all(e is None or "out of GPU memory" in e for e in out.column("error").to_pylist())
