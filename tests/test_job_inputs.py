@@ -183,3 +183,26 @@ def test_read_fragments_skips_done_images_and_carries_extra_columns(tmp_path):
     assert [(r["style"], r["input_key"]) for r in rows] == [("s0", "user-key-0"), ("s2", "user-key-2")]
     assert rows[0]["key"].startswith("images/")
     assert work_items(p.sources) == [{"source": 0, "row_group": 0, "first_row": 0}]
+
+
+def test_missing_bucket_and_empty_file_are_named(s3_bucket, tmp_path):
+    with pytest.raises(InputError, match="s3://no-such-bucket-here"):
+        plan(config("s3://no-such-bucket-here/prompts.parquet"))
+    with pytest.raises(InputError, match="s3://no-such-bucket-here"):
+        plan(config("s3://no-such-bucket-here/in/"))
+    (tmp_path / "zero.parquet").write_bytes(b"")
+    with pytest.raises(InputError, match="zero.parquet is not a readable Parquet file"):
+        plan(config(tmp_path / "zero.parquet"))
+
+
+def test_seed_beyond_int64_in_an_unsigned_column_is_a_row_error(tmp_path):
+    pq.write_table(
+        pa.table({"prompt": ["a", "b"], "seed": pa.array([2**63 + 5, 7], pa.uint64())}), tmp_path / "s.parquet"
+    )
+    p = plan(config(tmp_path / "s.parquet"))
+    images = [
+        expand_row(row, "s.parquet", i, config(tmp_path / "s.parquet"))
+        for i, row in enumerate(pq.read_table(tmp_path / "s.parquet").to_pylist())
+    ]
+    assert p.images == 2
+    assert "seed: 9223372036854775813 is not allowed" in images[0][0]["error"] and images[1][0]["error"] is None

@@ -263,3 +263,18 @@ def test_nan_from_fp16_overflow_is_an_error_row_never_a_black_image(tmp_path):
     for prompt in ("a red circle", "a blue square"):
         pixels = np.asarray(Image.open(io.BytesIO(out.get(manifest[prompt]["key"]))))
         assert manifest[prompt]["status"] == "ok" and pixels.std() > 1  # a picture, not a flat black square
+
+
+def test_long_and_unusual_prompts_render_and_are_recorded_exactly(tmp_path):
+    prompts = ["a red circle " * 770, "🙂 a smiling emoji 🎨", "עיגול אדום على خلفية زرقاء", "a red\0circle"]
+    pq.write_table(__import__("pyarrow").table({"prompt": prompts}), tmp_path / "prompts.parquet")
+    out = LocalStorage(tmp_path / "out")
+    assert run_job(tmp_path / "prompts.parquet", out.root) == 0
+    rows = {r["prompt"]: r for r in check_output(out, 4).to_pylist()}
+    assert set(rows) == set(prompts)  # the manifest keeps every prompt exactly, NUL included
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows[prompts[0]]["prompt_truncated"] and rows[prompts[0]]["prompt_tokens"] > 77  # beyond CLIP's window
+    assert not rows[prompts[1]]["prompt_truncated"]
+    assert Image.open(io.BytesIO(out.get(rows[prompts[2]]["key"]))).text["prompt"] == prompts[2]
+    # PNG text cannot hold NUL: the embedded copy drops it, the manifest has the original.
+    assert Image.open(io.BytesIO(out.get(rows[prompts[3]]["key"]))).text["prompt"] == "a redcircle"
