@@ -98,3 +98,26 @@ def test_parts_load_one_half_with_the_same_weights(tmp_path, tiny):
     assert half.stage_c is None and half.text_encoder is None and half.stage_b is not None
     with pytest.raises(WeightsError, match="stage_c"):
         load_models(folder, parts=("prior",), dtype=torch.float32)
+
+
+class _Payload:
+    """Unpickling this runs code: what a malicious pickle checkpoint does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_text_encoder_is_refused_and_never_unpickled(tmp_path, tiny):
+    import pickle
+
+    folder = write_family(tiny, tmp_path / "weights", "stability")
+    for f in (folder / "text_encoder").glob("model*.safetensors"):
+        f.unlink()
+    marker = tmp_path / "pwned"
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(WeightsError, match="text_encoder: the text encoder could not be loaded"):
+        load_models(folder)
+    assert not marker.exists()
