@@ -79,6 +79,9 @@ class JobConfig:
     writer_cpus: float = 1.0
     latent_dtype: str = "bf16"
     storage_attempts: int = 10
+    # The input runs in segments of this many prompt rows, one Ray Data execution each (the pools start again for
+    # each): the driver's memory stays flat however long the input.
+    segment_rows: int = 20000
     progress_seconds: float = 5.0
     # How long a pool may find no live node it fits on (a node lost for good, an autoscaler that adds none) before
     # the job stops, so that it never waits forever; 0 waits forever.
@@ -179,6 +182,8 @@ def validate(c: JobConfig) -> None:
     _check(_is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")
     for key in ("manifest_seconds", "progress_seconds"):
         _check(_is_num(getattr(c, key)) and getattr(c, key) > 0, key, getattr(c, key), "use a number above 0")
+    v = c.segment_rows
+    _check(_is_int(v) and v >= 1, "segment_rows", v, "use an integer of 1 or more")
     v = c.node_wait_seconds
     _check(_is_num(v) and v >= 0, "node_wait_seconds", v, "use a number of seconds, 0 to wait forever")
     _check(_is_num(c.writer_cpus) and c.writer_cpus > 0, "writer_cpus", c.writer_cpus, "use a number above 0")

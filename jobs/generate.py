@@ -289,7 +289,7 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
     from workers.stages import DecoderStage, PriorStage
     from workers.writer import write_images, write_shard
 
-    from .inputs import read_fragments, work_items
+    from .inputs import pending_images, read_fragments, segments
     from .placement import NodeWatch, PlacementError
 
     ctx = ray.data.DataContext.get_current()
@@ -313,47 +313,50 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
             f"warning: the pools ask for {wanted:g} GPUs and the cluster has {cluster_gpus:g} now; "
             "actors wait until an autoscaler adds GPU nodes"
         )
-    items = work_items(plan.sources)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        read_fragments,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "sources": plan.sources,
-            "config": config,
-            "extra": plan.extra,
-            "done": previous.done,
-            "geometry": geometry,
-        },
-    )
-    for stage, pool in ((PriorStage, prior), (DecoderStage, decoder)):
-        # Blocks of one batch: an actor emits one block per input block, so a block of many batches would hold the
-        # next pool back until all of them are done, and the pools would take turns instead of overlapping.
-        ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
+
+    def pipeline(items: list[dict]):
+        """One segment's Ray Data pipeline: read -> Stage C pool -> Stage B/A pool -> writers."""
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
-            stage,
-            fn_constructor_kwargs=model_args,
-            compute=ray.data.ActorPoolStrategy(size=pool.actors),
-            batch_size=pool.batch_size,
+            read_fragments,
+            batch_size=1,
             batch_format="pyarrow",
-            **pool_args(pool, cluster_gpus),
+            fn_kwargs={
+                "sources": plan.sources,
+                "config": config,
+                "extra": plan.extra,
+                "done": previous.done,
+                "geometry": geometry,
+            },
         )
-    webdataset = config.layout == "webdataset"
-    ds = ds.map_batches(
-        write_shard if webdataset else write_images,
-        batch_size=config.shard_size if webdataset else decoder.batch_size,
-        batch_format="pyarrow",
-        num_cpus=config.writer_cpus,
-        fn_kwargs={
-            "storage": out,
-            "image_format": config.image_format,
-            "quality": config.quality,
-            "model": "dry-run" if config.dry_run else config.model,
-            "digest": digest,
-            "overwrite": config.overwrite,
-        },
-    )
+        for stage, pool in ((PriorStage, prior), (DecoderStage, decoder)):
+            # Blocks of one batch: an actor emits one block per input block, so a block of many batches would hold
+            # the next pool back until all of them are done, and the pools would take turns instead of overlapping.
+            ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
+            ds = ds.map_batches(
+                stage,
+                fn_constructor_kwargs=model_args,
+                compute=ray.data.ActorPoolStrategy(size=pool.actors),
+                batch_size=pool.batch_size,
+                batch_format="pyarrow",
+                **pool_args(pool, cluster_gpus),
+            )
+        webdataset = config.layout == "webdataset"
+        return ds.map_batches(
+            write_shard if webdataset else write_images,
+            batch_size=config.shard_size if webdataset else decoder.batch_size,
+            batch_format="pyarrow",
+            num_cpus=config.writer_cpus,
+            fn_kwargs={
+                "storage": out,
+                "image_format": config.image_format,
+                "quality": config.quality,
+                "model": "dry-run" if config.dry_run else config.model,
+                "digest": digest,
+                "overwrite": config.overwrite,
+            },
+        )
+
     queue_bytes = 0
     watch = None
     if config.node_wait_seconds > 0:
@@ -363,13 +366,22 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
         }
         watch = NodeWatch(needs, config.node_wait_seconds, log)
         watch.start()
+    # One Ray Data execution per segment of the input: the executor's state grows with the blocks it has moved
+    # (driver memory measured in docs/RELIABILITY.md), and a new execution starts from a fresh one.
+    parts = segments(plan.sources, config.segment_rows)
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if "queue_bytes" in batch.column_names:
-                queue_bytes += sum(v or 0 for v in batch.column("queue_bytes").to_pylist())
-            writer.add(batch)
-            errors = sum(1 for s in batch.column("status").to_pylist() if s != "ok")
-            progress.update(batch.num_rows, errors)
+        for number, items in enumerate(parts, 1):
+            todo = pending_images(plan.sources, items, config.num_images, previous.done)
+            if todo == 0:
+                continue
+            if len(parts) > 1:
+                log(f"segment {number}/{len(parts)}: {todo} images")
+            for batch in pipeline(items).iter_batches(batch_size=None, batch_format="pyarrow"):
+                if "queue_bytes" in batch.column_names:
+                    queue_bytes += sum(v or 0 for v in batch.column("queue_bytes").to_pylist())
+                writer.add(batch)
+                errors = sum(1 for s in batch.column("status").to_pylist() if s != "ok")
+                progress.update(batch.num_rows, errors)
     except KeyboardInterrupt:
         if watch is not None and watch.reason:
             raise PlacementError(watch.reason) from None

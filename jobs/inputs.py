@@ -257,13 +257,22 @@ def _check_schema(schema: pa.Schema, where: str, extra_fields: dict[str, pa.Fiel
                 )
 
 
+ID_COLUMNS = ("id", "num_images")
+
+
 def _ids_and_counts(pf: pq.ParquetFile, name: str, rows: int, default: int) -> tuple[list[str], list[int]]:
     """Every row's id and image count, reading only the id and num_images columns."""
-    columns = [c for c in ("id", "num_images") if c in pf.schema_arrow.names]
-    table = pf.read(columns=columns) if columns else None
-    raw_ids = table.column("id").to_pylist() if "id" in columns else [None] * rows
-    raw_counts = table.column("num_images").to_pylist() if "num_images" in columns else [None] * rows
-    return [row_id(v, name, r) for r, v in enumerate(raw_ids)], [image_count(v, default) for v in raw_counts]
+    columns = [c for c in ID_COLUMNS if c in pf.schema_arrow.names]
+    return _ids_and_counts_of(pf.read(columns=columns) if columns else None, name, 0, rows, default)
+
+
+def _ids_and_counts_of(table: pa.Table | None, name: str, first_row: int, rows: int, default: int):
+    """The ids and image counts of `rows` rows (from `first_row` of file `name`) of a table of ID_COLUMNS."""
+    names = table.column_names if table is not None else []
+    raw_ids = table.column("id").to_pylist() if "id" in names else [None] * rows
+    raw_counts = table.column("num_images").to_pylist() if "num_images" in names else [None] * rows
+    ids = [row_id(v, name, first_row + r) for r, v in enumerate(raw_ids)]
+    return ids, [image_count(v, default) for v in raw_counts]
 
 
 def _report_duplicate(sources: list[Source], default: int) -> None:
@@ -418,8 +427,7 @@ def read_fragments(
     carried = [(f.name, _input_column(f.name)) for f in extra]
     for item in items.to_pylist():
         source = sources[item["source"]]
-        pf = source.open()
-        table = pf.read_row_group(item["row_group"])
+        table = source.open().read_row_group(item["row_group"]).slice(item["start"], item["stop"] - item["start"])
         first = item["first_row"]
         rows = table.to_pylist()
         pending: list[dict] = []
@@ -437,10 +445,35 @@ def read_fragments(
             yield pa.Table.from_pylist(pending, schema=schema)
 
 
-def work_items(sources: list[Source]) -> list[dict]:
-    """One Ray Data item per (file, row group)."""
-    return [
-        {"source": i, "row_group": g, "first_row": first}
-        for i, s in enumerate(sources)
-        for g, (first, _) in enumerate(s.row_groups)
-    ]
+def segments(sources: list[Source], rows_per_segment: int) -> list[list[dict]]:
+    """The input cut into segments of about `rows_per_segment` rows, each a list of work items: a row range of one
+    row group (`first_row` is the range's first row in its file). The job runs one Ray Data execution per segment."""
+    found: list[list[dict]] = [[]]
+    filled = 0
+    for i, s in enumerate(sources):
+        for g, (first, n) in enumerate(s.row_groups):
+            start = 0
+            while start < n:
+                stop = min(n, start + rows_per_segment - filled)
+                item = {"source": i, "row_group": g, "first_row": first + start, "start": start, "stop": stop}
+                found[-1].append(item)
+                filled += stop - start
+                start = stop
+                if filled == rows_per_segment:
+                    found.append([])
+                    filled = 0
+    return [segment for segment in found if segment]
+
+
+def pending_images(sources: list[Source], segment: list[dict], default: int, done: np.ndarray) -> int:
+    """How many images of a segment are still to render (reading only the id and num_images columns)."""
+    pending = 0
+    for item in segment:
+        source = sources[item["source"]]
+        pf = source.open()
+        columns = [c for c in ID_COLUMNS if c in pf.schema_arrow.names]
+        n = item["stop"] - item["start"]
+        table = pf.read_row_group(item["row_group"], columns=columns).slice(item["start"], n) if columns else None
+        ids, counts = _ids_and_counts_of(table, source.name, item["first_row"], n, default)
+        pending += sum(1 for id_, c in zip(ids, counts) for k in range(c) if not contains(done, image_hash(id_, k)))
+    return pending

@@ -36,7 +36,8 @@ def test_ray_job_submit_places_each_pool_on_its_node(two_node_cluster, tmp_path)
     assert prior_nodes == {nodes["stage_c"][:12]} and decoder_nodes == {nodes["stage_b"][:12]}
 
 
-def test_driver_killed_mid_run_then_rerun_renders_every_image_once(two_node_cluster, tmp_path):
+def job_on_cluster(cluster, tmp_path, *flags: str) -> tuple[list[str], dict, LocalStorage]:
+    """The command line and environment of a 24-image job on the cluster, in small batches, and its output."""
     pq.write_table(prompts_table(24), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
     argv = [
@@ -49,13 +50,23 @@ def test_driver_killed_mid_run_then_rerun_renders_every_image_once(two_node_clus
         str(out.root),
     ]
     argv += [*FAST, *POOLS, "--manifest-rows", "2", "--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2"]
-    env = {**os.environ, "RAY_ADDRESS": two_node_cluster.address, "PYTHONPATH": str(ROOT)}
-    driver = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while sum(1 for _ in out.list("manifests")) < 2:  # some manifests written, more images on the way
-        assert driver.poll() is None, "the job ended before it could be killed"
+    env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(ROOT)}
+    return [*argv, *flags], env, out
+
+
+def wait_until(driver: subprocess.Popen, ready, seconds: float = 300) -> None:
+    """Wait for ready() while the job runs (the fault must come mid-job)."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert driver.poll() is None, "the job ended before the fault could be injected"
         assert time.monotonic() < deadline
         time.sleep(0.2)
+
+
+def test_driver_killed_mid_run_then_rerun_renders_every_image_once(two_node_cluster, tmp_path):
+    argv, env, out = job_on_cluster(two_node_cluster, tmp_path)
+    driver = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(driver, lambda: sum(1 for _ in out.list("manifests")) >= 2)  # some manifests written, more to come
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert not out.exists("_SUCCESS")
@@ -71,29 +82,12 @@ def test_driver_killed_mid_run_then_rerun_renders_every_image_once(two_node_clus
 def test_losing_the_decoder_node_stops_the_job_clearly_and_a_rerun_completes(two_node_cluster, tmp_path):
     """The Stage B/A pool is pinned to the second node (`stage_b`); that node dies mid-job. No other node can run the
     pool, so the job stops with exit 1 and says why; once the node is back, a rerun finishes with every image once."""
-    pq.write_table(prompts_table(24), tmp_path / "prompts.parquet")
-    out = LocalStorage(tmp_path / "out")
-    argv = [
-        sys.executable,
-        "-m",
-        "jobs.generate",
-        "--prompts",
-        str(tmp_path / "prompts.parquet"),
-        "--out",
-        str(out.root),
-    ]
-    argv += [*FAST, *POOLS, "--manifest-rows", "2", "--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2"]
-    argv += ["--node-wait-seconds", "5"]
-    env = {**os.environ, "RAY_ADDRESS": two_node_cluster.address, "PYTHONPATH": str(ROOT)}
+    argv, env, out = job_on_cluster(two_node_cluster, tmp_path, "--node-wait-seconds", "5")
     log = tmp_path / "driver.log"
     with open(log, "w") as stderr:
         driver = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            deadline = time.monotonic() + 300
-            while sum(1 for _ in out.list("images")) < 2:
-                assert driver.poll() is None, "the job ended before the node could be killed"
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            wait_until(driver, lambda: sum(1 for _ in out.list("images")) >= 2)
             two_node_cluster.kill_node("stage_b")
             code = driver.wait(timeout=240)
         finally:

@@ -15,9 +15,10 @@ from jobs.inputs import (
     image_hash,
     image_key,
     image_seed,
+    pending_images,
     plan,
     read_fragments,
-    work_items,
+    segments,
 )
 
 SMALL = {"width": 256, "height": 256, "prior_steps": 2, "decoder_steps": 2}
@@ -175,14 +176,12 @@ def test_read_fragments_skips_done_images_and_carries_extra_columns(tmp_path):
     p = plan(c)
     assert p.extra.names == ["style", "input_key"]
     done = np.sort(np.array([image_hash("i1", 0)], dtype=np.uint64))
-    tables = list(
-        read_fragments(pa.table({"source": [0], "row_group": [0], "first_row": [0]}), p.sources, c, p.extra, done)
-    )
+    tables = list(read_fragments(pa.Table.from_pylist(segments(p.sources, 100)[0]), p.sources, c, p.extra, done))
     rows = pa.concat_tables(tables).to_pylist()
     assert [r["id"] for r in rows] == ["i0", "i2"]
     assert [(r["style"], r["input_key"]) for r in rows] == [("s0", "user-key-0"), ("s2", "user-key-2")]
     assert rows[0]["key"].startswith("images/")
-    assert work_items(p.sources) == [{"source": 0, "row_group": 0, "first_row": 0}]
+    assert segments(p.sources, 100) == [[{"source": 0, "row_group": 0, "first_row": 0, "start": 0, "stop": 3}]]
 
 
 def test_missing_bucket_and_empty_file_are_named(s3_bucket, tmp_path):
@@ -206,3 +205,26 @@ def test_seed_beyond_int64_in_an_unsigned_column_is_a_row_error(tmp_path):
     ]
     assert p.images == 2
     assert "seed: 9223372036854775813 is not allowed" in images[0][0]["error"] and images[1][0]["error"] is None
+
+
+def test_segments_cut_row_groups_and_files_into_row_ranges(tmp_path):
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"prompt": [f"a{i}" for i in range(5)]}), tmp_path / "in/a.parquet", row_group_size=2)
+    pq.write_table(pa.table({"prompt": ["b0", "b1", "b2"], "num_images": [1, 2, 1]}), tmp_path / "in/b.parquet")
+    c = config(tmp_path / "in")
+    p = plan(c)
+    parts = segments(p.sources, 3)
+    ranges = [[(i["source"], i["row_group"], i["first_row"], i["start"], i["stop"]) for i in part] for part in parts]
+    assert ranges == [
+        [(0, 0, 0, 0, 2), (0, 1, 2, 0, 1)],
+        [(0, 1, 3, 1, 2), (0, 2, 4, 0, 1), (1, 0, 0, 0, 1)],
+        [(1, 0, 1, 1, 3)],
+    ]
+    # Every row read exactly once, with the ids of its file and row.
+    nothing = np.zeros(0, np.uint64)
+    ids = [r["id"] for part in parts for t in read_fragments(pa.Table.from_pylist(part), p.sources, c, p.extra, nothing)
+           for r in t.to_pylist()]  # fmt: skip
+    assert ids == [f"a.parquet:{i}" for i in range(5)] + ["b.parquet:0", "b.parquet:1", "b.parquet:1", "b.parquet:2"]
+    assert [pending_images(p.sources, part, 1, nothing) for part in parts] == [3, 3, 3]
+    done = np.sort(np.array([image_hash("b.parquet:1", 1), image_hash("a.parquet:0", 0)], np.uint64))
+    assert [pending_images(p.sources, part, 1, done) for part in parts] == [2, 3, 2]

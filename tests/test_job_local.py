@@ -278,3 +278,18 @@ def test_long_and_unusual_prompts_render_and_are_recorded_exactly(tmp_path):
     assert Image.open(io.BytesIO(out.get(rows[prompts[2]]["key"]))).text["prompt"] == prompts[2]
     # PNG text cannot hold NUL: the embedded copy drops it, the manifest has the original.
     assert Image.open(io.BytesIO(out.get(rows[prompts[3]]["key"]))).text["prompt"] == "a redcircle"
+
+
+def test_a_long_input_runs_in_segments_and_a_resume_runs_only_those_with_work(tmp_path, capsys):
+    pq.write_table(prompts_table(7), tmp_path / "prompts.parquet", row_group_size=2)
+    out = LocalStorage(tmp_path / "out")
+    assert run_job(tmp_path / "prompts.parquet", out.root, "--segment-rows", "3") == 0
+    manifest = check_output(out, 7)
+    err = capsys.readouterr().err
+    assert all(f"segment {k}/3" in err for k in (1, 2, 3))
+    lost = next(r["key"] for r in manifest.to_pylist() if r["id"] == "prompts.parquet:4")  # in segment 2
+    out.delete([lost])
+    assert run_job(tmp_path / "prompts.parquet", out.root, "--segment-rows", "3") == 0
+    check_output(out, 7)
+    err = capsys.readouterr().err
+    assert "segment 2/3: 1 images" in err and "segment 1/3" not in err and "segment 3/3" not in err
