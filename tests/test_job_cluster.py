@@ -81,7 +81,8 @@ def test_driver_killed_mid_run_then_rerun_renders_every_image_once(two_node_clus
 
 def test_losing_the_decoder_node_stops_the_job_clearly_and_a_rerun_completes(two_node_cluster, tmp_path):
     """The Stage B/A pool is pinned to the second node (`stage_b`); that node dies mid-job. No other node can run the
-    pool, so the job stops with exit 1 and says why; once the node is back, a rerun finishes with every image once."""
+    pool, so the job stops with exit 1 and says why; a rerun with the pools placed on what remains (the head) finishes
+    with every image once."""
     argv, env, out = job_on_cluster(two_node_cluster, tmp_path, "--node-wait-seconds", "5")
     log = tmp_path / "driver.log"
     with open(log, "w") as stderr:
@@ -100,9 +101,15 @@ def test_losing_the_decoder_node_stops_the_job_clearly_and_a_rerun_completes(two
         assert "rerun the same command to resume" in text
         assert not out.exists("_SUCCESS")
         assert sum(1 for _ in out.list("images")) < 24
-    finally:
-        two_node_cluster.add_node()  # the node comes back (and the cluster is whole for any later test)
 
-    rerun = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    check_output(out, 24)
+        # Finish on what remains: both pools on the head's one GPU, half each. Nothing lost, nothing twice.
+        head_only = ["--prior-pool-resources", "{}", "--decoder-pool-resources", "{}"]
+        head_only += ["--prior-pool-gpus", "0.5", "--decoder-pool-gpus", "0.5"]
+        rerun = subprocess.run([*argv, *head_only], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        rows = check_output(out, 24).to_pylist()
+        latest = max(r["run_id"] for r in rows)
+        nodes = {r["decoder_actor"].rsplit("/", 1)[1] for r in rows if r["run_id"] == latest}
+        assert nodes == {two_node_cluster.nodes["stage_c"][:12]}  # Stage B/A ran on the head this time
+    finally:
+        two_node_cluster.add_node()  # the node comes back, and the cluster is whole for any later test
