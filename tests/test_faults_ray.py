@@ -52,13 +52,20 @@ class Killer(threading.Thread):
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("stage,column", [("PriorStage", "prior_actor"), ("DecoderStage", "decoder_actor")])
-def test_an_actor_killed_mid_job_is_replaced_and_every_image_is_stored_once(tmp_path, stage, column):
+# The killed stage is made the slow one, so it still has work left when the first images are stored.
+@pytest.mark.parametrize(
+    "stage,column,slow",
+    [
+        ("PriorStage", "prior_actor", ["--prior-steps", "24"]),
+        ("DecoderStage", "decoder_actor", ["--decoder-steps", "12"]),
+    ],
+)
+def test_an_actor_killed_mid_job_is_replaced_and_every_image_is_stored_once(tmp_path, stage, column, slow):
     pq.write_table(prompts_table(16), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
     killer = Killer(out, stage, after=2)
     killer.start()
-    flags = ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2", "--manifest-rows", "4"]
+    flags = ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2", "--manifest-rows", "4", *slow]
     try:
         code = main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *FAST, *flags])
     finally:

@@ -40,8 +40,18 @@ def test_faults_within_the_retry_budget_are_retried_and_nothing_is_lost_or_dupli
     bucket = open_storage(f"s3://{s3_bucket}")  # direct to the server: the test's own view
     bucket.put("in/prompts.parquet", parquet_bytes(prompts_table(8)))
 
-    # Every third request gets a fault, in turn: each kind many times, on reads, listings and writes alike.
-    proxy.rule = lambda method, path, n: FAULTS[(n // 3) % len(FAULTS)] if n % 3 == 0 else None
+    # The first image writes get each kind of fault once (reset_after first: the write is stored, its reply lost);
+    # and every third request gets one, in turn: each kind many times, on reads, listings and writes alike.
+    image_puts = []
+
+    def rule(method: str, path: str, n: int) -> str | None:
+        if method == "PUT" and "/out/images/" in path:
+            image_puts.append(path)
+            if len(image_puts) <= len(FAULTS):
+                return ("reset_after", *[f for f in FAULTS if f != "reset_after"])[len(image_puts) - 1]
+        return FAULTS[(n // 3) % len(FAULTS)] if n % 3 == 0 else None
+
+    proxy.rule = rule
     done = run_job(s3_bucket, proxy)
     assert done.returncode == 0, done.stderr[-4000:]
     assert set(proxy.injected) == set(FAULTS), proxy.injected
