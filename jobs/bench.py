@@ -1,0 +1,235 @@
+"""The benchmark: `python -m jobs.bench [--model tiny|FOLDER] [--size 1024] [--batch 1 4] [--dtype bf16] [--json F]`.
+
+Measures in one run, per batch size, in images/s:
+- each stage alone: the text encoder, Stage C's sampling loop, Stage B's sampling loop, Stage A's decode;
+- the in-process pipeline (text encoder + Stage C, then Stage B + Stage A, as a pool actor runs them);
+- diffusers' prior + decoder pipelines on the same weights (jobs/bench_diffusers.py), the baseline.
+
+Every timing has warm-up runs first, synchronises the device around the timed call, and reports the median of
+`--repeats` runs. Prints a table (each stage's rate, the pipeline's, the slowest stage, the sum of the stages' times
+over the pipeline's, and the speed-up over diffusers); `--json` writes the same figures with the machine, the date and
+the settings. Numbers live in docs/PERFORMANCE.md, not in tests: CI only runs a tiny smoke of this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+STAGES = ("text", "stage_c", "stage_b", "stage_a")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """The median wall time of fn() over `repeats` runs after `warmup` runs, the device synchronised around each."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def stage_calls(models, batch: int, size: int, prior_steps: int, decoder_steps: int) -> dict[str, Callable[[], object]]:
+    """One callable per stage, on inputs of the shapes the pipeline gives it (prepared once, outside the timing)."""
+    from cascade import gdf
+    from cascade.pipeline import DECODER_SHIFT, PRIOR_SHIFT, Request, latent_sizes, stage_generator
+
+    device = models.device
+    request = Request("a red circle on a blue background", width=size, height=size)
+    prompts = [request.prompt] * batch + [request.negative_prompt] * batch
+    text = models.text_encoder.encode(prompts)
+    clip_text, pooled = text.clip_text.to(device), text.clip_text_pooled.to(device)
+    clip_img = torch.zeros(batch, 1, models.clip_img_dim, device=device, dtype=clip_text.dtype)
+    cond_c = {"clip_text": clip_text[:batch], "clip_text_pooled": pooled[:batch], "clip_img": clip_img}
+    uncond_c = {"clip_text": clip_text[batch:], "clip_text_pooled": pooled[batch:], "clip_img": clip_img}
+    shape_c, shape_b = latent_sizes(size, size, models.geometry)
+    dtype_b = next(models.stage_b.parameters()).dtype
+    effnet = torch.randn(batch, *shape_c, device=device, dtype=dtype_b)
+    clip = pooled[:batch].to(dtype_b)
+    cond_b = {"effnet": effnet, "clip": clip}
+    uncond_b = {"effnet": torch.zeros_like(effnet), "clip": pooled[batch:].to(dtype_b)}
+    latents_b = torch.randn(batch, *shape_b, device=device, dtype=next(models.stage_a.parameters()).dtype)
+
+    def generators(stage: str):
+        return [stage_generator(seed, stage) for seed in range(batch)]
+
+    def run(model, cond, uncond, cfg, shape, steps, shift, stage):
+        def call():
+            with torch.inference_mode():
+                return gdf.sample(
+                    gdf.guided_denoiser(model, cond, uncond, cfg),
+                    generators(stage),
+                    shape,
+                    steps=steps,
+                    shift=shift,
+                    sampler=request.sampler,
+                    device=device,
+                )
+
+        return call
+
+    def decode():
+        with torch.inference_mode():
+            return models.stage_a.decode(latents_b)
+
+    def encode():
+        with torch.inference_mode():
+            return models.text_encoder.encode(prompts)
+
+    return {
+        "text": encode,
+        "stage_c": run(
+            models.stage_c, cond_c, uncond_c, request.prior_cfg, shape_c, prior_steps, PRIOR_SHIFT, "stage_c"
+        ),
+        "stage_b": run(
+            models.stage_b, cond_b, uncond_b, request.decoder_cfg, shape_b, decoder_steps, DECODER_SHIFT, "stage_b"
+        ),
+        "stage_a": decode,
+    }
+
+
+def pipeline_call(models, batch: int, size: int, prior_steps: int, decoder_steps: int) -> Callable[[], object]:
+    from cascade.pipeline import Request, run_decoder, run_prior
+
+    requests = [
+        Request(f"a red circle number {i}", seed=i, width=size, height=size, prior_steps=prior_steps,
+                decoder_steps=decoder_steps)
+        for i in range(batch)
+    ]  # fmt: skip
+
+    def call():
+        results = run_decoder(models, run_prior(models, requests))
+        errors = [r.error for r in results if r.error]
+        if errors:
+            raise RuntimeError(f"the pipeline failed during the benchmark: {errors[0]}")
+        return results
+
+    return call
+
+
+def measure(models, batch: int, args, twin=None) -> dict:
+    calls = stage_calls(models, batch, args.size, args.prior_steps, args.decoder_steps)
+    device = models.device
+    row: dict = {"batch": batch}
+    for stage in STAGES:
+        seconds = median_seconds(calls[stage], device, args.warmup, args.repeats)
+        row[f"{stage}_s"] = seconds
+        row[f"{stage}_images_per_s"] = batch / seconds
+    call = pipeline_call(models, batch, args.size, args.prior_steps, args.decoder_steps)
+    row["pipeline_s"] = median_seconds(call, device, args.warmup, args.repeats)
+    row["pipeline_images_per_s"] = batch / row["pipeline_s"]
+    if twin is not None:
+        call = twin.call(batch, args.size, args.prior_steps, args.decoder_steps)
+        row["diffusers_s"] = median_seconds(call, device, args.warmup, args.repeats)
+        row["diffusers_images_per_s"] = batch / row["diffusers_s"]
+        row["speedup_vs_diffusers"] = row["diffusers_s"] / row["pipeline_s"]
+    slowest = max(STAGES, key=lambda s: row[f"{s}_s"])
+    row["slowest_stage"] = slowest
+    # In one process the stages run one after another: the pipeline's time is their sum plus the glue between them.
+    row["stages_sum_s"] = sum(row[f"{s}_s"] for s in STAGES)
+    row["glue_fraction"] = 1 - row["stages_sum_s"] / row["pipeline_s"]
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    baseline = "diffusers_s" in rows[0]
+    head = ["batch", *[f"{s} img/s" for s in STAGES], "pipeline img/s", "slowest", "stages/pipeline"]
+    head += ["diffusers img/s", "vs diffusers"] if baseline else []
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        cells = [str(r["batch"]), *[f"{r[f'{s}_images_per_s']:.2f}" for s in STAGES]]
+        cells += [f"{r['pipeline_images_per_s']:.2f}", r["slowest_stage"], f"{r['stages_sum_s'] / r['pipeline_s']:.2f}"]
+        if baseline:
+            cells += [f"{r['diffusers_images_per_s']:.2f}", f"{r['speedup_vs_diffusers']:.2f}x"]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="a built-in model (tiny) or an official-layout weights folder")
+    p.add_argument("--size", type=int, default=None, help="image width and height (default: the family's size)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    p.add_argument("--prior-steps", type=int, default=20)
+    p.add_argument("--decoder-steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument(
+        "--diffusers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time diffusers' pipelines on the same weights (needs diffusers; default on)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cascade.family import BUILTIN_MODELS, load_models
+    from workers.models import device, torch_dtype
+
+    on = device()
+    dtype = torch_dtype(args.dtype, on)
+    if args.model in BUILTIN_MODELS:
+        models = BUILTIN_MODELS[args.model](device=on, dtype=dtype)
+    else:
+        models = load_models(args.model, dtype=dtype, device=on)
+    args.size = args.size or models.geometry.default_size
+    try:
+        models.geometry.check_size("--size", args.size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if min(args.batch) < 1 or args.warmup < 0 or args.repeats < 1:
+        print("error: --batch and --repeats must be 1 or more, --warmup 0 or more", file=sys.stderr)
+        return 2
+    twin = None
+    if args.diffusers:
+        from .bench_diffusers import DiffusersTwin, available
+
+        if available():
+            twin = DiffusersTwin(models)
+        else:
+            print("[bench] diffusers is not installed: no baseline (pip install diffusers)", file=sys.stderr)
+    rows = []
+    for batch in args.batch:
+        rows.append(measure(models, batch, args, twin))
+        print(f"[bench] batch {batch}: pipeline {rows[-1]['pipeline_images_per_s']:.3f} images/s", file=sys.stderr)
+    print(table(rows))
+    if args.json:
+        report = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {
+                "device": torch.cuda.get_device_name(on) if on.type == "cuda" else platform.processor() or "cpu",
+                "cpus": torch.get_num_threads(),
+                "torch": torch.__version__,
+            },
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "dtype": str(dtype),
+            "rows": rows,
+        }
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
