@@ -3,6 +3,8 @@
 Measures in one run, per batch size, in images/s:
 - each stage alone: the text encoder, Stage C's sampling loop, Stage B's sampling loop, Stage A's decode;
 - the in-process pipeline (text encoder + Stage C, then Stage B + Stage A, as a pool actor runs them);
+- the Ray pipeline: the real job on a local Ray, in its steady state (jobs/bench_ray.py), against its bottleneck
+  pool's work done alone;
 - diffusers' prior + decoder pipelines on the same weights (jobs/bench_diffusers.py), the baseline.
 
 Every timing has warm-up runs first, synchronises the device around the timed call, and reports the median of
@@ -140,6 +142,10 @@ def measure(models, batch: int, args, twin=None) -> dict:
         row["diffusers_s"] = median_seconds(call, device, args.warmup, args.repeats)
         row["diffusers_images_per_s"] = batch / row["diffusers_s"]
         row["speedup_vs_diffusers"] = row["diffusers_s"] / row["pipeline_s"]
+    if args.ray_prompts:
+        from .bench_ray import ray_pipeline
+
+        row.update(ray_pipeline(args, batch, {s: row[f"{s}_s"] for s in STAGES}))
     slowest = max(STAGES, key=lambda s: row[f"{s}_s"])
     row["slowest_stage"] = slowest
     # In one process the stages run one after another: the pipeline's time is their sum plus the glue between them.
@@ -152,12 +158,16 @@ def table(rows: list[dict]) -> str:
     baseline = "diffusers_s" in rows[0]
     head = ["batch", *[f"{s} img/s" for s in STAGES], "pipeline img/s", "slowest", "stages/pipeline"]
     head += ["diffusers img/s", "vs diffusers"] if baseline else []
+    ray = "ray_images_per_s" in rows[0]
+    head += ["Ray pipeline img/s", "Ray / bottleneck pool alone"] if ray else []
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         cells = [str(r["batch"]), *[f"{r[f'{s}_images_per_s']:.2f}" for s in STAGES]]
         cells += [f"{r['pipeline_images_per_s']:.2f}", r["slowest_stage"], f"{r['stages_sum_s'] / r['pipeline_s']:.2f}"]
         if baseline:
             cells += [f"{r['diffusers_images_per_s']:.2f}", f"{r['speedup_vs_diffusers']:.2f}x"]
+        if ray:
+            cells += [f"{r['ray_images_per_s']:.2f}", f"{r['ray_vs_bottleneck']:.2f}"]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
@@ -173,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument(
+        "--ray-prompts",
+        type=int,
+        default=32,
+        help="prompts for the Ray pipeline's run per batch size (the real job on a local Ray); 0 skips it",
+    )
     p.add_argument(
         "--diffusers",
         action=argparse.BooleanOptionalAction,
@@ -201,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if min(args.batch) < 1 or args.warmup < 0 or args.repeats < 1:
         print("error: --batch and --repeats must be 1 or more, --warmup 0 or more", file=sys.stderr)
+        return 2
+    if args.ray_prompts and args.ray_prompts < 2 * max(args.batch):
+        print(f"error: --ray-prompts {args.ray_prompts}: use 0 or at least twice the largest batch", file=sys.stderr)
         return 2
     twin = None
     if args.diffusers:

@@ -3,11 +3,23 @@ pipeline for each batch size, and writes its JSON."""
 
 import json
 
+import pytest
+
 from jobs.bench import STAGES, main
 
 
-def test_bench_reports_each_stage_and_the_pipeline(tmp_path, capsys):
+@pytest.fixture
+def own_ray():
+    """The benchmark's job starts a local Ray in this process; stop it so later tests can start their own."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def test_bench_reports_each_stage_and_the_pipeline(tmp_path, capsys, own_ray):
     args = ["--size", "256", "--batch", "1", "2", "--prior-steps", "2", "--decoder-steps", "2", "--repeats", "1"]
+    args += ["--ray-prompts", "6"]
     assert main([*args, "--json", str(tmp_path / "bench.json")]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("batch | text img/s")
@@ -17,9 +29,13 @@ def test_bench_reports_each_stage_and_the_pipeline(tmp_path, capsys):
         assert all(row[f"{s}_images_per_s"] > 0 for s in STAGES) and row["pipeline_images_per_s"] > 0
         assert row["slowest_stage"] in STAGES
         assert row["diffusers_images_per_s"] > 0 and row["speedup_vs_diffusers"] > 0  # the baseline ran too
-    assert "vs diffusers" in out.splitlines()[0]
+        assert row["ray_images_per_s"] > 0 and row["ray_bottleneck_pool"] in ("Stage C pool", "Stage B/A pool")
+        assert row["ray_vs_bottleneck"] > 0
+    assert "vs diffusers" in out.splitlines()[0] and "Ray pipeline img/s" in out.splitlines()[0]
 
 
-def test_bench_refuses_an_unsupported_size(capsys):
+def test_bench_refuses_an_unsupported_size_and_too_few_prompts(capsys):
     assert main(["--size", "100", "--batch", "1"]) == 2
     assert "--size: 100 is not supported" in capsys.readouterr().err
+    assert main(["--size", "256", "--batch", "4", "--ray-prompts", "5"]) == 2
+    assert "--ray-prompts 5: use 0 or at least twice the largest batch" in capsys.readouterr().err

@@ -1,0 +1,49 @@
+"""The Ray pipeline part of `jobs.bench`: the real job (`jobs.generate`) on a local Ray, timed from its manifests.
+
+The job renders `prompts` prompts into a temporary folder with both pools at the benchmark's batch size. Its rate is
+taken in the steady state: images written between the first write and the last, over that time, so the actors'
+start (model loading) is left out. It is compared with the bottleneck pool's work done alone: text encoder + Stage C
+for the Stage C pool, Stage B + Stage A for the Stage B/A pool, timed by the benchmark at the same batch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+def ray_pipeline(args, batch: int, stage_seconds: dict[str, float]) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workers.storage import LocalStorage
+
+    from .generate import main as generate
+    from .manifest import read_manifests
+
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
+        work = Path(tmp)
+        prompts = [f"a red circle number {i}" for i in range(args.ray_prompts)]
+        pq.write_table(pa.table({"prompt": prompts}), work / "prompts.parquet")
+        argv = ["--prompts", str(work / "prompts.parquet"), "--out", str(work / "out"), "--model", args.model]
+        argv += ["--width", str(args.size), "--height", str(args.size), "--dtype", args.dtype]
+        argv += ["--prior-steps", str(args.prior_steps), "--decoder-steps", str(args.decoder_steps)]
+        argv += ["--prior-pool-batch-size", str(batch), "--decoder-pool-batch-size", str(batch)]
+        argv += ["--no-report", "--progress-seconds", "3600"]
+        code = generate(argv)
+        if code != 0:
+            raise RuntimeError(f"the Ray pipeline's job failed with exit code {code}")
+        ends = sorted(read_manifests(LocalStorage(work / "out"), ["write_end"]).column("write_end").to_pylist())
+    steady = (len(ends) - batch) / (ends[-1] - ends[0]) if ends[-1] > ends[0] else float("nan")
+    pools = {
+        "Stage C pool": stage_seconds["text"] + stage_seconds["stage_c"],
+        "Stage B/A pool": stage_seconds["stage_b"] + stage_seconds["stage_a"],
+    }
+    bottleneck = max(pools, key=pools.get)
+    alone = batch / pools[bottleneck]
+    return {
+        "ray_images_per_s": steady,
+        "ray_bottleneck_pool": bottleneck,
+        "ray_bottleneck_alone_images_per_s": alone,
+        "ray_vs_bottleneck": steady / alone,
+    }
