@@ -179,6 +179,17 @@ def effnet_latents(
 
 
 @torch.inference_mode()
+def prior_conditions(models: CascadeModels, text, n: int) -> tuple[dict, dict]:
+    """Stage C's conditions for n prompts and their n negative prompts (encoded together, prompts first); the image
+    embedding is zeros, as the reference's text-to-image."""
+    device = models.device
+    clip_text, pooled = text.clip_text.to(device), text.clip_text_pooled.to(device)
+    clip_img = torch.zeros(n, 1, models.clip_img_dim, device=device, dtype=clip_text.dtype)
+    cond = {"clip_text": clip_text[:n], "clip_text_pooled": pooled[:n], "clip_img": clip_img}
+    uncond = {"clip_text": clip_text[n:], "clip_text_pooled": pooled[n:], "clip_img": clip_img}
+    return cond, uncond
+
+
 def run_prior(
     models: CascadeModels,
     requests: Sequence[Request],
@@ -195,10 +206,8 @@ def run_prior(
     n, first = len(requests), requests[0]
     device = models.device
     text = models.text_encoder.encode([r.prompt for r in requests] + [r.negative_prompt for r in requests])
-    clip_text, pooled = text.clip_text.to(device), text.clip_text_pooled.to(device)
-    clip_img = torch.zeros(n, 1, models.clip_img_dim, device=device, dtype=clip_text.dtype)
-    cond = {"clip_text": clip_text[:n], "clip_text_pooled": pooled[:n], "clip_img": clip_img}
-    uncond = {"clip_text": clip_text[n:], "clip_text_pooled": pooled[n:], "clip_img": clip_img}
+    cond, uncond = prior_conditions(models, text, n)
+    pooled = text.clip_text_pooled
     shape_c, _ = latent_sizes(first.width, first.height, models.geometry)
     generators = [stage_generator(r.seed, "stage_c") for r in requests]
     x_init, t_start = None, 1.0

@@ -51,21 +51,18 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
 def stage_calls(models, batch: int, size: int, prior_steps: int, decoder_steps: int) -> dict[str, Callable[[], object]]:
     """One callable per stage, on inputs of the shapes the pipeline gives it (prepared once, outside the timing)."""
     from cascade import gdf
-    from cascade.pipeline import DECODER_SHIFT, PRIOR_SHIFT, Request, latent_sizes, stage_generator
+    from cascade.pipeline import DECODER_SHIFT, PRIOR_SHIFT, Request, latent_sizes, prior_conditions, stage_generator
 
     device = models.device
     request = Request("a red circle on a blue background", width=size, height=size)
     prompts = [request.prompt] * batch + [request.negative_prompt] * batch
     text = models.text_encoder.encode(prompts)
-    clip_text, pooled = text.clip_text.to(device), text.clip_text_pooled.to(device)
-    clip_img = torch.zeros(batch, 1, models.clip_img_dim, device=device, dtype=clip_text.dtype)
-    cond_c = {"clip_text": clip_text[:batch], "clip_text_pooled": pooled[:batch], "clip_img": clip_img}
-    uncond_c = {"clip_text": clip_text[batch:], "clip_text_pooled": pooled[batch:], "clip_img": clip_img}
+    cond_c, uncond_c = prior_conditions(models, text, batch)
+    pooled = text.clip_text_pooled.to(device)
     shape_c, shape_b = latent_sizes(size, size, models.geometry)
     dtype_b = next(models.stage_b.parameters()).dtype
     effnet = torch.randn(batch, *shape_c, device=device, dtype=dtype_b)
-    clip = pooled[:batch].to(dtype_b)
-    cond_b = {"effnet": effnet, "clip": clip}
+    cond_b = {"effnet": effnet, "clip": pooled[:batch].to(dtype_b)}
     uncond_b = {"effnet": torch.zeros_like(effnet), "clip": pooled[batch:].to(dtype_b)}
     latents_b = torch.randn(batch, *shape_b, device=device, dtype=next(models.stage_a.parameters()).dtype)
 
@@ -150,7 +147,6 @@ def measure(models, batch: int, args, twin=None) -> dict:
     row["slowest_stage"] = slowest
     # In one process the stages run one after another: the pipeline's time is their sum plus the glue between them.
     row["stages_sum_s"] = sum(row[f"{s}_s"] for s in STAGES)
-    row["glue_fraction"] = 1 - row["stages_sum_s"] / row["pipeline_s"]
     return row
 
 

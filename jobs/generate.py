@@ -371,10 +371,10 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
     parts = segments(plan.sources, config.segment_rows)
     try:
         for number, items in enumerate(parts, 1):
-            todo = pending_images(plan.sources, items, config.num_images, previous.done)
-            if todo == 0:
-                continue
-            if len(parts) > 1:
+            if len(parts) > 1:  # (one segment holds all the work left: no need to read its ids again)
+                todo = pending_images(plan.sources, items, config.num_images, previous.done)
+                if todo == 0:
+                    continue
                 log(f"segment {number}/{len(parts)}: {todo} images")
             for batch in pipeline(items).iter_batches(batch_size=None, batch_format="pyarrow"):
                 if "queue_bytes" in batch.column_names:
