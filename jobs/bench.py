@@ -8,9 +8,12 @@ Measures in one run, per batch size, in images/s:
 - diffusers' prior + decoder pipelines on the same weights (jobs/bench_diffusers.py), the baseline.
 
 Every timing has warm-up runs first, synchronises the device around the timed call, and reports the median of
-`--repeats` runs. Prints a table (each stage's rate, the pipeline's, the slowest stage, the sum of the stages' times
-over the pipeline's, and the speed-up over diffusers); `--json` writes the same figures with the machine, the date and
-the settings. Numbers live in docs/PERFORMANCE.md, not in tests: CI only runs a tiny smoke of this command.
+`--repeats` runs. Model-FLOPs utilisation (MFU) is the model FLOPs done per second (counted per stage by
+`cascade.flops`) over the device's measured dense matmul rate in the same dtype, measured in the same run (or
+`--peak-tflops`). Prints a table (each stage's rate, the pipeline's and its MFU, the slowest stage, the sum of the
+stages' times over the pipeline's, and the speed-up over diffusers); `--json` writes the same figures with the
+machine, the date, the settings, the FLOPs per image and the matmul rate. Numbers live in docs/PERFORMANCE.md, not
+in tests: CI only runs a tiny smoke of this command.
 """
 
 from __future__ import annotations
@@ -123,22 +126,31 @@ def pipeline_call(models, batch: int, size: int, prior_steps: int, decoder_steps
     return call
 
 
-def measure(models, batch: int, args, twin=None) -> dict:
+def measure(models, batch: int, args, twin=None, flops: dict | None = None, peak: float | None = None) -> dict:
+    """One batch size's figures. flops: model FLOPs per image per stage (cascade.flops.sampling_flops); peak: the
+    FLOP/s that MFU divides by."""
     calls = stage_calls(models, batch, args.size, args.prior_steps, args.decoder_steps)
     device = models.device
     row: dict = {"batch": batch}
+    mfu = lambda flop_per_image, images_per_s: flop_per_image * images_per_s / peak  # noqa: E731
     for stage in STAGES:
         seconds = median_seconds(calls[stage], device, args.warmup, args.repeats)
         row[f"{stage}_s"] = seconds
         row[f"{stage}_images_per_s"] = batch / seconds
+        if flops:
+            row[f"{stage}_mfu"] = mfu(flops[stage], batch / seconds)
     call = pipeline_call(models, batch, args.size, args.prior_steps, args.decoder_steps)
     row["pipeline_s"] = median_seconds(call, device, args.warmup, args.repeats)
     row["pipeline_images_per_s"] = batch / row["pipeline_s"]
+    if flops:
+        row["pipeline_mfu"] = mfu(sum(flops.values()), row["pipeline_images_per_s"])
     if twin is not None:
         call = twin.call(batch, args.size, args.prior_steps, args.decoder_steps)
         row["diffusers_s"] = median_seconds(call, device, args.warmup, args.repeats)
         row["diffusers_images_per_s"] = batch / row["diffusers_s"]
         row["speedup_vs_diffusers"] = row["diffusers_s"] / row["pipeline_s"]
+        if flops:
+            row["diffusers_mfu"] = mfu(sum(flops.values()), row["diffusers_images_per_s"])
     if args.ray_prompts:
         from .bench_ray import ray_pipeline
 
@@ -152,14 +164,15 @@ def measure(models, batch: int, args, twin=None) -> dict:
 
 def table(rows: list[dict]) -> str:
     baseline = "diffusers_s" in rows[0]
-    head = ["batch", *[f"{s} img/s" for s in STAGES], "pipeline img/s", "slowest", "stages/pipeline"]
+    head = ["batch", *[f"{s} img/s" for s in STAGES], "pipeline img/s", "pipeline MFU", "slowest", "stages/pipeline"]
     head += ["diffusers img/s", "vs diffusers"] if baseline else []
     ray = "ray_images_per_s" in rows[0]
     head += ["Ray pipeline img/s", "Ray / bottleneck pool alone"] if ray else []
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         cells = [str(r["batch"]), *[f"{r[f'{s}_images_per_s']:.2f}" for s in STAGES]]
-        cells += [f"{r['pipeline_images_per_s']:.2f}", r["slowest_stage"], f"{r['stages_sum_s'] / r['pipeline_s']:.2f}"]
+        cells += [f"{r['pipeline_images_per_s']:.2f}", f"{r.get('pipeline_mfu', float('nan')):.1%}"]
+        cells += [r["slowest_stage"], f"{r['stages_sum_s'] / r['pipeline_s']:.2f}"]
         if baseline:
             cells += [f"{r['diffusers_images_per_s']:.2f}", f"{r['speedup_vs_diffusers']:.2f}x"]
         if ray:
@@ -179,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's FLOP/s that MFU divides by, in TFLOP/s (default: its dense matmul rate, measured now)",
+    )
     p.add_argument(
         "--ray-prompts",
         type=int,
@@ -225,9 +243,19 @@ def main(argv: list[str] | None = None) -> int:
             twin = DiffusersTwin(models)
         else:
             print("[bench] diffusers is not installed: no baseline (pip install diffusers)", file=sys.stderr)
+    from cascade.flops import forward_flops, matmul_rate, sampling_flops
+
+    flops = sampling_flops(forward_flops(models, args.size), args.prior_steps, args.decoder_steps)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_rate(on, dtype)
+    print(
+        f"[bench] model TFLOP per image: {sum(flops.values()) / 1e12:.4g} "
+        f"({', '.join(f'{s} {f / 1e12:.3g}' for s, f in flops.items())}); "
+        f"MFU against {peak / 1e12:.1f} TFLOP/s ({'given' if args.peak_tflops else 'measured dense matmul'})",
+        file=sys.stderr,
+    )
     rows = []
     for batch in args.batch:
-        rows.append(measure(models, batch, args, twin))
+        rows.append(measure(models, batch, args, twin, flops, peak))
         print(f"[bench] batch {batch}: pipeline {rows[-1]['pipeline_images_per_s']:.3f} images/s", file=sys.stderr)
     print(table(rows))
     if args.json:
@@ -240,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
             },
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "dtype": str(dtype),
+            "flops_per_image": flops,
+            "mfu_peak_flops_per_s": peak,
+            "mfu_peak_source": "given" if args.peak_tflops else "measured dense matmul",
             "rows": rows,
         }
         args.json.write_text(json.dumps(report, indent=2))

@@ -1,16 +1,15 @@
 """The baseline of `jobs.bench`: diffusers' Stable Cascade prior and decoder pipelines on the same weights.
 
-Our stages are written out in the diffusers layout (the same tensors under diffusers' key names) and loaded by
-diffusers' own classes; the text encoder and tokenizer objects are shared. Both sides run the same size, steps and
-guidance, at the same batch, dtype and device. diffusers is an optional (test) dependency: without it the benchmark
-reports no baseline and says so.
+Our stages' tensors are renamed to diffusers' keys (`cascade.convert`, what `save_stage(layout="diffusers")`
+writes) and loaded into diffusers' own classes, built on the meta device from the matching configs: no second
+random initialisation and no disk copy of a full-size model. The text encoder and tokenizer objects are shared. Both
+sides run the same size, steps and guidance, at the same batch, dtype and device. diffusers is an optional (test)
+dependency: without it the benchmark reports no baseline and says so.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 
 def available() -> bool:
@@ -30,16 +29,21 @@ class DiffusersTwin:
         from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import PaellaVQModel
         from diffusers.schedulers import DDPMWuerstchenScheduler
 
-        from cascade import save_stage
+        from cascade.convert import to_diffusers_state_dict, unet_config_to_diffusers
+        from cascade.stage_a import stage_a_diffusers_config
 
         device, dtype = models.device, next(models.stage_c.parameters()).dtype
-        with tempfile.TemporaryDirectory(prefix="bench-diffusers-") as tmp:
-            folder = Path(tmp)
-            for stage, name in (("stage_c", "prior"), ("stage_b", "decoder"), ("stage_a", "vqgan")):
-                save_stage(getattr(models, stage), folder / name, layout="diffusers")
-            prior = StableCascadeUNet.from_pretrained(folder / "prior", torch_dtype=dtype)
-            decoder = StableCascadeUNet.from_pretrained(folder / "decoder", torch_dtype=dtype)
-            vqgan = PaellaVQModel.from_pretrained(folder / "vqgan", torch_dtype=dtype)
+
+        def twin(cls, config: dict, kind: str, ours):
+            with torch.device("meta"):
+                model = cls(**config)
+            state = to_diffusers_state_dict(kind, ours.state_dict())
+            model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+            return model.eval()
+
+        prior = twin(StableCascadeUNet, unet_config_to_diffusers(models.stage_c.config), "stage_c", models.stage_c)
+        decoder = twin(StableCascadeUNet, unet_config_to_diffusers(models.stage_b.config), "stage_b", models.stage_b)
+        vqgan = twin(PaellaVQModel, stage_a_diffusers_config(models.stage_a.config), "stage_a", models.stage_a)
         text, tokenizer = models.text_encoder.model, models.text_encoder.tokenizer
         self.prior = StableCascadePriorPipeline(
             tokenizer=tokenizer, text_encoder=text, prior=prior, scheduler=DDPMWuerstchenScheduler()

@@ -22,7 +22,7 @@ def test_bench_reports_each_stage_and_the_pipeline(tmp_path, capsys, own_ray):
     args += ["--ray-prompts", "6"]
     assert main([*args, "--json", str(tmp_path / "bench.json")]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("batch | text img/s")
+    assert out.splitlines()[0].startswith("batch | text img/s") and "pipeline MFU" in out.splitlines()[0]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [r["batch"] for r in report["rows"]] == [1, 2] and report["settings"]["size"] == 256
     for row in report["rows"]:
@@ -31,6 +31,8 @@ def test_bench_reports_each_stage_and_the_pipeline(tmp_path, capsys, own_ray):
         assert row["diffusers_images_per_s"] > 0 and row["speedup_vs_diffusers"] > 0  # the baseline ran too
         assert row["ray_images_per_s"] > 0 and row["ray_bottleneck_pool"] in ("Stage C pool", "Stage B/A pool")
         assert row["ray_vs_bottleneck"] > 0
+        assert 0 < row["pipeline_mfu"] < 1 and all(row[f"{s}_mfu"] > 0 for s in STAGES)
+    assert report["mfu_peak_flops_per_s"] > 0 and set(report["flops_per_image"]) == set(STAGES)
     assert "vs diffusers" in out.splitlines()[0] and "Ray pipeline img/s" in out.splitlines()[0]
 
 

@@ -1,0 +1,88 @@
+"""Pool balancing from measured stage times: how to split a cluster's GPUs between the Stage C pool and the
+Stage B/A pool so that neither waits for the other.
+
+A finished (or partial) run's manifests record, per image, the seconds its Stage C actor and its Stage B/A actor
+spent on it (`prior_s`, `decoder_s`: a batch's time over its images). A pool of n actors renders n / t images per
+second, so the split of G GPUs that maximises the job's rate, min(n_C / t_C, n_B / t_B) with n_C + n_B = G, is about
+G t_C / (t_C + t_B) for Stage C. With one GPU both pools share it (fractional GPUs, in the same proportion).
+
+    python -m jobs.balance --run s3://bucket/renders/run-1 --gpus 8     # prints the pool settings to use
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+
+
+@dataclass(frozen=True)
+class Split:
+    prior_actors: int
+    decoder_actors: int
+    prior_gpus: float  # per actor
+    decoder_gpus: float
+    images_per_s: float  # the job's expected rate: the slower pool's
+
+    def yaml(self) -> str:
+        return (
+            f"prior_pool:\n  actors: {self.prior_actors}\n  gpus: {self.prior_gpus:g}\n"
+            f"decoder_pool:\n  actors: {self.decoder_actors}\n  gpus: {self.decoder_gpus:g}\n"
+        )
+
+
+def split(gpus: int, prior_s: float, decoder_s: float) -> Split:
+    """The split of `gpus` whole GPUs (1 or more) for measured per-image seconds on one actor of each pool."""
+    if gpus < 1 or prior_s <= 0 or decoder_s <= 0:
+        raise ValueError(f"gpus {gpus}, prior_s {prior_s}, decoder_s {decoder_s}: all must be positive (gpus >= 1)")
+    if gpus == 1:
+        # Both pools on the one GPU: each gets the share of it that its work takes, and the GPU's rate is shared.
+        share = round(prior_s / (prior_s + decoder_s), 2)
+        share = min(max(share, 0.05), 0.95)
+        return Split(1, 1, share, round(1 - share, 2), 1 / (prior_s + decoder_s))
+    best = max(range(1, gpus), key=lambda n: min(n / prior_s, (gpus - n) / decoder_s))
+    return Split(best, gpus - best, 1.0, 1.0, min(best / prior_s, (gpus - best) / decoder_s))
+
+
+def measured_seconds(table) -> tuple[float, float]:
+    """The median per-image seconds of each pool's actors over a run's ok rows (manifest columns prior_s, decoder_s)."""
+    ok = table.filter(pc.equal(table.column("status"), "ok"))
+    if ok.num_rows == 0:
+        raise ValueError("the run has no rendered images to measure")
+    prior = [v for v in ok.column("prior_s").to_pylist() if v is not None]
+    decoder = [v for v in ok.column("decoder_s").to_pylist() if v is not None]
+    if not prior or not decoder:
+        raise ValueError("the run's manifests hold no stage timings (prior_s, decoder_s)")
+    return statistics.median(prior), statistics.median(decoder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.balance", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="a run's output (local folder or s3:// prefix) with its manifests")
+    p.add_argument("--gpus", type=int, required=True, help="the GPUs the pools will share")
+    args = p.parse_args(argv)
+    from jobs.manifest import read_manifests
+    from workers.storage import StorageError, open_storage
+
+    try:
+        table = read_manifests(open_storage(args.run), ["status", "prior_s", "decoder_s"])
+        if table is None:
+            raise ValueError(f"{args.run}: no manifests found")
+        prior_s, decoder_s = measured_seconds(table)
+        plan = split(args.gpus, prior_s, decoder_s)
+    except (ValueError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"# measured per image on one actor: Stage C {prior_s:.3g} s, Stage B/A {decoder_s:.3g} s "
+        f"({table.num_rows} manifest rows); expected {plan.images_per_s:.3g} images/s on {args.gpus} GPUs"
+    )
+    print(plan.yaml(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

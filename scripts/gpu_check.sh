@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU check: one prepared run for a machine with one H100/H200, its own python3 with torch (and transformers,
+# safetensors, numpy, Pillow) preinstalled, and no network. It installs what it carries in wheels/ (diffusers, for
+# the baseline: fetch them beforehand with scripts/fetch_wheels.sh), then runs `python -m jobs.bench` on the
+# official architectures at full size with random weights (values do not change the work), in bf16 at 1024 x 1024,
+# default steps (20 + 10), a few batch sizes, diffusers' pipelines on the same weights in the same run, and prints the
+# table (MFU against the card's dense bf16 matmul rate, measured in the same run). About 4 to 5 minutes on an H100.
+#
+# Settings (environment): MODEL (random-big), SIZE (1024), BATCHES ("1 4"), PRIOR_STEPS (20), DECODER_STEPS (10),
+# REPEATS (2), OUT (bench/: the JSON goes there), PYTHON (python3). On a CPU, MODEL=tiny SIZE=256 proves the script
+# at a reduced size. The Ray pipeline part of the benchmark is left out here: Ray is not on that image and its wheel
+# is too large to carry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-bench}
+mkdir -p "$OUT"
+"$PY" - <<'PYEOF'
+import torch
+print(f"[gpu-check] torch {torch.__version__}, cuda {torch.cuda.is_available()}"
+      + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""), flush=True)
+PYEOF
+if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
+  if ls wheels/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-index --find-links wheels/ diffusers
+  else
+    echo "[gpu-check] diffusers is missing and wheels/ is empty: no baseline (run scripts/fetch_wheels.sh first)" >&2
+  fi
+fi
+# shellcheck disable=SC2086  # BATCHES is a list
+PYTHONPATH=. exec "$PY" -m jobs.bench --model "${MODEL:-random-big}" --size "${SIZE:-1024}" --batch ${BATCHES:-1 4} \
+  --prior-steps "${PRIOR_STEPS:-20}" --decoder-steps "${DECODER_STEPS:-10}" --repeats "${REPEATS:-2}" --warmup 1 \
+  --dtype auto --ray-prompts 0 --json "$OUT/gpu-check.json"
