@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .family import BUILTIN_MODELS, family_geometry, load_models
+from .family import BUILTIN_MODELS, DEFAULT_MODEL, family_geometry, load_models
 from .imagefile import png_info
+from .lora import apply_lora_file
 from .pipeline import MAX_SEED, Request, Result, generate, validate, validate_strength
 from .weights import WeightsError
 
@@ -32,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("prompt", help="the text prompt")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", type=Path, help="folder laid out as the official stable-cascade(-prior) repos")
-    src.add_argument("--model", choices=sorted(BUILTIN_MODELS), help="a built-in model (default: tiny)")
+    src.add_argument("--model", choices=sorted(BUILTIN_MODELS), help=f"a built-in model (default: {DEFAULT_MODEL})")
+    p.add_argument("--lora", type=Path, help="a LoRA file (python -m cascade.train lora) merged into Stage C")
     p.add_argument("--lite", action="store_true", help="use Stage C lite and Stage B lite from --weights")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG; with --num-images N, -0..-N-1")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional input)")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --num-images: {args.num_images} is not allowed; use 1 or more", file=sys.stderr)
         return 2
     try:
-        geometry = family_geometry(args.weights if args.weights is not None else args.model or "tiny")
+        geometry = family_geometry(args.weights if args.weights is not None else args.model or DEFAULT_MODEL)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -110,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.weights, lite=args.lite, dtype=dtype, device=device, with_effnet=init_images is not None
             )
         else:
-            models = BUILTIN_MODELS[args.model or "tiny"](
+            models = BUILTIN_MODELS[args.model or DEFAULT_MODEL](
                 device=device, dtype=dtype, with_effnet=init_images is not None
             )
+        if args.lora is not None:
+            words = apply_lora_file(models, args.lora)
+            models.name = f"{models.name}+{args.lora.name}"  # the PNG's parameters name the LoRA too
+            print(f"LoRA {args.lora.name} merged; its words: {', '.join(words) or 'none'}", file=sys.stderr)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

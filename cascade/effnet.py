@@ -141,6 +141,8 @@ class EfficientNetEncoderConfig:
 class EfficientNetEncoder(nn.Module):
     """(b, 3, H, W) ImageNet-normalised RGB -> (b, c_latent, H/32, W/32) latents, roughly N(0, 1) per channel."""
 
+    stride = 32  # image pixels per latent pixel
+
     def __init__(self, config: EfficientNetEncoderConfig):
         super().__init__()
         self.config = config

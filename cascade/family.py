@@ -5,13 +5,19 @@ stabilityai/stable-cascade (single files `stage_{a,b,c}[_lite][_bf16].safetensor
 `previewer.safetensors`, and diffusers folders `decoder[_lite]/`, `vqgan/`, `text_encoder/`, `tokenizer/`) and
 stabilityai/stable-cascade-prior (`prior[_lite]/`, `text_encoder/`, `tokenizer/`). Either layout works for each stage.
 
-`tiny_models()` is the built-in `tiny` family: every stage in a small configuration with deterministic random
-weights, and the real CLIP tokenizer. It makes noise, not pictures; it exists for tests and as the default model
-until a trained demo model ships.
+Built-in families:
+- `demo` (`demo_models()`): every stage trained from scratch by `python -m cascade.train` on generated captioned
+  shapes at 64 px, read from `cascade/assets/demo/` with its recipe. Registered, and the default model, only where
+  that folder ships (docs/TRAINING.md says where its training stands).
+- `tiny` (`tiny_models()`): every stage in a small configuration with deterministic random weights, and the real
+  CLIP tokenizer. It makes noise, not pictures; it exists for tests, at the official architecture's geometry.
+- `random-big`, `random-lite` (`random_models()`): the official architectures at full size, randomly initialised on
+  the device: for benchmarks without the official weights.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -22,10 +28,10 @@ from torch import nn
 
 from .effnet import EFFNET_ENCODER, EfficientNetEncoder
 from .geometry import OFFICIAL, Geometry
-from .stage_a import STAGE_A_TINY, StageA
-from .stage_b import STAGE_B_TINY, StageB
-from .stage_c import STAGE_C_TINY, StageC
-from .text import TINY_TEXT_CONFIG, TextEncoder, build_text_encoder, load_text_encoder
+from .stage_a import STAGE_A, STAGE_A_TINY, StageA
+from .stage_b import STAGE_B_3B, STAGE_B_700M, STAGE_B_TINY, StageB
+from .stage_c import STAGE_C_1B, STAGE_C_3B, STAGE_C_TINY, StageC
+from .text import BIGG_TEXT_CONFIG, TINY_TEXT_CONFIG, TextEncoder, build_text_encoder, load_text_encoder
 from .weights import WeightsError, load_stage
 
 # The two halves a process can hold: the prior (text encoder + Stage C) and the decoder (Stage B + Stage A).
@@ -60,7 +66,7 @@ _SINGLE_FILES = {
     "stage_c": ("stage_c{lite}_bf16.safetensors", "stage_c{lite}.safetensors"),
     "stage_b": ("stage_b{lite}_bf16.safetensors", "stage_b{lite}.safetensors"),
     "stage_a": ("stage_a.safetensors",),
-    "effnet": ("effnet_encoder.safetensors",),
+    "effnet": ("effnet_encoder.safetensors", "semantic_encoder.safetensors"),  # the latter: families trained here
     "previewer": ("previewer.safetensors",),
 }
 _DIFFUSERS_FOLDERS = {"stage_c": ("prior{lite}",), "stage_b": ("decoder{lite}",), "stage_a": ("vqgan",)}
@@ -133,7 +139,7 @@ def load_models(
         geometry=family_geometry(folder),
     )
     if with_effnet:
-        models.effnet = load_stage(need("effnet"), dtype=torch.float32, device=device, expect="effnet")
+        models.effnet = load_stage(need("effnet"), dtype=torch.float32, device=device, expect=("effnet", "semantic"))
     if with_previewer:
         models.previewer = load_stage(need("previewer"), dtype=torch.float32, device=device, expect="previewer")
     return models
@@ -204,17 +210,73 @@ def tiny_models(
         models.text_encoder = models.stage_c = None
     if "decoder" not in parts:
         models.stage_b = models.stage_a = None
+    return _settle(models, device, dtype)
+
+
+def _settle(models: CascadeModels, device, dtype: torch.dtype) -> CascadeModels:
+    """A freshly built family onto `device` for inference: the text encoder and Stages C and B in `dtype`, Stage A
+    and the EfficientNet in float32 (as the reference); eval mode, no gradients."""
     for m in (models.text_encoder, models.stage_c, models.stage_b):
         if m is not None:
             m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    for m in (models.stage_a, models.effnet):  # fp32, as the reference
+    for m in (models.stage_a, models.effnet):
         if m is not None:
             m.to(device=device).eval().requires_grad_(False)
     return models
 
 
-BUILTIN_MODELS = {"tiny": tiny_models}
-BUILTIN_GEOMETRY = {"tiny": OFFICIAL}  # the tiny family has the official architecture's geometry
+DEMO_FOLDER = Path(__file__).parent / "assets" / "demo"
+
+
+def demo_models(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    with_effnet: bool = False,
+    parts: tuple[str, ...] = PARTS,
+) -> CascadeModels:
+    """The built-in `demo` family: the trained weights shipped in cascade/assets/demo/ (`seed` is unused: the
+    weights are trained, not drawn)."""
+    if not (DEMO_FOLDER / FAMILY_FILE).is_file():
+        raise WeightsError(f"{DEMO_FOLDER}: the demo model's weights are missing from this install; reinstall")
+    models = load_models(DEMO_FOLDER, dtype=dtype, device=device, with_effnet=with_effnet, parts=parts)
+    models.name = "demo"
+    return models
+
+
+def random_models(
+    preset: str = "big",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    with_effnet: bool = False,
+    parts: tuple[str, ...] = PARTS,
+) -> CascadeModels:
+    """The official architectures at full size with the reference's random initialisation, built on `device`:
+    "big" (CLIP-G, Stage C 3.6 B, Stage B 1.5 B, Stage A) or "lite" (Stage C 1 B, Stage B 0.7 B). For benchmarks on
+    machines without the official weights: the values do not change the work. Built in float32, then cast."""
+    _check_parts(parts)
+    c_config, b_config = {"big": (STAGE_C_3B, STAGE_B_3B), "lite": (STAGE_C_1B, STAGE_B_700M)}[preset]
+    prior, decoder = "prior" in parts, "decoder" in parts
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        text = build_text_encoder(BIGG_TEXT_CONFIG) if prior else None
+        stage_c = StageC(c_config) if prior else None
+        stage_b = StageB(b_config) if decoder else None
+        stage_a = StageA(STAGE_A) if decoder else None
+        effnet = EfficientNetEncoder(EFFNET_ENCODER) if with_effnet else None
+    models = CascadeModels(text, stage_c, stage_b, stage_a, name=f"random-{preset}", effnet=effnet)
+    return _settle(models, device, dtype)
+
+
+BUILTIN_MODELS = {
+    "tiny": tiny_models,
+    "random-big": functools.partial(random_models, "big"),
+    "random-lite": functools.partial(random_models, "lite"),
+}
+if (DEMO_FOLDER / "family.json").is_file():  # the trained demo family, where this version ships it
+    BUILTIN_MODELS["demo"] = demo_models
+DEFAULT_MODEL = "demo" if "demo" in BUILTIN_MODELS else "tiny"
 
 # A family folder of our own (not an official one) may carry family.json: {"geometry": {...Geometry fields...}}.
 FAMILY_FILE = "family.json"
@@ -222,9 +284,9 @@ FAMILY_FILE = "family.json"
 
 def family_geometry(model: str | os.PathLike) -> Geometry:
     """The geometry of a built-in model or a weights folder, without loading any weights."""
-    if str(model) in BUILTIN_GEOMETRY:
-        return BUILTIN_GEOMETRY[str(model)]
-    path = Path(model) / FAMILY_FILE
+    if str(model) in ("tiny", "random-big", "random-lite"):
+        return OFFICIAL  # the official architecture's geometry
+    path = (DEMO_FOLDER if str(model) == "demo" else Path(model)) / FAMILY_FILE
     if not path.is_file():
         return OFFICIAL
     try:

@@ -158,16 +158,18 @@ def to_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
 def effnet_latents(
     models: CascadeModels, images: Sequence[Image.Image | torch.Tensor], size: tuple[int, int]
 ) -> torch.Tensor:
-    """Encode images into Stage C's latent space with the EfficientNet encoder: (B, 16, *size).
+    """Encode images into Stage C's latent space with the family's semantic encoder: (B, 16, *size).
 
-    Each image is resized to 32x the latent grid first (768 px for a 1024 px image), as the reference's img2img.
+    Each image is resized to the encoder's stride times the latent grid first (the EfficientNet's 32: 768 px for a
+    1024 px image, as the reference's img2img).
     """
     if models.effnet is None:
         raise ValueError(
-            "init_images: img2img needs the EfficientNet encoder (effnet_encoder.safetensors); "
-            "load the models with with_effnet=True"
+            "init_images: img2img needs the family's semantic encoder (effnet_encoder.safetensors, or "
+            "semantic_encoder.safetensors in a family trained here); load the models with with_effnet=True"
         )
-    pixel_size = (size[0] * 32, size[1] * 32)
+    stride = models.effnet.stride
+    pixel_size = (size[0] * stride, size[1] * stride)
     pixels = torch.cat(
         [
             F.interpolate(to_tensor(im)[None], size=pixel_size, mode="bilinear", antialias=True, align_corners=False)

@@ -52,6 +52,10 @@ class SemanticEncoder(nn.Module):
             nn.Conv2d(c_in, config.c_latent, kernel_size=1, bias=False), nn.BatchNorm2d(config.c_latent, affine=False)
         )
 
+    @property
+    def stride(self) -> int:  # image pixels per latent pixel
+        return self.config.stride
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mapper(self.backbone(x))
 

@@ -116,6 +116,10 @@ class TextEncoder(nn.Module):
 
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> TextEmbeddings:
+        return self(prompts)
+
+    def forward(self, prompts: list[str]) -> TextEmbeddings:
+        """encode() with gradients (training a LoRA's token rows)."""
         if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}")
         if not prompts:
@@ -144,9 +148,6 @@ class TextEncoder(nn.Module):
         clip_text = out.hidden_states[-1]  # (B, 77, hidden)
         clip_text_pooled = out.text_embeds.unsqueeze(1)  # (B, 1, projection_dim)
         return TextEmbeddings(clip_text, clip_text_pooled, [n > MAX_LENGTH for n in num_tokens], num_tokens)
-
-    def forward(self, prompts: list[str]) -> TextEmbeddings:
-        return self.encode(prompts)
 
 
 def build_text_encoder(config: CLIPTextConfig, seed: int | None = None) -> TextEncoder:

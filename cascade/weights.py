@@ -32,6 +32,7 @@ from .convert import (
 )
 from .effnet import EFFNET_ENCODER, EfficientNetEncoder, EfficientNetEncoderConfig
 from .previewer import PREVIEWER, Previewer, PreviewerConfig
+from .semantic import SemanticEncoder, SemanticEncoderConfig
 from .stage_a import STAGE_A, StageA, StageAConfig, stage_a_diffusers_config, stage_a_from_diffusers_config
 from .stage_b import STAGE_B_3B, STAGE_B_700M, StageB, StageBConfig
 from .stage_c import STAGE_C_1B, STAGE_C_3B, StageC, StageCConfig
@@ -62,6 +63,8 @@ KINDS = {
         StageKind(
             "stage_a", StageA, StageAConfig, {"big": STAGE_A}, ("vquantizer.codebook.weight", "in_block.1.weight")
         ),
+        # A family of our own trains its semantic encoder (no official file; always saved with its configuration).
+        StageKind("semantic", SemanticEncoder, SemanticEncoderConfig, {}, ("backbone.0.0.weight", "mapper.0.weight")),
         StageKind(
             "effnet", EfficientNetEncoder, EfficientNetEncoderConfig, {"big": EFFNET_ENCODER}, ("mapper.0.weight",)
         ),
@@ -149,6 +152,8 @@ def _preset_for(path: Path, kind: StageKind, tensors: dict[str, TensorInfo]):
     A file that matches one preset nearly everywhere gets that preset, so the strict check that follows can name the
     exact keys that are missing or wrong instead of a vague "no configuration matches".
     """
+    if not kind.presets:
+        raise WeightsError(f"{path}: a {kind.name} file without its configuration in the metadata; pass config=")
     shapes = {k: t.shape for k, t in tensors.items()}
     scored = []
     for config in kind.presets.values():
@@ -288,8 +293,9 @@ def inspect_stage(
         if config is None and _METADATA_CONFIG in metadata:
             config = _config_from_dict(kind.config, json.loads(metadata[_METADATA_CONFIG]))
         config = config or _preset_for(path, kind, tensors)
-    if expect is not None and kind.name != expect:
-        raise WeightsError(f"{path}: holds {kind.name} weights, but {expect} was expected here")
+    expected_kinds = (expect,) if isinstance(expect, str) else expect
+    if expected_kinds is not None and kind.name not in expected_kinds:
+        raise WeightsError(f"{path}: holds {kind.name} weights, but {' or '.join(expected_kinds)} was expected here")
     if not isinstance(config, kind.config):
         raise WeightsError(f"{path}: config must be a {kind.config.__name__}, got {type(config).__name__}")
     return StageSource(path, kind, config, layout, tensors)
@@ -309,7 +315,8 @@ def load_stage(
     dtype/device: where the weights end up (each tensor is converted on its own, no float32 copy of the model).
     config: the stage's configuration when the file carries none and matches no official preset.
     variant: a diffusers weight variant ("bf16", "fp16"); by default the one matching dtype, else the plain one.
-    expect: the kind the caller needs ("stage_c", "stage_b", "stage_a", "effnet", "previewer"), checked.
+    expect: the kind the caller needs ("stage_c", "stage_b", "stage_a", "effnet", "semantic", "previewer"), or a
+    tuple of kinds that will do, checked.
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -16,7 +16,7 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from cascade.family import family_geometry
+from cascade.family import DEFAULT_MODEL, family_geometry
 from cascade.geometry import OFFICIAL, Geometry
 from cascade.imagefile import FORMATS
 from cascade.pipeline import MAX_SEED, MAX_STEPS, Request
@@ -47,7 +47,8 @@ class PoolConfig:
 class JobConfig:
     prompts: str = ""
     out: str = ""
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL  # demo where its trained weights ship, else tiny
+    lora: str = ""  # a LoRA file (python -m cascade.train lora) merged into the prior half; "" for none
     dry_run: bool = False  # skip the model maths, move the same data (zero latents, grey images): tests the plumbing
     lite: bool = False
     dtype: str = "auto"
@@ -145,7 +146,13 @@ def validate(c: JobConfig) -> None:
         "give a Parquet file, folder, glob or s3:// URI",
     )
     _check(isinstance(c.out, str) and c.out.strip() != "", "out", c.out, "give a local folder or an s3:// prefix")
-    _check(isinstance(c.model, str) and c.model != "", "model", c.model, "give 'tiny' or a local weights folder")
+    _check(
+        isinstance(c.model, str) and c.model != "",
+        "model",
+        c.model,
+        "give a built-in model (demo, tiny) or a local weights folder",
+    )
+    _check(isinstance(c.lora, str), "lora", c.lora, "give the path of a LoRA .safetensors file, or '' for none")
     _check(isinstance(c.lite, bool), "lite", c.lite, "use true or false")
     _check(c.dtype in DTYPES, "dtype", c.dtype, f"use one of {', '.join(DTYPES)}")
     _check(_is_int(c.seed) and 0 <= c.seed <= MAX_SEED, "seed", c.seed, "use an integer from 0 to 2**63 - 1")

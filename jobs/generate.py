@@ -53,6 +53,10 @@ def check_model(config):
     from workers.models import torch_dtype
 
     geometry = family_geometry(config.model)  # a broken family.json names itself
+    if config.lora:
+        from cascade.lora import read_lora
+
+        read_lora(config.lora)  # a missing or foreign file names itself (its layers are checked when actors load)
     if config.model in BUILTIN_MODELS:
         return geometry
     folder = Path(config.model)
@@ -200,7 +204,9 @@ def run(config) -> int:
         digest = "dry-run"
         log("dry run: no model maths; zero latents and grey images of the requested sizes")
     else:
-        digest = model_digest(config.model, config.lite, config.dtype, lambda p: log(f"hashing {p.name}"))
+        digest = model_digest(
+            config.model, config.lite, config.dtype, lambda p: log(f"hashing {p.name}"), lora=config.lora
+        )
     run_id = manifest.new_run_id()
     writer = manifest.ManifestWriter(out, run_id, config.manifest_rows, config.manifest_seconds)
     progress = Progress(todo, config.progress_seconds)
@@ -298,7 +304,7 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
     ctx.enable_progress_bars = False  # the job prints its own progress line, in images
     ctx.print_on_execution_start = False
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    model_args = {"model": config.model, "lite": config.lite, "dtype": config.dtype}
+    model_args = {"model": config.model, "lite": config.lite, "dtype": config.dtype, "lora": config.lora}
     model_args["latent_dtype"] = config.latent_dtype
     model_args["dry_run"] = config.dry_run
     model_args["geometry"] = geometry

@@ -12,7 +12,20 @@ from jobs.manifest import SUCCESS, read_manifests
 from workers.storage import Storage, sha256_hex
 
 # Small and fast on a 2-core CPU: 256 px, few steps.
-FAST = ["--width", "256", "--height", "256", "--prior-steps", "3", "--decoder-steps", "2", "--progress-seconds", "1"]
+FAST = [
+    "--model",
+    "tiny",
+    "--width",
+    "256",
+    "--height",
+    "256",
+    "--prior-steps",
+    "3",
+    "--decoder-steps",
+    "2",
+    "--progress-seconds",
+    "1",
+]
 
 
 def prompts_table(n: int, **extra) -> pa.Table:

@@ -7,6 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from cascade.__main__ import main
+from cascade.family import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--width", "256", "--height", "256", "--prior-steps", "2", "--decoder-steps", "2"]
@@ -49,7 +50,7 @@ def test_python_dash_m_entry_point(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert out.is_file() and "loaded tiny" in proc.stderr
+    assert out.is_file() and f"loaded {DEFAULT_MODEL}" in proc.stderr  # the default model
 
 
 def test_cli_img2img(tmp_path, capsys):

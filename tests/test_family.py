@@ -121,3 +121,16 @@ def test_a_pickle_text_encoder_is_refused_and_never_unpickled(tmp_path, tiny):
     with pytest.raises(WeightsError, match="text_encoder: the text encoder could not be loaded"):
         load_models(folder)
     assert not marker.exists()
+
+
+def test_random_full_size_models_have_the_official_parameter_counts():
+    from cascade.family import BUILTIN_MODELS, family_geometry
+    from cascade.geometry import OFFICIAL
+
+    big = BUILTIN_MODELS["random-big"](device="meta")  # full size, no memory
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert (count(big.stage_c), count(big.stage_b)) == (3_589_103_632, 1_562_941_136)
+    assert big.text_encoder.model.config.hidden_size == 1280 and big.name == "random-big"
+    lite = BUILTIN_MODELS["random-lite"](device="meta", parts=("prior",))
+    assert count(lite.stage_c) == 1_030_785_040 and lite.stage_b is None
+    assert family_geometry("random-big") == OFFICIAL

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cascade import Request, generate
-from cascade.family import family_geometry, load_models
+from cascade.family import DEFAULT_MODEL, family_geometry, load_models
 from cascade.geometry import OFFICIAL, Geometry
 from cascade.pipeline import latent_sizes, validate
 from cascade.weights import WeightsError
@@ -39,7 +39,8 @@ def test_a_family_file_sets_the_geometry(tmp_path):
     assert (config.width, config.height) == (64, 64)
     with pytest.raises(ConfigError, match="width: 1024 is not supported; use a multiple of 16 from 64 to 256"):
         from_mapping({"prompts": "p", "out": "o", "model": str(folder), "width": 1024})
-    assert from_mapping({"prompts": "p", "out": "o"}).width == 1024  # tiny: the official geometry
+    assert from_mapping({"prompts": "p", "out": "o", "model": "tiny"}).width == 1024  # the official geometry
+    assert from_mapping({"prompts": "p", "out": "o"}).width == family_geometry(DEFAULT_MODEL).default_size
 
 
 def test_a_broken_family_file_is_named(tmp_path):

@@ -2,6 +2,7 @@
 
 import pytest
 
+from cascade.family import DEFAULT_MODEL, family_geometry
 from jobs.config import ConfigError, from_mapping, load_yaml, resolve
 from jobs.generate import build_parser
 
@@ -95,5 +96,7 @@ def test_public_config_round_trips():
 
 
 def test_size_flags_are_integers_defaulting_to_the_family_size():
-    assert parse("--prompts", "p", "--out", "o", "--width", "512").width == 512
-    assert parse("--prompts", "p", "--out", "o").height == 1024
+    assert parse("--prompts", "p", "--out", "o", "--model", "tiny", "--width", "512").width == 512
+    assert parse("--prompts", "p", "--out", "o", "--model", "tiny").height == 1024  # the official geometry
+    default = parse("--prompts", "p", "--out", "o")
+    assert default.height == family_geometry(DEFAULT_MODEL).default_size and default.model == DEFAULT_MODEL

@@ -146,7 +146,7 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, capsys):
 def test_dry_run_moves_full_size_data_through_every_stage(tmp_path):
     pq.write_table(prompts_table(64), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
-    flags = ["--dry-run", "--width", "1024", "--height", "1024", "--prior-pool-batch-size", "32"]
+    flags = ["--model", "tiny", "--dry-run", "--width", "1024", "--height", "1024", "--prior-pool-batch-size", "32"]
     assert main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *flags]) == 0
     manifest = check_output(out, 64)
     assert set(manifest.column("model").to_pylist()) == {"dry-run"}
@@ -224,7 +224,7 @@ def test_the_pools_stream_instead_of_taking_turns(tmp_path):
 
     pq.write_table(prompts_table(40), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
-    flags = ["--width", "256", "--height", "256", "--prior-steps", "10", "--decoder-steps", "2"]
+    flags = ["--model", "tiny", "--width", "256", "--height", "256", "--prior-steps", "10", "--decoder-steps", "2"]
     flags += ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2"]
     assert main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *flags]) == 0
     stats = pool_stats(read_manifests(out, STAT_COLUMNS))

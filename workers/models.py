@@ -45,19 +45,25 @@ def weight_files(model: str, lite: bool, dtype: str) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
-def model_digest(model: str, lite: bool, dtype: str, progress=None) -> str:
-    """sha256 over the weights' bytes (built-in models: over their tensors), in a fixed order; 16 hex digits."""
+def model_digest(model: str, lite: bool, dtype: str, progress=None, lora: str = "") -> str:
+    """sha256 over the weights' bytes (built-in models: over their tensors), in a fixed order, and the LoRA file's
+    when there is one; 16 hex digits."""
     h = hashlib.sha256()
-    if model in BUILTIN_MODELS:
+    if lora:
+        h.update(b"lora")
+        h.update(file_sha256(Path(lora), progress).encode())
+    if model.startswith("random-"):  # drawn from a fixed seed: the name is the identity (hashing 5 B values is slow)
+        h.update(model.encode())
+    elif model in BUILTIN_MODELS:
         models = BUILTIN_MODELS[model](dtype=torch.float32)
         for stage in (models.text_encoder, models.stage_c, models.stage_b, models.stage_a):
             for name, tensor in stage.state_dict().items():
                 h.update(name.encode())
                 h.update(tensor.detach().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
-    for path in weight_files(model, lite, dtype):
-        h.update(path.name.encode())
-        h.update(file_sha256(path, progress).encode())
+    else:
+        for path in weight_files(model, lite, dtype):
+            h.update(path.name.encode())
+            h.update(file_sha256(path, progress).encode())
     return h.hexdigest()[:16]
 
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from cascade.geometry import OFFICIAL
+from cascade.lora import apply_lora_file
 from cascade.pipeline import PriorOutput, Request, Result, buckets, latent_sizes, run_decoder, run_prior
 
 from .models import load_part
@@ -106,9 +107,20 @@ class _Stage:
     part = ""
     title = ""  # the pool's name in messages
 
-    def __init__(self, model: str, lite: bool, dtype: str, latent_dtype: str, dry_run: bool = False, geometry=OFFICIAL):
+    def __init__(
+        self,
+        model: str,
+        lite: bool,
+        dtype: str,
+        latent_dtype: str,
+        dry_run: bool = False,
+        geometry=OFFICIAL,
+        lora: str = "",
+    ):
         start = time.perf_counter()
         self.models = None if dry_run else load_part(model, lite, dtype, self.part)
+        if lora and self.models is not None and self.part == "prior":
+            apply_lora_file(self.models, lora)  # text encoder + Stage C: the prior half only
         self.geometry = geometry if self.models is None else self.models.geometry
         self.latent_dtype = latent_dtype
         self.name = _actor_name(self.part)

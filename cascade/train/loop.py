@@ -73,14 +73,16 @@ def _save(checkpoint: Path, modules, emas, optimizer, step, generator, loss_weig
 
 def fit(
     modules: dict[str, nn.Module],
-    step_fn: Callable[[torch.Generator, AdaptiveLossWeight | None], torch.Tensor],
+    step_fn: Callable[[torch.Generator, AdaptiveLossWeight | None], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
     run: RunConfig,
     checkpoint: Path | None = None,
     loss_weight: AdaptiveLossWeight | None = None,
     description: str = "training",
     progress: bool = True,
 ) -> Trained:
-    """Train `modules` (all their parameters) by minimising `step_fn(generator, loss_weight)`; resume from
+    """Train `modules` (all their parameters) by minimising `step_fn(generator, loss_weight)`, which returns the loss
+    to minimise, or (that loss, the loss to report): a diffusion stage minimises the adaptive-weighted loss, whose
+    value tends to 1 by design, and reports the plain MSE of its epsilon prediction. Resume from
     `checkpoint` when it holds a state. The generator drives all of the step's randomness (data, noise, dropout
     choices), so a resumed run draws what an uninterrupted one would."""
     torch.manual_seed(run.seed)
@@ -121,13 +123,14 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         loss = step_fn(generator, loss_weight)
+        loss, shown = loss if isinstance(loss, tuple) else (loss, loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
         optimizer.step()
         for name, module in modules.items():
             emas[name].update(module)
-        losses.append(float(loss.detach()))
+        losses.append(float(shown.detach()))
         step += 1
         if bar is not None:
             bar.update(1)

@@ -11,6 +11,7 @@ jitter of position and size so images of one caption differ.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -95,6 +96,12 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
     if shape == "diamond":
         return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
+    if shape == "star":  # not in SHAPES: the new shape a LoRA teaches ("a [zorp]")
+        return [
+            (cx + (r if k % 2 == 0 else r * 0.45) * math.sin(math.pi * k / 5),
+             cy - (r if k % 2 == 0 else r * 0.45) * math.cos(math.pi * k / 5))
+            for k in range(10)
+        ]  # fmt: skip
     if shape == "cross":
         a, b = r, r * 0.36
         return [

@@ -75,7 +75,8 @@ def train_stage_c(
         clip_text = torch.where(keep.view(-1, 1, 1), text.clip_text[idx], text.empty_text)
         pooled = torch.where(keep.view(-1, 1, 1), text.pooled[idx], text.empty_pooled)
         conditions = {"clip_text": clip_text, "clip_text_pooled": pooled, "clip_img": clip_img}
-        return diffusion_loss(model, latents[idx], conditions, loss_weight, generator)[1]
+        mse, adjusted = diffusion_loss(model, latents[idx], conditions, loss_weight, generator)
+        return adjusted, mse.mean()
 
     return fit({"stage_c": model}, step, run, checkpoint, AdaptiveLossWeight(), "Stage C", progress)
 
@@ -99,6 +100,7 @@ def train_stage_b(
         effnet = _drop(effnet, torch.zeros_like(effnet[:1]), EFFNET_DROPOUT, generator)
         pooled = _drop(text.pooled[idx], text.empty_pooled, CAPTION_DROPOUT, generator)
         conditions = {"effnet": effnet, "clip": pooled}
-        return diffusion_loss(model, stage_a_latents[idx], conditions, loss_weight, generator)[1]
+        mse, adjusted = diffusion_loss(model, stage_a_latents[idx], conditions, loss_weight, generator)
+        return adjusted, mse.mean()
 
     return fit({"stage_b": model}, step, run, checkpoint, AdaptiveLossWeight(), "Stage B", progress)

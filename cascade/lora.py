@@ -1,0 +1,210 @@
+"""LoRA for Stage C, as the reference's `modules/lora.py`: low-rank updates of the attention projections, plus
+learned token embeddings for new words ("a [zorp]").
+
+- `LoRA`: a weight parametrisation W + (up @ down) * alpha / rank, on every module whose name contains one of the
+  filters (the reference trains with `module_filters: ['.attn']`: each attention's packed q/k/v `in_proj_weight` and
+  its `out_proj.weight`). `down` starts at zero, so training starts from the base model exactly.
+- `ReToken`: a parametrisation of the text encoder's token embedding that adds a learned row to each listed token.
+  New words are added to the tokenizer first, their rows starting from the mean of some existing words' rows (the
+  reference's `train_tokens: [['[fernando]', '^dog</w>']]`).
+
+A trained LoRA is one safetensors file: `weights.{i}.lora_down`/`lora_up` per adapted layer and
+`embeddings.embeddings`/`embeddings.indices` (the reference's ModuleDict names), plus `tokens.init`: the starting rows
+of the new words, so loading needs no word lists. The metadata names the layers, rank, alpha and tokens.
+`apply_lora_file(models, path)` merges it into a loaded family's text encoder and Stage C: no cost per image.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .weights import WeightsError, read_header
+
+FILTERS = (".attn",)  # the reference's module_filters
+_METADATA = "cascade.lora"
+
+
+class LoRA(nn.Module):
+    """W -> W + (up @ down) * alpha / rank, for a Linear's (out, in) weight or an attention's packed in_proj."""
+
+    def __init__(self, weight: torch.Tensor, rank: int = 4, alpha: float = 1.0):
+        super().__init__()
+        self.lora_down = nn.Parameter(torch.zeros(rank, weight.shape[1], dtype=weight.dtype, device=weight.device))
+        self.lora_up = nn.Parameter(torch.randn(weight.shape[0], rank, dtype=weight.dtype, device=weight.device))
+        self.scale = alpha / rank
+
+    def delta(self) -> torch.Tensor:
+        return (self.lora_up @ self.lora_down) * self.scale
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta()
+
+
+class ReToken(nn.Module):
+    """Adds a learned row to the embedding of each token in `indices`."""
+
+    def __init__(self, indices: list[int], dim: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.zeros(len(indices), dim, dtype=dtype, device=device))
+        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long, device=device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.index_add(0, self.indices, self.embeddings)
+
+
+def adapted_layers(model: nn.Module, filters=FILTERS) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, parameter name) of each weight a LoRA adapts, in module order."""
+    found = []
+    for name, module in model.named_modules():
+        if not any(f in name for f in filters):
+            continue
+        for param in ("weight", "in_proj_weight"):
+            if isinstance(getattr(module, param, None), nn.Parameter) and getattr(module, param).dim() == 2:
+                found.append((name, module, param))
+                break
+    return found
+
+
+def add_tokens(text_encoder, words: list[str], init_from: list[str]) -> list[int]:
+    """Add `words` to the tokenizer (each one token) with rows starting at the mean of `init_from`'s rows (the
+    words must be single tokens); returns the new words' ids. Words already known keep their rows."""
+    tokenizer, model = text_encoder.tokenizer, text_encoder.model
+    if getattr(model.text_model, "eos_token_id", None) == 2:
+        # Configs from before transformers#24773 pool at argmax(token id), which an added word (a higher id) would
+        # take; pool at the first end-of-text token instead: the same position for every prompt without new words.
+        model.text_model.eos_token_id = tokenizer.eos_token_id
+    table = model.get_input_embeddings().weight
+    sources = []
+    for word in init_from:
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"init_from: {word!r} is {len(ids)} tokens; use words that are one token each")
+        sources += ids
+    start = table[sources].mean(dim=0, keepdim=True).detach() if sources else torch.zeros_like(table[:1])
+    new = [w for w in words if w not in tokenizer.get_vocab()]
+    if new:
+        # The bundled tokenizer is one object shared by every text encoder: give this one its own before it grows.
+        tokenizer = text_encoder.tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_tokens(new)
+    old_rows = table.shape[0]
+    if len(tokenizer) > old_rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[old_rows:] = start
+    return [tokenizer.convert_tokens_to_ids(w) for w in words]
+
+
+@dataclass
+class Adapter:
+    """A LoRA being trained: the parametrisations registered on the models, and how to save them."""
+
+    layers: list[tuple[str, nn.Module, str]]
+    loras: list[LoRA]
+    retoken: ReToken
+    words: list[str]
+    token_init: torch.Tensor
+    rank: int
+    alpha: float
+    filters: tuple[str, ...]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for lora in self.loras for p in lora.parameters()] + [self.retoken.embeddings]
+
+    def save(self, path: Path) -> None:
+        tensors = {"embeddings.embeddings": self.retoken.embeddings, "embeddings.indices": self.retoken.indices}
+        for i, lora in enumerate(self.loras):
+            tensors[f"weights.{i}.lora_down"], tensors[f"weights.{i}.lora_up"] = lora.lora_down, lora.lora_up
+        tensors["tokens.init"] = self.token_init
+        info = {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "filters": list(self.filters),
+            "layers": [f"{name}.{param}" for name, _, param in self.layers],
+            "tokens": self.words,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata={"cascade.kind": "lora", _METADATA: json.dumps(info)})
+
+
+def attach(models, words: list[str], init_from: list[str], rank: int = 4, alpha: float = 1.0, filters=FILTERS):
+    """Register a fresh LoRA on `models` (text encoder + Stage C) for training; everything else stays frozen."""
+    ids = add_tokens(models.text_encoder, words, init_from)
+    embedding = models.text_encoder.model.get_input_embeddings()
+    token_init = embedding.weight[ids].detach().clone()
+    retoken = ReToken(ids, embedding.weight.shape[1], embedding.weight.dtype, embedding.weight.device)
+    parametrize.register_parametrization(embedding, "weight", retoken)
+    layers = adapted_layers(models.stage_c, filters)
+    loras = []
+    for _, module, param in layers:
+        lora = LoRA(getattr(module, param), rank, alpha)
+        parametrize.register_parametrization(module, param, lora)
+        loras.append(lora)
+    return Adapter(layers, loras, retoken, words, token_init, rank, alpha, tuple(filters))
+
+
+def detach(models, adapter: Adapter) -> None:
+    """Remove the parametrisations (the base weights are left as they were)."""
+    embedding = models.text_encoder.model.get_input_embeddings()
+    parametrize.remove_parametrizations(embedding, "weight", leave_parametrized=False)
+    for _, module, param in adapter.layers:
+        parametrize.remove_parametrizations(module, param, leave_parametrized=False)
+
+
+def read_lora(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    path = Path(path)
+    _, metadata = read_header(path)  # checks it is a safetensors file, names the file otherwise
+    if metadata.get("cascade.kind") != "lora" or _METADATA not in metadata:
+        raise WeightsError(f"{path}: not a LoRA file of this project (no {_METADATA} metadata)")
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    return json.loads(metadata[_METADATA]), tensors
+
+
+@torch.no_grad()
+def apply_lora_file(models, path: str | Path, strength: float = 1.0) -> list[str]:
+    """Merge a LoRA file into a loaded family's text encoder and Stage C (the prior half); returns its new words.
+    A file made for another model (layers or shapes that do not match) is refused before anything changes."""
+    path = Path(path)
+    info, tensors = read_lora(path)
+    if models.stage_c is None or models.text_encoder is None:
+        raise ValueError("a LoRA adapts the prior half: load the text encoder and Stage C")
+    layers = {f"{n}.{p}": (m, p) for n, m, p in adapted_layers(models.stage_c, tuple(info["filters"]))}
+    deltas = []
+    for i, name in enumerate(info["layers"]):
+        if name not in layers:
+            raise WeightsError(f"{path}: layer {name} is not in this model's Stage C; the LoRA is for another model")
+        module, param = layers[name]
+        weight = getattr(module, param)
+        delta = tensors[f"weights.{i}.lora_up"] @ tensors[f"weights.{i}.lora_down"] * (info["alpha"] / info["rank"])
+        if delta.shape != weight.shape:
+            raise WeightsError(
+                f"{path}: {name} is {tuple(delta.shape)} in the LoRA, {tuple(weight.shape)} here; "
+                "the LoRA is for another model"
+            )
+        deltas.append((weight, delta))
+    embedding = models.text_encoder.model.get_input_embeddings()
+    if tensors["embeddings.embeddings"].shape[1] != embedding.weight.shape[1]:
+        raise WeightsError(f"{path}: token rows of width {tensors['embeddings.embeddings'].shape[1]}, the text "
+                           f"encoder's are {embedding.weight.shape[1]}; the LoRA is for another model")  # fmt: skip
+    words = info["tokens"]
+    ids = add_tokens(models.text_encoder, words, [])
+    embedding = models.text_encoder.model.get_input_embeddings()
+    known = tensors["embeddings.indices"].tolist()
+    if len(known) != len(ids):
+        raise WeightsError(f"{path}: {len(known)} token rows for {len(ids)} words")
+    for row, token in enumerate(ids):
+        base = tensors["tokens.init"][row].to(embedding.weight)
+        embedding.weight[token] = base + strength * tensors["embeddings.embeddings"][row].to(embedding.weight)
+    for weight, delta in deltas:
+        weight.add_(delta.to(weight) * strength)
+    return words

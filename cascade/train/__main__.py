@@ -1,0 +1,141 @@
+"""python -m cascade.train: train the demo family from scratch, a stage at a time or all at once, and evaluate it.
+
+    python -m cascade.train all --out runs/demo            # every stage, in order (about an hour on 2 CPU cores)
+    python -m cascade.train stage-c --out runs/demo        # one stage (its inputs must be trained)
+    python -m cascade.train eval --model runs/demo         # the checker's verdict and a contact sheet
+    python -m cascade.train lora --model runs/demo --out zorp.safetensors   # teach "[zorp]", a new shape, to Stage C
+
+Each stage resumes from its checkpoint when interrupted; a finished stage is skipped by `all`. Exit codes: 0 done,
+1 failed, 2 bad arguments, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .demo import STAGES, Recipe, train
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cascade.train", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("all", *(s.replace("_", "-") for s in STAGES)):
+        s = sub.add_parser(name, help="every stage in order" if name == "all" else f"train {name} only")
+        s.add_argument("--out", type=Path, default=Path("runs/demo"), help="the family folder (default runs/demo)")
+        s.add_argument("--recipe", type=Path, help="a recipe JSON (as family.json's 'recipe'); default the built-in")
+        s.add_argument("--images", type=int, help="training images (default 8000)")
+        for stage in STAGES:
+            flag = stage.replace("_", "-")
+            s.add_argument(f"--{flag}-steps", type=int, metavar="N", help=f"{stage} training steps")
+        s.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    e = sub.add_parser("eval", help="judge a trained family with the independent checker")
+    e.add_argument("--model", default="runs/demo", help="a family folder, or a built-in model (demo)")
+    e.add_argument("--out", type=Path, help="where eval.json and the contact sheet go (default MODEL/eval, or "
+                   "runs/eval-NAME for a built-in model)")  # fmt: skip
+    e.add_argument("--samples", type=int, default=80, help="images per split (held-out, training combinations)")
+    e.add_argument("--prior-steps", type=int, default=20)
+    e.add_argument("--decoder-steps", type=int, default=10)
+    e.add_argument("--checker-steps", type=int, default=600, help="checker training steps")
+    e.add_argument("--seed", type=int, default=0)
+    lo = sub.add_parser("lora", help='train a LoRA that teaches "[zorp]" (a new shape) to a family, and measure it')
+    lo.add_argument("--model", default="runs/demo", help="a family folder (default runs/demo), or a built-in model")
+    lo.add_argument("--out", type=Path, default=Path("runs/zorp.safetensors"), help="the LoRA file to write")
+    lo.add_argument("--steps", type=int, default=400)
+    lo.add_argument("--images", type=int, default=512, help="training images of the new shape")
+    lo.add_argument("--rank", type=int, default=4, help="the low-rank updates' rank (the reference's 4)")
+    lo.add_argument("--batch-size", type=int, default=32)
+    lo.add_argument("--lr", type=float, default=1e-3)
+    lo.add_argument("--samples", type=int, default=24, help="prompts per check after training (0: no check)")
+    lo.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _recipe(args) -> Recipe:
+    recipe = Recipe.from_dict(json.loads(args.recipe.read_text())) if args.recipe else Recipe()
+    if args.images is not None:
+        if args.images < 1:
+            raise ValueError(f"--images: {args.images} is not allowed; use 1 or more")
+        recipe.images = args.images
+    for stage in STAGES:
+        steps = getattr(args, f"{stage}_steps")
+        if steps is not None:
+            recipe = recipe.with_steps(stage, steps)
+    return recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "eval":
+            from ..family import BUILTIN_MODELS
+            from .evaluate import evaluate
+
+            default_out = Path(f"runs/eval-{args.model}") if args.model in BUILTIN_MODELS else Path(args.model) / "eval"
+            report = evaluate(
+                args.model,
+                args.out or default_out,
+                samples=args.samples,
+                prior_steps=args.prior_steps,
+                decoder_steps=args.decoder_steps,
+                checker_steps=args.checker_steps,
+                seed=args.seed,
+            )
+            print(json.dumps(report["accuracy"], indent=2))
+            return 0
+        if args.command == "lora":
+            return _lora(args)
+        recipe = _recipe(args)
+        stages = STAGES if args.command == "all" else (args.command.replace("-", "_"),)
+        train(args.out, recipe, stages, progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _lora(args) -> int:
+    import time
+
+    import torch
+
+    from ..family import BUILTIN_MODELS, load_models
+    from .evaluate import contact_sheet
+    from .loop import RunConfig
+    from .lora import lora_report, train_lora, word_data
+
+    for name in ("steps", "images", "rank", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 1 or more")
+
+    def load(with_effnet: bool = False):
+        if args.model in BUILTIN_MODELS:
+            return BUILTIN_MODELS[args.model](dtype=torch.float32, with_effnet=with_effnet)
+        return load_models(args.model, dtype=torch.float32, with_effnet=with_effnet)
+
+    models = load(with_effnet=True)
+    data = word_data(args.images, models.geometry.default_size)
+    run = RunConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=min(50, args.steps))
+    started = time.perf_counter()
+    adapter = train_lora(models, data, run, rank=args.rank, progress=not args.no_progress)
+    adapter.save(args.out)
+    print(f"wrote {args.out} ({args.steps} steps, {time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    if args.samples:
+        report = lora_report(load, args.out, samples=args.samples)
+        images = report.pop("images")
+        sheet = [*images["before"], *images["after"], *images["others_before"], *images["others_after"]]
+        labels = [f"{row}" for row in ("base [zorp]", "LoRA [zorp]", "base other", "LoRA other") for _ in range(8)]
+        contact_sheet(sheet, labels).save(args.out.with_suffix(".png"))
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

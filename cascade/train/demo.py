@@ -1,0 +1,200 @@
+"""The demo family: every stage trained from scratch on the shapes data set at 64 x 64, by one recipe.
+
+`train(out, recipe)` runs the stages in order, each resumable, and writes a family folder that `load_models` reads
+like an official one (Stability single files with their configurations in the metadata, `text_encoder/`,
+`family.json` with the geometry and the recipe):
+
+    text_encoder/          a small CLIP text model (real CLIP tokenizer), random and frozen: see TEXT below
+    stage_a.safetensors    the f4 VQGAN (64 px <-> 4 x 16 x 16)
+    semantic_encoder.safetensors + previewer.safetensors
+                           Stage C's latent space (64 px -> 16 x 4 x 4) and its preview decoder
+    stage_b.safetensors    the diffusion decoder, 16 x 4 x 4 + text -> 4 x 16 x 16
+    stage_c.safetensors    the text-conditioned prior, text -> 16 x 4 x 4
+    family.json            geometry (compression 16 and 4, sizes 64..256), the recipe, what each stage took
+    checkpoints/<stage>/   training state, for resuming an interrupted stage
+
+A stage whose output file exists is skipped, so `train` after an interruption picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..geometry import Geometry
+from ..previewer import PreviewerConfig
+from ..semantic import SemanticEncoderConfig
+from ..stage_a import StageA, StageAConfig
+from ..stage_b import StageBConfig
+from ..stage_c import StageCConfig
+from ..text import TINY_TEXT_CONFIG, TextEncoder, build_text_encoder, load_text_encoder
+from ..weights import load_stage, save_stage
+from .loop import RunConfig, Trained
+from .semantic import train_semantic
+from .shapes import ShapesData, make_dataset
+from .stage_a import latent_scale, train_stage_a, with_scale
+from .stages import encode_captions, train_stage_b, train_stage_c
+
+GEOMETRY = Geometry(
+    stage_c_compression=16, stage_a_compression=4, min_size=64, max_size=256, size_multiple=16, default_size=64
+)
+
+# The text encoder is random and frozen: the tiny preset at width 64. Its hidden states still name every word (each
+# token's random embedding rides the residual stream), which is what Stage C's cross-attention reads (docs/TRAINING.md).
+TEXT = copy.deepcopy(TINY_TEXT_CONFIG)
+TEXT.update({"hidden_size": 64, "intermediate_size": 128, "projection_dim": 64})
+STAGE_A = StageAConfig(levels=2, c_hidden=64, bottleneck_blocks=2, codebook_size=256)
+SEMANTIC = SemanticEncoderConfig()
+PREVIEWER = PreviewerConfig(c_in=16, c_hidden=64)
+STAGE_B = StageBConfig(
+    c_cond=128,
+    c_hidden=(64, 128, 192),
+    nhead=(-1, 4, 4),
+    blocks=((1, 2, 2), (2, 2, 1)),
+    block_repeat=((1, 1, 1), (2, 2, 2)),
+    level_config=("CT", "CTA", "CTA"),
+    c_clip=64,
+    dropout=(0.0, 0.0, 0.0),
+)
+STAGE_C = StageCConfig(
+    c_cond=128,
+    c_hidden=(128, 128),
+    nhead=(4, 4),
+    blocks=((2, 4), (4, 2)),
+    c_clip_text=64,
+    c_clip_text_pooled=64,
+    c_clip_img=32,
+    dropout=(0.0, 0.0),
+)
+
+STAGES = ("stage_a", "semantic", "stage_b", "stage_c")
+NEEDS = {"stage_a": (), "semantic": (), "stage_b": ("stage_a", "semantic"), "stage_c": ("semantic",)}
+
+
+@dataclass
+class Recipe:
+    """Everything a training run depends on: the same recipe on the same machine gives the same weights."""
+
+    size: int = 64
+    images: int = 8000
+    data_seed: int = 0
+    text_seed: int = 0
+    stage_a: RunConfig = field(
+        default_factory=lambda: RunConfig(steps=1500, batch_size=32, lr=1e-3, warmup=100, ema_beta=0.995)
+    )
+    semantic: RunConfig = field(
+        default_factory=lambda: RunConfig(steps=3000, batch_size=64, lr=1e-3, warmup=100, ema_beta=0.995)
+    )
+    stage_b: RunConfig = field(
+        default_factory=lambda: RunConfig(steps=2000, batch_size=32, lr=1e-3, warmup=200, ema_beta=0.998)
+    )
+    stage_c: RunConfig = field(default_factory=lambda: RunConfig(steps=3000, batch_size=64, lr=1e-3, warmup=200))
+
+    def run(self, stage: str) -> RunConfig:
+        return getattr(self, stage)
+
+    def with_steps(self, stage: str, steps: int) -> Recipe:
+        return dataclasses.replace(self, **{stage: dataclasses.replace(self.run(stage), steps=steps)})
+
+    @staticmethod
+    def from_dict(data: dict) -> Recipe:
+        runs = {s: RunConfig(**data[s]) for s in STAGES if s in data}
+        return Recipe(**{**{k: v for k, v in data.items() if k not in STAGES}, **runs})
+
+
+def _output(out: Path, stage: str) -> Path:
+    names = {"semantic": "semantic_encoder.safetensors"}
+    return out / names.get(stage, f"{stage}.safetensors")
+
+
+def data_of(recipe: Recipe) -> ShapesData:
+    return make_dataset(recipe.images, recipe.size, seed=recipe.data_seed, split="train")
+
+
+def text_encoder(out: Path, recipe: Recipe) -> TextEncoder:
+    """The family's text encoder: built from its seed once and written to `text_encoder/`, read from there after."""
+    folder = out / "text_encoder"
+    if (folder / "config.json").is_file():
+        return load_text_encoder(folder, dtype=torch.float32)
+    encoder = build_text_encoder(TEXT, seed=recipe.text_seed)
+    encoder.model.save_pretrained(folder)
+    return encoder
+
+
+@torch.no_grad()
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def _summary(trained: Trained) -> dict:
+    tail = trained.losses[-100:]
+    return {"steps": trained.steps, "seconds": round(trained.seconds, 1), "final_loss": sum(tail) / max(len(tail), 1)}
+
+
+def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True) -> dict:
+    """Train one stage of the family in `out` (its inputs from earlier stages must be there); returns its summary."""
+    if stage not in STAGES:
+        raise ValueError(f"stage: {stage!r} is not known; use one of {', '.join(STAGES)}")
+    out.mkdir(parents=True, exist_ok=True)
+    for before in NEEDS[stage]:
+        if not _output(out, before).is_file():
+            raise FileNotFoundError(f"{_output(out, before)} not found: train {before} first (it is {stage}'s input)")
+    run, checkpoint = recipe.run(stage), out / "checkpoints" / stage
+    data = data_of(recipe)
+    if stage == "stage_a":
+        trained = train_stage_a(data, STAGE_A, run, checkpoint, progress)
+        ema = trained.ema["stage_a"]
+        save_stage(with_scale(ema, latent_scale(ema, data.images)), _output(out, stage))
+    elif stage == "semantic":
+        trained = train_semantic(data, run, checkpoint, SEMANTIC, PREVIEWER.c_hidden, progress)
+        save_stage(trained.ema["encoder"], _output(out, stage))
+        save_stage(trained.ema["previewer"], out / "previewer.safetensors")
+    else:
+        semantic = load_stage(_output(out, "semantic"), expect="semantic")
+        latents = _batched(semantic.encode, data.images)
+        text = encode_captions(text_encoder(out, recipe), data.captions)
+        if stage == "stage_c":
+            trained = train_stage_c(latents, text, STAGE_C, run, checkpoint, progress)
+        else:
+            stage_a: StageA = load_stage(_output(out, "stage_a"), dtype=torch.float32, expect="stage_a")
+            stage_a_latents = _batched(stage_a.encode, data.images)
+            trained = train_stage_b(stage_a_latents, latents, text, STAGE_B, run, checkpoint, progress)
+        save_stage(trained.ema[stage], _output(out, stage))
+    summary = _summary(trained)
+    _record(out, recipe, stage, summary)
+    return summary
+
+
+def _record(out: Path, recipe: Recipe, stage: str | None = None, summary: dict | None = None) -> None:
+    """family.json: the geometry `load_models` reads, the recipe, and what each stage took."""
+    path = out / "family.json"
+    family = json.loads(path.read_text()) if path.is_file() else {}
+    family["geometry"] = asdict(GEOMETRY)
+    family["recipe"] = asdict(recipe)
+    if stage is not None:
+        family.setdefault("trained", {})[stage] = summary
+    path.write_text(json.dumps(family, indent=2) + "\n")
+
+
+def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = True, log=print) -> dict:
+    """Train the stages not yet done, in order; returns {stage: summary} for those trained now."""
+    out.mkdir(parents=True, exist_ok=True)
+    _record(out, recipe)
+    text_encoder(out, recipe)
+    done = {}
+    for stage in stages:
+        if _output(out, stage).is_file():
+            log(f"{stage}: already trained ({_output(out, stage)}); skipped")
+            continue
+        started = time.perf_counter()
+        done[stage] = train_stage(stage, out, recipe, progress)
+        log(f"{stage}: {done[stage]['steps']} steps, final loss {done[stage]['final_loss']:.4f}, "
+            f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+    return done

@@ -1,0 +1,138 @@
+"""LoRA: training attaches low-rank updates and new token rows; a saved file merged into a fresh model gives exactly
+what the trained adapter gave; foreign files are refused; a job loads it per run; the shipped "[zorp]" LoRA draws
+its new shape and leaves other prompts as they were."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from cascade.family import DEMO_FOLDER, demo_models, load_models, tiny_models
+from cascade.lora import apply_lora_file, read_lora
+from cascade.pipeline import Request, generate
+from cascade.train.demo import Recipe, train
+from cascade.train.loop import RunConfig
+from cascade.train.lora import NEW_SHAPE, WORD, lora_report, train_lora, word_data
+from cascade.weights import WeightsError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_LORA = ROOT / "examples" / "zorp.safetensors"
+PROMPT = f"a large red {WORD} in the center on a white background"
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    """A demo-shaped family trained for two steps per stage: the right layers and sizes, in seconds."""
+    out = tmp_path_factory.mktemp("family")
+    few = RunConfig(steps=2, batch_size=8, warmup=1)
+    train(out, Recipe(images=48, stage_a=few, semantic=few, stage_b=few, stage_c=few), progress=False, log=print)
+    return out
+
+
+def prior_output(models, prompt: str) -> torch.Tensor:
+    text = models.text_encoder.encode([prompt])
+    x = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    clip_img = torch.zeros(1, 1, models.clip_img_dim)
+    with torch.no_grad():
+        return models.stage_c(x, torch.tensor([0.5]), text.clip_text, text.clip_text_pooled, clip_img)
+
+
+def test_a_merged_lora_file_gives_what_the_trained_adapter_gave(family, tmp_path):
+    models = load_models(family, dtype=torch.float32, with_effnet=True)
+    base = prior_output(load_models(family, dtype=torch.float32), PROMPT)
+    adapter = train_lora(models, word_data(16), RunConfig(steps=2, batch_size=4, warmup=1), progress=False)
+    with torch.no_grad():  # two steps barely move it: give every update a visible size
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    trained = prior_output(models, PROMPT)
+    assert models.text_encoder.tokenizer.tokenize(PROMPT).count(WORD) == 1  # one new token, not BPE pieces
+    adapter.save(tmp_path / "l.safetensors")
+
+    info, tensors = read_lora(tmp_path / "l.safetensors")
+    assert info["tokens"] == [WORD] and info["rank"] == 4 and info["filters"] == [".attn"]
+    # The reference's filter: every attention's packed q/k/v projection and its output projection.
+    assert len(info["layers"]) == 2 * sum(1 for n, _ in models.stage_c.named_modules() if n.endswith(".attention.attn"))
+    assert all(name.endswith(("attn.in_proj_weight", "attn.out_proj.weight")) for name in info["layers"])
+
+    fresh = load_models(family, dtype=torch.float32)
+    assert apply_lora_file(fresh, tmp_path / "l.safetensors") == [WORD]
+    merged = prior_output(fresh, PROMPT)
+    assert torch.allclose(merged, trained, atol=1e-5)
+    assert not torch.allclose(merged, base, atol=1e-3)
+
+
+def test_a_lora_for_another_model_or_not_a_lora_is_refused(family, tmp_path):
+    models = load_models(family, dtype=torch.float32, with_effnet=True)
+    adapter = train_lora(models, word_data(8), RunConfig(steps=1, batch_size=4, warmup=1), progress=False)
+    adapter.save(tmp_path / "l.safetensors")
+    tiny = tiny_models()
+    before = [p.clone() for p in tiny.stage_c.parameters()]
+    with pytest.raises(WeightsError, match="the LoRA is for another model"):
+        apply_lora_file(tiny, tmp_path / "l.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny.stage_c.parameters()))  # nothing half-applied
+    with pytest.raises(WeightsError, match="not a LoRA file"):
+        apply_lora_file(tiny, family / "stage_c.safetensors")
+    with pytest.raises(WeightsError, match="file not found"):
+        apply_lora_file(tiny, tmp_path / "missing.safetensors")
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_job_merges_the_lora_in_its_stage_c_actors(family, tmp_path):
+    from jobs.generate import main
+    from jobs.manifest import read_manifests
+    from workers.models import model_digest
+    from workers.storage import LocalStorage
+
+    models = load_models(family, dtype=torch.float32, with_effnet=True)
+    adapter = train_lora(models, word_data(8), RunConfig(steps=1, batch_size=4, warmup=1), progress=False)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    lora = tmp_path / "l.safetensors"
+    adapter.save(lora)
+    pq.write_table(pa.table({"prompt": [PROMPT], "seed": [11]}), tmp_path / "p.parquet")
+    argv = ["--prompts", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "out"), "--model", str(family)]
+    argv += ["--prior-steps", "3", "--decoder-steps", "2", "--lora", str(lora), "--latent-dtype", "fp32"]  # exact
+    assert main(argv) == 0
+    manifest = read_manifests(LocalStorage(tmp_path / "out")).to_pylist()[0]
+    assert manifest["model_digest"] == model_digest(str(family), False, "auto", lora=str(lora))
+    assert manifest["model_digest"] != model_digest(str(family), False, "auto")
+
+    # The actor's image is the in-process pipeline's with the LoRA merged, and not the base model's.
+    request = Request(PROMPT, seed=11, width=64, height=64, prior_steps=3, decoder_steps=2)
+    job_image = np.asarray(Image.open(tmp_path / "out" / manifest["key"]))
+    tuned = load_models(family, dtype=torch.float32)
+    apply_lora_file(tuned, lora)
+    assert np.array_equal(job_image, np.asarray(generate(tuned, [request])[0].image))
+    base = np.asarray(generate(load_models(family, dtype=torch.float32), [request])[0].image)
+    assert not np.array_equal(job_image, base)
+
+
+def test_a_missing_lora_stops_the_job_before_it_starts(tmp_path, capsys):
+    from jobs.generate import main
+
+    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "p.parquet")
+    argv = ["--prompts", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "out"), "--model", "tiny"]
+    assert main([*argv, "--lora", str(tmp_path / "nope.safetensors")]) == 3
+    assert "nope.safetensors: file not found" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not SHIPPED_LORA.is_file() or not (DEMO_FOLDER / "family.json").is_file(), reason="not built")
+@pytest.mark.slow
+def test_the_shipped_zorp_lora_draws_its_new_shape_and_leaves_other_prompts_alone():
+    """examples/zorp.safetensors was trained by `python -m cascade.train lora` (its report beside it)."""
+    recorded = json.loads(SHIPPED_LORA.with_suffix(".json").read_text())
+    report = lora_report(lambda: demo_models(), SHIPPED_LORA, samples=8)
+    report.pop("images")
+    assert report["new_shape_before"] <= 0.25, report  # the base model does not know the word
+    assert report["new_shape_after"] >= 0.5, report  # the LoRA draws "[zorp]" as the new shape
+    assert report["other_prompts_same_shape"] >= 0.75, report
+    assert report["other_prompts_mean_pixel_change"] <= 0.06, report
+    assert recorded["new_shape"] == NEW_SHAPE and recorded["new_shape_after"] >= 0.5
