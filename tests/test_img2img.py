@@ -64,5 +64,5 @@ def test_img2img_errors(models):
         run_prior(models, request, [picture("red")], strength=0)
     with pytest.raises(ValueError, match="2 images for 1 requests"):
         run_prior(models, request, [picture("red"), picture("red")])
-    with pytest.raises(ValueError, match="needs the EfficientNet encoder"):
+    with pytest.raises(ValueError, match=r"needs the family.s semantic encoder \(effnet_encoder.safetensors"):
         run_prior(tiny_models(), request, [picture("red")])
