@@ -9,6 +9,7 @@ an autoscaler to add one, forever if none comes. `NodeWatch` turns that wait int
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -41,9 +42,19 @@ class NodeWatch(threading.Thread):
     """Checks every `period` seconds that each pool fits on some live node; after `timeout` seconds without one it
     records why in `reason` and sends the main thread a SIGINT, which turns that into a PlacementError."""
 
-    def __init__(self, needs: dict[str, dict[str, float]], timeout: float, log, period: float = 2.0, nodes=live_nodes):
+    def __init__(
+        self,
+        needs: dict[str, dict[str, float]],
+        timeout: float,
+        log,
+        period: float = 2.0,
+        nodes=live_nodes,
+        grace: float = 60.0,
+        resend: float = 10.0,
+    ):
         super().__init__(daemon=True, name="node-watch")
         self.needs, self.timeout, self.log, self.period, self.nodes = needs, timeout, log, period, nodes
+        self.grace, self.resend = grace, resend
         self.reason: str | None = None
         self._done = threading.Event()
 
@@ -69,11 +80,25 @@ class NodeWatch(threading.Thread):
                     "or the autoscaler added none. Bring such a node back (or change the pool's resources), then "
                     "rerun the same command"
                 )
-                if not self._done.is_set():
-                    # A real SIGINT to the main thread: it wakes a thread blocked on a lock, which
-                    # _thread.interrupt_main() (a flag checked between bytecodes) does not.
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                self._interrupt_main()
                 return
+
+    def _interrupt_main(self) -> None:
+        """SIGINT the main thread until it stops the job (it calls stop()); after `grace` seconds exit the process.
+
+        A real SIGINT wakes a main thread blocked on a lock, which _thread.interrupt_main() (a flag checked between
+        bytecodes) does not. It is sent again every `resend` seconds because a library's own handler can swallow
+        one (seen once in a full test run, while Ray was reconstructing the objects lost with a node). The hard
+        exit loses only manifest rows not yet written: a rerun adopts their stored images by the sha256 in each
+        image's metadata."""
+        deadline = time.monotonic() + self.grace
+        while not self._done.is_set():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            if self._done.wait(self.resend):
+                return
+            if time.monotonic() >= deadline:
+                self.log(f"error: the job stopped: {self.reason} (the driver did not stop within {self.grace:g} s)")
+                os._exit(1)
 
     def stop(self) -> None:
         self._done.set()

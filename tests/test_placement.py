@@ -1,0 +1,48 @@
+"""The node watch on its own: it interrupts the main thread when a pool has no live node, again if the first
+interrupt is swallowed, and ends the process (exit 1, the reason said) if the main thread never stops."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from jobs.placement import NodeWatch
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDS = {"Stage B/A pool": {"GPU": 1.0, "stage_b": 1.0}}
+
+
+def test_the_main_thread_is_interrupted_again_when_a_library_swallows_the_first_interrupt():
+    logged = []
+    watch = NodeWatch(NEEDS, timeout=0.1, log=logged.append, period=0.05, nodes=lambda: [{"CPU": 2.0}], resend=0.2)
+    watch.start()
+    interrupts = 0
+    deadline = time.monotonic() + 20
+    try:
+        while interrupts < 2 and time.monotonic() < deadline:
+            try:
+                time.sleep(0.01)
+            except KeyboardInterrupt:  # the first one is swallowed, as a library's handler might
+                interrupts += 1
+    finally:
+        watch.stop()
+    assert interrupts == 2
+    assert "no live node can run the Stage B/A pool (one actor needs GPU 1, stage_b 1)" in watch.reason
+    assert logged[0].startswith("warning: no live node can run the Stage B/A pool")
+
+
+def test_a_main_thread_that_never_stops_ends_the_process_with_the_reason():
+    script = (
+        "import signal, time\n"
+        "from jobs.placement import NodeWatch\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)  # a main thread the interrupt cannot reach\n"
+        f"w = NodeWatch({NEEDS!r}, timeout=0.1, log=print, period=0.05, nodes=lambda: [], grace=0.5, resend=0.1)\n"
+        "w.start()\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "error: the job stopped: no live node can run the Stage B/A pool" in proc.stdout
+    assert "did not stop within 0.5 s" in proc.stdout
