@@ -49,7 +49,7 @@ class NodeWatch(threading.Thread):
         log,
         period: float = 2.0,
         nodes=live_nodes,
-        grace: float = 60.0,
+        grace: float = 30.0,
         resend: float = 10.0,
     ):
         super().__init__(daemon=True, name="node-watch")
@@ -87,17 +87,20 @@ class NodeWatch(threading.Thread):
         """SIGINT the main thread until it stops the job (it calls stop()); after `grace` seconds exit the process.
 
         A real SIGINT wakes a main thread blocked on a lock, which _thread.interrupt_main() (a flag checked between
-        bytecodes) does not. It is sent again every `resend` seconds because a library's own handler can swallow
-        one (seen once in a full test run, while Ray was reconstructing the objects lost with a node). The hard
-        exit loses only manifest rows not yet written: a rerun adopts their stored images by the sha256 in each
-        image's metadata."""
+        bytecodes) does not. It is sent again every `resend` seconds, and the process ends itself after `grace`
+        seconds, because the interrupt can be held back: Ray defers SIGINT while the main thread is inside some of
+        its calls (`DeferSigint`), and after a node is lost such a call can wait for good (seen in full test runs).
+        The hard exit loses only manifest rows not yet written: a rerun adopts their stored images by the sha256 in
+        each image's metadata."""
         deadline = time.monotonic() + self.grace
         while not self._done.is_set():
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             if self._done.wait(self.resend):
                 return
             if time.monotonic() >= deadline:
-                self.log(f"error: the job stopped: {self.reason} (the driver did not stop within {self.grace:g} s)")
+                self.log(f"error: the job stopped: {self.reason}")
+                self.log(f"(the driver did not stop within {self.grace:g} s of the interrupt, so it exits now)")
+                self.log("rerun the same command to resume: finished images are kept")
                 os._exit(1)
 
     def stop(self) -> None:
