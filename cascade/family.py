@@ -225,6 +225,8 @@ def _settle(models: CascadeModels, device, dtype: torch.dtype) -> CascadeModels:
     return models
 
 
+# A family folder of our own (not an official one) may carry family.json: {"geometry": {...Geometry fields...}}.
+FAMILY_FILE = "family.json"
 DEMO_FOLDER = Path(__file__).parent / "assets" / "demo"
 
 
@@ -274,12 +276,16 @@ BUILTIN_MODELS = {
     "random-big": functools.partial(random_models, "big"),
     "random-lite": functools.partial(random_models, "lite"),
 }
-if (DEMO_FOLDER / "family.json").is_file():  # the trained demo family, where this version ships it
+if (DEMO_FOLDER / FAMILY_FILE).is_file():  # the trained demo family, where this version ships it
     BUILTIN_MODELS["demo"] = demo_models
 DEFAULT_MODEL = "demo" if "demo" in BUILTIN_MODELS else "tiny"
 
-# A family folder of our own (not an official one) may carry family.json: {"geometry": {...Geometry fields...}}.
-FAMILY_FILE = "family.json"
+
+def load_family(model: str | os.PathLike, **kwargs) -> CascadeModels:
+    """A built-in model by name, or a weights folder: `kwargs` go to the built-in or to `load_models`."""
+    if str(model) in BUILTIN_MODELS:
+        return BUILTIN_MODELS[str(model)](**kwargs)
+    return load_models(model, **kwargs)
 
 
 def family_geometry(model: str | os.PathLike) -> Geometry:

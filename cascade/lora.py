@@ -33,6 +33,10 @@ FILTERS = (".attn",)  # the reference's module_filters
 _METADATA = "cascade.lora"
 
 
+def low_rank_delta(up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
+    return (up @ down) * scale
+
+
 class LoRA(nn.Module):
     """W -> W + (up @ down) * alpha / rank, for a Linear's (out, in) weight or an attention's packed in_proj."""
 
@@ -43,7 +47,7 @@ class LoRA(nn.Module):
         self.scale = alpha / rank
 
     def delta(self) -> torch.Tensor:
-        return (self.lora_up @ self.lora_down) * self.scale
+        return low_rank_delta(self.lora_up, self.lora_down, self.scale)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight + self.delta()
@@ -152,22 +156,20 @@ def attach(models, words: list[str], init_from: list[str], rank: int = 4, alpha:
     return Adapter(layers, loras, retoken, words, token_init, rank, alpha, tuple(filters))
 
 
-def detach(models, adapter: Adapter) -> None:
-    """Remove the parametrisations (the base weights are left as they were)."""
-    embedding = models.text_encoder.model.get_input_embeddings()
-    parametrize.remove_parametrizations(embedding, "weight", leave_parametrized=False)
-    for _, module, param in adapter.layers:
-        parametrize.remove_parametrizations(module, param, leave_parametrized=False)
-
-
-def read_lora(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def lora_info(path: str | Path) -> dict:
+    """A LoRA file's description (layers, rank, alpha, words) from its header alone; names the file if it is none."""
     path = Path(path)
     _, metadata = read_header(path)  # checks it is a safetensors file, names the file otherwise
     if metadata.get("cascade.kind") != "lora" or _METADATA not in metadata:
         raise WeightsError(f"{path}: not a LoRA file of this project (no {_METADATA} metadata)")
+    return json.loads(metadata[_METADATA])
+
+
+def read_lora(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    info = lora_info(path)
     with safe_open(str(path), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    return json.loads(metadata[_METADATA]), tensors
+    return info, tensors
 
 
 @torch.no_grad()
@@ -185,7 +187,9 @@ def apply_lora_file(models, path: str | Path, strength: float = 1.0) -> list[str
             raise WeightsError(f"{path}: layer {name} is not in this model's Stage C; the LoRA is for another model")
         module, param = layers[name]
         weight = getattr(module, param)
-        delta = tensors[f"weights.{i}.lora_up"] @ tensors[f"weights.{i}.lora_down"] * (info["alpha"] / info["rank"])
+        delta = low_rank_delta(
+            tensors[f"weights.{i}.lora_up"], tensors[f"weights.{i}.lora_down"], info["alpha"] / info["rank"]
+        )
         if delta.shape != weight.shape:
             raise WeightsError(
                 f"{path}: {name} is {tuple(delta.shape)} in the LoRA, {tuple(weight.shape)} here; "
@@ -197,11 +201,10 @@ def apply_lora_file(models, path: str | Path, strength: float = 1.0) -> list[str
         raise WeightsError(f"{path}: token rows of width {tensors['embeddings.embeddings'].shape[1]}, the text "
                            f"encoder's are {embedding.weight.shape[1]}; the LoRA is for another model")  # fmt: skip
     words = info["tokens"]
+    if len(tensors["embeddings.indices"]) != len(words):
+        raise WeightsError(f"{path}: {len(tensors['embeddings.indices'])} token rows for {len(words)} words")
     ids = add_tokens(models.text_encoder, words, [])
     embedding = models.text_encoder.model.get_input_embeddings()
-    known = tensors["embeddings.indices"].tolist()
-    if len(known) != len(ids):
-        raise WeightsError(f"{path}: {len(known)} token rows for {len(ids)} words")
     for row, token in enumerate(ids):
         base = tensors["tokens.init"][row].to(embedding.weight)
         embedding.weight[token] = base + strength * tensors["embeddings.embeddings"][row].to(embedding.weight)

@@ -54,9 +54,9 @@ def check_model(config):
 
     geometry = family_geometry(config.model)  # a broken family.json names itself
     if config.lora:
-        from cascade.lora import read_lora
+        from cascade.lora import lora_info
 
-        read_lora(config.lora)  # a missing or foreign file names itself (its layers are checked when actors load)
+        lora_info(config.lora)  # a missing or foreign file names itself (its layers are checked when actors load)
     if config.model in BUILTIN_MODELS:
         return geometry
     folder = Path(config.model)

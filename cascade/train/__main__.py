@@ -104,7 +104,7 @@ def _lora(args) -> int:
 
     import torch
 
-    from ..family import BUILTIN_MODELS, load_models
+    from ..family import load_family
     from .evaluate import contact_sheet
     from .loop import RunConfig
     from .lora import lora_report, train_lora, word_data
@@ -114,9 +114,7 @@ def _lora(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 1 or more")
 
     def load(with_effnet: bool = False):
-        if args.model in BUILTIN_MODELS:
-            return BUILTIN_MODELS[args.model](dtype=torch.float32, with_effnet=with_effnet)
-        return load_models(args.model, dtype=torch.float32, with_effnet=with_effnet)
+        return load_family(args.model, dtype=torch.float32, with_effnet=with_effnet)
 
     models = load(with_effnet=True)
     data = word_data(args.images, models.geometry.default_size)

@@ -138,7 +138,7 @@ def _summary(trained: Trained) -> dict:
     return {"steps": trained.steps, "seconds": round(trained.seconds, 1), "final_loss": sum(tail) / max(len(tail), 1)}
 
 
-def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True) -> dict:
+def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, data: ShapesData | None = None) -> dict:
     """Train one stage of the family in `out` (its inputs from earlier stages must be there); returns its summary."""
     if stage not in STAGES:
         raise ValueError(f"stage: {stage!r} is not known; use one of {', '.join(STAGES)}")
@@ -147,7 +147,7 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True) ->
         if not _output(out, before).is_file():
             raise FileNotFoundError(f"{_output(out, before)} not found: train {before} first (it is {stage}'s input)")
     run, checkpoint = recipe.run(stage), out / "checkpoints" / stage
-    data = data_of(recipe)
+    data = data if data is not None else data_of(recipe)
     if stage == "stage_a":
         trained = train_stage_a(data, STAGE_A, run, checkpoint, progress)
         ema = trained.ema["stage_a"]
@@ -188,13 +188,14 @@ def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = 
     out.mkdir(parents=True, exist_ok=True)
     _record(out, recipe)
     text_encoder(out, recipe)
-    done = {}
+    done, data = {}, None
     for stage in stages:
         if _output(out, stage).is_file():
             log(f"{stage}: already trained ({_output(out, stage)}); skipped")
             continue
         started = time.perf_counter()
-        done[stage] = train_stage(stage, out, recipe, progress)
+        data = data if data is not None else data_of(recipe)  # rendered once for every stage of this run
+        done[stage] = train_stage(stage, out, recipe, progress, data)
         log(f"{stage}: {done[stage]['steps']} steps, final loss {done[stage]['final_loss']:.4f}, "
             f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     return done

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
-from ..family import BUILTIN_MODELS, load_models
+from ..family import load_family
 from ..pipeline import Request, generate, to_tensor
 from .checker import HEADS, Checker, judge, train_checker
 from .shapes import render, sample_attributes
@@ -70,10 +70,7 @@ def evaluate(
     if samples < 1:
         raise ValueError(f"samples: {samples} is not allowed; use 1 or more")
     started = time.perf_counter()
-    if str(model) in BUILTIN_MODELS:
-        models = BUILTIN_MODELS[str(model)](dtype=torch.float32)
-    else:
-        models = load_models(model, dtype=torch.float32)
+    models = load_family(model, dtype=torch.float32)
     size = models.geometry.default_size
     checker = checker_for(out, size, checker_steps, seed)
     report: dict = {"model": str(model), "size": size, "samples": samples, "prior_steps": prior_steps}

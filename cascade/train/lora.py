@@ -124,9 +124,8 @@ def lora_report(load, path: Path, samples: int = 24, prior_steps: int = 20, deco
     tuned = load()
     apply_lora_file(tuned, path)
     after_word, after_other = render_all(tuned, word_prompts), render_all(tuned, other_prompts)
-    shapes = lambda images, attrs: shape_votes(images, attrs)  # noqa: E731
     star = lambda votes: sum(v == NEW_SHAPE for v in votes) / len(votes)  # noqa: E731
-    same_shape = [a == b for a, b in zip(shapes(before_other, other_attrs), shapes(after_other, other_attrs))]
+    same_shape = [a == b for a, b in zip(shape_votes(before_other, other_attrs), shape_votes(after_other, other_attrs))]
     moved = [
         float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255)
         for a, b in zip(before_other, after_other)
@@ -135,8 +134,8 @@ def lora_report(load, path: Path, samples: int = 24, prior_steps: int = 20, deco
         "word": WORD,
         "new_shape": NEW_SHAPE,
         "samples": samples,
-        "new_shape_before": round(star(shapes(before_word, word_attrs)), 4),
-        "new_shape_after": round(star(shapes(after_word, word_attrs)), 4),
+        "new_shape_before": round(star(shape_votes(before_word, word_attrs)), 4),
+        "new_shape_after": round(star(shape_votes(after_word, word_attrs)), 4),
         "other_prompts_same_shape": round(sum(same_shape) / len(same_shape), 4),
         "other_prompts_mean_pixel_change": round(sum(moved) / len(moved), 4),
         "images": {"before": before_word[:8], "after": after_word[:8], "others_before": before_other[:8],
