@@ -87,13 +87,13 @@ class Recipe:
     data_seed: int = 0
     text_seed: int = 0
     stage_a: RunConfig = field(
-        default_factory=lambda: RunConfig(steps=1500, batch_size=32, lr=1e-3, warmup=100, ema_beta=0.995)
+        default_factory=lambda: RunConfig(steps=3000, batch_size=32, lr=1e-3, warmup=100, ema_beta=0.995)
     )
     semantic: RunConfig = field(
         default_factory=lambda: RunConfig(steps=3000, batch_size=64, lr=1e-3, warmup=100, ema_beta=0.995)
     )
     stage_b: RunConfig = field(
-        default_factory=lambda: RunConfig(steps=2000, batch_size=32, lr=1e-3, warmup=200, ema_beta=0.998)
+        default_factory=lambda: RunConfig(steps=3000, batch_size=32, lr=1e-3, warmup=200, ema_beta=0.998)
     )
     stage_c: RunConfig = field(default_factory=lambda: RunConfig(steps=3000, batch_size=64, lr=1e-3, warmup=200))
 

@@ -25,11 +25,12 @@ from .checker import HEADS, Checker, judge, train_checker
 from .shapes import render, sample_attributes
 
 SPLITS = ("heldout", "train")
+CHECKER_VERSION = 2  # part of the cached judge's file name: a change to how the judge trains must not reuse an old one
 
 
 def checker_for(folder: Path, size: int, steps: int, seed: int = 0) -> Checker:
     """The judge, trained once per (size, steps, seed) and kept in `folder` (it does not depend on the model)."""
-    path = folder / f"checker-{size}px-{steps}steps-seed{seed}.safetensors"
+    path = folder / f"checker-v{CHECKER_VERSION}-{size}px-{steps}steps-seed{seed}.safetensors"
     checker = Checker()
     if path.is_file():
         checker.load_state_dict(load_file(str(path)))

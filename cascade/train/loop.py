@@ -22,6 +22,9 @@ from torch import nn
 from .objective import EMA, AdaptiveLossWeight
 
 
+LOG_EVERY = 100  # steps between the plain progress lines printed when there is no progress bar
+
+
 @dataclass
 class RunConfig:
     steps: int = 1000
@@ -136,6 +139,10 @@ def fit(
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        elif step % LOG_EVERY == 0 or step == run.steps:  # no bar (logs, CI): a plain line now and then
+            elapsed = seconds + time.perf_counter() - started
+            mean = sum(losses[-50:]) / len(losses[-50:])
+            print(f"{description}: step {step}/{run.steps}, loss {mean:.4f}, {elapsed:.0f} s", flush=True)
         if checkpoint is not None and (step % run.checkpoint_every == 0 or step == run.steps):
             elapsed = seconds + time.perf_counter() - started
             _save(checkpoint, modules, emas, optimizer, step, generator, loss_weight, losses, elapsed, run)
