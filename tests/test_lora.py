@@ -110,9 +110,17 @@ def test_a_job_merges_the_lora_in_its_stage_c_actors(family, tmp_path):
     job_image = np.asarray(Image.open(tmp_path / "out" / manifest["key"]))
     tuned = load_models(family, dtype=torch.float32)
     apply_lora_file(tuned, lora)
-    assert np.array_equal(job_image, np.asarray(generate(tuned, [request])[0].image))
+    # Equal up to float rounding: another process (thread count, kernels chosen) may flip a pixel value by 1.
+    local = np.asarray(generate(tuned, [request])[0].image)
+    assert same_but_rounding(job_image, local)
     base = np.asarray(generate(load_models(family, dtype=torch.float32), [request])[0].image)
-    assert not np.array_equal(job_image, base)
+    assert not same_but_rounding(job_image, base)
+
+
+def same_but_rounding(a: np.ndarray, b: np.ndarray) -> bool:
+    """8-bit images equal but for a few values (under 0.5 %) off by one."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    return bool(diff.max() <= 1 and (diff > 0).mean() < 0.005)
 
 
 def test_a_missing_lora_stops_the_job_before_it_starts(tmp_path, capsys):

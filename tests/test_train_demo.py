@@ -108,7 +108,9 @@ def test_the_demo_family_draws_what_prompts_ask_for(tmp_path):
     report = evaluate(DEMO_FOLDER, tmp_path, samples=12, checker_steps=250, log=lambda m: None)
     held_out, train_split = report["accuracy"]["heldout"], report["accuracy"]["train"]
     assert held_out["checker_on_renders"]["colour"] >= 0.9  # the judge itself works at this size
-    # Far above chance (1/8 colours, 1/5 shapes and positions); the full evaluation's numbers are in docs/TRAINING.md.
-    assert held_out["colour"] >= 0.75 and held_out["position"] >= 0.6, held_out
-    assert train_split["colour"] >= 0.75 and train_split["shape"] >= 0.5, train_split
+    # Set below the shipped demo's full evaluation (80 prompts per split, docs/TRAINING.md): held-out colour 72 %,
+    # position 96 %, all three 29 %; training pairs colour 92 %, position 98 %. Chance is 1/8 colours, 1/5 positions,
+    # 1/200 all three. Shape (38 % and 44 %, chance 20 %) is too close to chance on 12 prompts to assert.
+    assert held_out["colour"] >= 0.5 and held_out["position"] >= 0.75 and held_out["all_three"] >= 0.1, held_out
+    assert train_split["colour"] >= 0.66 and train_split["position"] >= 0.75, train_split
     assert (tmp_path / "contact-sheet.png").is_file() and (tmp_path / "eval.json").is_file()
