@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .shapes import COLOURS, POSITIONS, SHAPES, Attributes, render, sample_attributes
+from .shapes import ATTRIBUTES, Attributes, render, sample_attributes
+from .shapes import labels as attribute_labels
 
-HEADS = {"colour": sorted(COLOURS), "shape": list(SHAPES), "position": sorted(POSITIONS)}
+HEADS = {name: ATTRIBUTES[name] for name in ("colour", "shape", "position")}
 
 
 class Checker(nn.Module):
@@ -38,7 +39,7 @@ class Checker(nn.Module):
 
 
 def labels(attributes: Sequence[Attributes]) -> dict[str, torch.Tensor]:
-    return {name: torch.tensor([values.index(getattr(a, name)) for a in attributes]) for name, values in HEADS.items()}
+    return attribute_labels(attributes, HEADS)
 
 
 def _batch(rng: random.Random, n: int, size: int) -> tuple[torch.Tensor, list[Attributes]]:

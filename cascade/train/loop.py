@@ -21,7 +21,6 @@ from torch import nn
 
 from .objective import EMA, AdaptiveLossWeight
 
-
 LOG_EVERY = 100  # steps between the plain progress lines printed when there is no progress bar
 
 

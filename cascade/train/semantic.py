@@ -24,16 +24,9 @@ from torch import nn
 from ..previewer import Previewer, PreviewerConfig
 from ..semantic import SemanticEncoder, SemanticEncoderConfig
 from .loop import RunConfig, Trained, fit
-from .shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ShapesData
+from .shapes import ATTRIBUTES, ShapesData, labels
 
 PROBE_WEIGHT = 0.01  # the attribute probe's cross-entropy against the preview MSE (about 0.004 when trained)
-ATTRIBUTES = {
-    "shape": list(SHAPES),
-    "colour": sorted(COLOURS),
-    "position": sorted(POSITIONS),
-    "size": sorted(SIZES),
-    "background": sorted(BACKGROUNDS),
-}
 
 
 class AttributeProbe(nn.Module):
@@ -48,14 +41,6 @@ class AttributeProbe(nn.Module):
         return {name: head(flat) for name, head in self.heads.items()}
 
 
-def attribute_labels(data: ShapesData) -> dict[str, torch.Tensor]:
-    """(N,) class indices per attribute."""
-    return {
-        name: torch.tensor([values.index(getattr(a, name)) for a in data.attributes])
-        for name, values in ATTRIBUTES.items()
-    }
-
-
 def train_semantic(
     data: ShapesData,
     run: RunConfig,
@@ -68,7 +53,7 @@ def train_semantic(
     previewer = Previewer(PreviewerConfig(c_in=config.c_latent, c_hidden=preview_hidden))
     grid = data.images.shape[-1] // config.stride
     probe = AttributeProbe(config.c_latent * grid * grid)
-    labels = attribute_labels(data)
+    targets = labels(data.attributes)
 
     def step(generator: torch.Generator, _) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(len(data), (run.batch_size,), generator=generator)
@@ -77,7 +62,7 @@ def train_semantic(
         recon = previewer(latents)
         preview = F.mse_loss(recon, F.interpolate(images, size=recon.shape[-2:], mode="area"))
         logits = probe(latents)
-        probe_loss = sum(F.cross_entropy(logits[name], labels[name][idx]) for name in ATTRIBUTES)
+        probe_loss = sum(F.cross_entropy(logits[name], targets[name][idx]) for name in ATTRIBUTES)
         return preview + PROBE_WEIGHT * probe_loss, preview  # minimised, reported
 
     modules = {"encoder": encoder, "previewer": previewer, "probe": probe}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +129,21 @@ def render(attributes: Attributes, size: int = 64, seed: int = 0, jitter: float 
     else:
         draw.polygon(_polygon(attributes.shape, cx, cy, r), fill=colour)
     return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+# Each attribute's classes, in the order classifiers (the judge's heads, the semantic encoder's probe) index them.
+ATTRIBUTES = {
+    "shape": list(SHAPES),
+    "colour": sorted(COLOURS),
+    "position": sorted(POSITIONS),
+    "size": sorted(SIZES),
+    "background": sorted(BACKGROUNDS),
+}
+
+
+def labels(attributes: Sequence[Attributes], names: Iterable[str] = ATTRIBUTES) -> dict[str, torch.Tensor]:
+    """(N,) class indices of each named attribute."""
+    return {name: torch.tensor([ATTRIBUTES[name].index(getattr(a, name)) for a in attributes]) for name in names}
 
 
 @dataclass

@@ -36,15 +36,19 @@ def vq_losses(
     model: StageA,
     images: torch.Tensor,
     quantize: torch.Tensor,
-    noise: torch.Tensor | None = None,
+    noise_level: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstruction MSE, codebook + commitment loss). quantize: (B,) bool, which samples pass the quantiser;
-    noise: (B, c_latent, H/4, W/4) or None, added to the continuous samples' latents in units of their std."""
+    noise_level: (B, 1, 1, 1) or None, the Gaussian noise added to the continuous samples' latents, in units of their
+    std (drawn from `generator`)."""
     z = model.down_blocks(model.in_block(images))  # (B, c_latent, H/4, W/4), before the scale factor
     z_q, _ = model.vquantizer(z)
     codebook = F.mse_loss(z_q, z.detach()) + COMMITMENT * F.mse_loss(z, z_q.detach())
     straight = z + (z_q - z).detach()  # the quantised values forward, the encoder's gradient backward
-    continuous = z if noise is None else z + noise * z.detach().std()
+    continuous = z
+    if noise_level is not None:
+        continuous = z + noise_level * torch.randn(z.shape, generator=generator) * z.detach().std()
     latent = torch.where(quantize.view(-1, 1, 1, 1), straight, continuous)
     recon = model.out_block(model.up_blocks(latent))
     return F.mse_loss(recon, images), codebook
@@ -72,8 +76,7 @@ def train_stage_a(
         images = data.images[torch.randint(len(data), (run.batch_size,), generator=generator)]
         quantize = torch.rand(run.batch_size, generator=generator) < QUANTISED
         level = torch.rand(run.batch_size, 1, 1, 1, generator=generator) * LATENT_NOISE
-        shape = (run.batch_size, config.c_latent, images.shape[2] // 4, images.shape[3] // 4)
-        recon, codebook = vq_losses(model, images, quantize, level * torch.randn(shape, generator=generator))
+        recon, codebook = vq_losses(model, images, quantize, level, generator)
         return recon + codebook
 
     return fit({"stage_a": model}, step, run, checkpoint, None, "Stage A", progress)
