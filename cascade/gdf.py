@@ -52,9 +52,10 @@ def log_snr(t: torch.Tensor, shift: float = 1.0) -> torch.Tensor:
 def noise_cond(logsnr: torch.Tensor) -> torch.Tensor:
     """The r the model sees: the unshifted cosine schedule inverted at this logSNR."""
     var = logsnr.sigmoid().clamp(0, 1)
-    s = torch.tensor(S, dtype=var.dtype, device=var.device)
-    min_var = torch.cos(s / (1 + s) * torch.pi * 0.5) ** 2
-    return ((var * min_var) ** 0.5).acos() / (torch.pi * 0.5) * (1 + s) - s
+    # min_var in the tensor's own dtype, made on the host: a tensor made on the device from a Python number is a
+    # blocking copy, and this runs at every sampling step.
+    min_var = (torch.cos(torch.tensor(S / (1 + S) * math.pi * 0.5, dtype=var.dtype)) ** 2).item()
+    return ((var * min_var) ** 0.5).acos() / (math.pi * 0.5) * (1 + S) - S
 
 
 def vp_scalers(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,17 +174,26 @@ def sample(
         raise ValueError(f"sampler: {sampler!r} is not known; allowed are {sorted(SAMPLERS)}")
     step_fn, stochastic = SAMPLERS[sampler]
     n = len(generators)
+    # Everything the loop needs from the host is made and copied to the device before it starts: a copy from the
+    # host inside the loop would wait for the device to finish the step before (PyTorch synchronises blocking
+    # copies), leaving it idle while Python queues the next one. The noise is drawn in the same order per generator
+    # as step by step (the initial noise, then each DDPM step's), so the samples are the same.
     r_range = torch.linspace(t_start, 0.0, steps + 1)
-    logsnr_range = log_snr(r_range, shift)[:, None].expand(-1, n)  # (steps + 1, B)
-    x = randn(shape, generators, device) if x_init is None else x_init.to(device=device, dtype=torch.float32)
+    # non_blocking: the host copies are staged at once and the device reads them in stream order, without a wait.
+    to_device = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    logsnr_range = to_device(log_snr(r_range, shift)[:, None].expand(-1, n).contiguous())  # (steps + 1, B)
+    x = randn(shape, generators) if x_init is None else None
+    noises = [randn(shape, generators) for _ in range(steps - 1)] if stochastic else []
+    if noises:
+        noises = to_device(torch.stack(noises)).unbind(0)
+    x = to_device(x) if x_init is None else x_init.to(device=device, dtype=torch.float32)
     x0 = x
     for i in range(steps):
-        logsnr, logsnr_prev = logsnr_range[i].to(device), logsnr_range[i + 1].to(device)
+        logsnr, logsnr_prev = logsnr_range[i], logsnr_range[i + 1]
         eps = denoiser(x, noise_cond(logsnr)).float()
         x0 = predict_x0(x, eps, logsnr)
         if i + 1 < steps:  # the last step's x is never used: we return its x0
-            noise = randn(shape, generators, device) if stochastic else None
-            x = step_fn(x0, eps, logsnr, logsnr_prev, noise=noise)
+            x = step_fn(x0, eps, logsnr, logsnr_prev, noise=noises[i] if stochastic else None)
         if callback is not None:
             callback(i, x0, x)
     return x0

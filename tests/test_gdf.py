@@ -501,3 +501,24 @@ def test_single_step_sample_is_the_first_x0():
     eps = toy_denoiser(x, gdf.noise_cond(gdf.log_snr(torch.tensor([1.0]), 2.0)))
     torch.testing.assert_close(out, (x - b * eps) / a, atol=1e-4, rtol=1e-5)
     assert math.isfinite(out.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_the_sampling_loop_never_waits_for_the_device():
+    """On a GPU: Stage C's guided sampling loop (the tiny model) queues every step without a host-device
+    synchronisation; torch raises on any (a blocking copy, .item(), a data-dependent branch)."""
+    from cascade.family import tiny_models
+    from cascade.pipeline import prior_conditions
+
+    models = tiny_models(device="cuda")
+    cond, uncond = prior_conditions(models, models.text_encoder.encode(["a cat", ""]), 1)
+    denoiser = gdf.guided_denoiser(models.stage_c, cond, uncond, 4.0)
+    steps_seen = []
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x0 = gdf.sample(denoiser, gens([0]), (16, 4, 4), steps=4, device="cuda",
+                        callback=lambda i, x0, x: steps_seen.append(i))  # fmt: skip
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert steps_seen == [0, 1, 2, 3] and x0.shape == (1, 16, 4, 4) and x0.is_cuda
