@@ -123,6 +123,38 @@ def same_but_rounding(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(diff.max() <= 1 and (diff > 0).mean() < 0.005)
 
 
+def test_the_lora_command_trains_writes_and_reports(family, tmp_path):
+    """`python -m cascade.train lora` end to end on the two-step family: the file loads, and the report says how
+    often "[zorp]" came out as the new shape in images and in Stage C's latents, before and after."""
+    from cascade.train.__main__ import main
+
+    out = tmp_path / "zorp.safetensors"
+    argv = ["lora", "--model", str(family), "--out", str(out), "--steps", "2", "--images", "8", "--batch-size", "4"]
+    assert main([*argv, "--samples", "2", "--no-progress"]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    for key in ("new_shape_before", "new_shape_after", "new_shape_in_latent_before", "new_shape_in_latent_after",
+                "other_prompts_same_shape"):  # fmt: skip
+        assert report[key] in (0.0, 0.5, 1.0), (key, report)  # a share of the 2 prompts
+    assert report["samples"] == 2 and out.with_suffix(".png").is_file()
+    models = load_models(family, dtype=torch.float32)
+    apply_lora_file(models, out)  # the file it wrote is a LoRA for this family
+
+
+def test_the_latent_vote_finds_the_shape_whose_latent_it_is(family):
+    """The latent vote's nearest-latent rule, checked on latents whose shape is known: the encoder's own latents of
+    a star and of a circle."""
+    from cascade.pipeline import to_tensor
+    from cascade.train.lora import nearest_shapes
+    from cascade.train.shapes import Attributes, render
+
+    models = load_models(family, dtype=torch.float32, with_effnet=True)
+    attributes = [Attributes(shape, "red", "in the center", "large", "white") for shape in ("star", "circle")]
+    assert attributes[0].shape == NEW_SHAPE
+    with torch.no_grad():
+        known = torch.stack([models.effnet.encode(to_tensor(render(a, 64, seed=1))[None])[0] for a in attributes])
+    assert nearest_shapes(models.effnet, known, attributes, 64) == ["star", "circle"]
+
+
 def test_a_missing_lora_stops_the_job_before_it_starts(tmp_path, capsys):
     from jobs.generate import main
 
@@ -137,10 +169,11 @@ def test_a_missing_lora_stops_the_job_before_it_starts(tmp_path, capsys):
 def test_the_shipped_zorp_lora_draws_its_new_shape_and_leaves_other_prompts_alone():
     """examples/zorp.safetensors was trained by `python -m cascade.train lora` (its report beside it)."""
     recorded = json.loads(SHIPPED_LORA.with_suffix(".json").read_text())
-    report = lora_report(lambda: demo_models(), SHIPPED_LORA, samples=8)
+    report = lora_report(lambda: demo_models(with_effnet=True), SHIPPED_LORA, samples=8)
     report.pop("images")
     assert report["new_shape_before"] <= 0.25, report  # the base model does not know the word
     assert report["new_shape_after"] >= 0.5, report  # the LoRA draws "[zorp]" as the new shape
+    assert report["new_shape_in_latent_after"] >= 0.75, report  # Stage C means the new shape by the new word
     assert report["other_prompts_same_shape"] >= 0.75, report
     assert report["other_prompts_mean_pixel_change"] <= 0.06, report
     assert recorded["new_shape"] == NEW_SHAPE and recorded["new_shape_after"] >= 0.5

@@ -113,10 +113,10 @@ def _lora(args) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 1 or more")
 
-    def load(with_effnet: bool = False):
-        return load_family(args.model, dtype=torch.float32, with_effnet=with_effnet)
+    def load():  # with the semantic encoder: training encodes the images, the report reads Stage C's latents
+        return load_family(args.model, dtype=torch.float32, with_effnet=True)
 
-    models = load(with_effnet=True)
+    models = load()
     data = word_data(args.images, models.geometry.default_size)
     run = RunConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=min(50, args.steps))
     started = time.perf_counter()

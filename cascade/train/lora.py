@@ -97,12 +97,50 @@ def shape_votes(images: list[Image.Image], attributes: list[Attributes], shapes=
     return votes
 
 
-__all__ = ["INIT_FROM", "NEW_SHAPE", "WORD", "shape_votes", "train_lora", "word_data"]
+@torch.no_grad()
+def nearest_shapes(
+    encoder,
+    latents: torch.Tensor,
+    attributes: list[Attributes],
+    size: int,
+    renders: int = 4,
+    shapes=(*SHAPES, NEW_SHAPE),
+) -> list[str]:
+    """For each latent, the shape whose semantic latents (`encoder` on `renders` renders of its attributes' colour,
+    position, size and background drawn as that shape) lie nearest it on average."""
+    from ..pipeline import to_tensor
+
+    votes = []
+    for latent, a in zip(latents, attributes):
+        distance = {}
+        for shape in shapes:
+            drawn = Attributes(shape, a.colour, a.position, a.size, a.background)
+            images = torch.stack([to_tensor(render(drawn, size, seed)) for seed in range(renders)])
+            distance[shape] = ((encoder.encode(images.to(latent)) - latent) ** 2).mean().item()
+        votes.append(min(distance, key=distance.get))
+    return votes
+
+
+@torch.no_grad()
+def latent_votes(models, prompts: list[str], attributes: list[Attributes], steps: int = 20) -> list[str]:
+    """The shape Stage C meant for each prompt, before Stage B and Stage A draw it: its latent's `nearest_shapes`.
+    Needs the family's semantic encoder (`with_effnet=True`)."""
+    from ..pipeline import Request, run_prior
+
+    size = models.geometry.default_size
+    requests = [Request(p, seed=i, width=size, height=size, prior_steps=steps) for i, p in enumerate(prompts)]
+    outputs = [o for i in range(0, len(requests), 16) for o in run_prior(models, requests[i : i + 16])]
+    latents = torch.stack([o.latent for o in outputs])
+    return nearest_shapes(models.effnet, latents, attributes, size)
+
+
+__all__ = ["INIT_FROM", "NEW_SHAPE", "WORD", "latent_votes", "nearest_shapes", "shape_votes", "train_lora", "word_data"]
 
 
 def lora_report(load, path: Path, samples: int = 24, prior_steps: int = 20, decoder_steps: int = 10) -> dict:
-    """What a LoRA file does to a family (`load()` returns a fresh copy of it): how often "[zorp]" prompts come out
-    as the new shape before and after merging it, and how far other prompts' images move (same seeds)."""
+    """What a LoRA file does to a family (`load()` returns a fresh copy of it, with its semantic encoder): how often
+    "[zorp]" prompts come out as the new shape before and after merging it, in the images and in Stage C's latents,
+    and how far other prompts' images move (same seeds)."""
     from ..lora import apply_lora_file
     from ..pipeline import Request, generate
 
@@ -121,9 +159,11 @@ def lora_report(load, path: Path, samples: int = 24, prior_steps: int = 20, deco
 
     base = load()
     before_word, before_other = render_all(base, word_prompts), render_all(base, other_prompts)
+    before_latent = latent_votes(base, word_prompts, word_attrs, steps=prior_steps)
     tuned = load()
     apply_lora_file(tuned, path)
     after_word, after_other = render_all(tuned, word_prompts), render_all(tuned, other_prompts)
+    after_latent = latent_votes(tuned, word_prompts, word_attrs, steps=prior_steps)
     star = lambda votes: sum(v == NEW_SHAPE for v in votes) / len(votes)  # noqa: E731
     same_shape = [a == b for a, b in zip(shape_votes(before_other, other_attrs), shape_votes(after_other, other_attrs))]
     moved = [
@@ -136,6 +176,9 @@ def lora_report(load, path: Path, samples: int = 24, prior_steps: int = 20, deco
         "samples": samples,
         "new_shape_before": round(star(shape_votes(before_word, word_attrs)), 4),
         "new_shape_after": round(star(shape_votes(after_word, word_attrs)), 4),
+        # The same question asked of Stage C's latents (nearest semantic latent): where the LoRA acts.
+        "new_shape_in_latent_before": round(star(before_latent), 4),
+        "new_shape_in_latent_after": round(star(after_latent), 4),
         "other_prompts_same_shape": round(sum(same_shape) / len(same_shape), 4),
         "other_prompts_mean_pixel_change": round(sum(moved) / len(moved), 4),
         "images": {"before": before_word[:8], "after": after_word[:8], "others_before": before_other[:8],
