@@ -68,18 +68,3 @@ def test_ema_tracks_the_live_weights():
         ema.update(live)
     assert torch.allclose(ema.model.weight, live.weight, atol=1e-4)
     assert not ema.model.weight.requires_grad
-
-
-def test_pyramid_noise_is_unit_variance_with_the_reference_coarse_levels():
-    """The reference's Stage B noise: for a 16 x 16 latent, white noise plus 8, 4, 2 and 1 pixel grids (weights
-    0.75^i), scaled to unit variance; so a sample's spatial mean varies far more than white noise's (1/256)."""
-    from cascade.train.objective import pyramid_noise
-
-    noise = pyramid_noise((512, 4, 16, 16), torch.Generator().manual_seed(0))
-    assert noise.shape == (512, 4, 16, 16) and abs(noise.std().item() - 1) < 0.02
-    weights = [0.75**i for i in range(5)]  # grids of side 16, 8, 4, 2, 1
-    # Each level's share of the variance, averaged over its side^2 independent cells.
-    expected = sum(w**2 / sum(v**2 for v in weights) / (16 / 2**i) ** 2 for i, w in enumerate(weights))
-    assert abs(noise.mean(dim=(2, 3)).var().item() - expected) < 0.01 and expected > 20 / 256
-    same = pyramid_noise((2, 4, 16, 16), torch.Generator().manual_seed(1))
-    assert torch.equal(same, pyramid_noise((2, 4, 16, 16), torch.Generator().manual_seed(1)))

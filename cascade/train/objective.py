@@ -41,41 +41,18 @@ class AdaptiveLossWeight:
         self.losses = state["losses"].clone().float()
 
 
-def pyramid_noise(
-    shape: tuple[int, ...], generator: torch.Generator | None = None, size_range=(1, 16), levels: int = 10
-) -> torch.Tensor:
-    """The reference's Stage B training noise (`_pyramid_noise` in train_b.py): Gaussian noise plus coarser Gaussian
-    noise at 1/2, 1/4, ... of the side (nearest-upsampled, weight 0.75^i, only grids whose side is in `size_range`),
-    scaled back to unit variance. The decoder learns to remove smooth, large-scale errors too, which is what a
-    sampled latent's early steps leave (a decoder trained on white noise alone let them grow over 10 steps)."""
-    b, c, h, w = shape
-    noise, multipliers = torch.randn(shape, generator=generator), [1.0]
-    for i in range(1, levels):
-        m, side_h, side_w = 0.75**i, h // 2**i, h // 2**i  # the reference takes both sides from the height
-        if size_range[0] <= side_h <= size_range[1] or size_range[0] <= side_w <= size_range[1]:
-            offset = torch.randn(b, c, side_h, side_w, generator=generator)
-            noise = noise + F.interpolate(offset, size=(h, w), mode="nearest") * m
-            multipliers.append(m)
-        if side_h <= 1 or side_w <= 1:
-            break
-    return noise / sum(m**2 for m in multipliers) ** 0.5
-
-
 def diffusion_loss(
     model: Callable[..., torch.Tensor],
     x0: torch.Tensor,
     conditions: dict[str, torch.Tensor],
     loss_weight: AdaptiveLossWeight,
     generator: torch.Generator | None = None,
-    pyramid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-sample MSE, the weighted mean to backpropagate) for `model(x_t, r, **conditions)` predicting epsilon;
-    `pyramid`: the noise is `pyramid_noise` (the reference's Stage B), else white (its Stage C)."""
+    """(per-sample MSE, the weighted mean to backpropagate) for `model(x_t, r, **conditions)` predicting epsilon."""
     n = x0.shape[0]
     t = torch.rand(n, generator=generator)
     logsnr = gdf.log_snr(t)  # shift 1 in training, as the reference
-    draw = pyramid_noise if pyramid else lambda shape, generator: torch.randn(shape, generator=generator)
-    noise = draw(tuple(x0.shape), generator).to(x0.device, x0.dtype)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     a, b = gdf.vp_scalers(logsnr)
     a, b = a.view(-1, *[1] * (x0.dim() - 1)).to(x0), b.view(-1, *[1] * (x0.dim() - 1)).to(x0)
     pred = model(a * x0 + b * noise, gdf.noise_cond(logsnr).to(x0.device), **conditions)

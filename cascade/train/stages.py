@@ -8,12 +8,7 @@ no_grad; with a fixed, small data set precomputing is the same maths and several
   trained from scratch has no image CLIP). Captions are replaced by "" for 5 % of samples, which is what makes
   classifier-free guidance work at sampling time.
 - Stage B (the decoder) denoises Stage A latents, conditioned on the semantic latent of the same image (zeroed for
-  10 % of samples) and the pooled caption embedding ("" for 5 %), with the reference's pyramid noise (white noise
-  plus coarser noise, `objective.pyramid_noise`). Trained on white noise alone, it sampled stably in 30 steps but
-  not in the default 10: the first step's error (large, with the signal at 1 % at t = 1) is a smooth offset, and
-  the decoder let it grow. The reference also computes the semantic latents of images shrunk by a random 0.5-1;
-  not done here: its inference latent is 0.75 of the image's own, inside that range, while this family's Stage C
-  makes the full-size one.
+  10 % of samples) and the pooled caption embedding ("" for 5 %).
 """
 
 from __future__ import annotations
@@ -105,7 +100,7 @@ def train_stage_b(
         effnet = _drop(effnet, torch.zeros_like(effnet[:1]), EFFNET_DROPOUT, generator)
         pooled = _drop(text.pooled[idx], text.empty_pooled, CAPTION_DROPOUT, generator)
         conditions = {"effnet": effnet, "clip": pooled}
-        mse, adjusted = diffusion_loss(model, stage_a_latents[idx], conditions, loss_weight, generator, pyramid=True)
+        mse, adjusted = diffusion_loss(model, stage_a_latents[idx], conditions, loss_weight, generator)
         return adjusted, mse.mean()
 
     return fit({"stage_b": model}, step, run, checkpoint, AdaptiveLossWeight(), "Stage B", progress)
