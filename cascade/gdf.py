@@ -182,18 +182,19 @@ def sample(
     # non_blocking: the host copies are staged at once and the device reads them in stream order, without a wait.
     to_device = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     logsnr_range = to_device(log_snr(r_range, shift)[:, None].expand(-1, n).contiguous())  # (steps + 1, B)
-    x = randn(shape, generators) if x_init is None else None
-    noises = [randn(shape, generators) for _ in range(steps - 1)] if stochastic else []
-    if noises:
-        noises = to_device(torch.stack(noises)).unbind(0)
-    x = to_device(x) if x_init is None else x_init.to(device=device, dtype=torch.float32)
+    x = to_device(randn(shape, generators)) if x_init is None else x_init.to(device=device, dtype=torch.float32)
+    noises = (
+        to_device(torch.stack([randn(shape, generators) for _ in range(steps - 1)]))
+        if stochastic and steps > 1
+        else None
+    )
     x0 = x
     for i in range(steps):
         logsnr, logsnr_prev = logsnr_range[i], logsnr_range[i + 1]
         eps = denoiser(x, noise_cond(logsnr)).float()
         x0 = predict_x0(x, eps, logsnr)
         if i + 1 < steps:  # the last step's x is never used: we return its x0
-            x = step_fn(x0, eps, logsnr, logsnr_prev, noise=noises[i] if stochastic else None)
+            x = step_fn(x0, eps, logsnr, logsnr_prev, noise=None if noises is None else noises[i])
         if callback is not None:
             callback(i, x0, x)
     return x0

@@ -144,7 +144,7 @@ def test_the_latent_vote_finds_the_shape_whose_latent_it_is(family):
     """The latent vote's nearest-latent rule, checked on latents whose shape is known: the encoder's own latents of
     a star and of a circle."""
     from cascade.pipeline import to_tensor
-    from cascade.train.lora import nearest_shapes
+    from cascade.train.lora import nearest_shapes, shape_latents
     from cascade.train.shapes import Attributes, render
 
     models = load_models(family, dtype=torch.float32, with_effnet=True)
@@ -152,7 +152,8 @@ def test_the_latent_vote_finds_the_shape_whose_latent_it_is(family):
     assert attributes[0].shape == NEW_SHAPE
     with torch.no_grad():
         known = torch.stack([models.effnet.encode(to_tensor(render(a, 64, seed=1))[None])[0] for a in attributes])
-    assert nearest_shapes(models.effnet, known, attributes, 64) == ["star", "circle"]
+    references = shape_latents(models.effnet, attributes, 64)
+    assert nearest_shapes(references, known) == ["star", "circle"]
 
 
 def test_a_missing_lora_stops_the_job_before_it_starts(tmp_path, capsys):

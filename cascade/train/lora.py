@@ -98,43 +98,53 @@ def shape_votes(images: list[Image.Image], attributes: list[Attributes], shapes=
 
 
 @torch.no_grad()
-def nearest_shapes(
-    encoder,
-    latents: torch.Tensor,
-    attributes: list[Attributes],
-    size: int,
-    renders: int = 4,
-    shapes=(*SHAPES, NEW_SHAPE),
-) -> list[str]:
-    """For each latent, the shape whose semantic latents (`encoder` on `renders` renders of its attributes' colour,
-    position, size and background drawn as that shape) lie nearest it on average."""
+def shape_latents(
+    encoder, attributes: list[Attributes], size: int, renders: int = 4, shapes=(*SHAPES, NEW_SHAPE)
+) -> torch.Tensor:
+    """(n, shapes, renders, c, h, w): `encoder`'s latents of `renders` renders of each attribute set's colour,
+    position, size and background drawn as each of `shapes`: what `nearest_shapes` compares against."""
     from ..pipeline import to_tensor
 
-    votes = []
-    for latent, a in zip(latents, attributes):
-        distance = {}
-        for shape in shapes:
-            drawn = Attributes(shape, a.colour, a.position, a.size, a.background)
-            images = torch.stack([to_tensor(render(drawn, size, seed)) for seed in range(renders)])
-            distance[shape] = ((encoder.encode(images.to(latent)) - latent) ** 2).mean().item()
-        votes.append(min(distance, key=distance.get))
-    return votes
+    return torch.stack([
+        torch.stack([
+            encoder.encode(torch.stack([
+                to_tensor(render(Attributes(shape, a.colour, a.position, a.size, a.background), size, seed))
+                for seed in range(renders)
+            ]))
+            for shape in shapes
+        ])
+        for a in attributes
+    ])  # fmt: skip
+
+
+def nearest_shapes(references: torch.Tensor, latents: torch.Tensor, shapes=(*SHAPES, NEW_SHAPE)) -> list[str]:
+    """For each latent, the shape whose `shape_latents` references lie nearest it on average (mean squared)."""
+    distance = ((references - latents[:, None, None].to(references)) ** 2).flatten(2).mean(dim=2)  # (n, shapes)
+    return [shapes[i] for i in distance.argmin(dim=1).tolist()]
 
 
 @torch.no_grad()
-def latent_votes(models, prompts: list[str], attributes: list[Attributes], steps: int = 20) -> list[str]:
-    """The shape Stage C meant for each prompt, before Stage B and Stage A draw it: its latent's `nearest_shapes`.
-    Needs the family's semantic encoder (`with_effnet=True`)."""
+def prior_latents(models, prompts: list[str], steps: int = 20) -> torch.Tensor:
+    """Stage C's latents for `prompts` (seeds 0, 1, ...) at the family's default size: what the prior meant, before
+    Stage B and Stage A draw it."""
     from ..pipeline import Request, run_prior
 
     size = models.geometry.default_size
     requests = [Request(p, seed=i, width=size, height=size, prior_steps=steps) for i, p in enumerate(prompts)]
-    outputs = [o for i in range(0, len(requests), 16) for o in run_prior(models, requests[i : i + 16])]
-    latents = torch.stack([o.latent for o in outputs])
-    return nearest_shapes(models.effnet, latents, attributes, size)
+    return torch.stack([o.latent for i in range(0, len(requests), 16) for o in run_prior(models, requests[i : i + 16])])
 
 
-__all__ = ["INIT_FROM", "NEW_SHAPE", "WORD", "latent_votes", "nearest_shapes", "shape_votes", "train_lora", "word_data"]
+__all__ = [
+    "INIT_FROM",
+    "NEW_SHAPE",
+    "WORD",
+    "nearest_shapes",
+    "prior_latents",
+    "shape_latents",
+    "shape_votes",
+    "train_lora",
+    "word_data",
+]
 
 
 def lora_report(load, path: Path, samples: int = 24, prior_steps: int = 20, decoder_steps: int = 10) -> dict:
@@ -159,11 +169,13 @@ def lora_report(load, path: Path, samples: int = 24, prior_steps: int = 20, deco
 
     base = load()
     before_word, before_other = render_all(base, word_prompts), render_all(base, other_prompts)
-    before_latent = latent_votes(base, word_prompts, word_attrs, steps=prior_steps)
+    # The semantic encoder is not touched by a LoRA: one set of references serves both latent votes.
+    references = shape_latents(base.effnet, word_attrs, base.geometry.default_size)
+    before_latent = nearest_shapes(references, prior_latents(base, word_prompts, prior_steps))
     tuned = load()
     apply_lora_file(tuned, path)
     after_word, after_other = render_all(tuned, word_prompts), render_all(tuned, other_prompts)
-    after_latent = latent_votes(tuned, word_prompts, word_attrs, steps=prior_steps)
+    after_latent = nearest_shapes(references, prior_latents(tuned, word_prompts, prior_steps))
     star = lambda votes: sum(v == NEW_SHAPE for v in votes) / len(votes)  # noqa: E731
     same_shape = [a == b for a, b in zip(shape_votes(before_other, other_attrs), shape_votes(after_other, other_attrs))]
     moved = [

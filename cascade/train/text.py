@@ -57,8 +57,8 @@ def train_text_encoder(
 ) -> Trained:
     """Fit `encoder` (in place; its EMA is what to keep) to `data`'s captions against `latents`, their images'
     semantic latents (N, 16, h, w)."""
-    combos = {a: i for i, a in enumerate(sorted(set(data.attributes), key=repr))}
-    groups = torch.tensor([combos[a] for a in data.attributes])
+    combos: dict = {}  # attribute combination -> group id
+    groups = torch.tensor([combos.setdefault(a, len(combos)) for a in data.attributes])
     head = ImageHead(latents[0].numel(), encoder.model.config.projection_dim)
     encoder.model.requires_grad_(True).train()
 
