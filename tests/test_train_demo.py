@@ -28,6 +28,7 @@ def test_train_all_writes_a_family_that_generates_and_resumes(tmp_path, capsys):
     family = json.loads((out / "family.json").read_text())
     assert family["geometry"]["default_size"] == 64 and family["recipe"]["images"] == 96
     assert {s: family["trained"][s]["steps"] for s in STAGES} == {s: 3 for s in STAGES}
+    assert 0 <= family["trained"]["text_encoder"]["heldout_retrieval"] <= 1  # the text stage reports its check
     assert family_geometry(out).stage_c_compression == 16
 
     # The folder is a family like an official one: the CLI generates from it at its own default size (64 px).
@@ -109,8 +110,10 @@ def test_the_demo_family_draws_what_prompts_ask_for(tmp_path):
     held_out, train_split = report["accuracy"]["heldout"], report["accuracy"]["train"]
     assert held_out["checker_on_renders"]["colour"] >= 0.9  # the judge itself works at this size
     # Set below the shipped demo's full evaluation (80 prompts per split, docs/TRAINING.md): held-out colour 72 %,
-    # position 96 %, all three 29 %; training pairs colour 92 %, position 98 %. Chance is 1/8 colours, 1/5 positions,
-    # 1/200 all three. Shape (38 % and 44 %, chance 20 %) is too close to chance on 12 prompts to assert.
+    # shape 51 %, position 100 %, all three 34 %; training pairs colour 100 %, shape 60 %, position 100 %. Chance is
+    # 1/8 colours, 1/5 shapes and positions, 1/200 all three. On these 12 prompts (a briefly trained judge) it read
+    # held-out 75 / 33 / 100 %, training 100 / 50 / 100 %; held-out shape is too near chance at 12 to assert.
     assert held_out["colour"] >= 0.5 and held_out["position"] >= 0.75 and held_out["all_three"] >= 0.1, held_out
-    assert train_split["colour"] >= 0.66 and train_split["position"] >= 0.75, train_split
+    assert train_split["colour"] >= 0.75 and train_split["position"] >= 0.75, train_split
+    assert train_split["shape"] >= 0.3, train_split  # 4 of 12 or more; chance gives 2.4
     assert (tmp_path / "contact-sheet.png").is_file() and (tmp_path / "eval.json").is_file()

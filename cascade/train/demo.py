@@ -4,10 +4,11 @@
 like an official one (Stability single files with their configurations in the metadata, `text_encoder/`,
 `family.json` with the geometry and the recipe):
 
-    text_encoder/          a small CLIP text model (real CLIP tokenizer), random and frozen: see TEXT below
     stage_a.safetensors    the f4 VQGAN (64 px <-> 4 x 16 x 16)
     semantic_encoder.safetensors + previewer.safetensors
                            Stage C's latent space (64 px -> 16 x 4 x 4) and its preview decoder
+    text_encoder/          a small CLIP text model (real CLIP tokenizer), trained contrastively against the semantic
+                           latents (cascade.train.text), then frozen for Stages B and C
     stage_b.safetensors    the diffusion decoder, 16 x 4 x 4 + text -> 4 x 16 x 16
     stage_c.safetensors    the text-conditioned prior, text -> 16 x 4 x 4
     family.json            geometry (compression 16 and 4, sizes 64..256), the recipe, what each stage took
@@ -34,20 +35,22 @@ from ..semantic import SemanticEncoderConfig
 from ..stage_a import StageA, StageAConfig
 from ..stage_b import StageBConfig
 from ..stage_c import StageCConfig
-from ..text import TINY_TEXT_CONFIG, TextEncoder, build_text_encoder, load_text_encoder
+from ..text import TINY_TEXT_CONFIG, build_text_encoder, load_text_encoder
 from ..weights import load_stage, save_stage
 from .loop import RunConfig, Trained
 from .semantic import train_semantic
 from .shapes import ShapesData, make_dataset
 from .stage_a import latent_scale, train_stage_a, with_scale
 from .stages import encode_captions, train_stage_b, train_stage_c
+from .text import heldout_retrieval, train_text_encoder
 
 GEOMETRY = Geometry(
     stage_c_compression=16, stage_a_compression=4, min_size=64, max_size=256, size_multiple=16, default_size=64
 )
 
-# The text encoder is random and frozen: the tiny preset at width 64. Its hidden states still name every word (each
-# token's random embedding rides the residual stream), which is what Stage C's cross-attention reads (docs/TRAINING.md).
+# The text encoder: the tiny preset at width 64, trained with CLIP's objective against the semantic latents. Left random
+# and frozen, its hidden states still name every word (each token's random embedding rides the residual stream), but
+# trained it lifts Stage C's held-out colour from 74 to 92 % (docs/TRAINING.md).
 TEXT = copy.deepcopy(TINY_TEXT_CONFIG)
 TEXT.update({"hidden_size": 64, "intermediate_size": 128, "projection_dim": 64})
 STAGE_A = StageAConfig(levels=2, c_hidden=64, bottleneck_blocks=2, codebook_size=256)
@@ -74,8 +77,14 @@ STAGE_C = StageCConfig(
     dropout=(0.0, 0.0),
 )
 
-STAGES = ("stage_a", "semantic", "stage_b", "stage_c")
-NEEDS = {"stage_a": (), "semantic": (), "stage_b": ("stage_a", "semantic"), "stage_c": ("semantic",)}
+STAGES = ("stage_a", "semantic", "text_encoder", "stage_b", "stage_c")
+NEEDS = {
+    "stage_a": (),
+    "semantic": (),
+    "text_encoder": ("semantic",),
+    "stage_b": ("stage_a", "semantic", "text_encoder"),
+    "stage_c": ("semantic", "text_encoder"),
+}
 
 
 @dataclass
@@ -92,8 +101,11 @@ class Recipe:
     semantic: RunConfig = field(
         default_factory=lambda: RunConfig(steps=3000, batch_size=64, lr=1e-3, warmup=100, ema_beta=0.995)
     )
+    text_encoder: RunConfig = field(
+        default_factory=lambda: RunConfig(steps=1500, batch_size=128, lr=1e-3, warmup=100, ema_beta=0.995)
+    )
     stage_b: RunConfig = field(
-        default_factory=lambda: RunConfig(steps=3000, batch_size=32, lr=1e-3, warmup=200, ema_beta=0.998)
+        default_factory=lambda: RunConfig(steps=6000, batch_size=32, lr=1e-3, warmup=200, ema_beta=0.998)
     )
     stage_c: RunConfig = field(default_factory=lambda: RunConfig(steps=3000, batch_size=64, lr=1e-3, warmup=200))
 
@@ -110,22 +122,12 @@ class Recipe:
 
 
 def _output(out: Path, stage: str) -> Path:
-    names = {"semantic": "semantic_encoder.safetensors"}
+    names = {"semantic": "semantic_encoder.safetensors", "text_encoder": "text_encoder/model.safetensors"}
     return out / names.get(stage, f"{stage}.safetensors")
 
 
 def data_of(recipe: Recipe) -> ShapesData:
     return make_dataset(recipe.images, recipe.size, seed=recipe.data_seed, split="train")
-
-
-def text_encoder(out: Path, recipe: Recipe) -> TextEncoder:
-    """The family's text encoder: built from its seed once and written to `text_encoder/`, read from there after."""
-    folder = out / "text_encoder"
-    if (folder / "config.json").is_file():
-        return load_text_encoder(folder, dtype=torch.float32)
-    encoder = build_text_encoder(TEXT, seed=recipe.text_seed)
-    encoder.model.save_pretrained(folder)
-    return encoder
 
 
 @torch.no_grad()
@@ -148,6 +150,7 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
             raise FileNotFoundError(f"{_output(out, before)} not found: train {before} first (it is {stage}'s input)")
     run, checkpoint = recipe.run(stage), out / "checkpoints" / stage
     data = data if data is not None else data_of(recipe)
+    extra = {}
     if stage == "stage_a":
         trained = train_stage_a(data, STAGE_A, run, checkpoint, progress)
         ema = trained.ema["stage_a"]
@@ -159,15 +162,22 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
     else:
         semantic = load_stage(_output(out, "semantic"), expect="semantic")
         latents = _batched(semantic.encode, data.images)
-        text = encode_captions(text_encoder(out, recipe), data.captions)
-        if stage == "stage_c":
-            trained = train_stage_c(latents, text, STAGE_C, run, checkpoint, progress)
+        if stage == "text_encoder":
+            encoder = build_text_encoder(TEXT, seed=recipe.text_seed)
+            trained = train_text_encoder(encoder, data, latents, run, checkpoint, progress)
+            encoder.model.load_state_dict(trained.ema["text_encoder"].state_dict())
+            extra["heldout_retrieval"] = heldout_retrieval(encoder, trained.ema["image_head"], semantic, recipe.size)
+            encoder.model.save_pretrained(out / "text_encoder")
         else:
-            stage_a: StageA = load_stage(_output(out, "stage_a"), dtype=torch.float32, expect="stage_a")
-            stage_a_latents = _batched(stage_a.encode, data.images)
-            trained = train_stage_b(stage_a_latents, latents, text, STAGE_B, run, checkpoint, progress)
-        save_stage(trained.ema[stage], _output(out, stage))
-    summary = _summary(trained)
+            text = encode_captions(load_text_encoder(out / "text_encoder", dtype=torch.float32), data.captions)
+            if stage == "stage_c":
+                trained = train_stage_c(latents, text, STAGE_C, run, checkpoint, progress)
+            else:
+                stage_a: StageA = load_stage(_output(out, "stage_a"), dtype=torch.float32, expect="stage_a")
+                stage_a_latents = _batched(stage_a.encode, data.images)
+                trained = train_stage_b(stage_a_latents, latents, text, STAGE_B, run, checkpoint, progress)
+            save_stage(trained.ema[stage], _output(out, stage))
+    summary = _summary(trained) | extra
     _record(out, recipe, stage, summary)
     return summary
 
@@ -187,7 +197,6 @@ def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = 
     """Train the stages not yet done, in order; returns {stage: summary} for those trained now."""
     out.mkdir(parents=True, exist_ok=True)
     _record(out, recipe)
-    text_encoder(out, recipe)
     done, data = {}, None
     for stage in stages:
         if _output(out, stage).is_file():
