@@ -1,6 +1,6 @@
 """python -m cascade.train: train the demo family from scratch, a stage at a time or all at once, and evaluate it.
 
-    python -m cascade.train all --out runs/demo            # every stage, in order (about an hour on 2 CPU cores)
+    python -m cascade.train all --out runs/demo            # every stage, in order (60-100 min on 2 CPU cores)
     python -m cascade.train stage-c --out runs/demo        # one stage (its inputs must be trained)
     python -m cascade.train eval --model runs/demo         # the checker's verdict and a contact sheet
     python -m cascade.train lora --model runs/demo --out zorp.safetensors   # teach "[zorp]", a new shape, to Stage C

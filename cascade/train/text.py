@@ -1,12 +1,12 @@
 """Train the family's text encoder contrastively, as CLIP was: each caption against its own image, in a batch.
 
-The demo family's text encoder (cascade.train.demo, TEXT) is trained this way, then frozen while Stages B and C train.
-Measured against the alternative, the same small CLIP text model left random and frozen, it lifts Stage C's held-out
-colour from 74 to 92 % (docs/TRAINING.md). The image side is the frozen semantic encoder's latent (what Stage C generates), flattened,
-through a linear head to the text projection's width; the head is training-only. The loss is CLIP's symmetric
-cross-entropy over the batch's caption-image similarities, with its learned temperature (logit scale starting at
-log(1 / 0.07), clamped at 100). Captions of the same attribute combination in a batch are each other's positives
-too (shared target weight), since their images differ only by jitter.
+The demo family's text encoder (cascade.train.demo, TEXT) is trained this way, then frozen while Stages B and C
+train. Measured against the alternative, the same small CLIP text model left random and frozen, it lifts Stage C's
+held-out colour from 74 to 92 % (docs/TRAINING.md). The image side is the frozen semantic encoder's latent (what
+Stage C generates), flattened, through a linear head to the text projection's width; the head is training-only. The
+loss is CLIP's symmetric cross-entropy over the batch's caption-image similarities, with its learned temperature
+(logit scale starting at log(1 / 0.07), clamped at 100). Captions of the same attribute combination in a batch are
+each other's positives too (shared target weight), since their images differ only by jitter.
 
 Stage C reads the encoder's last hidden states and its pooled projection, so both are trained: the pooled one
 directly, the hidden states through it.
