@@ -5,6 +5,7 @@ its new shape and leaves other prompts as they were."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ from cascade.lora import apply_lora_file, read_lora
 from cascade.pipeline import Request, generate
 from cascade.train.demo import Recipe, train
 from cascade.train.loop import RunConfig
-from cascade.train.lora import NEW_SHAPE, WORD, lora_report, train_lora, word_data
+from cascade.train.lora import NEW_SHAPE, WORD, lora_report, shape_votes, train_lora, word_data
+from cascade.train.shapes import SHAPES, Attributes, render, sample_attributes
 from cascade.weights import WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,3 +181,16 @@ def test_the_shipped_zorp_lora_draws_its_new_shape_and_leaves_other_prompts_alon
     assert report["other_prompts_same_shape"] >= 0.75, report
     assert report["other_prompts_mean_pixel_change"] <= 0.06, report
     assert recorded["new_shape"] == NEW_SHAPE and recorded["new_shape_after"] >= 0.5
+
+
+def test_the_shape_vote_reads_jittered_renders_of_every_shape():
+    """The pixel-level judge of the LoRA report: each render (jittered in place and size, as the data set's) is voted
+    its own shape, the new one included, and an empty image votes for none."""
+    rng = random.Random("vote")
+    for shape in (*SHAPES, NEW_SHAPE):
+        attributes = [Attributes(shape, a.colour, a.position, a.size, a.background) for a in
+                      (sample_attributes(rng) for _ in range(8))]  # fmt: skip
+        images = [render(a, 64, seed=i) for i, a in enumerate(attributes)]
+        assert shape_votes(images, attributes) == [shape] * 8
+    blank = Attributes("circle", "red", "in the center", "large", "white")
+    assert shape_votes([render(blank, 64).point(lambda _: 245)], [blank]) == [""]

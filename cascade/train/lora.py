@@ -9,17 +9,18 @@ shape drawn at the prompt's position and size.
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..lora import Adapter, attach
 from .loop import RunConfig, fit
 from .objective import AdaptiveLossWeight, diffusion_loss
-from .shapes import BACKGROUNDS, SHAPES, TEMPLATES, Attributes, ShapesData, render, sample_attributes
+from .shapes import BACKGROUNDS, SHAPES, TEMPLATES, Attributes, ShapesData, _polygon, render, sample_attributes
 from .stages import CAPTION_DROPOUT
 
 NEW_SHAPE = "star"
@@ -79,21 +80,46 @@ def _foreground(image: np.ndarray, background: str) -> np.ndarray:
     return distance > 90
 
 
+def _mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    """`shape` filled at centre (cx, cy) and radius r (pixels of a `size` image), drawn at 4x as `render` draws."""
+    scale = 4
+    image = Image.new("L", (size * scale, size * scale), 0)
+    draw = ImageDraw.Draw(image)
+    x, y, rr = cx * scale, cy * scale, r * scale
+    if shape == "circle":
+        draw.ellipse([x - rr, y - rr, x + rr, y + rr], fill=255)
+    else:
+        draw.polygon(_polygon(shape, x, y, rr), fill=255)
+    return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS)) > 127
+
+
+def _fitted_mask(shape: str, seen: np.ndarray) -> np.ndarray:
+    """`shape`'s mask moved and scaled onto `seen`: the same centroid and the same area. Renders are jittered in
+    place and size, so a mask at the caption's nominal place and size would favour round shapes over pointed ones."""
+    size = seen.shape[0]
+    ys, xs = np.nonzero(seen)
+    cy, cx, area = ys.mean(), xs.mean(), len(ys)
+    probe = _mask(shape, size / 2, size / 2, size / 4, size)
+    r = size / 4 * math.sqrt(area / max(probe.sum(), 1))
+    probe = _mask(shape, size / 2, size / 2, r, size)
+    py, px = np.nonzero(probe)  # the shape's own centroid is not its centre (a triangle's sits low)
+    return _mask(shape, cx - (px.mean() - size / 2), cy - (py.mean() - size / 2), r, size)
+
+
 def shape_votes(images: list[Image.Image], attributes: list[Attributes], shapes=(*SHAPES, NEW_SHAPE)) -> list[str]:
-    """For each image, the shape whose mask (drawn at the prompt's position and size, no jitter) overlaps the image's
-    foreground best (intersection over union)."""
+    """For each image, the shape whose mask, fitted to the image's foreground (same centroid and area), overlaps it
+    best (intersection over union). An image with no foreground votes for no shape ("")."""
     votes = []
     for image, a in zip(images, attributes):
         seen = _foreground(np.asarray(image.convert("RGB")), a.background)
-        best, best_iou = shapes[0], -1.0
+        if seen.sum() < 4:
+            votes.append("")
+            continue
+        ious = {}
         for shape in shapes:
-            drawn = np.asarray(render(Attributes(shape, a.colour, a.position, a.size, a.background), image.width,
-                                      jitter=0.0))  # fmt: skip
-            mask = _foreground(drawn, a.background)
-            iou = (seen & mask).sum() / max((seen | mask).sum(), 1)
-            if iou > best_iou:
-                best, best_iou = shape, iou
-        votes.append(best)
+            mask = _fitted_mask(shape, seen)
+            ious[shape] = (seen & mask).sum() / max((seen | mask).sum(), 1)
+        votes.append(max(ious, key=ious.get))
     return votes
 
 
