@@ -1,5 +1,4 @@
-"""The contrastive text-encoder trainer (the demo family's text stage): it learns to pick each
-caption's own image."""
+"""The contrastive text-encoder trainer (the demo family's text stage): it learns to pick each caption's own image."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ shape drawn at the prompt's position and size.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from pathlib import Path
@@ -20,7 +21,16 @@ from PIL import Image, ImageDraw
 from ..lora import Adapter, attach
 from .loop import RunConfig, fit
 from .objective import AdaptiveLossWeight, diffusion_loss
-from .shapes import BACKGROUNDS, SHAPES, TEMPLATES, Attributes, ShapesData, _polygon, render, sample_attributes
+from .shapes import (
+    BACKGROUNDS,
+    SHAPES,
+    TEMPLATES,
+    Attributes,
+    ShapesData,
+    fill_shape,
+    render,
+    sample_attributes,
+)
 from .stages import CAPTION_DROPOUT
 
 NEW_SHAPE = "star"
@@ -80,16 +90,17 @@ def _foreground(image: np.ndarray, background: str) -> np.ndarray:
     return distance > 90
 
 
+@functools.cache
+def _area_at_quarter(shape: str, size: int) -> int:
+    """`shape`'s area in pixels, drawn at radius size / 4 in a `size` image: the scale for fitting its radius."""
+    return int(_mask(shape, size / 2, size / 2, size / 4, size).sum())
+
+
 def _mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """`shape` filled at centre (cx, cy) and radius r (pixels of a `size` image), drawn at 4x as `render` draws."""
+    """`shape` at centre (cx, cy) and radius r (pixels of a `size` image), drawn at 4x and downsampled as `render`."""
     scale = 4
     image = Image.new("L", (size * scale, size * scale), 0)
-    draw = ImageDraw.Draw(image)
-    x, y, rr = cx * scale, cy * scale, r * scale
-    if shape == "circle":
-        draw.ellipse([x - rr, y - rr, x + rr, y + rr], fill=255)
-    else:
-        draw.polygon(_polygon(shape, x, y, rr), fill=255)
+    fill_shape(ImageDraw.Draw(image), shape, cx * scale, cy * scale, r * scale, 255)
     return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS)) > 127
 
 
@@ -98,12 +109,9 @@ def _fitted_mask(shape: str, seen: np.ndarray) -> np.ndarray:
     place and size, so a mask at the caption's nominal place and size would favour round shapes over pointed ones."""
     size = seen.shape[0]
     ys, xs = np.nonzero(seen)
-    cy, cx, area = ys.mean(), xs.mean(), len(ys)
-    probe = _mask(shape, size / 2, size / 2, size / 4, size)
-    r = size / 4 * math.sqrt(area / max(probe.sum(), 1))
-    probe = _mask(shape, size / 2, size / 2, r, size)
-    py, px = np.nonzero(probe)  # the shape's own centroid is not its centre (a triangle's sits low)
-    return _mask(shape, cx - (px.mean() - size / 2), cy - (py.mean() - size / 2), r, size)
+    r = size / 4 * math.sqrt(len(ys) / max(_area_at_quarter(shape, size), 1))
+    py, px = np.nonzero(_mask(shape, size / 2, size / 2, r, size))  # its centroid is not its centre (triangles)
+    return _mask(shape, xs.mean() - (px.mean() - size / 2), ys.mean() - (py.mean() - size / 2), r, size)
 
 
 def shape_votes(images: list[Image.Image], attributes: list[Attributes], shapes=(*SHAPES, NEW_SHAPE)) -> list[str]:

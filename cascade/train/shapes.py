@@ -112,6 +112,14 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(f"shape: {shape!r} is not known; use one of {', '.join(SHAPES)}")
 
 
+def fill_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    """`shape` filled with `fill`, centred at (cx, cy) with radius r, in `draw`'s pixels."""
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+
+
 def render(attributes: Attributes, size: int = 64, seed: int = 0, jitter: float = 0.04) -> Image.Image:
     """The image of `attributes`, `size` pixels square; `seed` picks the jitter."""
     rng = random.Random(seed)
@@ -123,11 +131,7 @@ def render(attributes: Attributes, size: int = 64, seed: int = 0, jitter: float 
     cx = (fx + rng.uniform(-jitter, jitter)) * side
     cy = (fy + rng.uniform(-jitter, jitter)) * side
     r = SIZES[attributes.size] * rng.uniform(0.9, 1.1) * side / 2
-    colour = COLOURS[attributes.colour]
-    if attributes.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    else:
-        draw.polygon(_polygon(attributes.shape, cx, cy, r), fill=colour)
+    fill_shape(draw, attributes.shape, cx, cy, r, COLOURS[attributes.colour])
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
