@@ -17,7 +17,8 @@ from PIL import Image
 from .family import BUILTIN_MODELS, DEFAULT_MODEL, family_geometry, load_models
 from .imagefile import png_info
 from .lora import apply_lora_file
-from .pipeline import MAX_SEED, Request, Result, generate, validate, validate_strength
+from .pipeline import Result, generate
+from .request import MAX_SEED, Request, validate, validate_strength
 from .weights import WeightsError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

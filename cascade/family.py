@@ -18,7 +18,6 @@ Built-in families:
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from .effnet import EFFNET_ENCODER, EfficientNetEncoder
-from .geometry import OFFICIAL, Geometry
+from .geometry import DEFAULT_MODEL, DEMO_FOLDER, FAMILY_FILE, OFFICIAL, Geometry, family_geometry
 from .stage_a import STAGE_A, STAGE_A_TINY, StageA
 from .stage_b import STAGE_B_3B, STAGE_B_700M, STAGE_B_TINY, StageB
 from .stage_c import STAGE_C_1B, STAGE_C_3B, STAGE_C_TINY, StageC
@@ -225,11 +224,6 @@ def _settle(models: CascadeModels, device, dtype: torch.dtype) -> CascadeModels:
     return models
 
 
-# A family folder of our own (not an official one) may carry family.json: {"geometry": {...Geometry fields...}}.
-FAMILY_FILE = "family.json"
-DEMO_FOLDER = Path(__file__).parent / "assets" / "demo"
-
-
 def demo_models(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -276,9 +270,8 @@ BUILTIN_MODELS = {
     "random-big": functools.partial(random_models, "big"),
     "random-lite": functools.partial(random_models, "lite"),
 }
-if (DEMO_FOLDER / FAMILY_FILE).is_file():  # the trained demo family, where this version ships it
+if DEFAULT_MODEL == "demo":  # the trained demo family, where this version ships it
     BUILTIN_MODELS["demo"] = demo_models
-DEFAULT_MODEL = "demo" if "demo" in BUILTIN_MODELS else "tiny"
 
 
 def load_family(model: str | os.PathLike, **kwargs) -> CascadeModels:
@@ -286,20 +279,3 @@ def load_family(model: str | os.PathLike, **kwargs) -> CascadeModels:
     if str(model) in BUILTIN_MODELS:
         return BUILTIN_MODELS[str(model)](**kwargs)
     return load_models(model, **kwargs)
-
-
-def family_geometry(model: str | os.PathLike) -> Geometry:
-    """The geometry of a built-in model or a weights folder, without loading any weights."""
-    if str(model) in ("tiny", "random-big", "random-lite"):
-        return OFFICIAL  # the official architecture's geometry
-    path = (DEMO_FOLDER if str(model) == "demo" else Path(model)) / FAMILY_FILE
-    if not path.is_file():
-        return OFFICIAL
-    try:
-        spec = json.loads(path.read_text()).get("geometry", {})
-        geometry = Geometry(**spec)
-    except (ValueError, TypeError, AttributeError) as e:
-        raise WeightsError(f"{path}: not a valid family file: {e}") from None
-    if not (geometry.min_size <= geometry.default_size <= geometry.max_size and geometry.size_multiple > 0):
-        raise WeightsError(f"{path}: geometry {geometry} is inconsistent (default size outside min..max)")
-    return geometry

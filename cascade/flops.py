@@ -14,7 +14,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .pipeline import latent_sizes
+from .request import latent_sizes
 from .text import MAX_LENGTH
 
 

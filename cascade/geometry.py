@@ -1,9 +1,15 @@
-"""A model family's geometry: how image sizes map to latent sizes, and which sizes it supports."""
+"""A model family's geometry: how image sizes map to latent sizes, and which sizes it supports; and which family
+is the default. Pure Python (no torch): the job checks sizes before any model loads."""
 
 from __future__ import annotations
 
+import json
 import numbers
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import WeightsError
 
 
 @dataclass(frozen=True)
@@ -35,3 +41,26 @@ def _is_int(v) -> bool:
 
 
 OFFICIAL = Geometry()
+
+
+# A family folder of our own (not an official one) may carry family.json: {"geometry": {...Geometry fields...}}.
+FAMILY_FILE = "family.json"
+DEMO_FOLDER = Path(__file__).parent / "assets" / "demo"
+DEFAULT_MODEL = "demo" if (DEMO_FOLDER / FAMILY_FILE).is_file() else "tiny"  # demo: where this version ships it
+
+
+def family_geometry(model: str | os.PathLike) -> Geometry:
+    """The geometry of a built-in model or a weights folder, without loading any weights."""
+    if str(model) in ("tiny", "random-big", "random-lite"):
+        return OFFICIAL  # the official architecture's geometry
+    path = (DEMO_FOLDER if str(model) == "demo" else Path(model)) / FAMILY_FILE
+    if not path.is_file():
+        return OFFICIAL
+    try:
+        spec = json.loads(path.read_text()).get("geometry", {})
+        geometry = Geometry(**spec)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{path}: not a valid family file: {e}") from None
+    if not (geometry.min_size <= geometry.default_size <= geometry.max_size and geometry.size_multiple > 0):
+        raise WeightsError(f"{path}: geometry {geometry} is inconsistent (default size outside min..max)")
+    return geometry

@@ -8,7 +8,7 @@ import json
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .pipeline import Request
+from .request import Request
 
 FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}

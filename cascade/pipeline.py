@@ -12,8 +12,6 @@ batch. A result holding NaN or Inf is reported as an error for that request, nev
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,81 +23,9 @@ from PIL import Image
 
 from . import gdf
 from .family import CascadeModels
-from .geometry import OFFICIAL, Geometry
+from .request import Request, buckets, latent_sizes, validate, validate_strength
 
-STAGE_C_COMPRESSION, STAGE_A_COMPRESSION = OFFICIAL.stage_c_compression, OFFICIAL.stage_a_compression
-SIZE_MULTIPLE, MIN_SIZE, MAX_SIZE = OFFICIAL.size_multiple, OFFICIAL.min_size, OFFICIAL.max_size
-MAX_STEPS = 1000
-MAX_SEED = 2**63 - 1
 PRIOR_SHIFT, DECODER_SHIFT = 2.0, 1.0  # the reference notebook's values
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 0
-    width: int = 1024
-    height: int = 1024
-    prior_steps: int = 20
-    prior_cfg: float = 4.0
-    decoder_steps: int = 10
-    decoder_cfg: float = 1.1
-    sampler: str = "ddpm"
-
-    def bucket(self) -> tuple:
-        """Requests with equal buckets can share a batch."""
-        return (
-            self.width,
-            self.height,
-            self.prior_steps,
-            self.prior_cfg,
-            self.decoder_steps,
-            self.decoder_cfg,
-            self.sampler,
-        )
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy integers from Parquet included
-
-
-def validate(request: Request, geometry: Geometry = OFFICIAL) -> None:
-    """Raise ValueError naming the field, the value and what is allowed (sizes: those `geometry` supports)."""
-    r = request
-    for name in ("prompt", "negative_prompt"):
-        if not isinstance(getattr(r, name), str):
-            raise ValueError(f"{name}: must be a string, got {type(getattr(r, name)).__name__}")
-    for name in ("width", "height"):
-        geometry.check_size(name, getattr(r, name))
-    for name in ("prior_steps", "decoder_steps"):
-        v = getattr(r, name)
-        if not _is_int(v) or not 1 <= v <= MAX_STEPS:
-            raise ValueError(f"{name}: {v!r} is not allowed; use an integer from 1 to {MAX_STEPS}")
-    for name in ("prior_cfg", "decoder_cfg"):
-        v = getattr(r, name)
-        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 100:
-            raise ValueError(f"{name}: {v!r} is not allowed; use a finite number from 0 to 100")
-    if not _is_int(r.seed) or not 0 <= r.seed <= MAX_SEED:
-        raise ValueError(f"seed: {r.seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
-    if r.sampler not in gdf.SAMPLERS:
-        raise ValueError(f"sampler: {r.sampler!r} is not known; allowed are {sorted(gdf.SAMPLERS)}")
-
-
-def validate_strength(strength: float) -> None:
-    """img2img's noise level t_start: in (0, 1]."""
-    if not isinstance(strength, numbers.Real) or isinstance(strength, bool) or not 0 < strength <= 1:
-        raise ValueError(f"strength: {strength!r} is not allowed; use a number in (0, 1]")
-
-
-def latent_sizes(
-    width: int, height: int, geometry: Geometry = OFFICIAL
-) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(Stage C latent shape, Stage B latent shape) per image, as the reference's calculate_latent_sizes."""
-    fc, fa = geometry.stage_c_compression, geometry.stage_a_compression
-    c = (16, math.ceil(height / fc), math.ceil(width / fc))
-    b = (4, math.ceil(height / fa), math.ceil(width / fa))
-    return c, b
 
 
 def stage_generator(seed: int, stage: str) -> torch.Generator:
@@ -301,14 +227,6 @@ def run_decoder(models: CascadeModels, priors: Sequence[PriorOutput]) -> list[Re
             timings = {"prior_s": p.seconds, "decoder_s": seconds}
             results[i] = Result(p.request, image, error, p.prompt_truncated, p.prompt_tokens, timings)
     return [results[i] for i in range(len(priors))]
-
-
-def buckets(requests: Sequence[Request], batch_size: int) -> list[list[int]]:
-    """Indices of requests grouped by shape and parameters, in batches of at most batch_size, in input order."""
-    groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(requests):
-        groups.setdefault(r.bucket(), []).append(i)
-    return [idx[k : k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
 
 
 def generate(

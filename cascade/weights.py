@@ -31,15 +31,12 @@ from .convert import (
     unet_kind_from_diffusers_config,
 )
 from .effnet import EFFNET_ENCODER, EfficientNetEncoder, EfficientNetEncoderConfig
+from .errors import WeightsError
 from .previewer import PREVIEWER, Previewer, PreviewerConfig
 from .semantic import SemanticEncoder, SemanticEncoderConfig
 from .stage_a import STAGE_A, StageA, StageAConfig, stage_a_diffusers_config, stage_a_from_diffusers_config
 from .stage_b import STAGE_B_3B, STAGE_B_700M, StageB, StageBConfig
 from .stage_c import STAGE_C_1B, STAGE_C_3B, StageC, StageCConfig
-
-
-class WeightsError(ValueError):
-    """A weights file or folder that cannot be loaded; the message names the file and what is wrong."""
 
 
 @dataclass(frozen=True)

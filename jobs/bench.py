@@ -54,7 +54,8 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
 def stage_calls(models, batch: int, size: int, prior_steps: int, decoder_steps: int) -> dict[str, Callable[[], object]]:
     """One callable per stage, on inputs of the shapes the pipeline gives it (prepared once, outside the timing)."""
     from cascade import gdf
-    from cascade.pipeline import DECODER_SHIFT, PRIOR_SHIFT, Request, latent_sizes, prior_conditions, stage_generator
+    from cascade.pipeline import DECODER_SHIFT, PRIOR_SHIFT, prior_conditions, stage_generator
+    from cascade.request import Request, latent_sizes
 
     device = models.device
     request = Request("a red circle on a blue background", width=size, height=size)
@@ -108,7 +109,8 @@ def stage_calls(models, batch: int, size: int, prior_steps: int, decoder_steps: 
 
 
 def pipeline_call(models, batch: int, size: int, prior_steps: int, decoder_steps: int) -> Callable[[], object]:
-    from cascade.pipeline import Request, run_decoder, run_prior
+    from cascade.pipeline import run_decoder, run_prior
+    from cascade.request import Request
 
     requests = [
         Request(f"a red circle number {i}", seed=i, width=size, height=size, prior_steps=prior_steps,

@@ -56,7 +56,7 @@ class DiffusersTwin:
         self.torch = torch
 
     def call(self, batch: int, size: int, prior_steps: int, decoder_steps: int) -> Callable[[], object]:
-        from cascade.pipeline import Request
+        from cascade.request import Request
 
         request = Request("a red circle on a blue background", width=size, height=size)
         prompts = [request.prompt] * batch

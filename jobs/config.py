@@ -16,11 +16,10 @@ import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from cascade.family import DEFAULT_MODEL, family_geometry
-from cascade.geometry import OFFICIAL, Geometry
+from cascade.errors import WeightsError
+from cascade.geometry import DEFAULT_MODEL, OFFICIAL, Geometry, family_geometry
 from cascade.imagefile import FORMATS
-from cascade.pipeline import MAX_SEED, MAX_STEPS, Request
-from cascade.weights import WeightsError
+from cascade.request import MAX_SEED, MAX_STEPS, Request
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LAYOUTS = ("files", "webdataset")

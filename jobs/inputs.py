@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cascade.geometry import OFFICIAL, Geometry
-from cascade.pipeline import MAX_SEED, Request, validate
+from cascade.request import MAX_SEED, Request, validate
 from workers.storage import LocalStorage, S3Storage, Storage, StorageError, is_s3
 
 from .config import MAX_NUM_IMAGES, JobConfig

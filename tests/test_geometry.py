@@ -8,7 +8,7 @@ import torch
 from cascade import Request, generate
 from cascade.family import DEFAULT_MODEL, family_geometry, load_models
 from cascade.geometry import OFFICIAL, Geometry
-from cascade.pipeline import latent_sizes, validate
+from cascade.request import latent_sizes, validate
 from cascade.weights import WeightsError
 from jobs.config import ConfigError, from_mapping
 from tests.test_models_digest import write_family

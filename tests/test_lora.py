@@ -17,7 +17,8 @@ from PIL import Image
 
 from cascade.family import DEMO_FOLDER, demo_models, load_models, tiny_models
 from cascade.lora import apply_lora_file, read_lora
-from cascade.pipeline import Request, generate
+from cascade.pipeline import generate
+from cascade.request import Request
 from cascade.train.demo import Recipe, train
 from cascade.train.loop import RunConfig
 from cascade.train.lora import NEW_SHAPE, WORD, lora_report, shape_votes, train_lora, word_data

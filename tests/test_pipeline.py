@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cascade import Request, generate, run_decoder, run_prior, tiny_models
-from cascade.pipeline import buckets, latent_sizes, stage_generator
+from cascade.pipeline import stage_generator
+from cascade.request import buckets, latent_sizes
 
 SMALL = dict(width=256, height=256, prior_steps=3, decoder_steps=2)
 

@@ -24,14 +24,14 @@ from PIL import Image
 
 from cascade.geometry import OFFICIAL
 from cascade.lora import apply_lora_file
-from cascade.pipeline import PriorOutput, Request, Result, buckets, latent_sizes, run_decoder, run_prior
+from cascade.pipeline import PriorOutput, Result, run_decoder, run_prior
+from cascade.request import Request, buckets, latent_sizes
 
 from .models import load_part
+from .rows import REQUEST_FIELDS, request_of, requests_of, set_columns
 
 WIRE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LATENT_COLUMNS = ("latent", "clip_pooled", "clip_pooled_negative")
-REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "width", "height", "prior_steps", "prior_cfg")
-REQUEST_FIELDS += ("decoder_steps", "decoder_cfg", "sampler")
 
 
 def to_wire(t: torch.Tensor, dtype: str) -> bytes:
@@ -48,23 +48,6 @@ def from_wire(data: bytes, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.from_numpy(np.frombuffer(data, dtype=np.int16).copy()).view(torch.bfloat16).reshape(shape).float()
     np_dtype = {"fp16": np.float16, "fp32": np.float32}[dtype]
     return torch.from_numpy(np.frombuffer(data, dtype=np_dtype).copy()).reshape(shape).float()
-
-
-def request_of(row: dict) -> Request:
-    return Request(**{k: row[k] for k in REQUEST_FIELDS})
-
-
-def requests_of(rows: list[dict]) -> list[Request]:
-    return [request_of(row) for row in rows]
-
-
-def _set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
-    for name, values in columns.items():
-        if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, values)
-        else:
-            table = table.append_column(name, values)
-    return table
 
 
 # Dry runs skip the model maths but move the same data: full-size latents and pooled embeddings (zeros) through the
@@ -200,7 +183,7 @@ class PriorStage(_Stage):
                 pooled[i] = to_wire(out.clip_text_pooled, self.latent_dtype)
                 negative[i] = to_wire(out.clip_text_pooled_negative, self.latent_dtype)
         end = time.time()
-        table = _set_columns(
+        table = set_columns(
             batch,
             {
                 "error": pa.array(errors, pa.string()),
@@ -262,7 +245,7 @@ class DecoderStage(_Stage):
                     pixels[i] = np.asarray(result.image, dtype=np.uint8).tobytes()
         end = time.time()
         table = batch.drop_columns([c for c in LATENT_COLUMNS if c in batch.column_names])
-        return _set_columns(
+        return set_columns(
             table,
             {
                 "error": pa.array(errors, pa.string()),

@@ -23,7 +23,7 @@ from PIL import Image
 
 from cascade.imagefile import CONTENT_TYPES, encode
 
-from .stages import REQUEST_FIELDS, _set_columns, request_of
+from .rows import REQUEST_FIELDS, request_of, set_columns
 from .storage import Storage, sha256_hex
 
 
@@ -64,7 +64,7 @@ def write_images(
         seconds.append(time.perf_counter() - start)
         ends.append(time.time())
     table = batch.drop_columns(["pixels"])
-    return _set_columns(
+    return set_columns(
         table,
         {
             "key": pa.array(keys, pa.string()),
@@ -132,7 +132,7 @@ def write_shard(
         row["error"] if row["error"] is not None else (None if good else "the shard holds no such sample")
         for row, good in zip(rows, ok)
     ]
-    return _set_columns(
+    return set_columns(
         batch.drop_columns(["pixels"]),
         {
             "key": pa.array([key if good else None for good in ok], pa.string()),

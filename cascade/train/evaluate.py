@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
 from ..family import load_family
-from ..pipeline import Request, generate, to_tensor
+from ..pipeline import generate, to_tensor
+from ..request import Request
 from .checker import HEADS, Checker, judge, train_checker
 from .shapes import render, sample_attributes
 

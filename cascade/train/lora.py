@@ -161,7 +161,8 @@ def nearest_shapes(references: torch.Tensor, latents: torch.Tensor, shapes=(*SHA
 def prior_latents(models, prompts: list[str], steps: int = 20) -> torch.Tensor:
     """Stage C's latents for `prompts` (seeds 0, 1, ...) at the family's default size: what the prior meant, before
     Stage B and Stage A draw it."""
-    from ..pipeline import Request, run_prior
+    from ..pipeline import run_prior
+    from ..request import Request
 
     size = models.geometry.default_size
     requests = [Request(p, seed=i, width=size, height=size, prior_steps=steps) for i, p in enumerate(prompts)]
@@ -186,7 +187,8 @@ def lora_report(load, path: Path, samples: int = 24, prior_steps: int = 20, deco
     "[zorp]" prompts come out as the new shape before and after merging it, in the images and in Stage C's latents,
     and how far other prompts' images move (same seeds)."""
     from ..lora import apply_lora_file
-    from ..pipeline import Request, generate
+    from ..pipeline import generate
+    from ..request import Request
 
     rng = random.Random("lora-eval")
     word_attrs = [sample_attributes(rng) for _ in range(samples)]
