@@ -180,7 +180,10 @@ class TwoNodeCluster:
 
     @staticmethod
     def _run(argv: list[str]) -> None:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        # A lost node is declared dead after 3 missed health checks 1 s apart, not Ray's default 5 x 3 s: the
+        # node-loss test then waits seconds, not half a minute, for what a real cluster does the same way.
+        env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv[:3])} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
 
