@@ -21,6 +21,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,8 +31,10 @@ from .geometry import DEFAULT_MODEL, DEMO_FOLDER, FAMILY_FILE, OFFICIAL, Geometr
 from .stage_a import STAGE_A, STAGE_A_TINY, StageA
 from .stage_b import STAGE_B_3B, STAGE_B_700M, STAGE_B_TINY, StageB
 from .stage_c import STAGE_C_1B, STAGE_C_3B, STAGE_C_TINY, StageC
-from .text import BIGG_TEXT_CONFIG, TINY_TEXT_CONFIG, TextEncoder, build_text_encoder, load_text_encoder
 from .weights import WeightsError, load_stage
+
+if TYPE_CHECKING:
+    from .text import TextEncoder
 
 # The two halves a process can hold: the prior (text encoder + Stage C) and the decoder (Stage B + Stage A).
 PARTS = ("prior", "decoder")
@@ -144,6 +147,14 @@ def load_models(
     return models
 
 
+def _text():
+    """cascade.text, imported when a text encoder is built or loaded: it brings in transformers (seconds of start-up),
+    which a process holding only the decoder half never needs."""
+    from . import text
+
+    return text
+
+
 def _load_text(text_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype, device) -> TextEncoder:
     """CLIP-G from `text_encoder/`, reading the weight variant that matches dtype when the folder has several."""
 
@@ -156,7 +167,7 @@ def _load_text(text_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype, d
     prefer = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
     variant = next((v for v in dict.fromkeys([prefer, None, "bf16", "fp16"]) if exists(v)), None)
     try:
-        return load_text_encoder(text_dir, tokenizer_dir, dtype=dtype, device=device, variant=variant)
+        return _text().load_text_encoder(text_dir, tokenizer_dir, dtype=dtype, device=device, variant=variant)
     except (OSError, ValueError) as e:  # FileNotFoundError included; transformers raises OSError for bad folders
         raise WeightsError(f"{text_dir}: the text encoder could not be loaded: {e}") from e
 
@@ -198,7 +209,7 @@ def tiny_models(
         stage_a = _liven(StageA(STAGE_A_TINY), generator)
         effnet = EfficientNetEncoder(EFFNET_ENCODER) if with_effnet else None
     models = CascadeModels(
-        text_encoder=build_text_encoder(TINY_TEXT_CONFIG, seed=seed),
+        text_encoder=_text().build_text_encoder(_text().TINY_TEXT_CONFIG, seed=seed) if "prior" in parts else None,
         stage_c=stage_c,
         stage_b=stage_b,
         stage_a=stage_a,
@@ -256,7 +267,7 @@ def random_models(
     prior, decoder = "prior" in parts, "decoder" in parts
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        text = build_text_encoder(BIGG_TEXT_CONFIG) if prior else None
+        text = _text().build_text_encoder(_text().BIGG_TEXT_CONFIG) if prior else None
         stage_c = StageC(c_config) if prior else None
         stage_b = StageB(b_config) if decoder else None
         stage_a = StageA(STAGE_A) if decoder else None

@@ -1,5 +1,6 @@
-"""What the pipeline's CPU tasks import: no torch, no transformers (each task process would spend seconds loading
-them), and the sampler names the requests are checked against are the sampler's own."""
+"""What the pipeline's processes import: the CPU tasks no torch and no transformers, the Stage B/A actors no
+transformers (each would spend seconds of start-up loading them); and the sampler names the requests are checked
+against are the sampler's own."""
 
 import subprocess
 import sys
@@ -18,6 +19,16 @@ def test_the_cpu_tasks_modules_load_without_the_model_code():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_a_decoder_actor_loads_no_text_model_code():
+    script = (
+        "import sys; from workers.models import load_part; m = load_part('tiny', False, 'auto', 'decoder'); "
+        "assert m.stage_b is not None and m.text_encoder is None; print('transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
 
 
 def test_requests_are_checked_against_the_samplers_that_exist():
