@@ -29,14 +29,15 @@ class Geometry:
     default_size: int = 1024
 
     def check_size(self, name: str, value) -> None:
-        if not _is_int(value) or not self.min_size <= value <= self.max_size or value % self.size_multiple:
+        if not is_int(value) or not self.min_size <= value <= self.max_size or value % self.size_multiple:
             raise ValueError(
                 f"{name}: {value!r} is not supported; use a multiple of {self.size_multiple} "
                 f"from {self.min_size} to {self.max_size}"
             )
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An integer, numpy's included (values from Parquet), and not a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 

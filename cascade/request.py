@@ -10,7 +10,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .geometry import OFFICIAL, Geometry
+from .geometry import OFFICIAL, Geometry, is_int
 
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
@@ -43,10 +43,6 @@ class Request:
         )
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)  # numpy integers from Parquet included
-
-
 def validate(request: Request, geometry: Geometry = OFFICIAL) -> None:
     """Raise ValueError naming the field, the value and what is allowed (sizes: those `geometry` supports)."""
     r = request
@@ -57,13 +53,13 @@ def validate(request: Request, geometry: Geometry = OFFICIAL) -> None:
         geometry.check_size(name, getattr(r, name))
     for name in ("prior_steps", "decoder_steps"):
         v = getattr(r, name)
-        if not _is_int(v) or not 1 <= v <= MAX_STEPS:
+        if not is_int(v) or not 1 <= v <= MAX_STEPS:
             raise ValueError(f"{name}: {v!r} is not allowed; use an integer from 1 to {MAX_STEPS}")
     for name in ("prior_cfg", "decoder_cfg"):
         v = getattr(r, name)
         if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 100:
             raise ValueError(f"{name}: {v!r} is not allowed; use a finite number from 0 to 100")
-    if not _is_int(r.seed) or not 0 <= r.seed <= MAX_SEED:
+    if not is_int(r.seed) or not 0 <= r.seed <= MAX_SEED:
         raise ValueError(f"seed: {r.seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
     if r.sampler not in SAMPLER_NAMES:
         raise ValueError(f"sampler: {r.sampler!r} is not known; allowed are {sorted(SAMPLER_NAMES)}")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from cascade.errors import WeightsError
-from cascade.geometry import DEFAULT_MODEL, OFFICIAL, Geometry, family_geometry
+from cascade.geometry import DEFAULT_MODEL, OFFICIAL, Geometry, family_geometry, is_int
 from cascade.imagefile import FORMATS
 from cascade.request import MAX_SEED, MAX_STEPS, Request
 
@@ -102,10 +102,6 @@ def _unknown(key: str, valid: set[str], where: str) -> ConfigError:
     return ConfigError(f"{where}{key!r} is not a known setting{hint}")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _is_num(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -154,10 +150,10 @@ def validate(c: JobConfig) -> None:
     _check(isinstance(c.lora, str), "lora", c.lora, "give the path of a LoRA .safetensors file, or '' for none")
     _check(isinstance(c.lite, bool), "lite", c.lite, "use true or false")
     _check(c.dtype in DTYPES, "dtype", c.dtype, f"use one of {', '.join(DTYPES)}")
-    _check(_is_int(c.seed) and 0 <= c.seed <= MAX_SEED, "seed", c.seed, "use an integer from 0 to 2**63 - 1")
+    _check(is_int(c.seed) and 0 <= c.seed <= MAX_SEED, "seed", c.seed, "use an integer from 0 to 2**63 - 1")
     _check(isinstance(c.negative_prompt, str), "negative_prompt", c.negative_prompt, "use a string")
     _check(
-        _is_int(c.num_images) and 1 <= c.num_images <= MAX_NUM_IMAGES,
+        is_int(c.num_images) and 1 <= c.num_images <= MAX_NUM_IMAGES,
         "num_images",
         c.num_images,
         f"use an integer from 1 to {MAX_NUM_IMAGES}",
@@ -174,35 +170,35 @@ def validate(c: JobConfig) -> None:
                 raise ConfigError(str(e)) from None
     for key in ("prior_steps", "decoder_steps"):
         v = getattr(c, key)
-        _check(_is_int(v) and 1 <= v <= MAX_STEPS, key, v, f"use an integer from 1 to {MAX_STEPS}")
+        _check(is_int(v) and 1 <= v <= MAX_STEPS, key, v, f"use an integer from 1 to {MAX_STEPS}")
     for key in ("prior_cfg", "decoder_cfg"):
         v = getattr(c, key)
         _check(_is_num(v) and 0 <= v <= 100, key, v, "use a finite number from 0 to 100")
     _check(c.sampler in ("ddpm", "ddim"), "sampler", c.sampler, "use ddpm or ddim")
     _check(c.image_format in FORMATS, "image_format", c.image_format, f"use one of {', '.join(FORMATS)}")
-    _check(_is_int(c.quality) and 1 <= c.quality <= 100, "quality", c.quality, "use an integer from 1 to 100")
+    _check(is_int(c.quality) and 1 <= c.quality <= 100, "quality", c.quality, "use an integer from 1 to 100")
     _check(c.layout in LAYOUTS, "layout", c.layout, f"use one of {', '.join(LAYOUTS)}")
-    _check(_is_int(c.shard_size) and 1 <= c.shard_size <= 100_000, "shard_size", c.shard_size, "use 1 to 100000")
+    _check(is_int(c.shard_size) and 1 <= c.shard_size <= 100_000, "shard_size", c.shard_size, "use 1 to 100000")
     for key in ("overwrite", "retry_errors", "verify", "report", "dry_run"):
         _check(isinstance(getattr(c, key), bool), key, getattr(c, key), "use true or false")
-    _check(_is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")
+    _check(is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")
     for key in ("manifest_seconds", "progress_seconds"):
         _check(_is_num(getattr(c, key)) and getattr(c, key) > 0, key, getattr(c, key), "use a number above 0")
     v = c.segment_rows
-    _check(_is_int(v) and v >= 1, "segment_rows", v, "use an integer of 1 or more")
+    _check(is_int(v) and v >= 1, "segment_rows", v, "use an integer of 1 or more")
     v = c.node_wait_seconds
     _check(_is_num(v) and v >= 0, "node_wait_seconds", v, "use a number of seconds, 0 to wait forever")
     _check(_is_num(c.writer_cpus) and c.writer_cpus > 0, "writer_cpus", c.writer_cpus, "use a number above 0")
     _check(c.latent_dtype in LATENT_DTYPES, "latent_dtype", c.latent_dtype, f"use one of {', '.join(LATENT_DTYPES)}")
     _check(
-        _is_int(c.storage_attempts) and 1 <= c.storage_attempts <= 100,
+        is_int(c.storage_attempts) and 1 <= c.storage_attempts <= 100,
         "storage_attempts",
         c.storage_attempts,
         "use 1 to 100",
     )
     for name in ("prior_pool", "decoder_pool"):
         p: PoolConfig = getattr(c, name)
-        _check(_is_int(p.actors) and p.actors >= 1, f"{name}.actors", p.actors, "use an integer of 1 or more")
+        _check(is_int(p.actors) and p.actors >= 1, f"{name}.actors", p.actors, "use an integer of 1 or more")
         _check(
             p.gpus == "auto" or (_is_num(p.gpus) and p.gpus >= 0 and (p.gpus <= 1 or float(p.gpus).is_integer())),
             f"{name}.gpus",
@@ -210,7 +206,7 @@ def validate(c: JobConfig) -> None:
             "use 'auto', 0, a fraction up to 1 (to pack actors on a GPU) or a whole number",
         )
         _check(_is_num(p.cpus) and p.cpus >= 0, f"{name}.cpus", p.cpus, "use a number of 0 or more")
-        _check(_is_int(p.batch_size) and 1 <= p.batch_size <= 1024, f"{name}.batch_size", p.batch_size, "use 1 to 1024")
+        _check(is_int(p.batch_size) and 1 <= p.batch_size <= 1024, f"{name}.batch_size", p.batch_size, "use 1 to 1024")
         _check(
             isinstance(p.resources, dict)
             and all(isinstance(k, str) and _is_num(v) and v > 0 for k, v in p.resources.items()),
