@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .family import BUILTIN_MODELS, DEFAULT_MODEL, family_geometry, load_models
+from .family import BUILTIN_MODELS, load_models
+from .geometry import DEFAULT_MODEL, family_geometry
 from .imagefile import png_info
 from .lora import apply_lora_file
 from .pipeline import Result, generate

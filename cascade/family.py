@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .effnet import EFFNET_ENCODER, EfficientNetEncoder
-from .geometry import DEFAULT_MODEL, DEMO_FOLDER, FAMILY_FILE, OFFICIAL, Geometry, family_geometry
+from .geometry import DEMO_FOLDER, DEMO_SHIPPED, FAMILY_FILE, OFFICIAL, Geometry, family_geometry
 from .stage_a import STAGE_A, STAGE_A_TINY, StageA
 from .stage_b import STAGE_B_3B, STAGE_B_700M, STAGE_B_TINY, StageB
 from .stage_c import STAGE_C_1B, STAGE_C_3B, STAGE_C_TINY, StageC
@@ -281,7 +281,7 @@ BUILTIN_MODELS = {
     "random-big": functools.partial(random_models, "big"),
     "random-lite": functools.partial(random_models, "lite"),
 }
-if DEFAULT_MODEL == "demo":  # the trained demo family, where this version ships it
+if DEMO_SHIPPED:
     BUILTIN_MODELS["demo"] = demo_models
 
 

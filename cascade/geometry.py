@@ -47,7 +47,8 @@ OFFICIAL = Geometry()
 # A family folder of our own (not an official one) may carry family.json: {"geometry": {...Geometry fields...}}.
 FAMILY_FILE = "family.json"
 DEMO_FOLDER = Path(__file__).parent / "assets" / "demo"
-DEFAULT_MODEL = "demo" if (DEMO_FOLDER / FAMILY_FILE).is_file() else "tiny"  # demo: where this version ships it
+DEMO_SHIPPED = (DEMO_FOLDER / FAMILY_FILE).is_file()  # the trained demo family, where this version ships it
+DEFAULT_MODEL = "demo" if DEMO_SHIPPED else "tiny"
 
 
 def family_geometry(model: str | os.PathLike) -> Geometry:

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_model(config):
     """Fail before Ray starts when the weights folder is unusable (the message names the file); return the family's
     geometry."""
-    from cascade.family import BUILTIN_MODELS, family_geometry, locate_stage, locate_text_encoder
+    from cascade.family import BUILTIN_MODELS, locate_stage, locate_text_encoder
+    from cascade.geometry import family_geometry
     from cascade.weights import WeightsError, inspect_stage
     from workers.models import torch_dtype
 

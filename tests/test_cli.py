@@ -7,7 +7,7 @@ from pathlib import Path
 from PIL import Image
 
 from cascade.__main__ import main
-from cascade.family import DEFAULT_MODEL
+from cascade.geometry import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--width", "256", "--height", "256", "--prior-steps", "2", "--decoder-steps", "2"]

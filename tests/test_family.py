@@ -124,8 +124,8 @@ def test_a_pickle_text_encoder_is_refused_and_never_unpickled(tmp_path, tiny):
 
 
 def test_random_full_size_models_have_the_official_parameter_counts():
-    from cascade.family import BUILTIN_MODELS, family_geometry
-    from cascade.geometry import OFFICIAL
+    from cascade.family import BUILTIN_MODELS
+    from cascade.geometry import OFFICIAL, family_geometry
 
     big = BUILTIN_MODELS["random-big"](device="meta")  # full size, no memory
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

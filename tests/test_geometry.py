@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cascade import Request, generate
-from cascade.family import DEFAULT_MODEL, family_geometry, load_models
-from cascade.geometry import OFFICIAL, Geometry
+from cascade.family import load_models
+from cascade.geometry import DEFAULT_MODEL, OFFICIAL, Geometry, family_geometry
 from cascade.request import latent_sizes, validate
 from cascade.weights import WeightsError
 from jobs.config import ConfigError, from_mapping

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cascade.family import DEFAULT_MODEL, family_geometry
+from cascade.geometry import DEFAULT_MODEL, family_geometry
 from jobs.config import ConfigError, from_mapping, load_yaml, resolve
 from jobs.generate import build_parser
 

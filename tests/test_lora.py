@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cascade.family import DEMO_FOLDER, demo_models, load_models, tiny_models
+from cascade.family import demo_models, load_models, tiny_models
+from cascade.geometry import DEMO_FOLDER
 from cascade.lora import apply_lora_file, read_lora
 from cascade.pipeline import generate
 from cascade.request import Request

@@ -11,7 +11,8 @@ import torch
 
 import workers.stages as stages
 from cascade import Request
-from workers.stages import REQUEST_FIELDS, DecoderStage, PriorStage
+from workers.rows import REQUEST_FIELDS
+from workers.stages import DecoderStage, PriorStage
 
 SMALL = dict(width=256, height=256, prior_steps=2, decoder_steps=2)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cascade.__main__ import main as cli
-from cascade.family import DEMO_FOLDER, demo_models, family_geometry, load_models
+from cascade.family import demo_models, load_models
+from cascade.geometry import DEMO_FOLDER, family_geometry
 from cascade.stage_a import StageAConfig
 from cascade.train.__main__ import main as train
 from cascade.train.demo import STAGES
