@@ -211,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="also time diffusers' pipelines on the same weights (needs diffusers; default on)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile Stage C's and Stage B's blocks (cascade.speed.compile_blocks) before timing",
+    )
+    p.add_argument(
+        "--graphs",
+        action="store_true",
+        help="run Stage C's and Stage B's forward passes as CUDA graphs (cascade.speed.cuda_graphs; CUDA only)",
+    )
     return p
 
 
@@ -237,6 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_prompts and args.ray_prompts < 2 * max(args.batch):
         print(f"error: --ray-prompts {args.ray_prompts}: use 0 or at least twice the largest batch", file=sys.stderr)
         return 2
+    if args.compile:
+        from cascade.speed import compile_blocks
+
+        count = sum(compile_blocks(m) for m in (models.stage_c, models.stage_b))
+        print(f"[bench] compiling {count} blocks of Stage C and Stage B (during the warm-up runs)", file=sys.stderr)
+    if args.graphs:
+        if on.type != "cuda":
+            print("error: --graphs needs a CUDA device", file=sys.stderr)
+            return 2
+        from cascade.speed import cuda_graphs
+
+        cuda_graphs(models.stage_c)
+        cuda_graphs(models.stage_b)
     twin = None
     if args.diffusers:
         from .bench_diffusers import DiffusersTwin, available
@@ -255,12 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         f"MFU against {peak / 1e12:.1f} TFLOP/s ({'given' if args.peak_tflops else 'measured dense matmul'})",
         file=sys.stderr,
     )
-    rows = []
-    for batch in args.batch:
-        rows.append(measure(models, batch, args, twin, flops, peak))
-        print(f"[bench] batch {batch}: pipeline {rows[-1]['pipeline_images_per_s']:.3f} images/s", file=sys.stderr)
-    print(table(rows))
-    if args.json:
+    rows: list[dict] = []
+
+    def write_json() -> None:
         report = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {
@@ -275,7 +295,19 @@ def main(argv: list[str] | None = None) -> int:
             "mfu_peak_source": "given" if args.peak_tflops else "measured dense matmul",
             "rows": rows,
         }
+        if args.graphs:  # None where every forward pass ran as a graph, else why capture failed
+            report["graphs_failed"] = {
+                s: getattr(m.forward, "failed", None)
+                for s, m in (("stage_c", models.stage_c), ("stage_b", models.stage_b))
+            }
         args.json.write_text(json.dumps(report, indent=2))
+
+    for batch in args.batch:
+        rows.append(measure(models, batch, args, twin, flops, peak))
+        print(f"[bench] batch {batch}: pipeline {rows[-1]['pipeline_images_per_s']:.3f} images/s", file=sys.stderr)
+        if args.json:  # after every batch size, so that a run stopped part-way keeps what it measured
+            write_json()
+    print(table(rows))
     return 0
 
 

@@ -7,8 +7,9 @@
 # table (MFU against the card's dense bf16 matmul rate, measured in the same run). About 4 to 5 minutes on an H100.
 #
 # Settings (environment): MODEL (random-big), SIZE (1024), BATCHES ("1 4"), PRIOR_STEPS (20), DECODER_STEPS (10),
-# REPEATS (2), OUT (bench/: the JSON goes there), PYTHON (python3). On a CPU, MODEL=tiny SIZE=256 proves the script
-# at a reduced size. The Ray pipeline part of the benchmark is left out here: Ray is not on that image and its wheel
+# REPEATS (2), OUT (bench/: the JSON goes there), NAME (gpu-check: the JSON's name), COMPILE (0; 1 compiles Stage C's
+# and Stage B's blocks, cascade/speed.py), GRAPHS (0; 1 runs their forward passes as CUDA graphs), DIFFUSERS (1; 0
+# leaves the baseline out), PYTHON (python3). On a CPU, MODEL=tiny SIZE=256 proves the script at a reduced size. The Ray pipeline part of the benchmark is left out here: Ray is not on that image and its wheel
 # is too large to carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,12 +23,16 @@ print(f"[gpu-check] torch {torch.__version__}, cuda {torch.cuda.is_available()}"
 PYEOF
 if ! "$PY" -c "import diffusers" >/dev/null 2>&1; then
   if ls wheels/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install --quiet --disable-pip-version-check --no-index --find-links wheels/ diffusers
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-index --no-deps wheels/*.whl
   else
     echo "[gpu-check] diffusers is missing and wheels/ is empty: no baseline (run scripts/fetch_wheels.sh first)" >&2
   fi
 fi
+EXTRA=()
+[ "${COMPILE:-0}" = 1 ] && EXTRA+=(--compile)
+[ "${GRAPHS:-0}" = 1 ] && EXTRA+=(--graphs)
+[ "${DIFFUSERS:-1}" = 0 ] && EXTRA+=(--no-diffusers)
 # shellcheck disable=SC2086  # BATCHES is a list
 PYTHONPATH=. exec "$PY" -m jobs.bench --model "${MODEL:-random-big}" --size "${SIZE:-1024}" --batch ${BATCHES:-1 4} \
   --prior-steps "${PRIOR_STEPS:-20}" --decoder-steps "${DECODER_STEPS:-10}" --repeats "${REPEATS:-2}" --warmup 1 \
-  --dtype auto --ray-prompts 0 --json "$OUT/gpu-check.json"
+  --dtype auto --ray-prompts 0 --json "$OUT/${NAME:-gpu-check}.json" "${EXTRA[@]}"

@@ -1,0 +1,196 @@
+"""Where a guided denoising step's time goes, per stage: `python scripts/profile_stages.py [--model random-big]`.
+
+Runs one guided forward pass (conditional + unconditional in one batch, as the sampler does) of Stage C and of
+Stage B under torch.profiler after warm-up, and prints per stage: the wall time of one pass, the number of device
+kernels it launched, the device time by kind of kernel (matrix products, attention, convolutions, normalisation,
+the rest: elementwise and copies), and the heaviest kernels. Used to decide which part of the fast path to build
+next (docs/PERFORMANCE.md); `--json` writes the same figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+KINDS = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "cublas", "sm90_", "wgmma")),
+    ("conv", ("conv", "implicit", "winograd", "depthwise", "cudnn")),
+    ("norm", ("layer_norm", "layernorm", "norm_kernel", "reduce", "welford")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, marks in KINDS:
+        if any(m in low for m in marks):
+            return kind
+    return "other"
+
+
+def guided_inputs(models, stage: str, batch: int, size: int):
+    from cascade.blocks import Conditioning  # noqa: F401  (the models build their own conditioning)
+    from cascade.pipeline import prior_conditions
+    from cascade.request import latent_sizes
+
+    device = models.device
+    text = models.text_encoder.encode(["a red circle on a blue background"] * batch + [""] * batch)
+    shape_c, shape_b = latent_sizes(size, size, models.geometry)
+    if stage == "stage_c":
+        cond, uncond = prior_conditions(models, text, batch)
+        model, shape = models.stage_c, shape_c
+    else:
+        dtype = next(models.stage_b.parameters()).dtype
+        pooled = text.clip_text_pooled.to(device, dtype)
+        effnet = torch.randn(batch, *shape_c, device=device, dtype=dtype)
+        cond = {"effnet": effnet, "clip": pooled[:batch]}
+        uncond = {"effnet": torch.zeros_like(effnet), "clip": pooled[batch:]}
+        model, shape = models.stage_b, shape_b
+    both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+    dtype = next(model.parameters()).dtype
+    x = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
+    r = torch.full((2 * batch,), 0.5, device=device)
+    return model, x, r, both
+
+
+def module_attention_forward(self, x, kv, self_attn):
+    """Attention2D through nn.MultiheadAttention's own forward (before 2026-11-27), for the `mha` variant."""
+    b, c, h, w = x.shape
+    tokens = x.view(b, c, h * w).permute(0, 2, 1)
+    if self_attn:
+        kv = torch.cat([tokens, kv], dim=1)
+    return self.attn(tokens, kv, kv, need_weights=False)[0].permute(0, 2, 1).reshape(b, c, h, w)
+
+
+def variant_model(models, stage: str, variant: str, twin):
+    """The forward pass `(x, r, **conditions)` a variant times: ours (also for `mha`), or diffusers' (same weights)."""
+    model = getattr(models, stage)
+    if variant != "diffusers":
+        return model
+    unet = twin.prior.prior if stage == "stage_c" else twin.decoder.decoder
+
+    def call(x, r, **cond):
+        r = r.to(x.dtype)  # diffusers' pipelines pass the noise level in the model's dtype
+        if stage == "stage_c":
+            return unet(x, r, clip_text_pooled=cond["clip_text_pooled"], clip_text=cond["clip_text"],
+                        clip_img=cond["clip_img"], return_dict=False)[0]  # fmt: skip
+        return unet(x, r, clip_text_pooled=cond["clip"], effnet=cond["effnet"], return_dict=False)[0]
+
+    return call
+
+
+def profile(models, stage: str, batch: int, size: int, top: int, variant: str = "ours", twin=None) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    _, x, r, cond = guided_inputs(models, stage, batch, size)
+    model = variant_model(models, stage, variant, twin)
+
+    def step():
+        with torch.inference_mode():
+            return model(x, r, **cond)
+
+    on_gpu = x.is_cuda
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    for _ in range(3):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        step()
+    sync()
+    wall = (time.perf_counter() - start) / 5
+    with torch_profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    ) as prof:
+        step()
+        sync()
+    # On a CPU (only to try the script) the CPU events stand in for kernels, nested ones counted twice.
+    wanted = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+    by_kind: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    launches = 0
+    for event in prof.events():
+        if event.device_type != wanted:
+            continue
+        us = (event.device_time if hasattr(event, "device_time") else event.cuda_time) if on_gpu else event.cpu_time
+        launches += 1
+        by_kind[kind_of(event.name)] += us / 1e3
+        kernels[event.name][0] += us / 1e3
+        kernels[event.name][1] += 1
+    device_ms = sum(by_kind.values())
+    heaviest = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "stage": stage,
+        "variant": variant,
+        "batch": batch,
+        "wall_ms_per_pass": wall * 1e3,
+        "device_ms_per_pass": device_ms,
+        "kernels_per_pass": launches,
+        "device_ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "heaviest": [{"kernel": name[:110], "ms": ms, "calls": n} for name, (ms, n) in heaviest],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="random-big")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("ours", "mha", "diffusers"),
+        default=["ours"],
+        help="ours; mha: ours, attention through nn.MultiheadAttention's forward; diffusers: its UNet, same weights",
+    )
+    args = p.parse_args(argv)
+    from cascade.family import BUILTIN_MODELS
+
+    if torch.cuda.is_available():
+        models = BUILTIN_MODELS[args.model](device=torch.device("cuda"), dtype=torch.bfloat16)
+    else:
+        print("[profile] no CUDA device: profiling on the CPU in fp32, to try the script only", file=sys.stderr)
+        models = BUILTIN_MODELS[args.model](device=torch.device("cpu"), dtype=torch.float32)
+    twin = None
+    if "diffusers" in args.variants:
+        from jobs.bench_diffusers import DiffusersTwin
+
+        twin = DiffusersTwin(models)
+    from cascade.blocks import Attention2D
+
+    ours_forward = Attention2D.forward
+    report = []
+    for stage in ("stage_c", "stage_b"):
+        for batch in args.batch:
+            for variant in args.variants:
+                Attention2D.forward = module_attention_forward if variant == "mha" else ours_forward
+                try:
+                    row = profile(models, stage, batch, args.size, args.top, variant, twin)
+                finally:
+                    Attention2D.forward = ours_forward
+                report.append(row)
+                kinds = ", ".join(f"{k} {ms:.2f}" for k, ms in row["device_ms_by_kind"].items())
+                print(
+                    f"\n## {stage}, {variant}, batch {batch} (x2 for guidance): {row['wall_ms_per_pass']:.2f} ms wall "
+                    f"per pass, {row['device_ms_per_pass']:.2f} ms on the device, {row['kernels_per_pass']} kernels; "
+                    f"ms by kind: {kinds}"
+                )
+                for k in row["heaviest"]:
+                    print(f"  {k['ms']:8.3f} ms  {k['calls']:4d}x  {k['kernel']}")
+                sys.stdout.flush()
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
