@@ -92,19 +92,42 @@ class TimestepBlock(nn.Module):
         return x * (1 + a) + b
 
 
+def multihead_attention(attn: nn.MultiheadAttention, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """What `attn(queries, keys, keys)` computes (batch first, no mask), on its own parameters.
+
+    nn.MultiheadAttention moves the batch to the second dimension before its input projections, and on that layout
+    PyTorch runs each projection as one small matrix product per token (a batched matmul over the sequence, each
+    re-reading the whole weight): on an H200 that took 80 % of Stage C's time (docs/PERFORMANCE.md). Here each
+    projection is one (B * L, C) matrix product, attention is `scaled_dot_product_attention` (flash kernels), and
+    the parameters are still the module's `in_proj_weight`/`in_proj_bias`/`out_proj`, so the official key names load
+    and LoRA's parametrisations of them apply."""
+    c, heads = attn.embed_dim, attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    q = F.linear(queries, weight[:c], bias[:c])  # (B, L, C)
+    k, v = F.linear(keys, weight[c:], bias[c:]).chunk(2, dim=-1)  # (B, S, C) each
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (heads, c // heads)).transpose(1, 2)  # (B, heads, L, C / heads)
+
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), dropout_p=dropout)
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+
 class Attention2D(nn.Module):
     """Multi-head attention of the image tokens over [image tokens; condition tokens]."""
 
     def __init__(self, c: int, nhead: int, dropout: float = 0.0):
         super().__init__()
+        # Holds the parameters under the official names; multihead_attention computes with them.
         self.attn = nn.MultiheadAttention(c, nhead, dropout=dropout, bias=True, batch_first=True)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, self_attn: bool) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = x.view(b, c, h * w).permute(0, 2, 1)  # (B, HW, C)
+        tokens = x.view(b, c, h * w).permute(0, 2, 1).contiguous()  # (B, HW, C)
         if self_attn:
             kv = torch.cat([tokens, kv], dim=1)  # (B, HW + T, C)
-        out = self.attn(tokens, kv, kv, need_weights=False)[0]
+        out = multihead_attention(self.attn, tokens, kv)
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 
 

@@ -1,0 +1,79 @@
+"""The fast path: attention computed as nn.MultiheadAttention does, compiled blocks and CUDA graphs (cascade/speed.py)
+give the same results as eager mode."""
+
+import pytest
+import torch
+
+from cascade import gdf
+from cascade.blocks import AttnBlock, ResBlock, TimestepBlock, multihead_attention
+from cascade.family import tiny_models
+from cascade.pipeline import prior_conditions
+from cascade.speed import CudaGraphed, compile_blocks, cuda_graphs
+from jobs.bench import main as bench
+
+
+def stage_c_sample(models, device: str) -> torch.Tensor:
+    cond, uncond = prior_conditions(models, models.text_encoder.encode(["a red circle", ""]), 1)
+    denoiser = gdf.guided_denoiser(models.stage_c, cond, uncond, 4.0)
+    with torch.inference_mode():
+        return gdf.sample(denoiser, [torch.Generator().manual_seed(3)], (16, 4, 4), steps=3, device=device)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_multihead_attention_computes_what_the_module_does(training):
+    """Our attention on nn.MultiheadAttention's parameters equals the module's own forward (image tokens over image
+    + condition tokens, batch first), in eval and in training mode (dropout 0), gradients included."""
+    attn = torch.nn.MultiheadAttention(32, 4, bias=True, batch_first=True).train(training)
+    with torch.no_grad():
+        attn.in_proj_bias.normal_()
+        attn.out_proj.bias.normal_()
+    queries = torch.randn(3, 10, 32, requires_grad=True)
+    keys = torch.cat([queries, torch.randn(3, 4, 32)], dim=1)
+    expected = attn(queries, keys, keys, need_weights=False)[0]
+    got = multihead_attention(attn, queries, keys)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    grad_expected = torch.autograd.grad(expected.square().sum(), [queries, attn.in_proj_weight])
+    grad_got = torch.autograd.grad(got.square().sum(), [queries, attn.in_proj_weight])
+    for a, b in zip(grad_got, grad_expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_blocks_compiles_every_block_and_keeps_the_key_names():
+    models = tiny_models(parts=("prior",))
+    keys = list(models.stage_c.state_dict())
+    blocks = [m for m in models.stage_c.modules() if isinstance(m, (ResBlock, TimestepBlock, AttnBlock))]
+    assert compile_blocks(models.stage_c) == len(blocks) > 0
+    assert all(m._compiled_call_impl is not None for m in blocks)
+    assert list(models.stage_c.state_dict()) == keys  # official checkpoints and LoRA still find their tensors
+
+
+def test_cuda_graphs_leave_a_cpu_stage_as_it_was():
+    models = tiny_models()
+    before = stage_c_sample(models, "cpu")
+    cuda_graphs(models.stage_c)
+    cuda_graphs(models.stage_c)  # twice is once
+    assert isinstance(models.stage_c.forward, CudaGraphed) and not isinstance(
+        models.stage_c.forward.forward, CudaGraphed
+    )
+    torch.testing.assert_close(stage_c_sample(models, "cpu"), before, rtol=0, atol=0)
+    assert models.stage_c.forward.graphs == {}  # CPU tensors run eagerly: nothing captured
+
+
+def test_bench_graphs_need_a_cuda_device(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert bench(["--size", "256", "--batch", "1", "--graphs", "--ray-prompts", "0", "--no-diffusers"]) == 2
+    assert "--graphs needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_sample_what_eager_mode_samples():
+    """On a GPU: Stage C's guided loop replayed from CUDA graphs matches the eager loop, and nothing fell back."""
+    models = tiny_models(device="cuda")
+    eager = stage_c_sample(models, "cuda")
+    cuda_graphs(models.stage_c)
+    graphed = stage_c_sample(models, "cuda")
+    again = stage_c_sample(models, "cuda")  # replays the captured graph with new inputs
+    assert models.stage_c.forward.failed is None and len(models.stage_c.forward.graphs) == 1
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-4)
