@@ -35,7 +35,6 @@ def kind_of(name: str) -> str:
 
 
 def guided_inputs(models, stage: str, batch: int, size: int):
-    from cascade.blocks import Conditioning  # noqa: F401  (the models build their own conditioning)
     from cascade.pipeline import prior_conditions
     from cascade.request import latent_sizes
 
