@@ -4,7 +4,8 @@
 # the baseline: fetch them beforehand with scripts/fetch_wheels.sh), then runs `python -m jobs.bench` on the
 # official architectures at full size with random weights (values do not change the work), in bf16 at 1024 x 1024,
 # default steps (20 + 10), a few batch sizes, diffusers' pipelines on the same weights in the same run, and prints the
-# table (MFU against the card's dense bf16 matmul rate, measured in the same run). About 4 to 5 minutes on an H100.
+# table (MFU against the card's dense bf16 matmul rate, measured in the same run). 3.7 minutes on an H200 with
+# BATCHES="1 4 8" (2026-11-27, before the attention fix).
 #
 # Settings (environment): MODEL (random-big), SIZE (1024), BATCHES ("1 4"), PRIOR_STEPS (20), DECODER_STEPS (10),
 # REPEATS (2), OUT (bench/: the JSON goes there), NAME (gpu-check: the JSON's name), COMPILE (0; 1 compiles Stage C's
