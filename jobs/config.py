@@ -33,13 +33,19 @@ class ConfigError(ValueError):
 
 @dataclass
 class PoolConfig:
-    """One GPU actor pool. gpus is per actor ("auto": 1 when the cluster has GPUs, else 0); fractions pack actors."""
+    """One GPU actor pool. gpus is per actor ("auto": 1 when the cluster has GPUs, else 0); fractions pack actors.
+    `actors` start with the job; max_actors above it lets Ray Data add actors while the pool's input queues up (and
+    remove them when it drains), up to that many; 0 keeps the pool at `actors`."""
 
     actors: int = 1
+    max_actors: int = 0
     gpus: float | str = "auto"
     cpus: float = 0.0  # GPU actors reserve no CPU: on small nodes the reads and writes need it (platform notes)
     batch_size: int = 4
     resources: dict[str, float] = field(default_factory=dict)  # custom resources, to land on a node type
+
+
+POOL_COUNTS = ("actors", "max_actors", "batch_size")  # the pool settings that are whole numbers
 
 
 @dataclass
@@ -200,6 +206,12 @@ def validate(c: JobConfig) -> None:
         p: PoolConfig = getattr(c, name)
         _check(is_int(p.actors) and p.actors >= 1, f"{name}.actors", p.actors, "use an integer of 1 or more")
         _check(
+            is_int(p.max_actors) and (p.max_actors == 0 or (is_int(p.actors) and p.max_actors >= p.actors)),
+            f"{name}.max_actors",
+            p.max_actors,
+            f"use 0 (a fixed pool) or an integer of at least {name}.actors ({p.actors}) to autoscale between them",
+        )
+        _check(
             p.gpus == "auto" or (_is_num(p.gpus) and p.gpus >= 0 and (p.gpus <= 1 or float(p.gpus).is_integer())),
             f"{name}.gpus",
             p.gpus,
@@ -255,7 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 kind = (
                     json.loads
                     if pf.name == "resources"
-                    else (int if pf.name in ("actors", "batch_size") else _gpus if pf.name == "gpus" else float)
+                    else (int if pf.name in POOL_COUNTS else _gpus if pf.name == "gpus" else float)
                 )
                 parser.add_argument(
                     flag, dest=f"{f.name}.{pf.name}", type=kind, default=None, help=f"{f.name}: {pf.name}"

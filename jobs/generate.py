@@ -96,6 +96,19 @@ def pool_args(pool, cluster_gpus: float) -> dict:
     return args
 
 
+def pool_strategy(pool):
+    """A fixed pool of `actors`, or one that Ray Data scales between `actors` and `max_actors` by its queue."""
+    import ray
+
+    if pool.max_actors > pool.actors:
+        return ray.data.ActorPoolStrategy(min_size=pool.actors, max_size=pool.max_actors)
+    return ray.data.ActorPoolStrategy(size=pool.actors)
+
+
+def pool_size(pool) -> str:
+    return f"{pool.actors}-{pool.max_actors}" if pool.max_actors > pool.actors else str(pool.actors)
+
+
 def actor_needs(pool, cluster_gpus: float) -> dict[str, float]:
     """What one actor of the pool needs from a node, in Ray's resource names."""
     args = pool_args(pool, cluster_gpus)
@@ -311,8 +324,8 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
     model_args["geometry"] = geometry
     prior, decoder = config.prior_pool, config.decoder_pool
     log(
-        f"pools: Stage C {prior.actors} x {pool_args(prior, cluster_gpus)}, "
-        f"Stage B/A {decoder.actors} x {pool_args(decoder, cluster_gpus)}; cluster GPUs: {cluster_gpus:g}"
+        f"pools: Stage C {pool_size(prior)} x {pool_args(prior, cluster_gpus)}, "
+        f"Stage B/A {pool_size(decoder)} x {pool_args(decoder, cluster_gpus)}; cluster GPUs: {cluster_gpus:g}"
     )
     wanted = sum(p.actors * pool_args(p, cluster_gpus)["num_gpus"] for p in (prior, decoder))
     if wanted > cluster_gpus:
@@ -343,7 +356,7 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
             ds = ds.map_batches(
                 stage,
                 fn_constructor_kwargs=model_args,
-                compute=ray.data.ActorPoolStrategy(size=pool.actors),
+                compute=pool_strategy(pool),
                 batch_size=pool.batch_size,
                 batch_format="pyarrow",
                 **pool_args(pool, cluster_gpus),

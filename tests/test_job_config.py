@@ -100,3 +100,12 @@ def test_size_flags_are_integers_defaulting_to_the_family_size():
     assert parse("--prompts", "p", "--out", "o", "--model", "tiny").height == 1024  # the official geometry
     default = parse("--prompts", "p", "--out", "o")
     assert default.height == family_geometry(DEFAULT_MODEL).default_size and default.model == DEFAULT_MODEL
+
+
+def test_max_actors_is_zero_or_at_least_actors():
+    config = from_mapping({"prompts": "p", "out": "o", "prior_pool": {"actors": 2, "max_actors": 4}})
+    assert (config.prior_pool.actors, config.prior_pool.max_actors, config.decoder_pool.max_actors) == (2, 4, 0)
+    with pytest.raises(ConfigError, match=r"prior_pool.max_actors: 1 .*at least prior_pool.actors \(2\)"):
+        from_mapping({"prompts": "p", "out": "o", "prior_pool": {"actors": 2, "max_actors": 1}})
+    with pytest.raises(ConfigError, match=r"decoder_pool.max_actors: 'many'"):
+        from_mapping({"prompts": "p", "out": "o", "decoder_pool": {"max_actors": "many"}})

@@ -293,3 +293,23 @@ def test_a_long_input_runs_in_segments_and_a_resume_runs_only_those_with_work(tm
     check_output(out, 7)
     err = capsys.readouterr().err
     assert "segment 2/3: 1 images" in err and "segment 1/3" not in err and "segment 3/3" not in err
+
+
+def test_an_autoscaling_pool_renders_every_image_once_between_its_bounds(tmp_path, capsys):
+    """prior_pool actors 1, max_actors 3: the slow Stage C pool starts with one warm actor, Ray Data adds actors while
+    its input queues up, never more than 3; every image is rendered exactly once. Half a (fake) GPU per actor, so that
+    the two GPUs hold 3 + 1 actors."""
+    from jobs.report import STAT_COLUMNS, pool_stats
+
+    pq.write_table(prompts_table(32), tmp_path / "prompts.parquet")
+    out = LocalStorage(tmp_path / "out")
+    # Long enough (about a minute) for actors added after the first batches (each loads its models) to take work.
+    flags = ["--model", "tiny", "--width", "256", "--height", "256", "--prior-steps", "40", "--decoder-steps", "2"]
+    flags += ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2", "--prior-pool-max-actors", "3"]
+    flags += ["--prior-pool-gpus", "0.5", "--decoder-pool-gpus", "0.5"]
+    assert main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *flags]) == 0
+    assert "pools: Stage C 1-3 x" in capsys.readouterr().err
+    check_output(out, 32)
+    stats = pool_stats(read_manifests(out, STAT_COLUMNS))
+    assert 2 <= stats["pools"]["prior"]["actors"] <= 3, stats["pools"]["prior"]["actors"]
+    assert stats["pools"]["decoder"]["actors"] == 1
