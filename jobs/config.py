@@ -55,6 +55,7 @@ class JobConfig:
     model: str = DEFAULT_MODEL  # demo where its trained weights ship, else tiny
     lora: str = ""  # a LoRA file (python -m cascade.train lora) merged into the prior half; "" for none
     dry_run: bool = False  # skip the model maths, move the same data (zero latents, grey images): tests the plumbing
+    compile: bool = False  # torch.compile Stage C's and Stage B's blocks in the actors (cascade/speed.py), per bucket
     lite: bool = False
     dtype: str = "auto"
     seed: int = 0
@@ -185,7 +186,7 @@ def validate(c: JobConfig) -> None:
     _check(is_int(c.quality) and 1 <= c.quality <= 100, "quality", c.quality, "use an integer from 1 to 100")
     _check(c.layout in LAYOUTS, "layout", c.layout, f"use one of {', '.join(LAYOUTS)}")
     _check(is_int(c.shard_size) and 1 <= c.shard_size <= 100_000, "shard_size", c.shard_size, "use 1 to 100000")
-    for key in ("overwrite", "retry_errors", "verify", "report", "dry_run"):
+    for key in ("overwrite", "retry_errors", "verify", "report", "dry_run", "compile"):
         _check(isinstance(getattr(c, key), bool), key, getattr(c, key), "use true or false")
     _check(is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")
     for key in ("manifest_seconds", "progress_seconds"):

@@ -321,6 +321,7 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
     model_args = {"model": config.model, "lite": config.lite, "dtype": config.dtype, "lora": config.lora}
     model_args["latent_dtype"] = config.latent_dtype
     model_args["dry_run"] = config.dry_run
+    model_args["compile"] = config.compile
     model_args["geometry"] = geometry
     prior, decoder = config.prior_pool, config.decoder_pool
     log(

@@ -109,3 +109,13 @@ def test_max_actors_is_zero_or_at_least_actors():
         from_mapping({"prompts": "p", "out": "o", "prior_pool": {"actors": 2, "max_actors": 1}})
     with pytest.raises(ConfigError, match=r"decoder_pool.max_actors: 'many'"):
         from_mapping({"prompts": "p", "out": "o", "decoder_pool": {"max_actors": "many"}})
+
+
+def test_compile_is_off_by_default_and_a_yes_no_setting(tmp_path):
+    assert parse("--prompts", "p", "--out", "o", tmp_path=tmp_path).compile is False
+    assert parse("--prompts", "p", "--out", "o", "--compile", tmp_path=tmp_path).compile is True
+    assert (
+        parse("--prompts", "p", "--no-compile", tmp_path=tmp_path, yaml_text="out: o\ncompile: true\n").compile is False
+    )
+    with pytest.raises(ConfigError, match="compile: 'yes'"):
+        from_mapping({"prompts": "p", "out": "o", "compile": "yes"})

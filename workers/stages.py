@@ -26,6 +26,7 @@ from cascade.geometry import OFFICIAL
 from cascade.lora import apply_lora_file
 from cascade.pipeline import PriorOutput, Result, run_decoder, run_prior
 from cascade.request import Request, buckets, latent_sizes
+from cascade.speed import compile_blocks
 
 from .models import load_part
 from .rows import REQUEST_FIELDS, request_of, requests_of, set_columns
@@ -99,11 +100,15 @@ class _Stage:
         dry_run: bool = False,
         geometry=OFFICIAL,
         lora: str = "",
+        compile: bool = False,
     ):
         start = time.perf_counter()
         self.models = None if dry_run else load_part(model, lite, dtype, self.part)
         if lora and self.models is not None and self.part == "prior":
             apply_lora_file(self.models, lora)  # text encoder + Stage C: the prior half only
+        if compile and self.models is not None:
+            # After the LoRA merge; each block compiles on the first batch of each bucket (shape), then is cached.
+            compile_blocks(self.models.stage_c if self.part == "prior" else self.models.stage_b)
         self.geometry = geometry if self.models is None else self.models.geometry
         self.latent_dtype = latent_dtype
         self.name = _actor_name(self.part)
