@@ -46,7 +46,8 @@ class GlobalResponseNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * nx) + self.beta + x
+        # gamma * (x * nx) + beta + x, as one pass over x: the scale is per (image, channel), so it is folded first.
+        return torch.addcmul(self.beta, x, self.gamma * nx + 1)
 
 
 class ResBlock(nn.Module):
@@ -89,7 +90,7 @@ class TimestepBlock(nn.Module):
         for name, chunk in zip(self.conds, chunks[1:]):
             ab = ab + getattr(self, f"mapper_{name}")(chunk)
         a, b = ab[:, :, None, None].chunk(2, dim=1)  # (B, c, 1, 1) each
-        return x * (1 + a) + b
+        return torch.addcmul(b, x, 1 + a)  # x * (1 + a) + b in one pass over x
 
 
 def multihead_attention(attn: nn.MultiheadAttention, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
