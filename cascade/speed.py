@@ -52,8 +52,9 @@ class CudaGraphed:
     stream (warm-up: cuBLAS/cuDNN workspaces, torch.compile's first compilation) and captures a third run into a
     graph with static input buffers; every later call copies its inputs into those buffers, replays the graph and
     returns a copy of the output. The sampling loop makes no host-device synchronisation (cascade/gdf.py), so with
-    the whole step on the device, launch overhead (a big Stage C pass is about a thousand kernels) is gone. A forward
-    pass that cannot be captured (it synchronises) is run eagerly from then on, with one warning.
+    the whole step on the device, launch overhead (a full-size Stage C pass is about 2,500 kernels) is gone. It
+    bought 1 to 2 % on an H200 while each pass took over 100 ms (docs/PERFORMANCE.md), so it is a benchmark option
+    for now. A forward pass that cannot be captured (it synchronises) is run eagerly from then on, with one warning.
     """
 
     def __init__(self, forward):
