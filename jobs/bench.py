@@ -51,23 +51,35 @@ def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, 
     return statistics.median(times)
 
 
+def stage_conditions(models, batch: int, size: int, prompt: str, negative_prompt: str) -> dict[str, tuple]:
+    """Stage C's and Stage B's inputs for `batch` images as the pipeline gives them: per stage (conditions,
+    unconditional conditions, latent shape); Stage B's Stage C latent is random (values do not change the work)."""
+    from cascade.pipeline import prior_conditions
+    from cascade.request import latent_sizes
+
+    device = models.device
+    text = models.text_encoder.encode([prompt] * batch + [negative_prompt] * batch)
+    cond_c, uncond_c = prior_conditions(models, text, batch)
+    shape_c, shape_b = latent_sizes(size, size, models.geometry)
+    dtype_b = next(models.stage_b.parameters()).dtype
+    pooled = text.clip_text_pooled.to(device, dtype_b)
+    effnet = torch.randn(batch, *shape_c, device=device, dtype=dtype_b)
+    cond_b = {"effnet": effnet, "clip": pooled[:batch]}
+    uncond_b = {"effnet": torch.zeros_like(effnet), "clip": pooled[batch:]}
+    return {"stage_c": (cond_c, uncond_c, shape_c), "stage_b": (cond_b, uncond_b, shape_b)}
+
+
 def stage_calls(models, batch: int, size: int, prior_steps: int, decoder_steps: int) -> dict[str, Callable[[], object]]:
     """One callable per stage, on inputs of the shapes the pipeline gives it (prepared once, outside the timing)."""
     from cascade import gdf
-    from cascade.pipeline import DECODER_SHIFT, PRIOR_SHIFT, prior_conditions, stage_generator
-    from cascade.request import Request, latent_sizes
+    from cascade.pipeline import DECODER_SHIFT, PRIOR_SHIFT, stage_generator
+    from cascade.request import Request
 
     device = models.device
     request = Request("a red circle on a blue background", width=size, height=size)
     prompts = [request.prompt] * batch + [request.negative_prompt] * batch
-    text = models.text_encoder.encode(prompts)
-    cond_c, uncond_c = prior_conditions(models, text, batch)
-    pooled = text.clip_text_pooled.to(device)
-    shape_c, shape_b = latent_sizes(size, size, models.geometry)
-    dtype_b = next(models.stage_b.parameters()).dtype
-    effnet = torch.randn(batch, *shape_c, device=device, dtype=dtype_b)
-    cond_b = {"effnet": effnet, "clip": pooled[:batch].to(dtype_b)}
-    uncond_b = {"effnet": torch.zeros_like(effnet), "clip": pooled[batch:].to(dtype_b)}
+    inputs = stage_conditions(models, batch, size, request.prompt, request.negative_prompt)
+    (cond_c, uncond_c, shape_c), (cond_b, uncond_b, shape_b) = inputs["stage_c"], inputs["stage_b"]
     latents_b = torch.randn(batch, *shape_b, device=device, dtype=next(models.stage_a.parameters()).dtype)
 
     def generators(stage: str):

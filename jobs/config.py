@@ -44,6 +44,10 @@ class PoolConfig:
     batch_size: int = 4
     resources: dict[str, float] = field(default_factory=dict)  # custom resources, to land on a node type
 
+    @property
+    def autoscales(self) -> bool:
+        return self.max_actors > self.actors
+
 
 POOL_COUNTS = ("actors", "max_actors", "batch_size")  # the pool settings that are whole numbers
 

@@ -100,13 +100,13 @@ def pool_strategy(pool):
     """A fixed pool of `actors`, or one that Ray Data scales between `actors` and `max_actors` by its queue."""
     import ray
 
-    if pool.max_actors > pool.actors:
+    if pool.autoscales:
         return ray.data.ActorPoolStrategy(min_size=pool.actors, max_size=pool.max_actors)
     return ray.data.ActorPoolStrategy(size=pool.actors)
 
 
 def pool_size(pool) -> str:
-    return f"{pool.actors}-{pool.max_actors}" if pool.max_actors > pool.actors else str(pool.actors)
+    return f"{pool.actors}-{pool.max_actors}" if pool.autoscales else str(pool.actors)
 
 
 def actor_needs(pool, cluster_gpus: float) -> dict[str, float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,27 +34,16 @@ def kind_of(name: str) -> str:
 
 
 def guided_inputs(models, stage: str, batch: int, size: int):
-    from cascade.pipeline import prior_conditions
-    from cascade.request import latent_sizes
+    """One guided forward pass's inputs: the noised latents, conditional and unconditional in one batch, as
+    cascade.gdf.guided_denoiser passes them, at noise level 0.5."""
+    from jobs.bench import stage_conditions
 
-    device = models.device
-    text = models.text_encoder.encode(["a red circle on a blue background"] * batch + [""] * batch)
-    shape_c, shape_b = latent_sizes(size, size, models.geometry)
-    if stage == "stage_c":
-        cond, uncond = prior_conditions(models, text, batch)
-        model, shape = models.stage_c, shape_c
-    else:
-        dtype = next(models.stage_b.parameters()).dtype
-        pooled = text.clip_text_pooled.to(device, dtype)
-        effnet = torch.randn(batch, *shape_c, device=device, dtype=dtype)
-        cond = {"effnet": effnet, "clip": pooled[:batch]}
-        uncond = {"effnet": torch.zeros_like(effnet), "clip": pooled[batch:]}
-        model, shape = models.stage_b, shape_b
+    cond, uncond, shape = stage_conditions(models, batch, size, "a red circle on a blue background", "")[stage]
+    model = getattr(models, stage)
     both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
-    dtype = next(model.parameters()).dtype
-    x = torch.randn(2 * batch, *shape, device=device, dtype=dtype)
-    r = torch.full((2 * batch,), 0.5, device=device)
-    return model, x, r, both
+    x = torch.randn(2 * batch, *shape, device=models.device, dtype=next(model.parameters()).dtype)
+    r = torch.full((2 * batch,), 0.5, device=models.device)
+    return x, r, both
 
 
 def module_attention_forward(self, x, kv, self_attn):
@@ -88,7 +76,9 @@ def profile(models, stage: str, batch: int, size: int, top: int, variant: str = 
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    _, x, r, cond = guided_inputs(models, stage, batch, size)
+    from jobs.bench import median_seconds, synchronize
+
+    x, r, cond = guided_inputs(models, stage, batch, size)
     model = variant_model(models, stage, variant, twin)
 
     def step():
@@ -96,20 +86,12 @@ def profile(models, stage: str, batch: int, size: int, top: int, variant: str = 
             return model(x, r, **cond)
 
     on_gpu = x.is_cuda
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    for _ in range(3):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(5):
-        step()
-    sync()
-    wall = (time.perf_counter() - start) / 5
+    wall = median_seconds(step, x.device, warmup=3, repeats=5)
     with torch_profile(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     ) as prof:
         step()
-        sync()
+        synchronize(x.device)
     # On a CPU (only to try the script) the CPU events stand in for kernels, nested ones counted twice.
     wanted = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
     by_kind: dict[str, float] = defaultdict(float)
