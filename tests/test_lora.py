@@ -36,7 +36,7 @@ def family(tmp_path_factory) -> Path:
     """A demo-shaped family trained for two steps per stage: the right layers and sizes, in seconds."""
     out = tmp_path_factory.mktemp("family")
     few = RunConfig(steps=2, batch_size=8, warmup=1)
-    recipe = Recipe(images=48, stage_a=few, semantic=few, text_encoder=few, stage_b=few, stage_c=few)
+    recipe = Recipe(images=48, general_images=16, stage_a=few, semantic=few, text_encoder=few, stage_b=few, stage_c=few)
     train(out, recipe, progress=False, log=print)
     return out
 

@@ -1,12 +1,26 @@
 """The generated shapes data set and the independent checker that judges generated images."""
 
+import math
 import random
 
 import numpy as np
 import pytest
 
 from cascade.train.checker import HEADS, judge, train_checker
-from cascade.train.shapes import COLOURS, HELDOUT, SHAPES, Attributes, make_dataset, render, sample_attributes
+from cascade.train.shapes import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLOURS,
+    HELDOUT,
+    HELDOUT_MARGIN,
+    SHAPES,
+    Attributes,
+    free_colour,
+    make_dataset,
+    make_general,
+    render,
+    sample_attributes,
+)
 
 
 def test_heldout_pairs_leave_every_colour_and_shape_in_training():
@@ -31,6 +45,28 @@ def test_captions_name_every_attribute_and_renders_are_deterministic():
     again = make_dataset(20, size=48, seed=3)
     assert data.captions == again.captions and bool((data.images == again.images).all())
     assert data.images.shape == (20, 3, 48, 48) and data.images.min() >= 0 and data.images.max() <= 1
+
+
+def test_general_images_keep_away_from_every_heldout_pair():
+    rng = random.Random(0)
+    for shape in SHAPES:
+        near = [COLOURS[c] for c, s in HELDOUT if s == shape]
+        colours = [free_colour(rng, shape, "white") for _ in range(2000)]
+        assert min(math.dist(rgb, c) for rgb in colours for c in near) >= HELDOUT_MARGIN
+        assert min(math.dist(rgb, BACKGROUNDS["white"]) for rgb in colours) >= 60
+        # Only a ball around the held-out colour is left out: the colours just beyond it are drawn.
+        assert any(math.dist(rgb, c) < 2 * HELDOUT_MARGIN for rgb in colours for c in near)
+
+    images, targets = make_general(64, size=32, seed=2)
+    again, _ = make_general(64, size=32, seed=2)
+    assert images.shape == (64, 3, 32, 32) and bool((images == again).all())
+    assert set(targets) == set(ATTRIBUTES) and bool((targets["colour"] == -100).all())
+    assert int(targets["shape"].min()) >= 0 and len(set(targets["shape"].tolist())) == len(SHAPES)
+    # The pixels have colours off the palette: the set is not the captioned data set again.
+    centre_pixels = images.permute(0, 2, 3, 1).reshape(-1, 3) * 255
+    palette = [c for c in COLOURS.values()] + list(BACKGROUNDS.values())
+    far = [min(math.dist(p.tolist(), c) for c in palette) for p in centre_pixels[::97]]
+    assert max(far) > 40
 
 
 def test_render_puts_the_shape_where_the_caption_says():

@@ -18,7 +18,7 @@ from cascade.train.loop import RunConfig
 from cascade.train.shapes import make_dataset
 from cascade.train.stage_a import latent_scale, train_stage_a, vq_losses, with_scale
 
-FEW_STEPS = ["--images", "96", "--no-progress"]
+FEW_STEPS = ["--images", "96", "--general-images", "32", "--no-progress"]
 for _stage in STAGES:
     FEW_STEPS += [f"--{_stage.replace('_', '-')}-steps", "3"]
 
@@ -28,6 +28,7 @@ def test_train_all_writes_a_family_that_generates_and_resumes(tmp_path, capsys):
     assert train(["all", "--out", str(out), *FEW_STEPS]) == 0
     family = json.loads((out / "family.json").read_text())
     assert family["geometry"]["default_size"] == 64 and family["recipe"]["images"] == 96
+    assert family["recipe"]["general_images"] == 32
     assert {s: family["trained"][s]["steps"] for s in STAGES} == {s: 3 for s in STAGES}
     assert 0 <= family["trained"]["text_encoder"]["heldout_retrieval"] <= 1  # the text stage reports its check
     assert family_geometry(out).stage_c_compression == 16
@@ -68,6 +69,8 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
     assert "stage_a.safetensors not found: train stage_a first" in err
     assert train(["all", "--out", str(tmp_path), "--images", "0"]) == 2
     assert "--images: 0 is not allowed" in capsys.readouterr().err
+    assert train(["all", "--out", str(tmp_path), "--general-images", "-1"]) == 2
+    assert "--general-images: -1 is not allowed; use 0 or more" in capsys.readouterr().err
 
 
 def test_stage_a_learns_to_reconstruct_through_its_codebook():

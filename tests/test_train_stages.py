@@ -50,3 +50,31 @@ def test_stage_b_trains_with_its_dropouts():
     run = RunConfig(steps=80, batch_size=8, lr=2e-3, warmup=10)
     trained = train_stage_b(stage_a, semantic, text, STAGE_B_TINY, run, progress=False)
     assert sum(trained.losses[-10:]) / 10 < 0.8 * sum(trained.losses[:10]) / 10
+
+
+def test_stage_b_decodes_general_images_with_the_empty_caption(monkeypatch):
+    """Uncaptioned images (`shapes.make_general`) join Stage B's data with the empty caption's pooled embedding."""
+    from cascade.train import stages
+
+    g = torch.Generator().manual_seed(0)
+    semantic = torch.randn(8, 16, 4, 4, generator=g)
+    stage_a = torch.zeros(8, 4, 16, 16)  # captioned images' latents are 0, the general images' 7: told apart below
+    general = (torch.full((8, 4, 16, 16), 7.0), torch.randn(8, 16, 4, 4, generator=g))
+    text = encode_captions(build_text_encoder(TINY_TEXT_CONFIG, seed=0), ["a red circle"] * 8)
+    seen = []
+    real_loss = stages.diffusion_loss
+
+    def spy(model, x0, conditions, loss_weight, generator):
+        seen.append((x0[:, 0, 0, 0].clone(), conditions["clip"].clone()))
+        return real_loss(model, x0, conditions, loss_weight, generator)
+
+    monkeypatch.setattr(stages, "diffusion_loss", spy)
+    train_stage_b(stage_a, semantic, text, STAGE_B_TINY, RunConfig(steps=6, batch_size=8, warmup=1), general=general)
+    values = torch.cat([v for v, _ in seen])
+    pooled = torch.cat([p for _, p in seen])
+    is_general = values == 7.0
+    assert 0 < int(is_general.sum()) < len(values)  # both kinds are drawn
+    assert torch.equal(pooled[is_general], text.empty_pooled.expand(int(is_general.sum()), -1, -1))
+    captioned = pooled[~is_general]
+    kept = (captioned - text.pooled[:1]).abs().amax(dim=(1, 2)) == 0  # most keep their caption (5 % dropout)
+    assert int(kept.sum()) > len(captioned) // 2

@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--out", type=Path, default=Path("runs/demo"), help="the family folder (default runs/demo)")
         s.add_argument("--recipe", type=Path, help="a recipe JSON (as family.json's 'recipe'); default the built-in")
         s.add_argument("--images", type=int, help="training images (default 8000)")
+        s.add_argument(
+            "--general-images",
+            type=int,
+            metavar="N",
+            help="uncaptioned images in any colour, for the semantic encoder and Stage B (default 8000)",
+        )
         for stage in STAGES:
             flag = stage.replace("_", "-")
             s.add_argument(f"--{flag}-steps", type=int, metavar="N", help=f"{stage} training steps")
@@ -59,6 +65,10 @@ def _recipe(args) -> Recipe:
         if args.images < 1:
             raise ValueError(f"--images: {args.images} is not allowed; use 1 or more")
         recipe.images = args.images
+    if args.general_images is not None:
+        if args.general_images < 0:
+            raise ValueError(f"--general-images: {args.general_images} is not allowed; use 0 or more")
+        recipe.general_images = args.general_images
     for stage in STAGES:
         steps = getattr(args, f"{stage}_steps")
         if steps is not None:

@@ -39,7 +39,7 @@ from ..text import TINY_TEXT_CONFIG, build_text_encoder, load_text_encoder
 from ..weights import load_stage, save_stage
 from .loop import RunConfig, Trained
 from .semantic import train_semantic
-from .shapes import ShapesData, make_dataset
+from .shapes import ShapesData, make_dataset, make_general
 from .stage_a import latent_scale, train_stage_a, with_scale
 from .stages import encode_captions, train_stage_b, train_stage_c
 from .text import heldout_retrieval, train_text_encoder
@@ -93,6 +93,7 @@ class Recipe:
 
     size: int = 64
     images: int = 8000
+    general_images: int = 8000  # uncaptioned shapes in any colour, for the semantic encoder and Stage B (make_general)
     data_seed: int = 0
     text_seed: int = 0
     stage_a: RunConfig = field(
@@ -118,7 +119,8 @@ class Recipe:
     @staticmethod
     def from_dict(data: dict) -> Recipe:
         runs = {s: RunConfig(**data[s]) for s in STAGES if s in data}
-        return Recipe(**{**{k: v for k, v in data.items() if k not in STAGES}, **runs})
+        plain = {"general_images": 0} | {k: v for k, v in data.items() if k not in STAGES}  # older recipes had none
+        return Recipe(**plain, **runs)
 
 
 def _output(out: Path, stage: str) -> Path:
@@ -128,6 +130,12 @@ def _output(out: Path, stage: str) -> Path:
 
 def data_of(recipe: Recipe) -> ShapesData:
     return make_dataset(recipe.images, recipe.size, seed=recipe.data_seed, split="train")
+
+
+def general_of(recipe: Recipe) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    if not recipe.general_images:
+        return None
+    return make_general(recipe.general_images, recipe.size, seed=recipe.data_seed)
 
 
 @torch.no_grad()
@@ -156,7 +164,8 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
         ema = trained.ema["stage_a"]
         save_stage(with_scale(ema, latent_scale(ema, data.images)), _output(out, stage))
     elif stage == "semantic":
-        trained = train_semantic(data, run, checkpoint, SEMANTIC, PREVIEWER.c_hidden, progress)
+        general = general_of(recipe)
+        trained = train_semantic(data, run, checkpoint, SEMANTIC, PREVIEWER.c_hidden, progress, general)
         save_stage(trained.ema["encoder"], _output(out, stage))
         save_stage(trained.ema["previewer"], out / "previewer.safetensors")
     else:
@@ -175,7 +184,10 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
             else:
                 stage_a: StageA = load_stage(_output(out, "stage_a"), dtype=torch.float32, expect="stage_a")
                 stage_a_latents = _batched(stage_a.encode, data.images)
-                trained = train_stage_b(stage_a_latents, latents, text, STAGE_B, run, checkpoint, progress)
+                general = general_of(recipe)
+                if general is not None:
+                    general = (_batched(stage_a.encode, general[0]), _batched(semantic.encode, general[0]))
+                trained = train_stage_b(stage_a_latents, latents, text, STAGE_B, run, checkpoint, progress, general)
             save_stage(trained.ema[stage], _output(out, stage))
     summary = _summary(trained) | extra
     _record(out, recipe, stage, summary)

@@ -48,21 +48,31 @@ def train_semantic(
     config: SemanticEncoderConfig = SemanticEncoderConfig(),
     preview_hidden: int = 64,
     progress: bool = True,
+    general: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
 ) -> Trained:
+    """`general`: uncaptioned images in any colour and their labels (`shapes.make_general`), drawn as often as the
+    data set's own images."""
     encoder = SemanticEncoder(config)
     previewer = Previewer(PreviewerConfig(c_in=config.c_latent, c_hidden=preview_hidden))
     grid = data.images.shape[-1] // config.stride
     probe = AttributeProbe(config.c_latent * grid * grid)
-    targets = labels(data.attributes)
+    images_all, targets = data.images, labels(data.attributes)
+    if general is not None:
+        images_all = torch.cat([images_all, general[0]])
+        targets = {name: torch.cat([targets[name], general[1][name]]) for name in ATTRIBUTES}
 
     def step(generator: torch.Generator, _) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(len(data), (run.batch_size,), generator=generator)
-        images = data.images[idx]
+        idx = torch.randint(len(images_all), (run.batch_size,), generator=generator)
+        images = images_all[idx]
         latents = encoder.encode(images)
         recon = previewer(latents)
         preview = F.mse_loss(recon, F.interpolate(images, size=recon.shape[-2:], mode="area"))
         logits = probe(latents)
-        probe_loss = sum(F.cross_entropy(logits[name], targets[name][idx]) for name in ATTRIBUTES)
+        probe_loss = sum(
+            F.cross_entropy(logits[name], targets[name][idx])  # -100 (a general image's colour): no loss
+            for name in ATTRIBUTES
+            if (targets[name][idx] >= 0).any()
+        )
         return preview + PROBE_WEIGHT * probe_loss, preview  # minimised, reported
 
     modules = {"encoder": encoder, "previewer": previewer, "probe": probe}

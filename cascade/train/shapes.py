@@ -120,8 +120,14 @@ def fill_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
 
 
-def render(attributes: Attributes, size: int = 64, seed: int = 0, jitter: float = 0.04) -> Image.Image:
-    """The image of `attributes`, `size` pixels square; `seed` picks the jitter."""
+def render(
+    attributes: Attributes,
+    size: int = 64,
+    seed: int = 0,
+    jitter: float = 0.04,
+    fill: tuple[int, int, int] | None = None,
+) -> Image.Image:
+    """The image of `attributes`, `size` pixels square; `seed` picks the jitter. `fill` replaces the colour's RGB."""
     rng = random.Random(seed)
     scale = 4
     side = size * scale
@@ -131,7 +137,7 @@ def render(attributes: Attributes, size: int = 64, seed: int = 0, jitter: float 
     cx = (fx + rng.uniform(-jitter, jitter)) * side
     cy = (fy + rng.uniform(-jitter, jitter)) * side
     r = SIZES[attributes.size] * rng.uniform(0.9, 1.1) * side / 2
-    fill_shape(draw, attributes.shape, cx, cy, r, COLOURS[attributes.colour])
+    fill_shape(draw, attributes.shape, cx, cy, r, fill or COLOURS[attributes.colour])
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
@@ -170,3 +176,39 @@ def make_dataset(n: int, size: int = 64, seed: int = 0, split: str = "train") ->
     pixels = np.stack([np.asarray(render(a, size, rng.randrange(2**31))) for a in attributes])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     return ShapesData(images, captions, attributes)
+
+
+# Uncaptioned shapes in any colour: the semantic encoder's "general images" (below), kept this far (RGB distance)
+# from each held-out pair's colour on that pair's shape, and from the background so the shape shows.
+HELDOUT_MARGIN = 80.0
+BACKGROUND_MARGIN = 60.0
+
+
+def free_colour(rng: random.Random, shape: str, background: str) -> tuple[int, int, int]:
+    """A uniformly random RGB colour that is not near a held-out pair's colour for `shape`, nor the background."""
+    near = [COLOURS[c] for c, s in HELDOUT if s == shape]
+    while True:
+        rgb = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        if math.dist(rgb, BACKGROUNDS[background]) < BACKGROUND_MARGIN:
+            continue
+        if all(math.dist(rgb, c) >= HELDOUT_MARGIN for c in near):
+            return rgb
+
+
+def make_general(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """n uncaptioned images of the data set's shapes, places, sizes and backgrounds in random colours (`free_colour`),
+    with their labels (colour: -100, no class). The official semantic encoder is an ImageNet classifier, a general
+    image model that has seen every shape in every colour; this set is what makes the demo's encoder read a shape's
+    outline apart from its colour. No image is near a held-out pair: each pair's colour is kept `HELDOUT_MARGIN` away
+    on its shape, so held-out pairs stay unseen by every stage."""
+    rng = random.Random(f"general:{seed}")
+    attributes, pixels = [], []
+    for _ in range(n):
+        a = sample_attributes(rng, "train")
+        fill = free_colour(rng, a.shape, a.background)
+        attributes.append(a)
+        pixels.append(np.asarray(render(a, size, rng.randrange(2**31), fill=fill)))
+    targets = labels(attributes)
+    targets["colour"] = torch.full((n,), -100)
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
+    return images, targets

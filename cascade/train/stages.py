@@ -89,16 +89,23 @@ def train_stage_b(
     run: RunConfig,
     checkpoint: Path | None = None,
     progress: bool = True,
+    general: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Trained:
     """stage_a_latents: (N, 4, H/4, W/4) (Stage A's encode, scaled as at inference); semantic_latents: (N, 16, h, w)
-    of the same images; text: their captions."""
+    of the same images; text: their captions. `general`: (Stage A latents, semantic latents) of uncaptioned images
+    (`shapes.make_general`), decoded with the empty caption, as the official Stage B is a decoder of any image."""
     model = StageB(config)
+    pooled_all = text.pooled
+    if general is not None:
+        stage_a_latents = torch.cat([stage_a_latents, general[0]])
+        semantic_latents = torch.cat([semantic_latents, general[1]])
+        pooled_all = torch.cat([pooled_all, text.empty_pooled.expand(len(general[0]), -1, -1)])
 
     def step(generator: torch.Generator, loss_weight: AdaptiveLossWeight) -> torch.Tensor:
         idx = torch.randint(stage_a_latents.shape[0], (run.batch_size,), generator=generator)
         effnet = semantic_latents[idx]
         effnet = _drop(effnet, torch.zeros_like(effnet[:1]), EFFNET_DROPOUT, generator)
-        pooled = _drop(text.pooled[idx], text.empty_pooled, CAPTION_DROPOUT, generator)
+        pooled = _drop(pooled_all[idx], text.empty_pooled, CAPTION_DROPOUT, generator)
         conditions = {"effnet": effnet, "clip": pooled}
         mse, adjusted = diffusion_loss(model, stage_a_latents[idx], conditions, loss_weight, generator)
         return adjusted, mse.mean()
