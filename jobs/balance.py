@@ -4,7 +4,8 @@ Stage B/A pool so that neither waits for the other.
 A finished (or partial) run's manifests record, per image, the seconds its Stage C actor and its Stage B/A actor
 spent on it (`prior_s`, `decoder_s`: a batch's time over its images). A pool of n actors renders n / t images per
 second, so the split of G GPUs that maximises the job's rate, min(n_C / t_C, n_B / t_B) with n_C + n_B = G, is about
-G t_C / (t_C + t_B) for Stage C. With one GPU both pools share it (fractional GPUs, in the same proportion).
+G t_C / (t_C + t_B) for Stage C. With one GPU both pools share it (fractional GPUs, in the same proportion); with a
+few GPUs whose whole split leaves one pool idle, several actors share each GPU (`split`).
 
     python -m jobs.balance --run s3://bucket/renders/run-1 --gpus 8     # prints the pool settings to use
 """
@@ -12,6 +13,7 @@ G t_C / (t_C + t_B) for Stage C. With one GPU both pools share it (fractional GP
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -34,17 +36,41 @@ class Split:
         )
 
 
-def split(gpus: int, prior_s: float, decoder_s: float) -> Split:
-    """The split of `gpus` whole GPUs (1 or more) for measured per-image seconds on one actor of each pool."""
-    if gpus < 1 or prior_s <= 0 or decoder_s <= 0:
-        raise ValueError(f"gpus {gpus}, prior_s {prior_s}, decoder_s {decoder_s}: all must be positive (gpus >= 1)")
+PACKING_GAIN = 1.05  # packing more actors per GPU must promise at least 5 % more throughput to be chosen
+
+
+def _whole_split(slots: int, prior_s: float, decoder_s: float) -> tuple[int, float]:
+    """The Stage C share of `slots` equal GPU slots (the rest to Stage B/A) and its rate, in slot-seconds."""
+    best = max(range(1, slots), key=lambda n: min(n / prior_s, (slots - n) / decoder_s))
+    return best, min(best / prior_s, (slots - best) / decoder_s)
+
+
+def split(gpus: int, prior_s: float, decoder_s: float, max_per_gpu: int = 4) -> Split:
+    """The split of `gpus` GPUs (1 or more) for measured per-image seconds on one actor of each pool (alone on a GPU).
+
+    Whole GPUs per actor when that is within 5 % of the best; otherwise k actors per GPU (`gpus: 1/k`, k up to
+    `max_per_gpu`), which splits the GPUs in finer steps: 2 GPUs for a Stage C that takes half Stage B/A's time
+    are 1 + 1 whole (the Stage C GPU idles half the time), or 2 + 4 actors at a third of a GPU each (both busy).
+    A GPU shared by k busy actors is taken to give each 1/k of its rate (time slicing; kernels of one process at a
+    time), so packing pays by balance here, not by overlap; each packed actor holds its own copy of its stage's
+    weights, which `max_per_gpu` bounds."""
+    if gpus < 1 or prior_s <= 0 or decoder_s <= 0 or max_per_gpu < 1:
+        raise ValueError(
+            f"gpus {gpus}, prior_s {prior_s}, decoder_s {decoder_s}, max_per_gpu {max_per_gpu}: "
+            "all must be positive (gpus and max_per_gpu >= 1)"
+        )
     if gpus == 1:
         # Both pools on the one GPU: each gets the share of it that its work takes, and the GPU's rate is shared.
         share = round(prior_s / (prior_s + decoder_s), 2)
         share = min(max(share, 0.05), 0.95)
         return Split(1, 1, share, round(1 - share, 2), 1 / (prior_s + decoder_s))
-    best = max(range(1, gpus), key=lambda n: min(n / prior_s, (gpus - n) / decoder_s))
-    return Split(best, gpus - best, 1.0, 1.0, min(best / prior_s, (gpus - best) / decoder_s))
+    plan = None
+    for k in range(1, max_per_gpu + 1):
+        n, rate = _whole_split(gpus * k, prior_s * k, decoder_s * k)
+        if plan is None or rate >= plan.images_per_s * PACKING_GAIN:
+            per_actor = 1.0 if k == 1 else math.floor(100 / k) / 100  # k of them fit: 3 x 0.33 <= 1
+            plan = Split(n, gpus * k - n, per_actor, per_actor, rate)
+    return plan
 
 
 def measured_seconds(table) -> tuple[float, float]:
@@ -63,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.balance", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a run's output (local folder or s3:// prefix) with its manifests")
     p.add_argument("--gpus", type=int, required=True, help="the GPUs the pools will share")
+    p.add_argument(
+        "--max-per-gpu",
+        type=int,
+        default=4,
+        help="at most this many actors on one GPU when packing them balances the pools better (default 4; 1: whole "
+        "GPUs only)",
+    )
     args = p.parse_args(argv)
     from jobs.manifest import read_manifests
     from workers.storage import StorageError, open_storage
@@ -72,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if table is None:
             raise ValueError(f"{args.run}: no manifests found")
         prior_s, decoder_s = measured_seconds(table)
-        plan = split(args.gpus, prior_s, decoder_s)
+        plan = split(args.gpus, prior_s, decoder_s, args.max_per_gpu)
     except (ValueError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

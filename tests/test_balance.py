@@ -13,9 +13,28 @@ from jobs.manifest import MANIFEST_DIR
 def test_whole_gpus_go_to_the_pools_in_proportion_to_their_work():
     plan = split(8, prior_s=1.0, decoder_s=3.0)
     assert (plan.prior_actors, plan.decoder_actors) == (2, 6) and plan.images_per_s == pytest.approx(2.0)
-    assert (split(2, 5.0, 0.1).prior_actors, split(2, 5.0, 0.1).decoder_actors) == (1, 1)  # one each at least
+    lopsided = split(2, 5.0, 0.1, max_per_gpu=1)
+    assert (lopsided.prior_actors, lopsided.decoder_actors) == (1, 1)  # one each at least
+    packed = split(2, 5.0, 0.1)  # packing gives Stage C all but a quarter GPU
+    assert (packed.prior_actors, packed.decoder_actors, packed.prior_gpus) == (7, 1, 0.25)
     # No other split of 8 does better.
     assert all(min(n / 1.0, (8 - n) / 3.0) <= plan.images_per_s for n in range(1, 8))
+
+
+def test_packing_actors_on_gpus_when_whole_gpus_leave_a_pool_idle():
+    # 2 GPUs, Stage C half of Stage B/A's time: whole GPUs give 1 + 1 (Stage C idles half the time, 1/decoder_s);
+    # three actors per GPU give 2 + 4 at 0.33 GPU each and both pools busy: 2 GPUs / (prior_s + decoder_s).
+    plan = split(2, prior_s=1.0, decoder_s=2.0)
+    assert (plan.prior_actors, plan.decoder_actors, plan.prior_gpus, plan.decoder_gpus) == (2, 4, 0.33, 0.33)
+    assert plan.images_per_s == pytest.approx(2 / 3) and plan.images_per_s >= 1.05 * (1 / 2.0)
+    assert plan.prior_actors * plan.prior_gpus + plan.decoder_actors * plan.decoder_gpus <= 2  # it fits
+    # Whole GPUs only, when asked, or when packing gains under 5 % (8 GPUs in 1 : 3 split exactly).
+    assert (split(2, 1.0, 2.0, max_per_gpu=1).prior_actors, split(2, 1.0, 2.0, max_per_gpu=1).prior_gpus) == (1, 1.0)
+    assert split(8, 1.0, 3.0).prior_gpus == 1.0
+    # The smallest packing that reaches the best rate is kept: 2 per GPU is as good as 4 here.
+    assert split(3, prior_s=1.0, decoder_s=1.0).prior_gpus == 0.5
+    with pytest.raises(ValueError, match="max_per_gpu 0"):
+        split(2, 1.0, 1.0, max_per_gpu=0)
 
 
 def test_one_gpu_is_shared_in_proportion():
