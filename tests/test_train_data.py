@@ -14,6 +14,7 @@ from cascade.train.shapes import (
     HELDOUT,
     HELDOUT_MARGIN,
     SHAPES,
+    UNNAMED_SHAPES,
     Attributes,
     free_colour,
     make_dataset,
@@ -67,6 +68,22 @@ def test_general_images_keep_away_from_every_heldout_pair():
     palette = [c for c in COLOURS.values()] + list(BACKGROUNDS.values())
     far = [min(math.dist(p.tolist(), c) for c in palette) for p in centre_pixels[::97]]
     assert max(far) > 40
+
+
+def test_general_images_may_hold_shapes_no_caption_names():
+    images, targets = make_general(60, size=32, seed=4, unnamed=("star", "hexagon"))
+    unnamed = targets["shape"] == -100
+    assert 0 < int(unnamed.sum()) < 60 and images.shape == (60, 3, 32, 32)
+    plain, plain_targets = make_general(60, size=32, seed=4)  # without: the same call as before there were any
+    assert bool((plain_targets["shape"] >= 0).all())
+    with pytest.raises(ValueError, match="general shape: 'blob' is not known"):
+        make_general(4, size=32, unnamed=("blob",))
+    for shape in UNNAMED_SHAPES:  # each is drawn, filled, where it was asked
+        a = Attributes(shape, "red", "in the top left", "large", "white")
+        pixels = np.asarray(render(a, 64, seed=0)).astype(int)
+        red = (pixels[..., 0] > 180) & (pixels[..., 1] < 90)
+        ys, xs = np.nonzero(red)
+        assert xs.mean() < 32 and ys.mean() < 32 and red.sum() > 60, shape
 
 
 def test_render_puts_the_shape_where_the_caption_says():

@@ -4,6 +4,7 @@ and the shipped demo family judged by the independent checker."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from cascade.family import demo_models, load_models
 from cascade.geometry import DEMO_FOLDER, family_geometry
 from cascade.stage_a import StageAConfig
 from cascade.train.__main__ import main as train
-from cascade.train.demo import STAGES
+from cascade.train.demo import STAGES, Recipe
 from cascade.train.loop import RunConfig
 from cascade.train.shapes import make_dataset
 from cascade.train.stage_a import latent_scale, train_stage_a, vq_losses, with_scale
@@ -71,6 +72,40 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
     assert "--images: 0 is not allowed" in capsys.readouterr().err
     assert train(["all", "--out", str(tmp_path), "--general-images", "-1"]) == 2
     assert "--general-images: -1 is not allowed; use 0 or more" in capsys.readouterr().err
+
+
+def test_recipes_name_where_general_images_go(tmp_path, capsys):
+    recipe = Recipe()
+    assert recipe.general_for == ("semantic", "stage_b") and recipe.general_shapes == ()
+    assert Recipe.from_dict({"size": 64}).general_images == 0  # a recipe from before general images had none
+    again = Recipe.from_dict(json.loads(json.dumps(asdict(Recipe(general_for=("stage_a",), general_shapes=["star"])))))
+    assert again.general_for == ("stage_a",) and again.general_shapes == ("star",)
+    with pytest.raises(ValueError, match="general_for: 'stage_c' is not allowed"):
+        Recipe(general_for=("stage_c",))
+    with pytest.raises(ValueError, match="general_shapes: 'blob' is not known"):
+        Recipe(general_shapes=("blob",))
+    bad = tmp_path / "recipe.json"
+    bad.write_text(json.dumps({"general_shapes": ["blob"]}))
+    assert train(["stage-a", "--out", str(tmp_path / "f"), "--recipe", str(bad)]) == 2
+    assert "general_shapes: 'blob' is not known" in capsys.readouterr().err
+
+
+def test_stage_a_trains_on_general_images_too(monkeypatch):
+    import cascade.train.stage_a as stage_a_module
+
+    data = make_dataset(16, size=32, seed=1)
+    general = torch.zeros(16, 3, 32, 32)  # black images: told apart from the data set's by their brightest pixel
+    config = StageAConfig(levels=2, c_hidden=16, bottleneck_blocks=1, codebook_size=16)
+    seen, real = [], stage_a_module.vq_losses
+
+    def spy(model, images, *rest):
+        seen.append(images.flatten(1).amax(1))
+        return real(model, images, *rest)
+
+    monkeypatch.setattr(stage_a_module, "vq_losses", spy)
+    train_stage_a(data, config, RunConfig(steps=4, batch_size=8, warmup=1), progress=False, general=general)
+    maxima = torch.cat(seen)
+    assert 0 < int((maxima == 0).sum()) < len(maxima)  # both kinds of image are drawn
 
 
 def test_stage_a_learns_to_reconstruct_through_its_codebook():

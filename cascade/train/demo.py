@@ -39,7 +39,7 @@ from ..text import TINY_TEXT_CONFIG, build_text_encoder, load_text_encoder
 from ..weights import load_stage, save_stage
 from .loop import RunConfig, Trained
 from .semantic import train_semantic
-from .shapes import ShapesData, make_dataset, make_general
+from .shapes import UNNAMED_SHAPES, ShapesData, make_dataset, make_general
 from .stage_a import latent_scale, train_stage_a, with_scale
 from .stages import encode_captions, train_stage_b, train_stage_c
 from .text import heldout_retrieval, train_text_encoder
@@ -78,6 +78,7 @@ STAGE_C = StageCConfig(
 )
 
 STAGES = ("stage_a", "semantic", "text_encoder", "stage_b", "stage_c")
+GENERAL_STAGES = ("stage_a", "semantic", "stage_b")  # the image models: the official ones are trained on any image
 NEEDS = {
     "stage_a": (),
     "semantic": (),
@@ -93,7 +94,9 @@ class Recipe:
 
     size: int = 64
     images: int = 8000
-    general_images: int = 8000  # uncaptioned shapes in any colour, for the semantic encoder and Stage B (make_general)
+    general_images: int = 8000  # uncaptioned shapes in any colour (shapes.make_general) ...
+    general_for: tuple[str, ...] = ("semantic", "stage_b")  # ... for these stages (of GENERAL_STAGES)
+    general_shapes: tuple[str, ...] = ()  # ... also in these shapes no caption names (of shapes.UNNAMED_SHAPES)
     data_seed: int = 0
     text_seed: int = 0
     stage_a: RunConfig = field(
@@ -109,6 +112,15 @@ class Recipe:
         default_factory=lambda: RunConfig(steps=6000, batch_size=32, lr=1e-3, warmup=200, ema_beta=0.998)
     )
     stage_c: RunConfig = field(default_factory=lambda: RunConfig(steps=3000, batch_size=64, lr=1e-3, warmup=200))
+
+    def __post_init__(self):
+        for name in self.general_for:
+            if name not in GENERAL_STAGES:
+                raise ValueError(f"general_for: {name!r} is not allowed; use some of {', '.join(GENERAL_STAGES)}")
+        for shape in self.general_shapes:
+            if shape not in UNNAMED_SHAPES:
+                raise ValueError(f"general_shapes: {shape!r} is not known; use some of {', '.join(UNNAMED_SHAPES)}")
+        self.general_for, self.general_shapes = tuple(self.general_for), tuple(self.general_shapes)
 
     def run(self, stage: str) -> RunConfig:
         return getattr(self, stage)
@@ -132,10 +144,11 @@ def data_of(recipe: Recipe) -> ShapesData:
     return make_dataset(recipe.images, recipe.size, seed=recipe.data_seed, split="train")
 
 
-def general_of(recipe: Recipe) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-    if not recipe.general_images:
+def general_of(recipe: Recipe, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """The recipe's uncaptioned images and labels, if `stage` trains on them."""
+    if not recipe.general_images or stage not in recipe.general_for:
         return None
-    return make_general(recipe.general_images, recipe.size, seed=recipe.data_seed)
+    return make_general(recipe.general_images, recipe.size, recipe.data_seed, recipe.general_shapes)
 
 
 @torch.no_grad()
@@ -160,11 +173,12 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
     data = data if data is not None else data_of(recipe)
     extra = {}
     if stage == "stage_a":
-        trained = train_stage_a(data, STAGE_A, run, checkpoint, progress)
+        general = general_of(recipe, stage)
+        trained = train_stage_a(data, STAGE_A, run, checkpoint, progress, None if general is None else general[0])
         ema = trained.ema["stage_a"]
         save_stage(with_scale(ema, latent_scale(ema, data.images)), _output(out, stage))
     elif stage == "semantic":
-        general = general_of(recipe)
+        general = general_of(recipe, stage)
         trained = train_semantic(data, run, checkpoint, SEMANTIC, PREVIEWER.c_hidden, progress, general)
         save_stage(trained.ema["encoder"], _output(out, stage))
         save_stage(trained.ema["previewer"], out / "previewer.safetensors")
@@ -184,7 +198,7 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
             else:
                 stage_a: StageA = load_stage(_output(out, "stage_a"), dtype=torch.float32, expect="stage_a")
                 stage_a_latents = _batched(stage_a.encode, data.images)
-                general = general_of(recipe)
+                general = general_of(recipe, stage)
                 if general is not None:
                     general = (_batched(stage_a.encode, general[0]), _batched(semantic.encode, general[0]))
                 trained = train_stage_b(stage_a_latents, latents, text, STAGE_B, run, checkpoint, progress, general)

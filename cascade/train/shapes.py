@@ -11,6 +11,7 @@ jitter of position and size so images of one caption differ.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Iterable, Sequence
@@ -103,6 +104,12 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
              cy - (r if k % 2 == 0 else r * 0.45) * math.cos(math.pi * k / 5))
             for k in range(10)
         ]  # fmt: skip
+    if shape == "hexagon":
+        return [(cx + r * math.cos(math.pi * k / 3), cy + r * math.sin(math.pi * k / 3)) for k in range(6)]
+    if shape == "arrow":  # pointing right
+        a, b = r * 0.35, r * 0.1
+        return [(cx - r, cy - a), (cx + b, cy - a), (cx + b, cy - r), (cx + r, cy), (cx + b, cy + r), (cx + b, cy + a),
+                (cx - r, cy + a)]  # fmt: skip
     if shape == "cross":
         a, b = r, r * 0.36
         return [
@@ -178,6 +185,10 @@ def make_dataset(n: int, size: int = 64, seed: int = 0, split: str = "train") ->
     return ShapesData(images, captions, attributes)
 
 
+# Shapes no caption names: the general images may include them (a recipe's `general_shapes`), so that the image
+# models (Stage A, the semantic encoder, Stage B) can draw a shape that only a LoRA will give a word to.
+UNNAMED_SHAPES = ("star", "hexagon", "arrow")
+
 # Uncaptioned shapes in any colour: the semantic encoder's "general images" (below), kept this far (RGB distance)
 # from each held-out pair's colour on that pair's shape, and from the background so the shape shows.
 HELDOUT_MARGIN = 80.0
@@ -195,20 +206,30 @@ def free_colour(rng: random.Random, shape: str, background: str) -> tuple[int, i
             return rgb
 
 
-def make_general(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def make_general(
+    n: int, size: int = 64, seed: int = 0, unnamed: Sequence[str] = ()
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """n uncaptioned images of the data set's shapes, places, sizes and backgrounds in random colours (`free_colour`),
     with their labels (colour: -100, no class). The official semantic encoder is an ImageNet classifier, a general
     image model that has seen every shape in every colour; this set is what makes the demo's encoder read a shape's
     outline apart from its colour. No image is near a held-out pair: each pair's colour is kept `HELDOUT_MARGIN` away
-    on its shape, so held-out pairs stay unseen by every stage."""
-    rng = random.Random(f"general:{seed}")
-    attributes, pixels = [], []
+    on its shape, so held-out pairs stay unseen by every stage. `unnamed`: shapes of `UNNAMED_SHAPES` drawn as
+    often as each named one (shape label -100 too)."""
+    for shape in unnamed:
+        if shape not in UNNAMED_SHAPES:
+            raise ValueError(f"general shape: {shape!r} is not known; use some of {', '.join(UNNAMED_SHAPES)}")
+    rng = random.Random(f"general:{seed}" + (":" + ",".join(unnamed) if unnamed else ""))
+    shapes = (*SHAPES, *unnamed)
+    attributes, pixels, named = [], [], []
     for _ in range(n):
         a = sample_attributes(rng, "train")
-        fill = free_colour(rng, a.shape, a.background)
-        attributes.append(a)
-        pixels.append(np.asarray(render(a, size, rng.randrange(2**31), fill=fill)))
+        shape = rng.choice(shapes) if unnamed else a.shape
+        fill = free_colour(rng, shape, a.background)
+        attributes.append(dataclasses.replace(a, shape=shape if shape in SHAPES else a.shape))
+        named.append(shape in SHAPES)
+        pixels.append(np.asarray(render(dataclasses.replace(a, shape=shape), size, rng.randrange(2**31), fill=fill)))
     targets = labels(attributes)
     targets["colour"] = torch.full((n,), -100)
+    targets["shape"] = torch.where(torch.tensor(named), targets["shape"], -100)
     images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 255
     return images, targets

@@ -68,12 +68,15 @@ def train_stage_a(
     run: RunConfig,
     checkpoint: Path | None = None,
     progress: bool = True,
+    general: torch.Tensor | None = None,
 ) -> Trained:
+    """`general`: uncaptioned images (`shapes.make_general`) drawn as often as the data set's own."""
     model = StageA(config)
     _seed_codebook(model, data.images[:256], torch.Generator().manual_seed(run.seed))
+    pool = data.images if general is None else torch.cat([data.images, general])
 
     def step(generator: torch.Generator, _) -> torch.Tensor:
-        images = data.images[torch.randint(len(data), (run.batch_size,), generator=generator)]
+        images = pool[torch.randint(len(pool), (run.batch_size,), generator=generator)]
         quantize = torch.rand(run.batch_size, generator=generator) < QUANTISED
         level = torch.rand(run.batch_size, 1, 1, 1, generator=generator) * LATENT_NOISE
         recon, codebook = vq_losses(model, images, quantize, level, generator)
