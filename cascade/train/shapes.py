@@ -189,7 +189,7 @@ def make_dataset(n: int, size: int = 64, seed: int = 0, split: str = "train") ->
 # models (Stage A, the semantic encoder, Stage B) can draw a shape that only a LoRA will give a word to.
 UNNAMED_SHAPES = ("star", "hexagon", "arrow")
 
-# Uncaptioned shapes in any colour: the semantic encoder's "general images" (below), kept this far (RGB distance)
+# Uncaptioned shapes in any colour: the image models' "general images" (below), kept this far (RGB distance)
 # from each held-out pair's colour on that pair's shape, and from the background so the shape shows.
 HELDOUT_MARGIN = 80.0
 BACKGROUND_MARGIN = 60.0
