@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -148,7 +149,12 @@ def general_of(recipe: Recipe, stage: str) -> tuple[torch.Tensor, dict[str, torc
     """The recipe's uncaptioned images and labels, if `stage` trains on them."""
     if not recipe.general_images or stage not in recipe.general_for:
         return None
-    return make_general(recipe.general_images, recipe.size, recipe.data_seed, recipe.general_shapes)
+    return _general(recipe.general_images, recipe.size, recipe.data_seed, recipe.general_shapes)
+
+
+@functools.lru_cache(maxsize=1)  # rendered once when `all` trains several stages on them (read-only for callers)
+def _general(n: int, size: int, seed: int, shapes: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return make_general(n, size, seed, shapes)
 
 
 @torch.no_grad()
