@@ -132,7 +132,11 @@ class Recipe:
     @staticmethod
     def from_dict(data: dict) -> Recipe:
         runs = {s: RunConfig(**data[s]) for s in STAGES if s in data}
-        plain = {"general_images": 0} | {k: v for k, v in data.items() if k not in STAGES}  # older recipes had none
+        plain = {k: v for k, v in data.items() if k not in STAGES}
+        # A recipe recorded before general images existed (every stage's run written out, no general_images) had
+        # none. A partial recipe someone writes by hand takes the defaults for what it leaves out, these included.
+        if "general_images" not in data and all(s in data for s in STAGES):
+            plain["general_images"] = 0
         return Recipe(**plain, **runs)
 
 
