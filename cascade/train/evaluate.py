@@ -29,16 +29,23 @@ SPLITS = ("heldout", "train")
 CHECKER_VERSION = 2  # part of the cached judge's file name: a change to how the judge trains must not reuse an old one
 
 
+# Judges trained by `checker_for` and shipped, so every evaluation of the demo (the command's default and the test
+# suite's small version) reads its images with the same instrument, without minutes of training first.
+SHIPPED_CHECKERS = Path(__file__).resolve().parents[1] / "assets" / "checkers"
+
+
 def checker_for(folder: Path, size: int, steps: int, seed: int = 0) -> Checker:
-    """The judge, trained once per (size, steps, seed) and kept in `folder` (it does not depend on the model)."""
-    path = folder / f"checker-v{CHECKER_VERSION}-{size}px-{steps}steps-seed{seed}.safetensors"
+    """The judge for (size, steps, seed): the shipped one if there is one, else one trained once and kept in `folder`
+    (it does not depend on the model)."""
+    name = f"checker-v{CHECKER_VERSION}-{size}px-{steps}steps-seed{seed}.safetensors"
     checker = Checker()
-    if path.is_file():
-        checker.load_state_dict(load_file(str(path)))
-        return checker.eval()
+    for path in (SHIPPED_CHECKERS / name, folder / name):
+        if path.is_file():
+            checker.load_state_dict(load_file(str(path)))
+            return checker.eval()
     checker = train_checker(size=size, steps=steps, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in checker.state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in checker.state_dict().items()}, str(folder / name))
     return checker
 
 
