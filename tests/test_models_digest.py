@@ -30,3 +30,25 @@ def test_digest_follows_the_weights_and_is_cached(tmp_path, monkeypatch):
     assert model_digest(str(folder), False, "fp32") != first
     assert file_sha256(folder / "stage_a.safetensors") == file_sha256(folder / "stage_a.safetensors")
     assert model_digest("tiny", False, "auto") == model_digest("tiny", False, "auto")
+
+
+def test_the_built_in_digests_need_no_model_build(tmp_path):
+    """The driver computes the digest before every job: the demo's comes from its shipped files (the same as naming
+    its folder), a seeded model's from its name, and neither builds a model or imports transformers (seconds)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys; from workers.models import model_digest; from cascade.geometry import DEMO_FOLDER;"
+        "print(model_digest('demo', False, 'auto'), model_digest(str(DEMO_FOLDER), False, 'auto'),"
+        "model_digest('tiny', False, 'auto'), model_digest('random-big', False, 'auto'), 'transformers' in sys.modules)"
+    )
+    env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    demo, demo_folder, tiny, big, imported = done.stdout.split()
+    assert demo == demo_folder and len({demo, tiny, big}) == 3 and imported == "False"

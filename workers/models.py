@@ -10,7 +10,10 @@ from pathlib import Path
 import torch
 
 from cascade.family import BUILTIN_MODELS, load_models, locate_stage, locate_text_encoder
+from cascade.geometry import DEMO_FOLDER
 
+# Built-in models whose weights are drawn from a fixed seed rather than read from files.
+SEEDED_MODELS = ("tiny", "random-big", "random-lite")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -34,7 +37,7 @@ def load_part(model: str, lite: bool, dtype: str, part: str):
     return load_models(model, lite=lite, dtype=torch_dtype(dtype, on), device=on, parts=(part,))
 
 
-def weight_files(model: str, lite: bool, dtype: str) -> list[Path]:
+def weight_files(model: str | Path, lite: bool, dtype: str) -> list[Path]:
     """The files a weights folder's load reads (dtype decides between the fp32 and bf16 files)."""
     folder = Path(model)
     files: list[Path] = []
@@ -46,22 +49,19 @@ def weight_files(model: str, lite: bool, dtype: str) -> list[Path]:
 
 
 def model_digest(model: str, lite: bool, dtype: str, progress=None, lora: str = "") -> str:
-    """sha256 over the weights' bytes (built-in models: over their tensors), in a fixed order, and the LoRA file's
-    when there is one; 16 hex digits."""
+    """sha256 over the weights' files (the shipped demo's too), in a fixed order, and the LoRA file's when there is
+    one; 16 hex digits. A seeded built-in model (tiny, random-*) is identified by its name."""
     h = hashlib.sha256()
     if lora:
         h.update(b"lora")
         h.update(file_sha256(Path(lora), progress).encode())
-    if model.startswith("random-"):  # drawn from a fixed seed: the name is the identity (hashing 5 B values is slow)
+    if model in SEEDED_MODELS:
+        # Drawn from a fixed seed by this code: the name is the identity. Building them to hash their tensors would
+        # cost the driver seconds of imports (transformers) before every job, and hashing 5 B values is slow.
         h.update(model.encode())
-    elif model in BUILTIN_MODELS:
-        models = BUILTIN_MODELS[model](dtype=torch.float32)
-        for stage in (models.text_encoder, models.stage_c, models.stage_b, models.stage_a):
-            for name, tensor in stage.state_dict().items():
-                h.update(name.encode())
-                h.update(tensor.detach().contiguous().numpy().tobytes())
     else:
-        for path in weight_files(model, lite, dtype):
+        folder = DEMO_FOLDER if model == "demo" else model  # the shipped demo: its files, like any weights folder
+        for path in weight_files(folder, lite, dtype):
             h.update(path.name.encode())
             h.update(file_sha256(path, progress).encode())
     return h.hexdigest()[:16]
