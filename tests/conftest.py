@@ -50,15 +50,17 @@ def s3_bucket(seaweed, monkeypatch, request):
     return name
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_ray():
     """An in-process local Ray with two fake GPUs: actors asking for one GPU get scheduled and see
-    CUDA_VISIBLE_DEVICES, while torch finds no CUDA and runs on the CPU."""
+    CUDA_VISIBLE_DEVICES, while torch finds no CUDA and runs on the CPU. One for the whole session: starting and
+    stopping a Ray costs about 10 s."""
     import ray
 
     ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"])
     yield ray
     ray.shutdown()
+
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,8 @@ import pytest
 from jobs.bench import STAGES, main
 
 
-@pytest.fixture
-def own_ray():
-    """The benchmark's job starts a local Ray in this process; stop it so later tests can start their own."""
-    yield
-    import ray
-
-    ray.shutdown()
-
-
-def test_bench_reports_each_stage_and_the_pipeline(tmp_path, capsys, own_ray):
+@pytest.mark.usefixtures("local_ray")  # the Ray pipeline's part runs on the session's local Ray
+def test_bench_reports_each_stage_and_the_pipeline(tmp_path, capsys):
     args = ["--size", "256", "--batch", "1", "2", "--prior-steps", "2", "--decoder-steps", "2", "--repeats", "1"]
     args += ["--ray-prompts", "6"]
     assert main([*args, "--json", str(tmp_path / "bench.json")]) == 0
