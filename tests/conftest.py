@@ -62,7 +62,6 @@ def local_ray():
     ray.shutdown()
 
 
-
 @pytest.fixture(scope="module")
 def two_node_cluster():
     from tests.servers import TwoNodeCluster
