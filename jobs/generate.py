@@ -116,12 +116,14 @@ def actor_needs(pool, cluster_gpus: float) -> dict[str, float]:
 
 
 def versions() -> dict:
+    """The versions that made the images, for `_SUCCESS`. Read from the installed metadata where importing would be
+    slow: the driver never imports transformers (seconds; and its import resolves a path against the current
+    directory, which raised FileNotFoundError at the end of a `ray job submit` job on the two-node test cluster)."""
     from importlib.metadata import PackageNotFoundError, version
 
     import pyarrow
     import ray
     import torch
-    import transformers
 
     try:
         own = version("cascade-batch")
@@ -131,7 +133,7 @@ def versions() -> dict:
         "cascade-batch": own,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": version("transformers"),
         "ray": ray.__version__,
         "pyarrow": pyarrow.__version__,
     }
@@ -176,6 +178,7 @@ def run(config) -> int:
     from . import inputs, manifest
 
     started = time.time()
+    made_by = versions()  # at the start: nothing at the end of a long job should depend on the environment
     try:
         plan = inputs.plan(config)
     except inputs.InputError as e:
@@ -268,7 +271,7 @@ def run(config) -> int:
         "model": config.model,
         "model_digest": digest,
         "manifests": writer.parts,
-        "versions": versions(),
+        "versions": made_by,
         "config": config.public(),
     }
     if config.report:

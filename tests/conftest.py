@@ -63,9 +63,18 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster():
+def _two_nodes():
     from tests.servers import TwoNodeCluster
 
     cluster = TwoNodeCluster()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def two_node_cluster(_two_nodes):
+    """The module's two-node cluster, whole: a node a test killed is started again before the next test needs it
+    (not after the last one)."""
+    if "stage_b" not in _two_nodes.nodes:
+        _two_nodes.add_node()
+    return _two_nodes
