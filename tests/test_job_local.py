@@ -80,7 +80,6 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys):
 
     # --verify reads every image back, finds the sha256 mismatch and renders that one again; --retry-errors
     # re-renders the error row (still an error: the prompt is empty). Nothing else.
-    capsys.readouterr()
     assert run_job(tmp_path / "prompts.parquet", out.root, "--verify", "--retry-errors") == 0
     manifest = check_output(out, 6)  # which checks every stored image against its manifest's sha256
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 2 and out.get(changed) != bytes(data)
