@@ -1,5 +1,9 @@
 """The weights digest recorded in manifests: content-based, cached per file, the same for every layout path."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from cascade import save_stage, tiny_models
@@ -35,10 +39,6 @@ def test_digest_follows_the_weights_and_is_cached(tmp_path, monkeypatch):
 def test_the_built_in_digests_need_no_model_build(tmp_path):
     """The driver computes the digest before every job: the demo's comes from its shipped files (the same as naming
     its folder), a seeded model's from its name, and neither builds a model or imports transformers (seconds)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = (
         "import sys; from workers.models import model_digest; from cascade.geometry import DEMO_FOLDER;"
         "print(model_digest('demo', False, 'auto'), model_digest(str(DEMO_FOLDER), False, 'auto'),"

@@ -12,8 +12,6 @@ import torch
 from cascade.family import BUILTIN_MODELS, load_models, locate_stage, locate_text_encoder
 from cascade.geometry import DEMO_FOLDER
 
-# Built-in models whose weights are drawn from a fixed seed rather than read from files.
-SEEDED_MODELS = ("tiny", "random-big", "random-lite")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -37,7 +35,7 @@ def load_part(model: str, lite: bool, dtype: str, part: str):
     return load_models(model, lite=lite, dtype=torch_dtype(dtype, on), device=on, parts=(part,))
 
 
-def weight_files(model: str | Path, lite: bool, dtype: str) -> list[Path]:
+def weight_files(model: str, lite: bool, dtype: str) -> list[Path]:
     """The files a weights folder's load reads (dtype decides between the fp32 and bf16 files)."""
     folder = Path(model)
     files: list[Path] = []
@@ -55,13 +53,14 @@ def model_digest(model: str, lite: bool, dtype: str, progress=None, lora: str = 
     if lora:
         h.update(b"lora")
         h.update(file_sha256(Path(lora), progress).encode())
-    if model in SEEDED_MODELS:
-        # Drawn from a fixed seed by this code: the name is the identity. Building them to hash their tensors would
-        # cost the driver seconds of imports (transformers) before every job, and hashing 5 B values is slow.
+    if model == "demo":
+        model = str(DEMO_FOLDER)  # the shipped demo: its files, like any weights folder
+    if model in BUILTIN_MODELS:
+        # tiny, random-*: drawn from a fixed seed by this code, so the name is the identity. Building them to hash
+        # their tensors would cost the driver seconds of imports (transformers) before every job.
         h.update(model.encode())
     else:
-        folder = DEMO_FOLDER if model == "demo" else model  # the shipped demo: its files, like any weights folder
-        for path in weight_files(folder, lite, dtype):
+        for path in weight_files(model, lite, dtype):
             h.update(path.name.encode())
             h.update(file_sha256(path, progress).encode())
     return h.hexdigest()[:16]
