@@ -125,7 +125,8 @@ class Attention2D(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, self_attn: bool) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = x.view(b, c, h * w).permute(0, 2, 1).contiguous()  # (B, HW, C)
+        # flatten, not view: x may be channels-last (cascade.speed.channels_last), where this is free.
+        tokens = x.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
         if self_attn:
             kv = torch.cat([tokens, kv], dim=1)  # (B, HW + T, C)
         out = multihead_attention(self.attn, tokens, kv)

@@ -107,3 +107,20 @@ def cuda_graphs(model: nn.Module) -> None:
     their names are untouched; call it after loading, LoRA merging and compile_blocks."""
     if not isinstance(model.forward, CudaGraphed):
         model.forward = CudaGraphed(model.forward)
+
+
+def channels_last(model: nn.Module) -> None:
+    """Run a Stage B or Stage C with its feature maps channels-last (NHWC in memory), in place.
+
+    The blocks work per pixel across channels: LayerNorm2d, the ResBlock's MLP and the attention's tokens all permute
+    (B, C, H, W) to (B, H, W, C). On NCHW memory each of those permutes is a copy of the feature map; on channels-last
+    memory it is a view, and the convolutions (depthwise 3x3, the 1x1 embeddings) have NHWC kernels. The values are
+    the same; the parameters keep their names and shapes (conv weights change strides only). Call it after loading
+    and LoRA merging, before cuda_graphs."""
+    model.to(memory_format=torch.channels_last)
+    forward = model.forward
+
+    def channels_last_forward(x: torch.Tensor, r: torch.Tensor, **conditions: torch.Tensor) -> torch.Tensor:
+        return forward(x.contiguous(memory_format=torch.channels_last), r, **conditions)
+
+    model.forward = channels_last_forward

@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
-# Everything a short GPU lease should measure, in order of importance, each part under its own time limit so that a
-# slow part cannot starve the rest, and each writing into OUT as it goes (a stopped run keeps what it measured):
-#   1. the GPU check (scripts/gpu_check.sh): the headline table against diffusers, batches 1, 4, 8;
-#   2. the profile of one guided pass, ours against ours-with-the-module-attention against diffusers;
-#   3. the GPU tests (-m gpu);
-#   4. compiled blocks + CUDA graphs, batches 1 and 4.
-# About 9 minutes on an H200; give it a device call of 10. Usage: OUT=dir bash scripts/gpu_session.sh
-# Settings (environment): OUT (bench/), PYTHON (python3), MODEL (random-big), SIZE (1024), and T1..T4, each part's
-# limit in seconds (240, 90, 60, 150). On a CPU, MODEL=tiny SIZE=256 proves the script (the profile part then runs on
-# the CPU in fp32, and the GPU tests skip).
+# Everything a short GPU lease should measure, in order of importance, each part under its own time limit (and all
+# under TOTAL) so that a slow part cannot starve the rest, each writing into OUT as it goes (a stopped run keeps what
+# it measured):
+#   1. check: the GPU check (scripts/gpu_check.sh), the headline table against diffusers, batches 1, 4, 8;
+#   2. profile: one guided pass per stage, ours against ours on channels-last memory, ours with the module's
+#      attention (before 2026-11-27) and diffusers (scripts/profile_stages.py);
+#   3. share: one GPU shared by 1 and 2 Stage B/A processes, the model behind packed actors (scripts/share_gpu.py);
+#   4. graphs: our pipeline with CUDA graphs, batches 1, 4, 8 (no compilation, no baseline);
+#   5. gputests: the GPU tests (-m gpu);
+#   6. compiled: compiled blocks + CUDA graphs at batch 4 (compiling takes most of its limit).
+# Usage: OUT=dir bash scripts/gpu_session.sh (about 9.5 minutes on an H200: give it a device call of 10).
+# Settings (environment): OUT (bench/), PYTHON (python3), MODEL (random-big), SIZE (1024), TOTAL (570 s for all),
+# T1..T6, each part's limit in seconds (220, 90, 75, 70, 50, 150). On a CPU, MODEL=tiny SIZE=256 proves the script
+# (the profile and share parts then run on the CPU in fp32, and the GPU tests skip).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-bench} PYTHONUNBUFFERED=1 PYTHONPATH=.
 PY=${PYTHON:-python3}
+MODEL=${MODEL:-random-big} SIZE=${SIZE:-1024} TOTAL=${TOTAL:-570}
 mkdir -p "$OUT"
-part() {  # part NAME LIMIT COMMAND...: run one part, log to OUT/NAME.log, print its tail and exit status
-  local name=$1 limit=$2
+part() {  # part NAME LIMIT COMMAND...: run one part (within what TOTAL leaves), log to OUT/NAME.log, print its tail
+  local name=$1 limit=$2 left=$((TOTAL - SECONDS))
   shift 2
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then echo "== $name: skipped (${left}s left of ${TOTAL}s)"; return; fi
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  echo "== $name: exit $? (limit ${limit}s)"
-  tail -n 6 "$OUT/$name.log"
+  echo "== $name: exit $? (limit ${limit}s, at ${SECONDS}s)"
+  tail -n 8 "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "(no nvidia-smi)"
-part check "${T1:-240}" env BATCHES="1 4 8" PYTHON="$PY" bash scripts/gpu_check.sh
-part profile "${T2:-90}" "$PY" scripts/profile_stages.py --model "${MODEL:-random-big}" --size "${SIZE:-1024}" \
-  --batch 1 4 --top 6 --variants ours mha diffusers --json "$OUT/profile.json"
-part gputests "${T3:-60}" "$PY" -m pytest -p no:cacheprovider -q -m gpu tests/test_gdf.py tests/test_real_weights.py \
+part check "${T1:-220}" env BATCHES="1 4 8" PYTHON="$PY" bash scripts/gpu_check.sh
+part profile "${T2:-90}" "$PY" scripts/profile_stages.py --model "$MODEL" --size "$SIZE" \
+  --batch 1 4 --top 6 --variants ours cl mha diffusers --json "$OUT/profile.json"
+part share "${T3:-75}" "$PY" scripts/share_gpu.py --model "$MODEL" --size "$SIZE" --part decoder --batch 1 \
+  --procs 1 2 --seconds 12 --json "$OUT/share.json"
+part graphs "${T4:-70}" env NAME=graphs GRAPHS=1 DIFFUSERS=0 BATCHES="1 4 8" PYTHON="$PY" bash scripts/gpu_check.sh
+part gputests "${T5:-50}" "$PY" -m pytest -p no:cacheprovider -q -m gpu tests/test_gdf.py tests/test_real_weights.py \
   tests/test_stages_oom.py tests/test_speed.py
-part compiled "${T4:-150}" env NAME=compiled COMPILE=1 GRAPHS=1 DIFFUSERS=0 BATCHES="1 4" PYTHON="$PY" \
+part compiled "${T6:-150}" env NAME=compiled COMPILE=1 GRAPHS=1 DIFFUSERS=0 BATCHES=4 PYTHON="$PY" \
   bash scripts/gpu_check.sh

@@ -55,9 +55,23 @@ def module_attention_forward(self, x, kv, self_attn):
     return self.attn(tokens, kv, kv, need_weights=False)[0].permute(0, 2, 1).reshape(b, c, h, w)
 
 
+CHANNELS_LAST: dict[str, torch.nn.Module] = {}  # per stage, a channels-last copy for the `cl` variant
+
+
 def variant_model(models, stage: str, variant: str, twin):
-    """The forward pass `(x, r, **conditions)` a variant times: ours (also for `mha`), or diffusers' (same weights)."""
+    """The forward pass `(x, r, **conditions)` a variant times: ours (also for `mha`), ours on channels-last memory
+    (`cl`: a copy, cascade.speed.channels_last), or diffusers' (same weights)."""
     model = getattr(models, stage)
+    if variant == "cl":
+        if stage not in CHANNELS_LAST:
+            import copy
+
+            from cascade.speed import channels_last
+
+            CHANNELS_LAST.clear()  # one copy at a time: a full-size Stage C is 7 GB in bf16
+            CHANNELS_LAST[stage] = copy.deepcopy(model)
+            channels_last(CHANNELS_LAST[stage])
+        return CHANNELS_LAST[stage]
     if variant != "diffusers":
         return model
     unet = twin.prior.prior if stage == "stage_c" else twin.decoder.decoder
@@ -129,9 +143,10 @@ def main(argv=None) -> int:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=("ours", "mha", "diffusers"),
+        choices=("ours", "mha", "cl", "diffusers"),
         default=["ours"],
-        help="ours; mha: ours, attention through nn.MultiheadAttention's forward; diffusers: its UNet, same weights",
+        help="ours; mha: ours, attention through nn.MultiheadAttention's forward; cl: ours on channels-last memory; "
+        "diffusers: its UNet, same weights",
     )
     args = p.parse_args(argv)
     from cascade.family import BUILTIN_MODELS
