@@ -1,8 +1,8 @@
 """Storage faults: the job against the real S3 server (SeaweedFS) behind a fault-injecting proxy.
 
-Throttling, 500s, connection resets (before and after the server acted) and slow replies are retried with backoff
-and the job completes with every image exactly once; an outage longer than the retry budget stops the job with a
-clear message and no `_SUCCESS`, and a rerun after the outage completes it.
+An outage longer than the retry budget stops the job with a clear message and no `_SUCCESS`; the rerun after it meets
+throttling, 500s, connection resets (before and after the server acted) and slow replies, retries them with backoff,
+and completes with every image exactly once.
 """
 
 from __future__ import annotations
@@ -36,12 +36,9 @@ def run_job(bucket: str, proxy: FaultProxy, *flags: str) -> subprocess.Completed
     )
 
 
-def test_faults_within_the_retry_budget_are_retried_and_nothing_is_lost_or_duplicated(s3_bucket, proxy):
-    bucket = open_storage(f"s3://{s3_bucket}")  # direct to the server: the test's own view
-    bucket.put("in/prompts.parquet", parquet_bytes(prompts_table(8)))
-
-    # The first image writes get each kind of fault once (reset_after first: the write is stored, its reply lost);
-    # and every third request gets one, in turn: each kind many times, on reads, listings and writes alike.
+def within_the_retry_budget(proxy: FaultProxy) -> None:
+    """The first image writes get each kind of fault once (reset_after first: the write is stored, its reply lost);
+    and every third request gets one, in turn: each kind many times, on reads, listings and writes alike."""
     image_puts = []
 
     def rule(method: str, path: str, n: int) -> str | None:
@@ -52,23 +49,10 @@ def test_faults_within_the_retry_budget_are_retried_and_nothing_is_lost_or_dupli
         return FAULTS[(n // 3) % len(FAULTS)] if n % 3 == 0 else None
 
     proxy.rule = rule
-    done = run_job(s3_bucket, proxy)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert set(proxy.injected) == set(FAULTS), proxy.injected
-    check_output(open_storage(f"s3://{s3_bucket}/out"), 8)
-
-    # A faulted request was sent again (what botocore's standard retries do, with backoff and jitter).
-    for i, (method, path, fault) in enumerate(proxy.requests):
-        if fault and fault != "slow":
-            assert (method, path) in [(m, p) for m, p, _ in proxy.requests[i + 1 :]], (method, path, fault)
-    # A write that reached the server but whose reply was lost was retried as a conditional write: that image is
-    # stored once and described once (check_output); the retry adopted it.
-    assert any(m == "PUT" and "/out/images/" in p and f == "reset_after" for m, p, f in proxy.requests)
-    assert S3_SECRET_KEY not in done.stderr + done.stdout
 
 
-def test_an_outage_past_the_retry_budget_stops_the_job_and_a_rerun_completes_it(s3_bucket, proxy):
-    bucket = open_storage(f"s3://{s3_bucket}")
+def test_an_outage_stops_the_job_and_a_rerun_through_faults_within_the_retry_budget_completes_it(s3_bucket, proxy):
+    bucket = open_storage(f"s3://{s3_bucket}")  # direct to the server: the test's own view
     bucket.put("in/prompts.parquet", parquet_bytes(prompts_table(10)))
     image_puts = []
 
@@ -88,7 +72,20 @@ def test_an_outage_past_the_retry_budget_stops_the_job_and_a_rerun_completes_it(
     assert "Traceback" not in failed.stderr and "UDF" not in failed.stderr  # one clear line, not Ray's report
     assert S3_SECRET_KEY not in failed.stderr + failed.stdout
 
-    proxy.rule = lambda method, path, n: None  # the outage is over
-    rerun = run_job(s3_bucket, proxy, "--storage-attempts", "3")
+    # The outage is over; the rerun (default retry budget) meets every kind of fault, many times, and completes.
+    proxy.requests.clear()
+    proxy.injected.clear()
+    within_the_retry_budget(proxy)
+    rerun = run_job(s3_bucket, proxy)
     assert rerun.returncode == 0, rerun.stderr[-4000:]
-    check_output(out, 10)
+    assert set(proxy.injected) == set(FAULTS), proxy.injected
+    check_output(out, 10)  # every image once, in the manifests and in storage
+
+    # A faulted request was sent again (what botocore's standard retries do, with backoff and jitter).
+    for i, (method, path, fault) in enumerate(proxy.requests):
+        if fault and fault != "slow":
+            assert (method, path) in [(m, p) for m, p, _ in proxy.requests[i + 1 :]], (method, path, fault)
+    # A write that reached the server but whose reply was lost was retried as a conditional write: that image is
+    # stored once and described once (check_output); the retry adopted it.
+    assert any(m == "PUT" and "/out/images/" in p and f == "reset_after" for m, p, f in proxy.requests)
+    assert S3_SECRET_KEY not in rerun.stderr + rerun.stdout

@@ -1,5 +1,5 @@
-"""The job on a real two-node local Ray cluster: submitted with `ray job submit`, each pool on its own node, and
-resumed after its driver is killed mid-run with every image exactly once."""
+"""The job on a real two-node local Ray cluster: its driver killed mid-run, then resumed with `ray job submit`, each
+pool on its own node and every image exactly once; the decoder's node lost mid-run, then finished on what remains."""
 
 import os
 import signal
@@ -18,27 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 POOLS = ["--prior-pool-resources", '{"stage_c": 1}', "--decoder-pool-resources", '{"stage_b": 1}']
 
 
-def test_ray_job_submit_places_each_pool_on_its_node(two_node_cluster, tmp_path):
-    pq.write_table(prompts_table(6), tmp_path / "prompts.parquet")
-    out = tmp_path / "out"
-    argv = [sys.executable, "-m", "jobs.generate", "--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out)]
-    done = subprocess.run(
-        [ray_binary(), "job", "submit", "--address", two_node_cluster.dashboard, "--working-dir", str(ROOT), "--",
-         *argv, *FAST, *POOLS],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "succeeded" in done.stdout
-    manifest = check_output(LocalStorage(out), 6)
-    nodes = two_node_cluster.nodes
-    prior_nodes = {a.rsplit("/", 1)[1] for a in manifest.column("prior_actor").to_pylist()}
-    decoder_nodes = {a.rsplit("/", 1)[1] for a in manifest.column("decoder_actor").to_pylist()}
-    assert prior_nodes == {nodes["stage_c"][:12]} and decoder_nodes == {nodes["stage_b"][:12]}
-
-
 def job_on_cluster(cluster, tmp_path, *flags: str) -> tuple[list[str], dict, LocalStorage]:
-    """The command line and environment of a 24-image job on the cluster, in small batches, and its output."""
-    pq.write_table(prompts_table(24), tmp_path / "prompts.parquet")
+    """The command line and environment of a 16-image job on the cluster, in small batches, and its output."""
+    pq.write_table(prompts_table(16), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
     argv = [
         sys.executable,
@@ -63,7 +45,7 @@ def wait_until(driver: subprocess.Popen, ready, seconds: float = 300) -> None:
         time.sleep(0.2)
 
 
-def test_driver_killed_mid_run_then_rerun_renders_every_image_once(two_node_cluster, tmp_path):
+def test_driver_killed_mid_run_then_ray_job_submit_resumes_with_each_pool_on_its_node(two_node_cluster, tmp_path):
     argv, env, out = job_on_cluster(two_node_cluster, tmp_path)
     driver = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_until(driver, lambda: sum(1 for _ in out.list("manifests")) >= 2)  # some manifests written, more to come
@@ -71,12 +53,22 @@ def test_driver_killed_mid_run_then_rerun_renders_every_image_once(two_node_clus
     driver.wait()
     assert not out.exists("_SUCCESS")
     before = sum(1 for _ in out.list("images"))
-    assert 0 < before < 24
+    assert 0 < before < 16
 
-    rerun = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming:" in rerun.stderr
-    check_output(out, 24)  # every image once in the manifests and in storage, nothing lost, nothing extra
+    # The same job, as users run it on a cluster: `ray job submit`, the driver on the head, the code uploaded.
+    rerun = subprocess.run(
+        [ray_binary(), "job", "submit", "--address", two_node_cluster.dashboard, "--working-dir", str(ROOT), "--",
+         *argv],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-2000:]
+    assert "succeeded" in rerun.stdout and "resuming:" in rerun.stdout  # the driver's log, streamed back
+    manifest = check_output(out, 16)  # every image once in the manifests and in storage, nothing lost, nothing extra
+    nodes = two_node_cluster.nodes
+    prior_nodes = {a.rsplit("/", 1)[1] for a in manifest.column("prior_actor").to_pylist()}
+    decoder_nodes = {a.rsplit("/", 1)[1] for a in manifest.column("decoder_actor").to_pylist()}
+    assert prior_nodes == {nodes["stage_c"][:12]} and decoder_nodes == {nodes["stage_b"][:12]}
+    assert len(set(manifest.column("run_id").to_pylist())) == 2  # part from the killed run, the rest from the rerun
 
 
 def test_losing_the_decoder_node_stops_the_job_clearly_and_a_rerun_completes(two_node_cluster, tmp_path):
@@ -99,14 +91,14 @@ def test_losing_the_decoder_node_stops_the_job_clearly_and_a_rerun_completes(two
     assert "no live node can run the Stage B/A pool (one actor needs GPU 1, stage_b 1)" in text, text[-4000:]
     assert "rerun the same command to resume" in text
     assert not out.exists("_SUCCESS")
-    assert sum(1 for _ in out.list("images")) < 24
+    assert sum(1 for _ in out.list("images")) < 16
 
     # Finish on what remains: both pools on the head's one GPU, half each. Nothing lost, nothing twice.
     head_only = ["--prior-pool-resources", "{}", "--decoder-pool-resources", "{}"]
     head_only += ["--prior-pool-gpus", "0.5", "--decoder-pool-gpus", "0.5"]
     rerun = subprocess.run([*argv, *head_only], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    rows = check_output(out, 24).to_pylist()
+    rows = check_output(out, 16).to_pylist()
     latest = max(r["run_id"] for r in rows)
     nodes = {r["decoder_actor"].rsplit("/", 1)[1] for r in rows if r["run_id"] == latest}
     assert nodes == {two_node_cluster.nodes["stage_c"][:12]}  # Stage B/A ran on the head this time

@@ -66,26 +66,21 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys):
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 0 and json.loads(out.get(SUCCESS))["ok"] == 5
     assert "All runs" in out.get("report.html").decode() and "data:image/jpeg" in out.get("report.html").decode()
 
-    # A lost image is rendered again, its old manifest row replaced: still one row per image. An image whose bytes
-    # changed but kept their size: a plain resume (presence and size, from one listing) cannot see it.
+    # A lost image, an image whose bytes changed but kept their size (which a plain resume, from one listing of
+    # names and sizes, cannot see; --verify reads every image back) and an error row (--retry-errors; still an error:
+    # the prompt is empty) are rendered again, their old manifest rows replaced. Nothing else.
     lost, changed = rows[("p4", 0)]["key"], rows[("p2", 0)]["key"]
     out.delete([lost])
     data = bytearray(out.get(changed))
     data[-20] ^= 0xFF
     out.put(changed, bytes(data))
-    assert run_job(tmp_path / "prompts.parquet", out.root) == 0
-    assert read_manifests(out).num_rows == 6  # (check_output would fail on the changed image's sha256)
-    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 1 and out.exists(lost)
-    assert out.get(changed) == bytes(data)
-
-    # --verify reads every image back, finds the sha256 mismatch and renders that one again; --retry-errors
-    # re-renders the error row (still an error: the prompt is empty). Nothing else.
     assert run_job(tmp_path / "prompts.parquet", out.root, "--verify", "--retry-errors") == 0
     manifest = check_output(out, 6)  # which checks every stored image against its manifest's sha256
-    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 2 and out.get(changed) != bytes(data)
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 3 and out.exists(lost)
+    assert out.get(changed) != bytes(data)
     latest = max(manifest.column("run_id").to_pylist())
     again = {(r["id"], r["image_index"]) for r in manifest.to_pylist() if r["run_id"] == latest}
-    assert again == {("p2", 0), ("p3", 0)}
+    assert again == {("p2", 0), ("p3", 0), ("p4", 0)}
 
     # --overwrite starts over.
     assert run_job(tmp_path / "prompts.parquet", out.root, "--overwrite") == 0
@@ -188,18 +183,12 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
         meta = json.loads(stored[(row["key"], stem + ".json")])
         assert (meta["id"], meta["seed"], meta["style"]) == (row["id"], row["seed"], row["style"])
 
+    # A lost shard, and one changed member in another: one resume with --verify renders the lost shard's images and
+    # the whole changed shard again (a shard is one object), nothing else.
     lost = manifest[0]["key"]
     lost_rows = sum(1 for r in manifest if r["key"] == lost)
     out.delete([lost])
-    assert main([*argv, "--layout", "webdataset", "--shard-size", "3"]) == 0
-    manifest = read_manifests(out).to_pylist()
-    assert len(manifest) == 7 and len({(r["id"], r["image_index"]) for r in manifest}) == 7
-    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == lost_rows
-    stored = members()
-    assert all((r["key"], r["member"]) in stored for r in manifest)
-
-    # One changed member: --verify renders its whole shard again (a shard is one object), nothing else.
-    row = manifest[-1]
+    row = next(r for r in manifest if r["key"] != lost)
     with tarfile.open(fileobj=io.BytesIO(out.get(row["key"]))) as tar:
         files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     files[row["member"]] = files[row["member"]][:-1] + b"\0"
@@ -213,25 +202,10 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     in_shard = sum(1 for r in manifest if r["key"] == row["key"])
     assert main([*argv, "--layout", "webdataset", "--shard-size", "3", "--verify"]) == 0
     manifest = read_manifests(out).to_pylist()
-    assert len(manifest) == 7 and json.loads(out.get(SUCCESS))["rendered_this_run"] == in_shard
+    assert len(manifest) == 7 and len({(r["id"], r["image_index"]) for r in manifest}) == 7
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == lost_rows + in_shard
     stored = members()
     assert all(sha256_hex(stored[(r["key"], r["member"])]) == r["sha256"] for r in manifest)
-
-
-def test_the_pools_stream_instead_of_taking_turns(tmp_path):
-    """Ray issue #44767's trap: a stage that waits for the one before it to finish everything. Stage B/A must start
-    on the first latents while Stage C is still working."""
-    from jobs.report import STAT_COLUMNS, pool_stats
-
-    pq.write_table(prompts_table(40), tmp_path / "prompts.parquet")
-    out = LocalStorage(tmp_path / "out")
-    flags = ["--model", "tiny", "--width", "256", "--height", "256", "--prior-steps", "10", "--decoder-steps", "2"]
-    flags += ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2"]
-    assert main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *flags]) == 0
-    stats = pool_stats(read_manifests(out, STAT_COLUMNS))
-    prior, decoder = stats["pools"]["prior"]["span"], stats["pools"]["decoder"]["span"]
-    assert decoder[0] < prior[0] + 0.5 * (prior[1] - prior[0]), (prior, decoder)
-    assert stats["both_busy_s"] > 0.3 * (prior[1] - prior[0])
 
 
 def test_nan_from_fp16_overflow_is_an_error_row_never_a_black_image(tmp_path):
@@ -264,28 +238,27 @@ def test_nan_from_fp16_overflow_is_an_error_row_never_a_black_image(tmp_path):
         assert manifest[prompt]["status"] == "ok" and pixels.std() > 1  # a picture, not a flat black square
 
 
-def test_long_and_unusual_prompts_render_and_are_recorded_exactly(tmp_path):
-    prompts = ["a red circle " * 770, "🙂 a smiling emoji 🎨", "עיגול אדום على خلفية زرقاء", "a red\0circle"]
-    pq.write_table(__import__("pyarrow").table({"prompt": prompts}), tmp_path / "prompts.parquet")
-    out = LocalStorage(tmp_path / "out")
-    assert run_job(tmp_path / "prompts.parquet", out.root) == 0
-    rows = {r["prompt"]: r for r in check_output(out, 4).to_pylist()}
-    assert set(rows) == set(prompts)  # the manifest keeps every prompt exactly, NUL included
-    assert all(r["status"] == "ok" for r in rows.values())
-    assert rows[prompts[0]]["prompt_truncated"] and rows[prompts[0]]["prompt_tokens"] > 77  # beyond CLIP's window
-    assert not rows[prompts[1]]["prompt_truncated"]
-    assert Image.open(io.BytesIO(out.get(rows[prompts[2]]["key"]))).text["prompt"] == prompts[2]
-    # PNG text cannot hold NUL: the embedded copy drops it, the manifest has the original.
-    assert Image.open(io.BytesIO(out.get(rows[prompts[3]]["key"]))).text["prompt"] == "a redcircle"
-
-
 def test_a_long_input_runs_in_segments_and_a_resume_runs_only_those_with_work(tmp_path, capsys):
-    pq.write_table(prompts_table(5), tmp_path / "prompts.parquet", row_group_size=2)
+    """Also: long and unusual prompts render and are recorded exactly."""
+    unusual = ["a red circle " * 770, "🙂 a smiling emoji 🎨", "עיגול אדום على خلفية زرقاء", "a red\0circle"]
+    table = prompts_table(5)
+    table = table.set_column(0, "prompt", __import__("pyarrow").array([*unusual, table["prompt"][4].as_py()]))
+    pq.write_table(table, tmp_path / "prompts.parquet", row_group_size=2)
     out = LocalStorage(tmp_path / "out")
     assert run_job(tmp_path / "prompts.parquet", out.root, "--segment-rows", "3") == 0
     manifest = check_output(out, 5)
     err = capsys.readouterr().err
     assert all(f"segment {k}/2" in err for k in (1, 2))  # rows 0-2 and 3-4: one splits a row group
+
+    rows = {r["prompt"]: r for r in manifest.to_pylist()}
+    assert set(unusual) <= set(rows)  # the manifest keeps every prompt exactly, NUL included
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert rows[unusual[0]]["prompt_truncated"] and rows[unusual[0]]["prompt_tokens"] > 77  # beyond CLIP's window
+    assert not rows[unusual[1]]["prompt_truncated"]
+    assert Image.open(io.BytesIO(out.get(rows[unusual[2]]["key"]))).text["prompt"] == unusual[2]
+    # PNG text cannot hold NUL: the embedded copy drops it, the manifest has the original.
+    assert Image.open(io.BytesIO(out.get(rows[unusual[3]]["key"]))).text["prompt"] == "a redcircle"
+
     lost = next(r["key"] for r in manifest.to_pylist() if r["id"] == "prompts.parquet:4")  # in segment 2
     out.delete([lost])
     assert run_job(tmp_path / "prompts.parquet", out.root, "--segment-rows", "3") == 0
@@ -294,10 +267,13 @@ def test_a_long_input_runs_in_segments_and_a_resume_runs_only_those_with_work(tm
     assert "segment 2/2: 1 images" in err and "segment 1/2" not in err
 
 
-def test_an_autoscaling_pool_renders_every_image_once_between_its_bounds(tmp_path, capsys):
+def test_an_autoscaling_pool_renders_every_image_once_between_its_bounds_and_the_pools_stream(tmp_path, capsys):
     """prior_pool actors 1, max_actors 3: the slow Stage C pool starts with one warm actor, Ray Data adds actors while
     its input queues up, never more than 3; every image is rendered exactly once. Half a (fake) GPU per actor, so that
-    the two GPUs hold 3 + 1 actors."""
+    the two GPUs hold 3 + 1 actors.
+
+    And the pools stream instead of taking turns (Ray issue #44767's trap: a stage that waits for the one before it to
+    finish everything): Stage B/A starts on the first latents while Stage C is still working."""
     from jobs.report import STAT_COLUMNS, pool_stats
 
     pq.write_table(prompts_table(32), tmp_path / "prompts.parquet")
@@ -312,3 +288,8 @@ def test_an_autoscaling_pool_renders_every_image_once_between_its_bounds(tmp_pat
     stats = pool_stats(read_manifests(out, STAT_COLUMNS))
     assert 2 <= stats["pools"]["prior"]["actors"] <= 3, stats["pools"]["prior"]["actors"]
     assert stats["pools"]["decoder"]["actors"] == 1
+    prior, decoder = stats["pools"]["prior"], stats["pools"]["decoder"]
+    assert decoder["span"][0] < prior["span"][0] + 0.5 * prior["span_s"], (prior["span"], decoder["span"])
+    # Streaming: most of Stage B/A's work is done while Stage C works on (taking turns would make it none).
+    decoder_busy_s = decoder["busy_fraction"] * decoder["span_s"]  # its one actor's time in batches
+    assert stats["both_busy_s"] > 0.5 * decoder_busy_s, (stats["both_busy_s"], decoder_busy_s)
