@@ -113,10 +113,11 @@ def channels_last(model: nn.Module) -> None:
     """Run a Stage B or Stage C with its feature maps channels-last (NHWC in memory), in place.
 
     The blocks work per pixel across channels: LayerNorm2d, the ResBlock's MLP and the attention's tokens all permute
-    (B, C, H, W) to (B, H, W, C). On NCHW memory each of those permutes is a copy of the feature map; on channels-last
-    memory it is a view, and the convolutions (depthwise 3x3, the 1x1 embeddings) have NHWC kernels. The values are
-    the same; the parameters keep their names and shapes (conv weights change strides only). Call it after loading
-    and LoRA merging, before cuda_graphs."""
+    (B, C, H, W) to (B, H, W, C). On NCHW memory such a permute can cost a copy of the feature map (where an earlier
+    op did not already leave it channels-last); on channels-last memory it is a view, and the convolutions (depthwise
+    3x3, the 1x1 embeddings) run NHWC kernels. The values are the same; the parameters keep their names and shapes
+    (conv weights change strides only). Off by default: whether it pays on a GPU is for the profile's `cl` variant
+    to say (docs/PERFORMANCE.md). Call it after loading and LoRA merging, before cuda_graphs."""
     model.to(memory_format=torch.channels_last)
     forward = model.forward
 
