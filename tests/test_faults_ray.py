@@ -52,32 +52,40 @@ class Killer(threading.Thread):
             time.sleep(0.05)
 
 
-# The killed stage is made the slow one, so it still has work left when the first image is stored: Stage C gets
-# about 1 s per batch of 2 here (8 s in all), so a late-starting Stage B/A actor still finds it mid-job. (At 24
-# steps it could finish all 8 batches before the decoder's first image on a busy CI machine, and the kill missed.)
-@pytest.mark.parametrize(
-    "stage,column,slow",
-    [
-        ("PriorStage", "prior_actor", ["--prior-steps", "60"]),
-        ("DecoderStage", "decoder_actor", ["--decoder-steps", "12"]),
-    ],
-)
-def test_an_actor_killed_mid_job_is_replaced_and_every_image_is_stored_once(tmp_path, stage, column, slow):
+# One job, both pools' actors killed: Stage C's after the first image is stored, Stage B/A's after the fourth. Stage C
+# is the slow stage here (about 1 s per batch of 2 at 60 steps, 8 s in all), so it is still mid-job when the first
+# image is stored (a late-starting Stage B/A actor could otherwise find all the latents made), and Stage B/A keeps
+# getting new latents to the end, so its kill too comes with work left.
+def test_actors_killed_mid_job_are_replaced_and_every_image_is_stored_once(tmp_path):
     pq.write_table(prompts_table(16), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
-    killer = Killer(out, stage, after=1)
-    killer.start()
-    flags = ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2", "--manifest-rows", "4", *slow]
+    killers = {"prior_actor": Killer(out, "PriorStage", after=1), "decoder_actor": Killer(out, "DecoderStage", after=4)}
+    for killer in killers.values():
+        killer.start()
+    flags = ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2", "--manifest-rows", "4"]
     try:
-        code = main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *FAST, *flags])
+        code = main(
+            [
+                "--prompts",
+                str(tmp_path / "prompts.parquet"),
+                "--out",
+                str(out.root),
+                *FAST,
+                *flags,
+                "--prior-steps",
+                "60",
+            ]
+        )
     finally:
-        killer.stop.set()
-        killer.join()
-    assert killer.killed, f"no {stage} actor was found to kill"
+        for killer in killers.values():
+            killer.stop.set()
+            killer.join()
     assert code == 0
     manifest = check_output(out, 16)
-    # The killed actor did part of the work and its replacement the rest.
-    actors = set(manifest.column(column).to_pylist())
-    pids = {int(name.split(":")[1].split("/")[0]) for name in actors}
-    assert set(killer.killed) & pids, f"the killed actor rendered nothing: {actors}, killed {killer.killed}"
-    assert pids - set(killer.killed), f"the kill came after the stage's last batch: {actors}, killed {killer.killed}"
+    for column, killer in killers.items():
+        assert killer.killed, f"no {killer.stage} actor was found to kill"
+        # The killed actor did part of the work and its replacement the rest.
+        actors = set(manifest.column(column).to_pylist())
+        pids = {int(name.split(":")[1].split("/")[0]) for name in actors}
+        assert set(killer.killed) & pids, f"the killed actor rendered nothing: {actors}, killed {killer.killed}"
+        assert pids - set(killer.killed), f"the kill came after the stage's last batch: {actors}, {killer.killed}"
