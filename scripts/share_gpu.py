@@ -50,8 +50,8 @@ def child(args) -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    models = BUILTIN_MODELS[args.model](device=device, dtype=torch.bfloat16 if cuda else torch.float32,
-                                        **({} if args.model == "tiny" else {"parts": (args.part,)}))  # fmt: skip
+    dtype = torch.bfloat16 if cuda else torch.float32
+    models = BUILTIN_MODELS[args.model](device=device, dtype=dtype, parts=(args.part,))  # one pool's stages
     call = work(models, args.part, args.batch, args.size, args.steps)
     call()  # warm-up: kernels chosen, workspaces allocated
     Path(args.sync, f"ready-{args.rank}").touch()
@@ -88,7 +88,12 @@ def main(argv=None) -> int:
     p.add_argument("--part", choices=sorted(PARTS), default="decoder", help="which pool's work each process does")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=10, help="the part's sampling steps (decoder 10, prior 20 default)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="sampling steps of the part's stage (the job's defaults: Stage C 20, Stage B 10)",
+    )
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="how many processes share the GPU, each run")
     p.add_argument("--seconds", type=float, default=15.0, help="how long each process counts images")
     p.add_argument("--json", type=Path)

@@ -63,19 +63,9 @@ def test_actors_killed_mid_job_are_replaced_and_every_image_is_stored_once(tmp_p
     for killer in killers.values():
         killer.start()
     flags = ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2", "--manifest-rows", "4"]
+    flags += ["--prior-steps", "60"]  # after FAST's, so it wins
     try:
-        code = main(
-            [
-                "--prompts",
-                str(tmp_path / "prompts.parquet"),
-                "--out",
-                str(out.root),
-                *FAST,
-                *flags,
-                "--prior-steps",
-                "60",
-            ]
-        )
+        code = main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *FAST, *flags])
     finally:
         for killer in killers.values():
             killer.stop.set()
