@@ -54,10 +54,17 @@ def s3_bucket(seaweed, monkeypatch, request):
 def local_ray():
     """An in-process local Ray with two fake GPUs: actors asking for one GPU get scheduled and see
     CUDA_VISIBLE_DEVICES, while torch finds no CUDA and runs on the CPU. One for the whole session: starting and
-    stopping a Ray costs about 10 s."""
+    stopping a Ray costs about 10 s. Its workers get the standard AWS variables of the test S3 server (as a user's
+    cluster nodes have their own credentials), so a job on this Ray can read and write the server's buckets; this
+    process does not (the `s3_bucket` fixture sets them per test)."""
+    from unittest import mock
+
     import ray
 
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"])
+    from tests.servers import s3_env
+
+    with mock.patch.dict(os.environ, s3_env()):  # the Ray processes started now inherit them; this one keeps its own
+        ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=os.environ["RAY_TMPDIR"])
     yield ray
     ray.shutdown()
 
