@@ -19,10 +19,17 @@ from .geometry import DEFAULT_MODEL, family_geometry
 from .imagefile import png_info
 from .lora import apply_lora_file
 from .pipeline import Result, generate
-from .request import MAX_SEED, Request, validate, validate_strength
+from .request import MAX_SEED, Request, sampling_defaults, validate, validate_strength
 from .weights import WeightsError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except where there is none to show (None: the help says where it comes from)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m cascade",
         description="Generate images with Stable Cascade on one machine.",
         epilog="Exit codes: 0 all images written; 1 an image failed; 2 bad arguments; 3 weights not loadable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument("prompt", help="the text prompt")
     src = p.add_mutually_exclusive_group()
@@ -44,10 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=1, help="images of the prompt, one seed each")
     p.add_argument("--width", type=int, help="default: the family's (1024 for the official one); sizes it supports")
     p.add_argument("--height", type=int, help="default: the family's (1024 for the official one)")
-    p.add_argument("--prior-steps", type=int, default=20, help="Stage C sampling steps")
-    p.add_argument("--prior-cfg", type=float, default=4.0, help="Stage C guidance scale")
-    p.add_argument("--decoder-steps", type=int, default=10, help="Stage B sampling steps")
-    p.add_argument("--decoder-cfg", type=float, default=1.1, help="Stage B guidance scale")
+    # Unset, these are the family's (its family.json's "sampling"), else the reference's.
+    p.add_argument("--prior-steps", type=int, help="Stage C sampling steps (default: the family's, else 20)")
+    p.add_argument("--prior-cfg", type=float, help="Stage C guidance scale (default: the family's, else 4.0)")
+    p.add_argument("--decoder-steps", type=int, help="Stage B sampling steps (default: the family's, else 10)")
+    p.add_argument("--decoder-cfg", type=float, help="Stage B guidance scale (default: the family's, else 1.1)")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm as the reference; ddim is eta 0")
     p.add_argument("--init-image", type=Path, help="img2img: start Stage C from this image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img: how far to noise the image, in (0, 1]")
@@ -66,11 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_images < 1:
         print(f"error: --num-images: {args.num_images} is not allowed; use 1 or more", file=sys.stderr)
         return 2
+    model = args.weights if args.weights is not None else args.model or DEFAULT_MODEL
     try:
-        geometry = family_geometry(args.weights if args.weights is not None else args.model or DEFAULT_MODEL)
+        geometry, sampling = family_geometry(model), sampling_defaults(model)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    for key, default in sampling.items():  # what the command line does not set
+        if getattr(args, key) is None:
+            setattr(args, key, default)
     requests = [
         Request(
             prompt=args.prompt,
@@ -125,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     print(f"loaded {models.name} on {device} ({dtype}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    r = requests[0]
+    print(
+        f"{r.width}x{r.height}, {r.prior_steps} Stage C steps at cfg {r.prior_cfg}, {r.decoder_steps} Stage B steps "
+        f"at cfg {r.decoder_cfg}",
+        file=sys.stderr,
+    )
 
     start = time.perf_counter()
     results: list[Result] = generate(

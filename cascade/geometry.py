@@ -51,16 +51,30 @@ DEMO_SHIPPED = (DEMO_FOLDER / FAMILY_FILE).is_file()  # the trained demo family,
 DEFAULT_MODEL = "demo" if DEMO_SHIPPED else "tiny"
 
 
-def family_geometry(model: str | os.PathLike) -> Geometry:
-    """The geometry of a built-in model or a weights folder, without loading any weights."""
+def family_file(model: str | os.PathLike) -> tuple[Path | None, dict]:
+    """The family.json of a built-in model or a weights folder, parsed: (its path, its contents); (None, {}) where
+    there is none (the official architecture's built-ins, an official layout)."""
     if str(model) in ("tiny", "random-big", "random-lite"):
-        return OFFICIAL  # the official architecture's geometry
+        return None, {}
     path = (DEMO_FOLDER if str(model) == "demo" else Path(model)) / FAMILY_FILE
     if not path.is_file():
-        return OFFICIAL
+        return None, {}
     try:
-        spec = json.loads(path.read_text()).get("geometry", {})
-        geometry = Geometry(**spec)
+        spec = json.loads(path.read_text())
+    except ValueError as e:
+        raise WeightsError(f"{path}: not a valid family file: {e}") from None
+    if not isinstance(spec, dict):
+        raise WeightsError(f"{path}: not a valid family file: it must hold a JSON object")
+    return path, spec
+
+
+def family_geometry(model: str | os.PathLike) -> Geometry:
+    """The geometry of a built-in model or a weights folder, without loading any weights."""
+    path, spec = family_file(model)
+    if path is None:
+        return OFFICIAL  # the official architecture's geometry
+    try:
+        geometry = Geometry(**spec.get("geometry", {}))
     except (ValueError, TypeError, AttributeError) as e:
         raise WeightsError(f"{path}: not a valid family file: {e}") from None
     if not (geometry.min_size <= geometry.default_size <= geometry.max_size and geometry.size_multiple > 0):

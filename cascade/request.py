@@ -10,7 +10,8 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .geometry import OFFICIAL, Geometry, is_int
+from .errors import WeightsError
+from .geometry import OFFICIAL, Geometry, family_file, is_int
 
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
@@ -63,6 +64,30 @@ def validate(request: Request, geometry: Geometry = OFFICIAL) -> None:
         raise ValueError(f"seed: {r.seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
     if r.sampler not in SAMPLER_NAMES:
         raise ValueError(f"sampler: {r.sampler!r} is not known; allowed are {sorted(SAMPLER_NAMES)}")
+
+
+SAMPLING = ("prior_steps", "prior_cfg", "decoder_steps", "decoder_cfg")  # what a family may choose its defaults for
+
+
+def family_sampling(model) -> dict[str, int | float]:
+    """A family's own sampling defaults, from its family.json's "sampling" (e.g. {"decoder_cfg": 1.5}): what its
+    evaluation found best, for the CLI and the job to use where they are not given a value. The rest keep Request's
+    defaults (the reference's). {} for the official families and any family that sets none."""
+    path, spec = family_file(model)
+    sampling = spec.get("sampling", {})
+    if not isinstance(sampling, dict) or set(sampling) - set(SAMPLING):
+        allowed = f"a mapping of some of {', '.join(SAMPLING)}"
+        raise WeightsError(f"{path}: sampling: {sampling!r} is not allowed; use {allowed}")
+    try:
+        validate(Request("-", **sampling))
+    except ValueError as e:
+        raise WeightsError(f"{path}: sampling: {e}") from None
+    return dict(sampling)
+
+
+def sampling_defaults(model) -> dict[str, int | float]:
+    """The steps and guidance a user of `model` gets unless they choose: the family's own, else the reference's."""
+    return {**{key: getattr(Request, key) for key in SAMPLING}, **family_sampling(model)}
 
 
 def validate_strength(strength: float) -> None:

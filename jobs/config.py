@@ -19,7 +19,7 @@ from pathlib import Path
 from cascade.errors import WeightsError
 from cascade.geometry import DEFAULT_MODEL, OFFICIAL, Geometry, family_geometry, is_int
 from cascade.imagefile import FORMATS
-from cascade.request import MAX_SEED, MAX_STEPS, Request
+from cascade.request import MAX_SEED, MAX_STEPS, Request, sampling_defaults
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LAYOUTS = ("files", "webdataset")
@@ -68,10 +68,11 @@ class JobConfig:
     num_images: int = 1
     width: int | None = None  # None: the model family's default size (1024 for the official family)
     height: int | None = None
-    prior_steps: int = Request.prior_steps
-    prior_cfg: float = Request.prior_cfg
-    decoder_steps: int = Request.decoder_steps
-    decoder_cfg: float = Request.decoder_cfg
+    # None: the family's own default (its family.json's "sampling"), else the reference's (20 at 4.0, 10 at 1.1).
+    prior_steps: int | None = None
+    prior_cfg: float | None = None
+    decoder_steps: int | None = None
+    decoder_cfg: float | None = None
     sampler: str = Request.sampler
     # Output.
     image_format: str = "png"
@@ -103,6 +104,15 @@ class JobConfig:
         return asdict(self)
 
 
+# The settings whose default comes from the model family, and their types.
+FAMILY_DEFAULTS = {
+    "width": int,
+    "height": int,
+    "prior_steps": int,
+    "prior_cfg": float,
+    "decoder_steps": int,
+    "decoder_cfg": float,
+}
 POOL_KEYS = {f.name for f in fields(PoolConfig)}
 KEYS = {f.name for f in fields(JobConfig)}
 
@@ -179,6 +189,9 @@ def validate(c: JobConfig) -> None:
                 geometry.check_size(key, v)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    for key, default in _sampling(c.model).items():
+        if getattr(c, key) is None:
+            setattr(c, key, default)
     for key in ("prior_steps", "decoder_steps"):
         v = getattr(c, key)
         _check(is_int(v) and 1 <= v <= MAX_STEPS, key, v, f"use an integer from 1 to {MAX_STEPS}")
@@ -241,6 +254,14 @@ def _geometry(model: str) -> Geometry:
         return OFFICIAL
 
 
+def _sampling(model: str) -> dict:
+    """The family's sampling defaults; a broken family file is reported when the model is checked (exit 3)."""
+    try:
+        return sampling_defaults(model)
+    except WeightsError:
+        return sampling_defaults("tiny")  # the reference's
+
+
 def load_yaml(path: str | Path) -> dict:
     """Parse a YAML configuration file with the safe loader."""
     import yaml
@@ -285,10 +306,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})"
             )
         else:
-            kind = type(default) if default is not None else int  # width, height: None means the family default
-            parser.add_argument(
-                flag, dest=f.name, type=kind, default=None, help=f"(default {default!r})" if default != "" else None
-            )
+            if default is None:  # the family's choice
+                kind, text = FAMILY_DEFAULTS[f.name], "(default: the model family's)"
+            else:
+                kind, text = type(default), f"(default {default!r})" if default != "" else None
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
 
 
 def _gpus(text: str) -> float | str:

@@ -50,10 +50,12 @@ def check_model(config):
     geometry."""
     from cascade.family import BUILTIN_MODELS, locate_stage, locate_text_encoder
     from cascade.geometry import family_geometry
+    from cascade.request import family_sampling
     from cascade.weights import WeightsError, inspect_stage
     from workers.models import torch_dtype
 
     geometry = family_geometry(config.model)  # a broken family.json names itself
+    family_sampling(config.model)  # (its sampling defaults too)
     if config.lora:
         from cascade.lora import lora_info
 

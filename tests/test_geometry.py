@@ -2,13 +2,15 @@
 
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from cascade import Request, generate
 from cascade.family import load_models
 from cascade.geometry import DEFAULT_MODEL, OFFICIAL, Geometry, family_geometry
-from cascade.request import latent_sizes, validate
+from cascade.request import family_sampling, latent_sizes, validate
 from cascade.weights import WeightsError
 from jobs.config import ConfigError, from_mapping
 from tests.test_models_digest import write_family
@@ -68,10 +70,52 @@ def test_cli_uses_the_family_default_size(tmp_path):
     assert main([*argv, "--width", "1024"]) == 2
 
 
-def test_the_job_stops_on_a_broken_family_file_before_it_starts(tmp_path, capsys):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def test_a_family_chooses_its_sampling_defaults_and_users_still_choose_theirs(tmp_path, capsys):
+    """family.json's "sampling" sets the steps and guidance its users get where they set none: in the job (its
+    configuration and so every row without its own), the CLI and the evaluation. Official families keep the
+    reference's (Stage C 20 steps at cfg 4, Stage B 10 at 1.1); a bad value names the file, the key and the value."""
+    from cascade.__main__ import main as cli
+    from cascade.train.evaluate import evaluate
+    from jobs.generate import main as job
 
+    folder = write_family(tmp_path / "small")
+    family = {"geometry": SMALL, "sampling": {"decoder_cfg": 1.5, "prior_steps": 3}}
+    (folder / "family.json").write_text(json.dumps(family))
+    config = from_mapping({"prompts": "p", "out": "o", "model": str(folder)})
+    assert (config.prior_steps, config.prior_cfg, config.decoder_steps, config.decoder_cfg) == (3, 4.0, 10, 1.5)
+    config = from_mapping({"prompts": "p", "out": "o", "model": str(folder), "decoder_cfg": 1.1, "prior_steps": 2})
+    assert (config.prior_steps, config.decoder_cfg) == (2, 1.1)  # the user's choice wins
+    tiny = from_mapping({"prompts": "p", "out": "o", "model": "tiny"})
+    assert (tiny.prior_steps, tiny.prior_cfg, tiny.decoder_steps, tiny.decoder_cfg) == (20, 4.0, 10, 1.1)
+
+    out = tmp_path / "x.png"
+    assert cli(["a red circle", "--weights", str(folder), "--out", str(out), "--decoder-steps", "2"]) == 0
+    assert "3 Stage C steps at cfg 4.0, 2 Stage B steps at cfg 1.5" in capsys.readouterr().err
+    report = evaluate(folder, tmp_path / "eval", samples=1, checker_steps=2, log=lambda m: None, decoder_steps=2)
+    assert (report["prior_steps"], report["prior_cfg"], report["decoder_steps"], report["decoder_cfg"]) == (
+        3,
+        4.0,
+        2,
+        1.5,
+    )
+
+    family["sampling"] = {"decoder_cfg": -1}
+    (folder / "family.json").write_text(json.dumps(family))
+    with pytest.raises(WeightsError, match=r"family.json: sampling: decoder_cfg: -1 is not allowed; use a finite"):
+        family_sampling(folder)
+    pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "p.parquet")
+    assert job(["--prompts", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "out"), "--model", str(folder)]) == 3
+    assert "sampling: decoder_cfg: -1 is not allowed" in capsys.readouterr().err
+    family["sampling"] = {"decoder_guidance": 2}
+    (folder / "family.json").write_text(json.dumps(family))
+    with pytest.raises(
+        WeightsError, match=r"sampling: \{'decoder_guidance': 2\} is not allowed; use a mapping of some"
+    ):
+        family_sampling(folder)
+    assert cli(["a red circle", "--weights", str(folder), "--out", str(out)]) == 3
+
+
+def test_the_job_stops_on_a_broken_family_file_before_it_starts(tmp_path, capsys):
     from jobs.generate import main as job
 
     folder = write_family(tmp_path / "w")

@@ -42,8 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, help="where eval.json and the contact sheet go (default MODEL/eval, or "
                    "runs/eval-NAME for a built-in model)")  # fmt: skip
     e.add_argument("--samples", type=int, default=80, help="images per split (held-out, training combinations)")
-    e.add_argument("--prior-steps", type=int, default=20)
-    e.add_argument("--decoder-steps", type=int, default=10)
+    for name, kind in (("prior-steps", int), ("prior-cfg", float), ("decoder-steps", int), ("decoder-cfg", float)):
+        e.add_argument(f"--{name}", type=kind, help="default: what the family's users get (the CLI's default)")
     e.add_argument("--checker-steps", type=int, default=600, help="checker training steps")
     e.add_argument("--seed", type=int, default=0)
     lo = sub.add_parser("lora", help='train a LoRA that teaches "[zorp]" (a new shape) to a family, and measure it')
@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                 args.out or default_out,
                 samples=args.samples,
                 prior_steps=args.prior_steps,
+                prior_cfg=args.prior_cfg,
                 decoder_steps=args.decoder_steps,
+                decoder_cfg=args.decoder_cfg,
                 checker_steps=args.checker_steps,
                 seed=args.seed,
             )

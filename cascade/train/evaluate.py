@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ..family import load_family
 from ..pipeline import generate, to_tensor
-from ..request import Request
+from ..request import Request, sampling_defaults
 from .checker import HEADS, Checker, judge, train_checker
 from .shapes import render, sample_attributes
 
@@ -68,31 +68,34 @@ def evaluate(
     model: Path | str,
     out: Path,
     samples: int = 80,
-    prior_steps: int = 20,
-    decoder_steps: int = 10,
     checker_steps: int = 600,
     seed: int = 0,
     batch_size: int = 16,
     log=print,
+    prior_steps: int | None = None,
+    prior_cfg: float | None = None,
+    decoder_steps: int | None = None,
+    decoder_cfg: float | None = None,
 ) -> dict:
-    """Generate `samples` images per split, judge them, write eval.json and contact-sheet.png to `out`."""
+    """Generate `samples` images per split, judge them, write eval.json and contact-sheet.png to `out`. Sampling
+    (prior_steps, prior_cfg, decoder_steps, decoder_cfg) is what a user of the family gets unless given here: the
+    family's own defaults, else the reference's."""
     if samples < 1:
         raise ValueError(f"samples: {samples} is not allowed; use 1 or more")
     started = time.perf_counter()
     models = load_family(model, dtype=torch.float32)
     size = models.geometry.default_size
+    given = dict(prior_steps=prior_steps, prior_cfg=prior_cfg, decoder_steps=decoder_steps, decoder_cfg=decoder_cfg)
+    sampling = {k: v if given[k] is None else given[k] for k, v in sampling_defaults(model).items()}
     checker = checker_for(out, size, checker_steps, seed)
-    report: dict = {"model": str(model), "size": size, "samples": samples, "prior_steps": prior_steps}
-    report.update(decoder_steps=decoder_steps, checker_steps=checker_steps, seed=seed, accuracy={}, prompts={})
+    report: dict = {"model": str(model), "size": size, "samples": samples, **sampling}
+    report.update(checker_steps=checker_steps, seed=seed, accuracy={}, prompts={})
     sheet_images, sheet_labels = [], []
     for split in SPLITS:
         rng = random.Random(f"eval:{split}:{seed}")
         attributes = [sample_attributes(rng, split) for _ in range(samples)]
         prompts = [a.caption(0) for a in attributes]
-        requests = [
-            Request(p, seed=seed + i, width=size, height=size, prior_steps=prior_steps, decoder_steps=decoder_steps)
-            for i, p in enumerate(prompts)
-        ]
+        requests = [Request(p, seed=seed + i, width=size, height=size, **sampling) for i, p in enumerate(prompts)]
         results = generate(models, requests, batch_size=batch_size)
         images = torch.stack([to_tensor(r.image) for r in results])
         renders = torch.stack([to_tensor(render(a, size, seed=i)) for i, a in enumerate(attributes)])
