@@ -76,7 +76,8 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
 
 def test_recipes_name_where_general_images_go(tmp_path, capsys):
     recipe = Recipe()
-    assert recipe.general_for == ("semantic", "stage_b") and recipe.general_shapes == ()
+    assert recipe.general_for == ("stage_a", "semantic", "stage_b")  # run 6, shipped: every image model ...
+    assert recipe.general_shapes == ("star", "hexagon", "arrow")  # ... sees shapes no caption names, too
     # A recipe recorded before general images (every stage written out, no general_images) had none; a partial
     # recipe written by hand gets the default, so naming where general images go does not turn them off.
     recorded = {k: v for k, v in asdict(Recipe()).items() if not k.startswith("general")}
@@ -153,14 +154,16 @@ def test_the_demo_family_draws_what_prompts_ask_for(tmp_path):
     held_out, train_split = report["accuracy"]["heldout"], report["accuracy"]["train"]
     for split in (held_out, train_split):
         assert min(split["checker_on_renders"].values()) >= 0.95, split  # the judge reads ground truth
-    # Set below the shipped demo's full evaluation (80 prompts per split, docs/TRAINING.md): held-out colour 88 %,
-    # shape 50 %, position 100 %, all three 42 %; training pairs colour 99 %, shape 61 %, position 100 %. Chance is
-    # 1/8 colours, 1/5 shapes and positions, 1/200 all three. These 32 read held-out 84 / 56 / 100 / 50 %, training
-    # 97 / 50 / 100 / 47 % (2026-11-27); chance would put shape at 6 of 32 (sd 2.3), and these bounds ask for 12.
-    assert held_out["colour"] >= 0.7 and held_out["position"] >= 0.85 and held_out["all_three"] >= 0.25, held_out
-    assert held_out["shape"] >= 0.35, held_out
+    # Set below the shipped demo's full evaluation (80 prompts per split, docs/TRAINING.md): held-out colour 81 %,
+    # shape 74 %, position 100 %, all three 62 %; training pairs colour 100 %, shape 64 %, position 100 %. Chance is
+    # 1/8 colours, 1/5 shapes and positions, 1/200 all three. These 32 read held-out 75 / 69 / 100 / 59 %, training
+    # 100 / 59 / 100 / 59 % (2026-11-28, run 6 at decoder cfg 1.5); chance would put shape at 6 of 32 (sd 2.3), and
+    # these bounds ask for 16 held-out and 13 training.
+    assert held_out["colour"] >= 0.6 and held_out["position"] >= 0.85 and held_out["all_three"] >= 0.4, held_out
+    assert held_out["shape"] >= 0.5, held_out
     assert train_split["colour"] >= 0.85 and train_split["position"] >= 0.85, train_split
-    assert train_split["shape"] >= 0.35, train_split
+    assert train_split["shape"] >= 0.4, train_split
+    assert report["decoder_cfg"] == 1.5  # the family's own default (family.json), what its users get
     assert (tmp_path / "contact-sheet.png").is_file() and (tmp_path / "eval.json").is_file()
 
 

@@ -96,8 +96,8 @@ class Recipe:
     size: int = 64
     images: int = 8000
     general_images: int = 8000  # uncaptioned shapes in any colour (shapes.make_general) ...
-    general_for: tuple[str, ...] = ("semantic", "stage_b")  # ... for these stages (of GENERAL_STAGES)
-    general_shapes: tuple[str, ...] = ()  # ... also in these shapes no caption names (of shapes.UNNAMED_SHAPES)
+    general_for: tuple[str, ...] = GENERAL_STAGES  # ... for these stages (of GENERAL_STAGES)
+    general_shapes: tuple[str, ...] = UNNAMED_SHAPES  # ... also in these shapes no caption names
     data_seed: int = 0
     text_seed: int = 0
     stage_a: RunConfig = field(
@@ -110,7 +110,7 @@ class Recipe:
         default_factory=lambda: RunConfig(steps=1500, batch_size=128, lr=1e-3, warmup=100, ema_beta=0.995)
     )
     stage_b: RunConfig = field(
-        default_factory=lambda: RunConfig(steps=6000, batch_size=32, lr=1e-3, warmup=200, ema_beta=0.998)
+        default_factory=lambda: RunConfig(steps=8000, batch_size=32, lr=1e-3, warmup=200, ema_beta=0.998)
     )
     stage_c: RunConfig = field(default_factory=lambda: RunConfig(steps=3000, batch_size=64, lr=1e-3, warmup=200))
 
