@@ -19,11 +19,11 @@ from cascade.family import demo_models, load_models, tiny_models
 from cascade.geometry import DEMO_FOLDER
 from cascade.lora import apply_lora_file, read_lora
 from cascade.pipeline import generate
-from cascade.request import Request
+from cascade.request import Request, sampling_defaults
 from cascade.train.demo import Recipe, train
 from cascade.train.loop import RunConfig
-from cascade.train.lora import NEW_SHAPE, WORD, lora_report, shape_votes, train_lora, word_data
-from cascade.train.shapes import SHAPES, Attributes, render, sample_attributes
+from cascade.train.lora import ALL_SHAPES, NEW_SHAPE, WORD, lora_report, shape_votes, train_lora, word_data
+from cascade.train.shapes import Attributes, render, sample_attributes
 from cascade.weights import WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,18 +147,17 @@ def test_the_lora_command_trains_writes_and_reports(family, tmp_path):
 
 def test_the_latent_vote_finds_the_shape_whose_latent_it_is(family):
     """The latent vote's nearest-latent rule, checked on latents whose shape is known: the encoder's own latents of
-    a star and of a circle."""
+    the new shape and of a circle."""
     from cascade.pipeline import to_tensor
     from cascade.train.lora import nearest_shapes, shape_latents
     from cascade.train.shapes import Attributes, render
 
     models = load_models(family, dtype=torch.float32, with_effnet=True)
-    attributes = [Attributes(shape, "red", "in the center", "large", "white") for shape in ("star", "circle")]
-    assert attributes[0].shape == NEW_SHAPE
+    attributes = [Attributes(shape, "red", "in the center", "large", "white") for shape in (NEW_SHAPE, "circle")]
     with torch.no_grad():
         known = torch.stack([models.effnet.encode(to_tensor(render(a, 64, seed=1))[None])[0] for a in attributes])
     references = shape_latents(models.effnet, attributes, 64)
-    assert nearest_shapes(references, known) == ["star", "circle"]
+    assert nearest_shapes(references, known) == [NEW_SHAPE, "circle"]
 
 
 def test_a_missing_lora_stops_the_job_before_it_starts(tmp_path, capsys):
@@ -175,7 +174,8 @@ def test_a_missing_lora_stops_the_job_before_it_starts(tmp_path, capsys):
 def test_the_shipped_zorp_lora_draws_its_new_shape_and_leaves_other_prompts_alone():
     """examples/zorp.safetensors was trained by `python -m cascade.train lora` (its report beside it)."""
     recorded = json.loads(SHIPPED_LORA.with_suffix(".json").read_text())
-    report = lora_report(lambda: demo_models(with_effnet=True), SHIPPED_LORA, samples=8)
+    sampling = sampling_defaults("demo")  # what the demo's users get
+    report = lora_report(lambda: demo_models(with_effnet=True), SHIPPED_LORA, samples=8, sampling=sampling)
     report.pop("images")
     assert report["new_shape_before"] <= 0.25, report  # the base model does not know the word
     assert report["new_shape_after"] >= 0.5, report  # the LoRA draws "[zorp]" as the new shape
@@ -189,7 +189,7 @@ def test_the_shape_vote_reads_jittered_renders_of_every_shape():
     """The pixel-level judge of the LoRA report: each render (jittered in place and size, as the data set's) is voted
     its own shape, the new one included, and an empty image votes for none."""
     rng = random.Random("vote")
-    for shape in (*SHAPES, NEW_SHAPE):
+    for shape in ALL_SHAPES:  # the unnamed ones too: any can be the new word's
         attributes = [Attributes(shape, a.colour, a.position, a.size, a.background) for a in
                       (sample_attributes(rng) for _ in range(8))]  # fmt: skip
         images = [render(a, 64, seed=i) for i, a in enumerate(attributes)]

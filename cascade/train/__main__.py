@@ -1,6 +1,6 @@
 """python -m cascade.train: train the demo family from scratch, a stage at a time or all at once, and evaluate it.
 
-    python -m cascade.train all --out runs/demo            # every stage, in order (60-100 min on 2 CPU cores)
+    python -m cascade.train all --out runs/demo            # every stage, in order (about 2 h on 2 CPU cores)
     python -m cascade.train stage-c --out runs/demo        # one stage (its inputs must be trained)
     python -m cascade.train eval --model runs/demo         # the checker's verdict and a contact sheet
     python -m cascade.train lora --model runs/demo --out zorp.safetensors   # teach "[zorp]", a new shape, to Stage C
@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 from .demo import STAGES, Recipe, train
+from .lora import NEW_SHAPE
+from .shapes import UNNAMED_SHAPES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", type=Path, default=Path("runs/zorp.safetensors"), help="the LoRA file to write")
     lo.add_argument("--steps", type=int, default=400)
     lo.add_argument("--images", type=int, default=512, help="training images of the new shape")
+    lo.add_argument("--shape", choices=UNNAMED_SHAPES, default=NEW_SHAPE, help="what [zorp] names (no caption does)")
     lo.add_argument("--rank", type=int, default=4, help="the low-rank updates' rank (the reference's 4)")
     lo.add_argument("--batch-size", type=int, default=32)
     lo.add_argument("--lr", type=float, default=1e-3)
@@ -117,6 +120,7 @@ def _lora(args) -> int:
     import torch
 
     from ..family import load_family
+    from ..request import sampling_defaults
     from .evaluate import contact_sheet
     from .loop import RunConfig
     from .lora import lora_report, train_lora, word_data
@@ -129,17 +133,17 @@ def _lora(args) -> int:
         return load_family(args.model, dtype=torch.float32, with_effnet=True)
 
     models = load()
-    data = word_data(args.images, models.geometry.default_size)
+    data = word_data(args.images, models.geometry.default_size, shape=args.shape)
     run = RunConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=min(50, args.steps))
     started = time.perf_counter()
     adapter = train_lora(models, data, run, rank=args.rank, progress=not args.no_progress)
     adapter.save(args.out)
     print(f"wrote {args.out} ({args.steps} steps, {time.perf_counter() - started:.0f} s)", file=sys.stderr)
     if args.samples:
-        report = lora_report(load, args.out, samples=args.samples)
+        report = lora_report(load, args.out, args.samples, sampling_defaults(args.model), args.shape)
         images = report.pop("images")
         sheet = [*images["before"], *images["after"], *images["others_before"], *images["others_after"]]
-        labels = [f"{row}" for row in ("base [zorp]", "LoRA [zorp]", "base other", "LoRA other") for _ in range(8)]
+        labels = [row for row in ("base [zorp]", "LoRA [zorp]", "base other", "LoRA other") for _ in range(8)]
         contact_sheet(sheet, labels).save(args.out.with_suffix(".png"))
         report["seconds"] = round(time.perf_counter() - started, 1)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,10 +1,12 @@
 """Train a LoRA on a trained family (the reference's `train_c_lora.py`): Stage C's attention projections get
 low-rank updates and new words get learned token rows, with the base weights frozen.
 
-The demonstration: "[zorp]", a word the model has never seen, drawn as a shape it has never seen (a five-pointed
-star). The LoRA's data are stars of random colours, positions, sizes and backgrounds, captioned with "[zorp]" in the
-shape's place; `shape_votes` judges which shape a generated image shows by matching its foreground against every
-shape drawn at the prompt's position and size.
+The demonstration: "[zorp]", a word the model has never seen, drawn as a shape no caption names (an arrow by
+default; a star or a hexagon on request). The LoRA's data are that shape in random colours, positions, sizes and
+backgrounds, captioned with "[zorp]" in the shape's place; `shape_votes` judges which shape a generated image shows
+by matching its foreground against every shape, fitted to it. A LoRA changes only Stage C: the image models must
+already draw the shape from its semantic latent (the demo's saw the unnamed shapes, uncaptioned, in training; of
+the three its Stage B/A draws the arrow best, and a 17 px star's thin points hardly at all: docs/TRAINING.md).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .shapes import (
     BACKGROUNDS,
     SHAPES,
     TEMPLATES,
+    UNNAMED_SHAPES,
     Attributes,
     ShapesData,
     fill_shape,
@@ -33,8 +36,9 @@ from .shapes import (
 )
 from .stages import CAPTION_DROPOUT
 
-NEW_SHAPE = "star"
+NEW_SHAPE = "arrow"
 WORD = "[zorp]"
+ALL_SHAPES = (*SHAPES, *UNNAMED_SHAPES)  # what the votes choose among
 INIT_FROM = list(SHAPES)  # the new word starts as the average shape word
 
 
@@ -114,7 +118,7 @@ def _fitted_mask(shape: str, seen: np.ndarray) -> np.ndarray:
     return _mask(shape, xs.mean() - (px.mean() - size / 2), ys.mean() - (py.mean() - size / 2), r, size)
 
 
-def shape_votes(images: list[Image.Image], attributes: list[Attributes], shapes=(*SHAPES, NEW_SHAPE)) -> list[str]:
+def shape_votes(images: list[Image.Image], attributes: list[Attributes], shapes=ALL_SHAPES) -> list[str]:
     """For each image, the shape whose mask, fitted to the image's foreground (same centroid and area), overlaps it
     best (intersection over union). An image with no foreground votes for no shape ("")."""
     votes = []
@@ -133,7 +137,7 @@ def shape_votes(images: list[Image.Image], attributes: list[Attributes], shapes=
 
 @torch.no_grad()
 def shape_latents(
-    encoder, attributes: list[Attributes], size: int, renders: int = 4, shapes=(*SHAPES, NEW_SHAPE)
+    encoder, attributes: list[Attributes], size: int, renders: int = 4, shapes=ALL_SHAPES
 ) -> torch.Tensor:
     """(n, shapes, renders, c, h, w): `encoder`'s latents of `renders` renders of each attribute set's colour,
     position, size and background drawn as each of `shapes`: what `nearest_shapes` compares against."""
@@ -151,25 +155,27 @@ def shape_latents(
     ])  # fmt: skip
 
 
-def nearest_shapes(references: torch.Tensor, latents: torch.Tensor, shapes=(*SHAPES, NEW_SHAPE)) -> list[str]:
+def nearest_shapes(references: torch.Tensor, latents: torch.Tensor, shapes=ALL_SHAPES) -> list[str]:
     """For each latent, the shape whose `shape_latents` references lie nearest it on average (mean squared)."""
     distance = ((references - latents[:, None, None].to(references)) ** 2).flatten(2).mean(dim=2)  # (n, shapes)
     return [shapes[i] for i in distance.argmin(dim=1).tolist()]
 
 
 @torch.no_grad()
-def prior_latents(models, prompts: list[str], steps: int = 20) -> torch.Tensor:
-    """Stage C's latents for `prompts` (seeds 0, 1, ...) at the family's default size: what the prior meant, before
-    Stage B and Stage A draw it."""
+def prior_latents(models, prompts: list[str], sampling: dict | None = None) -> torch.Tensor:
+    """Stage C's latents for `prompts` (seeds 0, 1, ...) at the family's default size and the given `sampling`
+    (Request's fields; the reference's defaults for those not given): what the prior meant, before Stage B and
+    Stage A draw it."""
     from ..pipeline import run_prior
     from ..request import Request
 
     size = models.geometry.default_size
-    requests = [Request(p, seed=i, width=size, height=size, prior_steps=steps) for i, p in enumerate(prompts)]
+    requests = [Request(p, seed=i, width=size, height=size, **(sampling or {})) for i, p in enumerate(prompts)]
     return torch.stack([o.latent for i in range(0, len(requests), 16) for o in run_prior(models, requests[i : i + 16])])
 
 
 __all__ = [
+    "ALL_SHAPES",
     "INIT_FROM",
     "NEW_SHAPE",
     "WORD",
@@ -182,37 +188,37 @@ __all__ = [
 ]
 
 
-def lora_report(load, path: Path, samples: int = 24, prior_steps: int = 20, decoder_steps: int = 10) -> dict:
+def lora_report(load, path: Path, samples: int = 24, sampling: dict | None = None, shape: str = NEW_SHAPE) -> dict:
     """What a LoRA file does to a family (`load()` returns a fresh copy of it, with its semantic encoder): how often
-    "[zorp]" prompts come out as the new shape before and after merging it, in the images and in Stage C's latents,
-    and how far other prompts' images move (same seeds)."""
+    "[zorp]" prompts come out as the new `shape` before and after merging it, in the images and in Stage C's latents,
+    and how far other prompts' images move (same seeds). `sampling`: the steps and guidance to sample with (the
+    family's users' defaults: `cascade.request.sampling_defaults`); the reference's where None."""
     from ..lora import apply_lora_file
     from ..pipeline import generate
     from ..request import Request
 
     rng = random.Random("lora-eval")
     word_attrs = [sample_attributes(rng) for _ in range(samples)]
-    word_attrs = [Attributes(NEW_SHAPE, a.colour, a.position, a.size, a.background) for a in word_attrs]
+    word_attrs = [Attributes(shape, a.colour, a.position, a.size, a.background) for a in word_attrs]
     other_attrs = [sample_attributes(rng) for _ in range(samples)]
-    word_prompts = [a.caption(0).replace(f" {NEW_SHAPE} ", f" {WORD} ") for a in word_attrs]
+    word_prompts = [a.caption(0).replace(f" {shape} ", f" {WORD} ") for a in word_attrs]
     other_prompts = [a.caption(0) for a in other_attrs]
 
     def render_all(models, prompts):
         size = models.geometry.default_size
-        requests = [Request(p, seed=i, width=size, height=size, prior_steps=prior_steps, decoder_steps=decoder_steps)
-                    for i, p in enumerate(prompts)]  # fmt: skip
+        requests = [Request(p, seed=i, width=size, height=size, **(sampling or {})) for i, p in enumerate(prompts)]
         return [r.image for r in generate(models, requests, batch_size=8)]
 
     base = load()
     before_word, before_other = render_all(base, word_prompts), render_all(base, other_prompts)
     # The semantic encoder is not touched by a LoRA: one set of references serves both latent votes.
     references = shape_latents(base.effnet, word_attrs, base.geometry.default_size)
-    before_latent = nearest_shapes(references, prior_latents(base, word_prompts, prior_steps))
+    before_latent = nearest_shapes(references, prior_latents(base, word_prompts, sampling))
     tuned = load()
     apply_lora_file(tuned, path)
     after_word, after_other = render_all(tuned, word_prompts), render_all(tuned, other_prompts)
-    after_latent = nearest_shapes(references, prior_latents(tuned, word_prompts, prior_steps))
-    star = lambda votes: sum(v == NEW_SHAPE for v in votes) / len(votes)  # noqa: E731
+    after_latent = nearest_shapes(references, prior_latents(tuned, word_prompts, sampling))
+    share = lambda votes: sum(v == shape for v in votes) / len(votes)  # noqa: E731
     same_shape = [a == b for a, b in zip(shape_votes(before_other, other_attrs), shape_votes(after_other, other_attrs))]
     moved = [
         float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() / 255)
@@ -220,13 +226,13 @@ def lora_report(load, path: Path, samples: int = 24, prior_steps: int = 20, deco
     ]
     return {
         "word": WORD,
-        "new_shape": NEW_SHAPE,
+        "new_shape": shape,
         "samples": samples,
-        "new_shape_before": round(star(shape_votes(before_word, word_attrs)), 4),
-        "new_shape_after": round(star(shape_votes(after_word, word_attrs)), 4),
+        "new_shape_before": round(share(shape_votes(before_word, word_attrs)), 4),
+        "new_shape_after": round(share(shape_votes(after_word, word_attrs)), 4),
         # The same question asked of Stage C's latents (nearest semantic latent): where the LoRA acts.
-        "new_shape_in_latent_before": round(star(before_latent), 4),
-        "new_shape_in_latent_after": round(star(after_latent), 4),
+        "new_shape_in_latent_before": round(share(before_latent), 4),
+        "new_shape_in_latent_after": round(share(after_latent), 4),
         "other_prompts_same_shape": round(sum(same_shape) / len(same_shape), 4),
         "other_prompts_mean_pixel_change": round(sum(moved) / len(moved), 4),
         "images": {"before": before_word[:8], "after": after_word[:8], "others_before": before_other[:8],
