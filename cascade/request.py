@@ -67,6 +67,7 @@ def validate(request: Request, geometry: Geometry = OFFICIAL) -> None:
 
 
 SAMPLING = ("prior_steps", "prior_cfg", "decoder_steps", "decoder_cfg")  # what a family may choose its defaults for
+REFERENCE_SAMPLING = {key: getattr(Request, key) for key in SAMPLING}  # the reference notebook's: 20, 4.0, 10, 1.1
 
 
 def family_sampling(model) -> dict[str, int | float]:
@@ -87,7 +88,7 @@ def family_sampling(model) -> dict[str, int | float]:
 
 def sampling_defaults(model) -> dict[str, int | float]:
     """The steps and guidance a user of `model` gets unless they choose: the family's own, else the reference's."""
-    return {**{key: getattr(Request, key) for key in SAMPLING}, **family_sampling(model)}
+    return {**REFERENCE_SAMPLING, **family_sampling(model)}
 
 
 def validate_strength(strength: float) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from cascade.errors import WeightsError
 from cascade.geometry import DEFAULT_MODEL, OFFICIAL, Geometry, family_geometry, is_int
 from cascade.imagefile import FORMATS
-from cascade.request import MAX_SEED, MAX_STEPS, Request, sampling_defaults
+from cascade.request import MAX_SEED, MAX_STEPS, REFERENCE_SAMPLING, Request, sampling_defaults
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LAYOUTS = ("files", "webdataset")
@@ -104,15 +104,8 @@ class JobConfig:
         return asdict(self)
 
 
-# The settings whose default comes from the model family, and their types.
-FAMILY_DEFAULTS = {
-    "width": int,
-    "height": int,
-    "prior_steps": int,
-    "prior_cfg": float,
-    "decoder_steps": int,
-    "decoder_cfg": float,
-}
+# The settings whose default comes from the model family, and their types (the sampling ones' as the reference's).
+FAMILY_DEFAULTS = {"width": int, "height": int, **{key: type(v) for key, v in REFERENCE_SAMPLING.items()}}
 POOL_KEYS = {f.name for f in fields(PoolConfig)}
 KEYS = {f.name for f in fields(JobConfig)}
 
@@ -259,7 +252,7 @@ def _sampling(model: str) -> dict:
     try:
         return sampling_defaults(model)
     except WeightsError:
-        return sampling_defaults("tiny")  # the reference's
+        return dict(REFERENCE_SAMPLING)
 
 
 def load_yaml(path: str | Path) -> dict:
