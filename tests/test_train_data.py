@@ -16,6 +16,7 @@ from cascade.train.shapes import (
     SHAPES,
     UNNAMED_SHAPES,
     Attributes,
+    colourless_captions,
     free_colour,
     make_dataset,
     make_general,
@@ -84,6 +85,19 @@ def test_general_images_may_hold_shapes_no_caption_names():
         red = (pixels[..., 0] > 180) & (pixels[..., 1] < 90)
         ys, xs = np.nonzero(red)
         assert xs.mean() < 32 and ys.mean() < 32 and red.sum() > 60, shape
+
+
+def test_general_images_of_named_shapes_are_captioned_with_all_but_their_colour():
+    images, targets = make_general(60, size=32, seed=4, unnamed=("star", "arrow"))
+    named, captions = colourless_captions(targets, seed=4)
+    assert named.tolist() == (targets["shape"] >= 0).nonzero().flatten().tolist() and 0 < len(named) < 60
+    assert len(captions) == len(named) and len(set(captions)) > 1
+    for i, caption in zip(named.tolist(), captions):
+        for name in ("shape", "position", "size", "background"):
+            assert ATTRIBUTES[name][int(targets[name][i])] in caption, (name, caption)
+        assert not any(colour in caption.split() for colour in COLOURS), caption
+    assert colourless_captions(targets, seed=4)[1] == captions  # reproducible from the seed ...
+    assert colourless_captions(targets, seed=5)[1] != captions  # ... and the seed chooses the templates
 
 
 def test_render_puts_the_shape_where_the_caption_says():

@@ -59,23 +59,28 @@ def test_stage_b_trains_with_its_dropouts():
     assert sum(trained.losses[-10:]) / 10 < 0.8 * sum(trained.losses[:10]) / 10
 
 
-def test_stage_b_decodes_general_images_with_the_empty_caption(monkeypatch):
-    """Uncaptioned images (`shapes.make_general`) join Stage B's data with the empty caption's pooled embedding."""
+def spy_on_loss(monkeypatch, condition: str) -> list:
+    """Each batch a trainer passes to its loss, as (x0's first value per sample, `condition` per sample)."""
     from cascade.train import stages
 
+    seen, real_loss = [], stages.diffusion_loss
+
+    def spy(model, x0, conditions, loss_weight, generator):
+        seen.append((x0[:, 0, 0, 0].clone(), conditions[condition].clone()))
+        return real_loss(model, x0, conditions, loss_weight, generator)
+
+    monkeypatch.setattr(stages, "diffusion_loss", spy)
+    return seen
+
+
+def test_stage_b_decodes_general_images_with_the_empty_caption(monkeypatch):
+    """Uncaptioned images (`shapes.make_general`) join Stage B's data with the empty caption's pooled embedding."""
     g = torch.Generator().manual_seed(0)
     semantic = torch.randn(8, 16, 4, 4, generator=g)
     stage_a = torch.zeros(8, 4, 16, 16)  # captioned images' latents are 0, the general images' 7: told apart below
     general = (torch.full((8, 4, 16, 16), 7.0), torch.randn(8, 16, 4, 4, generator=g))
     text = encode_captions(build_text_encoder(TINY_TEXT_CONFIG, seed=0), ["a red circle"] * 8)
-    seen = []
-    real_loss = stages.diffusion_loss
-
-    def spy(model, x0, conditions, loss_weight, generator):
-        seen.append((x0[:, 0, 0, 0].clone(), conditions["clip"].clone()))
-        return real_loss(model, x0, conditions, loss_weight, generator)
-
-    monkeypatch.setattr(stages, "diffusion_loss", spy)
+    seen = spy_on_loss(monkeypatch, "clip")
     train_stage_b(stage_a, semantic, text, STAGE_B_TINY, RunConfig(steps=6, batch_size=8, warmup=1), general=general)
     values = torch.cat([v for v, _ in seen])
     pooled = torch.cat([p for _, p in seen])
@@ -85,3 +90,24 @@ def test_stage_b_decodes_general_images_with_the_empty_caption(monkeypatch):
     captioned = pooled[~is_general]
     kept = (captioned - text.pooled[:1]).abs().amax(dim=(1, 2)) == 0  # most keep their caption (5 % dropout)
     assert int(kept.sum()) > len(captioned) // 2
+
+
+def test_stage_c_draws_a_share_of_general_images_with_their_own_captions(monkeypatch):
+    """General images (`shapes.colourless_captions`) join a quarter of Stage C's samples, each with its own caption;
+    the captions' 5 % dropout to "" applies to both kinds."""
+    encoder = build_text_encoder(TINY_TEXT_CONFIG, seed=0)
+    text = encode_captions(encoder, ["a large red circle in the center"] * 8)
+    general_text = encode_captions(encoder, ["a large circle in the center"] * 8)
+    latents, general_latents = torch.zeros(8, 16, 4, 4), torch.full((8, 16, 4, 4), 7.0)  # told apart below
+    seen = spy_on_loss(monkeypatch, "clip_text_pooled")
+    run = RunConfig(steps=12, batch_size=16, warmup=1)
+    train_stage_c(latents, text, STAGE_C_TINY, run, progress=False, general=(general_latents, general_text))
+    values, pooled = torch.cat([v for v, _ in seen]), torch.cat([p for _, p in seen])
+    is_general = values == 7.0
+    assert 0.1 < is_general.float().mean() < 0.45, is_general.float().mean()  # about GENERAL_SHARE_C of 192
+    own = torch.where(is_general.view(-1, 1, 1), general_text.pooled[:1], text.pooled[:1])
+    matches = (pooled - own).abs().amax(dim=(1, 2)) == 0
+    dropped = (pooled - text.empty_pooled).abs().amax(dim=(1, 2)) == 0
+    assert bool((matches | dropped).all()) and int(matches.sum()) > 0.8 * len(values)
+    assert bool(matches[is_general].any()) and bool(matches[~is_general].any())
+

@@ -26,6 +26,7 @@ from .objective import AdaptiveLossWeight, diffusion_loss
 
 CAPTION_DROPOUT = 0.05  # the reference: captions -> "" for 5 % (Stages B and C)
 EFFNET_DROPOUT = 0.10  # the reference: Stage B's effnet conditioning zeroed for 10 %
+GENERAL_SHARE_C = 0.25  # Stage C: the share of each batch drawn from general images (captioned without a colour)
 
 
 @dataclass
@@ -64,18 +65,29 @@ def train_stage_c(
     run: RunConfig,
     checkpoint: Path | None = None,
     progress: bool = True,
+    general: tuple[torch.Tensor, TextTensors] | None = None,
 ) -> Trained:
-    """latents: (N, 16, h, w) semantic latents of the images whose captions `text` holds."""
+    """latents: (N, 16, h, w) semantic latents of the images whose captions `text` holds. `general`: semantic latents
+    of general images and their captions without a colour (`shapes.colourless_captions`); each sample of a batch is
+    one of those with probability `GENERAL_SHARE_C`."""
     model = StageC(config)
     clip_img = torch.zeros(run.batch_size, 1, config.c_clip_img)
 
     def step(generator: torch.Generator, loss_weight: AdaptiveLossWeight) -> torch.Tensor:
         idx = torch.randint(latents.shape[0], (run.batch_size,), generator=generator)
-        keep = torch.rand(run.batch_size, generator=generator) >= CAPTION_DROPOUT
-        clip_text = torch.where(keep.view(-1, 1, 1), text.clip_text[idx], text.empty_text)
-        pooled = torch.where(keep.view(-1, 1, 1), text.pooled[idx], text.empty_pooled)
+        x0, clip_text, pooled = latents[idx], text.clip_text[idx], text.pooled[idx]
+        if general is not None:
+            general_latents, general_text = general
+            gidx = torch.randint(general_latents.shape[0], (run.batch_size,), generator=generator)
+            use = (torch.rand(run.batch_size, generator=generator) < GENERAL_SHARE_C).view(-1, 1, 1)
+            x0 = torch.where(use.unsqueeze(-1), general_latents[gidx], x0)
+            clip_text = torch.where(use, general_text.clip_text[gidx], clip_text)
+            pooled = torch.where(use, general_text.pooled[gidx], pooled)
+        keep = (torch.rand(run.batch_size, generator=generator) >= CAPTION_DROPOUT).view(-1, 1, 1)
+        clip_text = torch.where(keep, clip_text, text.empty_text)
+        pooled = torch.where(keep, pooled, text.empty_pooled)
         conditions = {"clip_text": clip_text, "clip_text_pooled": pooled, "clip_img": clip_img}
-        mse, adjusted = diffusion_loss(model, latents[idx], conditions, loss_weight, generator)
+        mse, adjusted = diffusion_loss(model, x0, conditions, loss_weight, generator)
         return adjusted, mse.mean()
 
     return fit({"stage_c": model}, step, run, checkpoint, AdaptiveLossWeight(), "Stage C", progress)
