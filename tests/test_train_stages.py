@@ -111,3 +111,26 @@ def test_stage_c_draws_a_share_of_general_images_with_their_own_captions(monkeyp
     assert bool((matches | dropped).all()) and int(matches.sum()) > 0.8 * len(values)
     assert bool(matches[is_general].any()) and bool(matches[~is_general].any())
 
+
+@pytest.mark.parametrize("stage", ["stage_c", "stage_b"])
+def test_a_trainer_starts_from_its_run_seed_whatever_the_process_drew_before(stage):
+    """A stage's starting weights come from its run's seed: `all` (stages one after another in one process) and one
+    command per stage train the same weights."""
+    g = torch.Generator().manual_seed(0)
+    semantic = torch.randn(8, 16, 4, 4, generator=g)
+    text = encode_captions(build_text_encoder(TINY_TEXT_CONFIG, seed=0), ["a red circle"] * 8)
+
+    def weights(run: RunConfig) -> dict:
+        if stage == "stage_c":
+            trained = train_stage_c(semantic, text, STAGE_C_TINY, run, progress=False)
+        else:
+            trained = train_stage_b(torch.randn(8, 4, 16, 16, generator=g.manual_seed(1)), semantic, text,
+                                    STAGE_B_TINY, run, progress=False)  # fmt: skip
+        return trained.modules[stage].state_dict()
+
+    run = RunConfig(steps=1, batch_size=4, warmup=1)
+    first = weights(run)
+    torch.rand(7)  # the process's generator moved on, as after an earlier stage
+    again, other = weights(run), weights(RunConfig(steps=1, batch_size=4, warmup=1, seed=1))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)

@@ -71,6 +71,7 @@ def train_lora(
         raise ValueError("train_lora needs the family's semantic encoder: load the models with with_effnet=True")
     with torch.no_grad():
         latents = torch.cat([models.effnet.encode(data.images[i : i + 256]) for i in range(0, len(data), 256)])
+    torch.manual_seed(run.seed)  # the LoRA's starting weights from the run's seed
     adapter = attach(models, words, init_from, rank=rank)
     clip_img = torch.zeros(run.batch_size, 1, models.clip_img_dim)
 

@@ -52,6 +52,7 @@ def train_semantic(
 ) -> Trained:
     """`general`: uncaptioned images in any colour and their labels (`shapes.make_general`), drawn as often as the
     data set's own images."""
+    torch.manual_seed(run.seed)  # starting weights from the run's seed, not the process's history
     encoder = SemanticEncoder(config)
     previewer = Previewer(PreviewerConfig(c_in=config.c_latent, c_hidden=preview_hidden))
     grid = data.images.shape[-1] // config.stride

@@ -71,6 +71,7 @@ def train_stage_a(
     general: torch.Tensor | None = None,
 ) -> Trained:
     """`general`: uncaptioned images (`shapes.make_general`) drawn as often as the data set's own."""
+    torch.manual_seed(run.seed)  # starting weights from the run's seed, not the process's history
     model = StageA(config)
     _seed_codebook(model, data.images[:256], torch.Generator().manual_seed(run.seed))
     pool = data.images if general is None else torch.cat([data.images, general])

@@ -70,6 +70,7 @@ def train_stage_c(
     """latents: (N, 16, h, w) semantic latents of the images whose captions `text` holds. `general`: semantic latents
     of general images and their captions without a colour (`shapes.colourless_captions`); each sample of a batch is
     one of those with probability `GENERAL_SHARE_C`."""
+    torch.manual_seed(run.seed)  # starting weights from the run's seed, not the process's history
     model = StageC(config)
     clip_img = torch.zeros(run.batch_size, 1, config.c_clip_img)
 
@@ -106,6 +107,7 @@ def train_stage_b(
     """stage_a_latents: (N, 4, H/4, W/4) (Stage A's encode, scaled as at inference); semantic_latents: (N, 16, h, w)
     of the same images; text: their captions. `general`: (Stage A latents, semantic latents) of uncaptioned images
     (`shapes.make_general`), decoded with the empty caption, as the official Stage B is a decoder of any image."""
+    torch.manual_seed(run.seed)  # starting weights from the run's seed, not the process's history
     model = StageB(config)
     pooled_all = text.pooled
     if general is not None:

@@ -59,6 +59,7 @@ def train_text_encoder(
     semantic latents (N, 16, h, w)."""
     combos: dict = {}  # attribute combination -> group id
     groups = torch.tensor([combos.setdefault(a, len(combos)) for a in data.attributes])
+    torch.manual_seed(run.seed)  # the head's starting weights from the run's seed
     head = ImageHead(latents[0].numel(), encoder.model.config.projection_dim)
     encoder.model.requires_grad_(True).train()
 
