@@ -206,17 +206,17 @@ def free_colour(rng: random.Random, shape: str, background: str) -> tuple[int, i
             return rgb
 
 
-# Stage C's general images are captioned with everything they show but their colour, which has no name: the data
-# set's templates without the colour word. Trained on those beside the captioned set, Stage C can no longer read a
-# colour off a shape's words (in the captioned set each shape comes in its training colours only), so the colour
-# must come from the colour word, as it must for a held-out pair.
+# Stage C's general images (a recipe's opt-in) are captioned with everything they show but their colour, which has
+# no name: the data set's templates without the colour word. The idea: in the captioned set each shape comes in its
+# training colours only, so a shape's words may carry colour; beside these, the colour must come from the colour
+# word, as it must for a held-out pair. Measured (docs/TRAINING.md): inside the evaluation's noise.
 COLOURLESS_TEMPLATES = tuple(t.replace("{colour} ", "") for t in TEMPLATES)
 
 
 def colourless_captions(targets: dict[str, torch.Tensor], seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     """For general images' labels (`make_general`): the indices of those with a named shape, and their captions
     without a colour (a template at random, reproducible from `seed`)."""
-    rng = random.Random("free" + (f":{seed}" if seed else ""))
+    rng = random.Random(f"colourless:{seed}")
     named = (targets["shape"] >= 0).nonzero().flatten()
     captions = []
     for i in named.tolist():
