@@ -82,8 +82,8 @@ STAGES = ("stage_a", "semantic", "text_encoder", "stage_b", "stage_c")
 # Where general images may go: the image models (the official ones are trained on any image), which the default
 # recipe gives them to, and Stage C, which then trains on those of a named shape captioned without their colour
 # (`shapes.colourless_captions`; measured in docs/TRAINING.md, not in the default recipe).
-GENERAL_STAGES = ("stage_a", "semantic", "stage_b", "stage_c")
 IMAGE_MODELS = ("stage_a", "semantic", "stage_b")
+GENERAL_STAGES = (*IMAGE_MODELS, "stage_c")
 NEEDS = {
     "stage_a": (),
     "semantic": (),
