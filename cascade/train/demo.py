@@ -75,7 +75,7 @@ STAGE_C = StageCConfig(
     c_clip_text=64,
     c_clip_text_pooled=64,
     c_clip_img=32,
-    dropout=(0.0, 0.0),
+    dropout=(0.1, 0.1),
 )
 
 STAGES = ("stage_a", "semantic", "text_encoder", "stage_b", "stage_c")
