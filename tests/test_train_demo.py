@@ -26,7 +26,11 @@ for _stage in STAGES:
 
 def test_train_all_writes_a_family_that_generates_and_resumes(tmp_path, capsys):
     out = tmp_path / "family"
-    assert train(["all", "--out", str(out), *FEW_STEPS]) == 0
+    # Two stages at a time, each in its own process as its inputs are ready (the default on 2 cores or more).
+    assert train(["all", "--out", str(out), "--jobs", "2", *FEW_STEPS]) == 0
+    log = capsys.readouterr().err
+    assert log.index("semantic: started") < log.index("text_encoder: started") < log.index("stage_c: started")
+    assert log.index("stage_a: started") < log.index("stage_b: started")
     family = json.loads((out / "family.json").read_text())
     assert family["geometry"]["default_size"] == 64 and family["recipe"]["images"] == 96
     assert family["recipe"]["general_images"] == 32
@@ -62,6 +66,21 @@ def test_train_all_writes_a_family_that_generates_and_resumes(tmp_path, capsys):
     assert before == {
         s: (out / f).stat().st_mtime_ns for s, f in (("c", "stage_c.safetensors"), ("b", "stage_b.safetensors"))
     }
+
+
+def test_all_stops_every_stage_when_one_fails_in_its_process(tmp_path, capsys):
+    # `all` trains stages side by side in their own processes (two at a time by default). A semantic encoder that
+    # cannot be read makes the text encoder's process fail: the command names the stage and exits 1, and nothing is
+    # left running.
+    (tmp_path / "semantic_encoder.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "previewer.safetensors").write_bytes(b"")
+    assert train(["all", "--out", str(tmp_path), "--jobs", "2", *FEW_STEPS]) == 1
+    err = capsys.readouterr().err
+    assert "semantic: already trained" in err and "text_encoder: started" in err
+    assert "error: text_encoder failed (exit code" in err
+    assert not (tmp_path / "stage_c.safetensors").exists() and not (tmp_path / "stage_b.safetensors").exists()
+    assert train(["all", "--out", str(tmp_path), "--jobs", "0"]) == 2
+    assert "--jobs: 0 is not allowed; use 1 or more" in capsys.readouterr().err
 
 
 def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """python -m cascade.train: train the demo family from scratch, a stage at a time or all at once, and evaluate it.
 
-    python -m cascade.train all --out runs/demo            # every stage, in order (about 2 h on 2 CPU cores)
+    python -m cascade.train all --out runs/demo            # every stage, two at a time as their inputs are ready
     python -m cascade.train stage-c --out runs/demo        # one stage (its inputs must be trained)
     python -m cascade.train eval --model runs/demo         # the checker's verdict and a contact sheet
     python -m cascade.train lora --model runs/demo --out zorp.safetensors   # teach "[zorp]", a new shape, to Stage C
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
             flag = stage.replace("_", "-")
             s.add_argument(f"--{flag}-steps", type=int, metavar="N", help=f"{stage} training steps")
         s.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+        if name == "all":
+            s.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                           help="stages trained at once, each in its own process on cores/N threads as its inputs "
+                           "are ready (default 2 where there are 2 cores or more; 1: one after another)")  # fmt: skip
     e = sub.add_parser("eval", help="judge a trained family with the independent checker")
     e.add_argument("--model", default="runs/demo", help="a family folder, or a built-in model (demo)")
     e.add_argument("--out", type=Path, help="where eval.json and the contact sheet go (default MODEL/eval, or "
@@ -104,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             return _lora(args)
         recipe = _recipe(args)
         stages = STAGES if args.command == "all" else (args.command.replace("-", "_"),)
-        train(args.out, recipe, stages, progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr))
+        jobs = getattr(args, "jobs", 1)
+        if jobs < 1:
+            raise ValueError(f"--jobs: {jobs} is not allowed; use 1 or more")
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        train(args.out, recipe, stages, progress=not args.no_progress, log=log, jobs=jobs)
         return 0
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
@@ -112,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a stage trained in its own process failed (`all --jobs`)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def _lora(args) -> int:

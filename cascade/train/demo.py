@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
 import functools
 import json
 import time
@@ -39,6 +40,7 @@ from ..stage_c import StageCConfig
 from ..text import TINY_TEXT_CONFIG, build_text_encoder, load_text_encoder
 from ..weights import load_stage, save_stage
 from .loop import RunConfig, Trained
+from .schedule import train_side_by_side
 from .semantic import train_semantic
 from .shapes import UNNAMED_SHAPES, ShapesData, colourless_captions, make_dataset, make_general
 from .stage_a import latent_scale, train_stage_a, with_scale
@@ -229,18 +231,25 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
 def _record(out: Path, recipe: Recipe, stage: str | None = None, summary: dict | None = None) -> None:
     """family.json: the geometry `load_models` reads, the recipe, and what each stage took."""
     path = out / "family.json"
-    family = json.loads(path.read_text()) if path.is_file() else {}
-    family["geometry"] = asdict(GEOMETRY)
-    family["recipe"] = asdict(recipe)
-    if stage is not None:
-        family.setdefault("trained", {})[stage] = summary
-    path.write_text(json.dumps(family, indent=2) + "\n")
+    with open(out / ".family.lock", "w") as lock:  # stages trained side by side finish in their own processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        family = json.loads(path.read_text()) if path.is_file() else {}
+        family["geometry"] = asdict(GEOMETRY)
+        family["recipe"] = asdict(recipe)
+        if stage is not None:
+            family.setdefault("trained", {})[stage] = summary
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(family, indent=2) + "\n")
+        tmp.replace(path)  # a reader never sees half a file
 
 
-def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = True, log=print) -> dict:
-    """Train the stages not yet done, in order; returns {stage: summary} for those trained now."""
+def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = True, log=print, jobs: int = 1) -> dict:
+    """Train the stages not yet done, in order, or with `jobs` > 1 that many at once, each in its own process as its
+    inputs are ready (`schedule.train_side_by_side`); returns {stage: summary} for those trained now."""
     out.mkdir(parents=True, exist_ok=True)
     _record(out, recipe)
+    if jobs > 1:
+        return train_side_by_side(out, recipe, stages, NEEDS, _output, jobs, log)
     done, data = {}, None
     for stage in stages:
         if _output(out, stage).is_file():
