@@ -108,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "lora":
             return _lora(args)
         recipe = _recipe(args)
+        if args.no_progress:  # logs only: transformers' bars too (loading and saving the text encoder)
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
         stages = STAGES if args.command == "all" else (args.command.replace("-", "_"),)
         jobs = getattr(args, "jobs", 1)
         if jobs < 1:

@@ -45,7 +45,7 @@ def train_side_by_side(out: Path, recipe, stages, needs, output_of, jobs: int, l
     package_root = str(Path(__file__).resolve().parents[2])  # `-m cascade.train` finds this copy from any folder
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": path}
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    running: dict[str, subprocess.Popen] = {}
     done: dict[str, dict] = {}
     try:
         while todo or running:
@@ -54,24 +54,22 @@ def train_side_by_side(out: Path, recipe, stages, needs, output_of, jobs: int, l
                     break
                 command = [sys.executable, "-m", "cascade.train", stage.replace("_", "-"), "--out", str(out)]
                 command += ["--recipe", str(recipe_file), "--no-progress"]
-                running[stage] = (subprocess.Popen(command, env=env), time.perf_counter())
+                running[stage] = subprocess.Popen(command, env=env)
                 todo.remove(stage)
-                log(f"{stage}: started (process {running[stage][0].pid}, {threads} thread{'s' * (threads > 1)})")
+                log(f"{stage}: started (process {running[stage].pid}, {threads} thread{'s' * (threads > 1)})")
             if not running:  # nothing can start and nothing runs: a stage's input is missing and will not come
                 raise RuntimeError(f"cannot train {', '.join(todo)}: their inputs are not trained")
             time.sleep(1)
-            for stage, (process, started) in list(running.items()):
+            for stage, process in list(running.items()):
                 if process.poll() is None:
                     continue
                 del running[stage]
                 if process.returncode != 0:
                     raise RuntimeError(f"{stage} failed (exit code {process.returncode}); see its output above")
-                done[stage] = json.loads((out / "family.json").read_text())["trained"][stage]
-                log(f"{stage}: {done[stage]['steps']} steps, final loss {done[stage]['final_loss']:.4f}, "
-                    f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+                done[stage] = json.loads((out / "family.json").read_text())["trained"][stage]  # its process logged it
     finally:
-        for process, _ in running.values():  # on failure or Ctrl-C: stop the others at their last checkpoint
+        for process in running.values():  # on failure or Ctrl-C: stop the others at their last checkpoint
             process.terminate()
-        for process, _ in running.values():
+        for process in running.values():
             process.wait()
     return done
