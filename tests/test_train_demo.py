@@ -34,6 +34,7 @@ def test_train_all_writes_a_family_that_generates_and_resumes(tmp_path, capsys):
     family = json.loads((out / "family.json").read_text())
     assert family["geometry"]["default_size"] == 64 and family["recipe"]["images"] == 96
     assert family["recipe"]["general_images"] == 32
+    assert family["sampling"] == {"decoder_cfg": 1.5}  # the demo's measured default, so a retrain samples as it
     assert {s: family["trained"][s]["steps"] for s in STAGES} == {s: 3 for s in STAGES}
     assert 0 <= family["trained"]["text_encoder"]["heldout_retrieval"] <= 1  # the text stage reports its check
     assert family_geometry(out).stage_c_compression == 16
