@@ -254,13 +254,16 @@ def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = 
     inputs are ready (`schedule.train_side_by_side`); returns {stage: summary} for those trained now."""
     out.mkdir(parents=True, exist_ok=True)
     _record(out, recipe)
-    if jobs > 1:
-        return train_side_by_side(out, recipe, stages, NEEDS, _output, jobs, log)
-    done, data = {}, None
+    todo = []
     for stage in stages:
         if _output(out, stage).is_file():
             log(f"{stage}: already trained ({_output(out, stage)}); skipped")
-            continue
+        else:
+            todo.append(stage)
+    if jobs > 1:
+        return train_side_by_side(out, recipe, todo, NEEDS, _output, jobs, log)
+    done, data = {}, None
+    for stage in todo:
         started = time.perf_counter()
         data = data if data is not None else data_of(recipe)  # rendered once for every stage of this run
         done[stage] = train_stage(stage, out, recipe, progress, data)
