@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .demo import STAGES, Recipe, train
 from .lora import NEW_SHAPE
+from .schedule import StageFailed
 from .shapes import UNNAMED_SHAPES
 
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # a stage trained in its own process failed (`all --jobs`)
+    except StageFailed as e:  # a stage trained in its own process failed (`all --jobs`); it printed its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
 

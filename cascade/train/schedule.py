@@ -25,6 +25,10 @@ from pathlib import Path
 PRIORITY = ("semantic", "text_encoder", "stage_c", "stage_a", "stage_b")
 
 
+class StageFailed(RuntimeError):
+    """A stage's process exited with an error (its own output says why), or a stage's inputs will not come."""
+
+
 def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
@@ -32,7 +36,7 @@ def threads_per_job(jobs: int) -> int:
 def train_side_by_side(out: Path, recipe, stages, needs, output_of, jobs: int, log=print) -> dict:
     """Train `stages` (not yet trained), at most `jobs` at once, each on cpu_count // jobs threads, as `needs[stage]`
     have their outputs (`output_of(out, stage)`); returns {stage: summary}. A stage that fails stops the rest (they
-    resume from their checkpoints when the command is run again) and raises RuntimeError naming it."""
+    resume from their checkpoints when the command is run again) and raises StageFailed naming it."""
     todo = sorted(stages, key=PRIORITY.index)
     recipe_file = out / "checkpoints" / "recipe.json"  # what every stage's process reads
     recipe_file.parent.mkdir(parents=True, exist_ok=True)
@@ -54,14 +58,14 @@ def train_side_by_side(out: Path, recipe, stages, needs, output_of, jobs: int, l
                 todo.remove(stage)
                 log(f"{stage}: started (process {running[stage].pid}, {threads} thread{'s' * (threads > 1)})")
             if not running:  # nothing can start and nothing runs: a stage's input is missing and will not come
-                raise RuntimeError(f"cannot train {', '.join(todo)}: their inputs are not trained")
+                raise StageFailed(f"cannot train {', '.join(todo)}: their inputs are not trained")
             time.sleep(1)
             for stage, process in list(running.items()):
                 if process.poll() is None:
                     continue
                 del running[stage]
                 if process.returncode != 0:
-                    raise RuntimeError(f"{stage} failed (exit code {process.returncode}); see its output above")
+                    raise StageFailed(f"{stage} failed (exit code {process.returncode}); see its output above")
                 done[stage] = json.loads((out / "family.json").read_text())["trained"][stage]  # its process logged it
     finally:
         for process in running.values():  # on failure or Ctrl-C: stop the others at their last checkpoint
