@@ -14,6 +14,7 @@ from cascade.family import demo_models, load_models
 from cascade.geometry import DEMO_FOLDER, family_geometry
 from cascade.stage_a import StageAConfig
 from cascade.train.__main__ import main as train
+from cascade.train import demo
 from cascade.train.demo import STAGES, Recipe
 from cascade.train.loop import RunConfig
 from cascade.train.shapes import make_dataset
@@ -34,7 +35,12 @@ def test_train_all_writes_a_family_that_generates_and_resumes(tmp_path, capsys):
     family = json.loads((out / "family.json").read_text())
     assert family["geometry"]["default_size"] == 64 and family["recipe"]["images"] == 96
     assert family["recipe"]["general_images"] == 32
-    assert family["sampling"] == {"decoder_cfg": 1.5}  # the demo's measured default, so a retrain samples as it
+    assert family["sampling"] == demo.SAMPLING  # the demo's measured defaults, so a retrain samples as it does
+    assert family["sampling"]["decoder_cfg"] == 3.0 and family["sampling"]["decoder_steps"] == 20
+    # The whole command's time from start to end (the recipe's wall time), beside each stage's own.
+    assert sorted(family["wall"]["stages"]) == sorted(STAGES) and family["wall"]["jobs"] == 2, family["wall"]
+    assert family["wall"]["seconds"] >= max(family["trained"][s]["seconds"] for s in STAGES)
+    assert f"trained {', '.join(family['wall']['stages'])} in " in log
     assert {s: family["trained"][s]["steps"] for s in STAGES} == {s: 3 for s in STAGES}
     assert 0 <= family["trained"]["text_encoder"]["heldout_retrieval"] <= 1  # the text stage reports its check
     assert family_geometry(out).stage_c_compression == 16
@@ -169,7 +175,6 @@ def test_the_shipped_demo_was_made_with_the_recipes_model_configurations():
     """What `python -m cascade.train` builds today is what ships: a configuration changed in cascade/train/demo.py
     (Stage C's dropout, say) without retraining and shipping again fails here."""
     from cascade.text import load_text_encoder
-    from cascade.train import demo
     from cascade.weights import load_stage
 
     expected = {"stage_a": demo.STAGE_A, "semantic": demo.SEMANTIC, "previewer": demo.PREVIEWER}
@@ -195,16 +200,17 @@ def test_the_demo_family_draws_what_prompts_ask_for(tmp_path):
     held_out, train_split = report["accuracy"]["heldout"], report["accuracy"]["train"]
     for split in (held_out, train_split):
         assert min(split["checker_on_renders"].values()) >= 0.95, split  # the judge reads ground truth
-    # Set below the shipped demo's full evaluation (80 prompts per split, docs/TRAINING.md): held-out colour 99 %,
-    # shape 81 %, position 100 %, all three 80 %; training pairs colour 100 %, shape 76 %, position 100 %. Chance is
-    # 1/8 colours, 1/5 shapes and positions, 1/200 all three. These 32 read held-out 100 / 78 / 100 / 78 %, training
-    # 100 / 72 / 100 / 72 % (2026-11-28, run 8, decoder cfg 1.5); chance would put shape at 6 of 32 (sd 2.3), and
-    # these bounds ask for 16 held-out and 13 training.
+    # Set below the shipped demo's full evaluation (800 prompts per split, docs/TRAINING.md): held-out colour 99 %,
+    # shape 81 %, position 100 %, all three 81 %; training pairs colour 100 %, shape 78 %, position 100 %. Chance is
+    # 1/8 colours, 1/5 shapes and positions, 1/200 all three. These 32 read held-out 97 / 81 / 100 / 78 %, training
+    # 100 / 69 / 100 / 69 % (2026-11-28, run 8 at its defaults: prior cfg 2, decoder cfg 3, 20 decoder steps);
+    # chance would put shape at 6 of 32 (sd 2.3), and these bounds ask for 16 held-out and 13 training.
     assert held_out["colour"] >= 0.6 and held_out["position"] >= 0.85 and held_out["all_three"] >= 0.4, held_out
     assert held_out["shape"] >= 0.5, held_out
     assert train_split["colour"] >= 0.85 and train_split["position"] >= 0.85, train_split
     assert train_split["shape"] >= 0.4, train_split
-    assert report["decoder_cfg"] == 1.5  # the family's own default (family.json), what its users get
+    # The family's own defaults (family.json), what its users get.
+    assert (report["prior_cfg"], report["decoder_cfg"], report["decoder_steps"]) == (2.0, 3.0, 20), report
     assert (tmp_path / "contact-sheet.png").is_file() and (tmp_path / "eval.json").is_file()
 
 
