@@ -13,8 +13,8 @@ from cascade.__main__ import main as cli
 from cascade.family import demo_models, load_models
 from cascade.geometry import DEMO_FOLDER, family_geometry
 from cascade.stage_a import StageAConfig
-from cascade.train.__main__ import main as train
 from cascade.train import demo
+from cascade.train.__main__ import main as train
 from cascade.train.demo import STAGES, Recipe
 from cascade.train.loop import RunConfig
 from cascade.train.shapes import make_dataset
