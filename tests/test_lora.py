@@ -111,7 +111,7 @@ def test_a_job_merges_the_lora_in_its_stage_c_actors(family, tmp_path):
     assert manifest["model_digest"] != model_digest(str(family), False, "auto")
 
     # The actor's image is the in-process pipeline's with the LoRA merged, and not the base model's.
-    # Sampled as the job does: the family's own defaults (its family.json's decoder cfg) where the user sets none.
+    # Sampled as the job does: the family's own defaults (its family.json's sampling) where the user sets none.
     defaults = sampling_defaults(str(family)) | {"prior_steps": 3, "decoder_steps": 2}
     request = Request(PROMPT, seed=11, width=64, height=64, **defaults)
     job_image = np.asarray(Image.open(tmp_path / "out" / manifest["key"]))
