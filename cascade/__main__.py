@@ -43,7 +43,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", type=Path, help="folder laid out as the official stable-cascade(-prior) repos")
     src.add_argument("--model", choices=sorted(BUILTIN_MODELS), help=f"a built-in model (default: {DEFAULT_MODEL})")
-    p.add_argument("--lora", type=Path, help="a LoRA file (python -m cascade.train lora) merged into Stage C")
+    p.add_argument(
+        "--lora",
+        type=Path,
+        help="a LoRA file (python -m cascade.train lora) merged into Stage C (and Stage B if it adapts it)",
+    )
     p.add_argument("--lite", action="store_true", help="use Stage C lite and Stage B lite from --weights")
     p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG; with --num-images N, -0..-N-1")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional input)")

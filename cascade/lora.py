@@ -1,5 +1,5 @@
 """LoRA for Stage C, as the reference's `modules/lora.py`: low-rank updates of the attention projections, plus
-learned token embeddings for new words ("a [zorp]").
+learned token embeddings for new words ("a [zorp]"); optionally low-rank updates of Stage B's attention as well.
 
 - `LoRA`: a weight parametrisation W + (up @ down) * alpha / rank, on every module whose name contains one of the
   filters (the reference trains with `module_filters: ['.attn']`: each attention's packed q/k/v `in_proj_weight` and
@@ -7,11 +7,15 @@ learned token embeddings for new words ("a [zorp]").
 - `ReToken`: a parametrisation of the text encoder's token embedding that adds a learned row to each listed token.
   New words are added to the tokenizer first, their rows starting from the mean of some existing words' rows (the
   reference's `train_tokens: [['[fernando]', '^dog</w>']]`).
+- The decoder part (not in the reference): the same updates on Stage B's attention, which reads the pooled text.
+  The reference needs none, since its Stage B draws from a 24 x 24 semantic latent and has seen every kind of
+  image; a small family's 4 x 4 latent does not carry a new shape's outline, so its Stage B must learn the word too.
 
 A trained LoRA is one safetensors file: `weights.{i}.lora_down`/`lora_up` per adapted layer and
 `embeddings.embeddings`/`embeddings.indices` (the reference's ModuleDict names), plus `tokens.init`: the starting rows
-of the new words, so loading needs no word lists. The metadata names the layers, rank, alpha and tokens.
-`apply_lora_file(models, path)` merges it into a loaded family's text encoder and Stage C: no cost per image.
+of the new words, so loading needs no word lists, and `decoder.weights.{i}.*` for the decoder part if it has one.
+The metadata names the layers, rank, alpha and tokens. `apply_lora_file(models, path)` merges it into whichever
+halves of a family are loaded (text encoder + Stage C; Stage B): no cost per image.
 """
 
 from __future__ import annotations
@@ -119,14 +123,23 @@ class Adapter:
     rank: int
     alpha: float
     filters: tuple[str, ...]
+    decoder_layers: list[tuple[str, nn.Module, str]]  # Stage B's; empty for a Stage C LoRA (the reference's)
+    decoder_loras: list[LoRA]
+    decoder_rank: int
+
+    def modules(self) -> list[nn.Module]:
+        """What training updates: the low-rank factors of both stages and the new words' rows."""
+        return [*self.loras, self.retoken, *self.decoder_loras]
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for lora in self.loras for p in lora.parameters()] + [self.retoken.embeddings]
+        return [p for module in self.modules() for p in module.parameters()]
 
     def save(self, path: Path) -> None:
         tensors = {"embeddings.embeddings": self.retoken.embeddings, "embeddings.indices": self.retoken.indices}
-        for i, lora in enumerate(self.loras):
-            tensors[f"weights.{i}.lora_down"], tensors[f"weights.{i}.lora_up"] = lora.lora_down, lora.lora_up
+        for prefix, loras in (("", self.loras), ("decoder.", self.decoder_loras)):
+            for i, lora in enumerate(loras):
+                tensors[f"{prefix}weights.{i}.lora_down"] = lora.lora_down
+                tensors[f"{prefix}weights.{i}.lora_up"] = lora.lora_up
         tensors["tokens.init"] = self.token_init
         info = {
             "rank": self.rank,
@@ -135,25 +148,53 @@ class Adapter:
             "layers": [f"{name}.{param}" for name, _, param in self.layers],
             "tokens": self.words,
         }
+        if self.decoder_loras:
+            info["decoder_rank"] = self.decoder_rank
+            info["decoder_layers"] = [f"{name}.{param}" for name, _, param in self.decoder_layers]
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
         save_file(tensors, str(path), metadata={"cascade.kind": "lora", _METADATA: json.dumps(info)})
 
 
-def attach(models, words: list[str], init_from: list[str], rank: int = 4, alpha: float = 1.0, filters=FILTERS):
-    """Register a fresh LoRA on `models` (text encoder + Stage C) for training; everything else stays frozen."""
-    ids = add_tokens(models.text_encoder, words, init_from)
-    embedding = models.text_encoder.model.get_input_embeddings()
-    token_init = embedding.weight[ids].detach().clone()
-    retoken = ReToken(ids, embedding.weight.shape[1], embedding.weight.dtype, embedding.weight.device)
-    parametrize.register_parametrization(embedding, "weight", retoken)
-    layers = adapted_layers(models.stage_c, filters)
+def _attach_layers(model: nn.Module, rank: int, alpha: float, filters) -> tuple[list, list[LoRA]]:
+    layers = adapted_layers(model, filters)
     loras = []
     for _, module, param in layers:
         lora = LoRA(getattr(module, param), rank, alpha)
         parametrize.register_parametrization(module, param, lora)
         loras.append(lora)
-    return Adapter(layers, loras, retoken, words, token_init, rank, alpha, tuple(filters))
+    return layers, loras
+
+
+def attach(
+    models,
+    words: list[str],
+    init_from: list[str],
+    rank: int = 4,
+    alpha: float = 1.0,
+    filters=FILTERS,
+    decoder_rank: int = 0,
+) -> Adapter:
+    """Register a fresh LoRA on `models` (text encoder + Stage C, and Stage B's attention when `decoder_rank` > 0)
+    for training; everything else is frozen."""
+    for model in (models.text_encoder.model, models.stage_c, models.stage_b, models.stage_a, models.effnet):
+        if model is not None:
+            model.requires_grad_(False)
+    ids = add_tokens(models.text_encoder, words, init_from)
+    embedding = models.text_encoder.model.get_input_embeddings()
+    token_init = embedding.weight[ids].detach().clone()
+    retoken = ReToken(ids, embedding.weight.shape[1], embedding.weight.dtype, embedding.weight.device)
+    parametrize.register_parametrization(embedding, "weight", retoken)
+    layers, loras = _attach_layers(models.stage_c, rank, alpha, filters)
+    decoder_layers, decoder_loras = [], []
+    if decoder_rank > 0:
+        if models.stage_b is None:
+            raise ValueError("decoder_rank > 0 adapts Stage B: load the decoder half too")
+        decoder_layers, decoder_loras = _attach_layers(models.stage_b, decoder_rank, alpha, filters)
+    return Adapter(
+        layers, loras, retoken, words, token_init, rank, alpha, tuple(filters), decoder_layers, decoder_loras,
+        decoder_rank,
+    )  # fmt: skip
 
 
 def lora_info(path: str | Path) -> dict:
@@ -172,42 +213,55 @@ def read_lora(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return info, tensors
 
 
-@torch.no_grad()
-def apply_lora_file(models, path: str | Path, strength: float = 1.0) -> list[str]:
-    """Merge a LoRA file into a loaded family's text encoder and Stage C (the prior half); returns its new words.
-    A file made for another model (layers or shapes that do not match) is refused before anything changes."""
-    path = Path(path)
-    info, tensors = read_lora(path)
-    if models.stage_c is None or models.text_encoder is None:
-        raise ValueError("a LoRA adapts the prior half: load the text encoder and Stage C")
-    layers = {f"{n}.{p}": (m, p) for n, m, p in adapted_layers(models.stage_c, tuple(info["filters"]))}
+def _deltas(path: Path, model: nn.Module, info: dict, tensors, prefix: str, stage: str) -> list:
+    """(weight, delta) for each layer the file adapts in `model`; a layer it lacks, or of another shape, refuses the
+    file (naming the layer) before anything changes."""
+    rank = info["decoder_rank"] if prefix else info["rank"]
+    names = info["decoder_layers"] if prefix else info["layers"]
+    layers = {f"{n}.{p}": (m, p) for n, m, p in adapted_layers(model, tuple(info["filters"]))}
     deltas = []
-    for i, name in enumerate(info["layers"]):
+    for i, name in enumerate(names):
         if name not in layers:
-            raise WeightsError(f"{path}: layer {name} is not in this model's Stage C; the LoRA is for another model")
+            raise WeightsError(f"{path}: layer {name} is not in this model's {stage}; the LoRA is for another model")
         module, param = layers[name]
         weight = getattr(module, param)
-        delta = low_rank_delta(
-            tensors[f"weights.{i}.lora_up"], tensors[f"weights.{i}.lora_down"], info["alpha"] / info["rank"]
-        )
+        up, down = tensors[f"{prefix}weights.{i}.lora_up"], tensors[f"{prefix}weights.{i}.lora_down"]
+        delta = low_rank_delta(up, down, info["alpha"] / rank)
         if delta.shape != weight.shape:
             raise WeightsError(
-                f"{path}: {name} is {tuple(delta.shape)} in the LoRA, {tuple(weight.shape)} here; "
+                f"{path}: {stage} {name} is {tuple(delta.shape)} in the LoRA, {tuple(weight.shape)} here; "
                 "the LoRA is for another model"
             )
         deltas.append((weight, delta))
-    embedding = models.text_encoder.model.get_input_embeddings()
-    if tensors["embeddings.embeddings"].shape[1] != embedding.weight.shape[1]:
-        raise WeightsError(f"{path}: token rows of width {tensors['embeddings.embeddings'].shape[1]}, the text "
-                           f"encoder's are {embedding.weight.shape[1]}; the LoRA is for another model")  # fmt: skip
+    return deltas
+
+
+@torch.no_grad()
+def apply_lora_file(models, path: str | Path, strength: float = 1.0) -> list[str]:
+    """Merge a LoRA file into the halves of a family that are loaded: the text encoder and Stage C (the prior half),
+    and Stage B (the decoder half) where the file has a decoder part. Returns its new words. A file made for another
+    model (layers or shapes that do not match) is refused before anything changes."""
+    path = Path(path)
+    info, tensors = read_lora(path)
+    prior = models.stage_c is not None and models.text_encoder is not None
+    if not prior and models.stage_b is None:
+        raise ValueError("a LoRA adapts the prior half (text encoder + Stage C) or Stage B: load one of them")
+    deltas = _deltas(path, models.stage_c, info, tensors, "", "Stage C") if prior else []
+    if models.stage_b is not None and info.get("decoder_layers"):
+        deltas += _deltas(path, models.stage_b, info, tensors, "decoder.", "Stage B")
     words = info["tokens"]
     if len(tensors["embeddings.indices"]) != len(words):
         raise WeightsError(f"{path}: {len(tensors['embeddings.indices'])} token rows for {len(words)} words")
-    ids = add_tokens(models.text_encoder, words, [])
-    embedding = models.text_encoder.model.get_input_embeddings()
-    for row, token in enumerate(ids):
-        base = tensors["tokens.init"][row].to(embedding.weight)
-        embedding.weight[token] = base + strength * tensors["embeddings.embeddings"][row].to(embedding.weight)
+    if prior:
+        embedding = models.text_encoder.model.get_input_embeddings()
+        if tensors["embeddings.embeddings"].shape[1] != embedding.weight.shape[1]:
+            raise WeightsError(f"{path}: token rows of width {tensors['embeddings.embeddings'].shape[1]}, the text "
+                               f"encoder's are {embedding.weight.shape[1]}; the LoRA is for another model")  # fmt: skip
+        ids = add_tokens(models.text_encoder, words, [])
+        embedding = models.text_encoder.model.get_input_embeddings()
+        for row, token in enumerate(ids):
+            base = tensors["tokens.init"][row].to(embedding.weight)
+            embedding.weight[token] = base + strength * tensors["embeddings.embeddings"][row].to(embedding.weight)
     for weight, delta in deltas:
         weight.add_(delta.to(weight) * strength)
     return words

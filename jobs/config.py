@@ -57,7 +57,7 @@ class JobConfig:
     prompts: str = ""
     out: str = ""
     model: str = DEFAULT_MODEL  # demo where its trained weights ship, else tiny
-    lora: str = ""  # a LoRA file (python -m cascade.train lora) merged into the prior half; "" for none
+    lora: str = ""  # a LoRA file (python -m cascade.train lora) merged into the actors; "" for none
     dry_run: bool = False  # skip the model maths, move the same data (zero latents, grey images): tests the plumbing
     compile: bool = False  # torch.compile Stage C's and Stage B's blocks in the actors (cascade/speed.py), per bucket
     lite: bool = False

@@ -73,6 +73,53 @@ def test_a_merged_lora_file_gives_what_the_trained_adapter_gave(family, tmp_path
     assert not torch.allclose(merged, base, atol=1e-3)
 
 
+def test_a_decoder_part_adapts_stage_b_and_merges_into_whichever_half_is_loaded(family, tmp_path):
+    """`decoder_rank`: Stage B's attention gets updates too, trained by Stage B's loss; the file's decoder part
+    merges into Stage B wherever it is loaded (a job's decoder actors hold Stage B without the text encoder)."""
+    models = load_models(family, dtype=torch.float32, with_effnet=True)
+    clip = models.text_encoder.encode([PROMPT]).clip_text_pooled  # the base text: Stage B's own change alone
+    adapter = train_lora(models, word_data(16), RunConfig(steps=2, batch_size=4, warmup=1), progress=False,
+                         decoder_rank=2)  # fmt: skip
+    assert all(p.grad is not None for lora in adapter.decoder_loras for p in lora.parameters())  # Stage B's loss
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    g = torch.Generator().manual_seed(1)
+    x, effnet = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 16, 4, 4, generator=g)
+    with torch.no_grad():
+        trained = models.stage_b(x, torch.tensor([0.5]), effnet=effnet, clip=clip)
+    adapter.save(tmp_path / "l.safetensors")
+    info, _ = read_lora(tmp_path / "l.safetensors")
+    assert info["decoder_rank"] == 2 and info["rank"] == 4
+    assert len(info["decoder_layers"]) == 2 * sum(
+        1 for n, _ in models.stage_b.named_modules() if n.endswith(".attention.attn")
+    )
+
+    def stage_b_of(**kwargs):
+        fresh = load_models(family, dtype=torch.float32, **kwargs)
+        assert apply_lora_file(fresh, tmp_path / "l.safetensors") == [WORD]
+        with torch.no_grad():
+            return fresh, fresh.stage_b(x, torch.tensor([0.5]), effnet=effnet, clip=clip)
+
+    decoder_half, merged = stage_b_of(parts=("decoder",))
+    assert torch.allclose(merged, trained, atol=1e-5)
+    _, whole = stage_b_of()
+    assert torch.allclose(whole, trained, atol=1e-5)
+    with torch.no_grad():
+        base = load_models(family, dtype=torch.float32).stage_b(x, torch.tensor([0.5]), effnet=effnet, clip=clip)
+    assert not torch.allclose(merged, base, atol=1e-3)
+    prior_half = load_models(family, dtype=torch.float32, parts=("prior",))
+    apply_lora_file(prior_half, tmp_path / "l.safetensors")  # the prior half takes its part and ignores Stage B's
+    assert prior_half.stage_b is None and prior_output(prior_half, PROMPT).shape == (1, 16, 4, 4)
+
+    # A decoder part for another model is refused before anything changes, naming Stage B.
+    tiny = tiny_models(parts=("decoder",))
+    before = [p.clone() for p in tiny.stage_b.parameters()]
+    with pytest.raises(WeightsError, match="Stage B.*the LoRA is for another model"):
+        apply_lora_file(tiny, tmp_path / "l.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny.stage_b.parameters()))
+
+
 def test_a_lora_for_another_model_or_not_a_lora_is_refused(family, tmp_path):
     models = load_models(family, dtype=torch.float32, with_effnet=True)
     adapter = train_lora(models, word_data(8), RunConfig(steps=1, batch_size=4, warmup=1), progress=False)
@@ -89,14 +136,17 @@ def test_a_lora_for_another_model_or_not_a_lora_is_refused(family, tmp_path):
 
 
 @pytest.mark.usefixtures("local_ray")
-def test_a_job_merges_the_lora_in_its_stage_c_actors(family, tmp_path):
+def test_a_job_merges_the_lora_in_its_stage_c_and_stage_b_actors(family, tmp_path):
+    """A LoRA with a decoder part: the prior actors merge the text encoder's rows and Stage C's updates, the
+    decoder actors Stage B's."""
     from jobs.generate import main
     from jobs.manifest import read_manifests
     from workers.models import model_digest
     from workers.storage import LocalStorage
 
     models = load_models(family, dtype=torch.float32, with_effnet=True)
-    adapter = train_lora(models, word_data(8), RunConfig(steps=1, batch_size=4, warmup=1), progress=False)
+    run = RunConfig(steps=1, batch_size=4, warmup=1)
+    adapter = train_lora(models, word_data(8), run, progress=False, decoder_rank=2)
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -122,6 +172,9 @@ def test_a_job_merges_the_lora_in_its_stage_c_actors(family, tmp_path):
     assert same_but_rounding(job_image, local)
     base = np.asarray(generate(load_models(family, dtype=torch.float32), [request])[0].image)
     assert not same_but_rounding(job_image, base)
+    # ... and not the image of the prior part alone: the decoder actors merged Stage B's part.
+    tuned.stage_b = load_models(family, dtype=torch.float32, parts=("decoder",)).stage_b
+    assert not same_but_rounding(job_image, np.asarray(generate(tuned, [request])[0].image))
 
 
 def same_but_rounding(a: np.ndarray, b: np.ndarray) -> bool:
@@ -139,8 +192,16 @@ def test_the_lora_command_trains_writes_and_reports(family, tmp_path):
     argv = ["lora", "--model", str(family), "--out", str(out), "--steps", "2", "--images", "8", "--batch-size", "4"]
     assert main([*argv, "--samples", "2", "--no-progress"]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
-    for key in ("new_shape_before", "new_shape_after", "new_shape_in_latent_before", "new_shape_in_latent_after",
-                "other_prompts_same_shape"):  # fmt: skip
+    shares = (
+        "new_shape_before",
+        "new_shape_after",
+        "new_shape_in_latent_before",
+        "new_shape_in_latent_after",
+        "other_prompts_same_shape",
+        "other_prompts_right_shape_before",
+        "other_prompts_right_shape_after",
+    )
+    for key in shares:
         assert report[key] in (0.0, 0.5, 1.0), (key, report)  # a share of the 2 prompts
     assert report["samples"] == 2 and out.with_suffix(".png").is_file()
     models = load_models(family, dtype=torch.float32)

@@ -104,8 +104,9 @@ class _Stage:
     ):
         start = time.perf_counter()
         self.models = None if dry_run else load_part(model, lite, dtype, self.part)
-        if lora and self.models is not None and self.part == "prior":
-            apply_lora_file(self.models, lora)  # text encoder + Stage C: the prior half only
+        if lora and self.models is not None:
+            # Text encoder + Stage C on the prior actors; Stage B on the decoder actors if the file has a part for it.
+            apply_lora_file(self.models, lora)
         if compile and self.models is not None:
             # After the LoRA merge; each block compiles on the first batch of each bucket (shape), then is cached.
             compile_blocks(self.models.stage_c if self.part == "prior" else self.models.stage_b)

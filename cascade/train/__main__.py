@@ -59,8 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     lo.add_argument("--out", type=Path, default=Path("runs/zorp.safetensors"), help="the LoRA file to write")
     lo.add_argument("--steps", type=int, default=400)
     lo.add_argument("--images", type=int, default=512, help="training images of the new shape")
+    lo.add_argument(
+        "--regular",
+        type=int,
+        default=0,
+        help="images of the family's own shapes and captions mixed in (prior preservation: other prompts move less)",
+    )
     lo.add_argument("--shape", choices=UNNAMED_SHAPES, default=NEW_SHAPE, help="what [zorp] names (no caption does)")
     lo.add_argument("--rank", type=int, default=4, help="the low-rank updates' rank (the reference's 4)")
+    lo.add_argument(
+        "--decoder-rank",
+        type=int,
+        default=0,
+        help="rank of updates on Stage B's attention too (0: Stage C only, as the reference)",
+    )
     lo.add_argument("--batch-size", type=int, default=32)
     lo.add_argument("--lr", type=float, default=1e-3)
     lo.add_argument("--samples", type=int, default=24, help="prompts per check after training (0: no check)")
@@ -140,20 +152,26 @@ def _lora(args) -> int:
     from ..request import sampling_defaults
     from .evaluate import contact_sheet
     from .loop import RunConfig
-    from .lora import lora_report, train_lora, word_data
+    from .lora import lora_report, train_lora, with_regular, word_data
 
     for name in ("steps", "images", "rank", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 1 or more")
+    for name in ("decoder_rank", "regular"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 0 or more")
 
     def load():  # with the semantic encoder: training encodes the images, the report reads Stage C's latents
         return load_family(args.model, dtype=torch.float32, with_effnet=True)
 
     models = load()
     data = word_data(args.images, models.geometry.default_size, shape=args.shape)
+    data = with_regular(data, args.regular, models.geometry.default_size)
     run = RunConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=min(50, args.steps))
     started = time.perf_counter()
-    adapter = train_lora(models, data, run, rank=args.rank, progress=not args.no_progress)
+    adapter = train_lora(
+        models, data, run, rank=args.rank, progress=not args.no_progress, decoder_rank=args.decoder_rank
+    )
     adapter.save(args.out)
     print(f"wrote {args.out} ({args.steps} steps, {time.perf_counter() - started:.0f} s)", file=sys.stderr)
     if args.samples:

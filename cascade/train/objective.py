@@ -41,6 +41,24 @@ class AdaptiveLossWeight:
         self.losses = state["losses"].clone().float()
 
 
+class AdaptiveLossWeights:
+    """One `AdaptiveLossWeight` per diffusion loss of a step that sums several (a LoRA's Stage C and Stage B terms):
+    each stage's losses per noise level differ. Saved and restored together, as a single one is."""
+
+    def __init__(self, *names: str):
+        self.parts = {name: AdaptiveLossWeight() for name in names}
+
+    def __getitem__(self, name: str) -> AdaptiveLossWeight:
+        return self.parts[name]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v for name, part in self.parts.items() for k, v in part.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict({k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")})
+
+
 def diffusion_loss(
     model: Callable[..., torch.Tensor],
     x0: torch.Tensor,
