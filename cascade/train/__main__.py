@@ -3,7 +3,7 @@
     python -m cascade.train all --out runs/demo            # every stage, two at a time as their inputs are ready
     python -m cascade.train stage-c --out runs/demo        # one stage (its inputs must be trained)
     python -m cascade.train eval --model runs/demo         # the checker's verdict and a contact sheet
-    python -m cascade.train lora --model runs/demo --out zorp.safetensors   # teach "[zorp]", a new shape, to Stage C
+    python -m cascade.train lora --model runs/demo --out zorp.safetensors   # teach "[zorp]", a new shape (9 min)
 
 Each stage resumes from its checkpoint when interrupted; a finished stage is skipped by `all`. Exit codes: 0 done,
 1 failed, 2 bad arguments, 130 interrupted.
@@ -57,20 +57,20 @@ def _parser() -> argparse.ArgumentParser:
     lo = sub.add_parser("lora", help='train a LoRA that teaches "[zorp]" (a new shape) to a family, and measure it')
     lo.add_argument("--model", default="runs/demo", help="a family folder (default runs/demo), or a built-in model")
     lo.add_argument("--out", type=Path, default=Path("runs/zorp.safetensors"), help="the LoRA file to write")
-    lo.add_argument("--steps", type=int, default=400)
+    lo.add_argument("--steps", type=int, default=2000)
     lo.add_argument("--images", type=int, default=512, help="training images of the new shape")
     lo.add_argument(
         "--regular",
         type=int,
-        default=0,
+        default=256,
         help="images of the family's own shapes and captions mixed in (prior preservation: other prompts move less)",
     )
     lo.add_argument("--shape", choices=UNNAMED_SHAPES, default=NEW_SHAPE, help="what [zorp] names (no caption does)")
-    lo.add_argument("--rank", type=int, default=4, help="the low-rank updates' rank (the reference's 4)")
+    lo.add_argument("--rank", type=int, default=16, help="Stage C's low-rank updates' rank (the reference's 4)")
     lo.add_argument(
         "--decoder-rank",
         type=int,
-        default=0,
+        default=4,
         help="rank of updates on Stage B's attention too (0: Stage C only, as the reference)",
     )
     lo.add_argument("--batch-size", type=int, default=32)
