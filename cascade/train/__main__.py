@@ -3,7 +3,7 @@
     python -m cascade.train all --out runs/demo            # every stage, two at a time as their inputs are ready
     python -m cascade.train stage-c --out runs/demo        # one stage (its inputs must be trained)
     python -m cascade.train eval --model runs/demo         # the checker's verdict and a contact sheet
-    python -m cascade.train lora --model runs/demo --out zorp.safetensors   # teach "[zorp]", a new shape (9 min)
+    python -m cascade.train lora --model runs/demo --out zorp.safetensors   # teach "[zorp]", a new shape (8 min)
 
 Each stage resumes from its checkpoint when interrupted; a finished stage is skipped by `all`. Exit codes: 0 done,
 1 failed, 2 bad arguments, 130 interrupted.
