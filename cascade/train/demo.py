@@ -25,7 +25,6 @@ import fcntl
 import functools
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from .schedule import train_side_by_side
 from .semantic import train_semantic
 from .shapes import UNNAMED_SHAPES, ShapesData, colourless_captions, make_dataset, make_general
 from .stage_a import latent_scale, train_stage_a, with_scale
-from .stages import encode_captions, train_stage_b, train_stage_c
+from .stages import batched, encode_captions, train_stage_b, train_stage_c
 from .text import heldout_retrieval, train_text_encoder
 
 GEOMETRY = Geometry(
@@ -174,10 +173,6 @@ def _general(n: int, size: int, seed: int, shapes: tuple[str, ...]) -> tuple[tor
 
 
 @torch.no_grad()
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
 def _summary(trained: Trained) -> dict:
     tail = trained.losses[-100:]
     return {"steps": trained.steps, "seconds": round(trained.seconds, 1), "final_loss": sum(tail) / max(len(tail), 1)}
@@ -206,7 +201,7 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
         save_stage(trained.ema["previewer"], out / "previewer.safetensors")
     else:
         semantic = load_stage(_output(out, "semantic"), expect="semantic")
-        latents = _batched(semantic.encode, data.images)
+        latents = batched(semantic.encode, data.images)
         if stage == "text_encoder":
             encoder = build_text_encoder(TEXT, seed=recipe.text_seed)
             trained = train_text_encoder(encoder, data, latents, run, checkpoint, progress)
@@ -220,13 +215,13 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
             if stage == "stage_c":
                 if general is not None:
                     named, captions = colourless_captions(general[1], recipe.data_seed)
-                    general = (_batched(semantic.encode, general[0][named]), encode_captions(text_encoder, captions))
+                    general = (batched(semantic.encode, general[0][named]), encode_captions(text_encoder, captions))
                 trained = train_stage_c(latents, text, STAGE_C, run, checkpoint, progress, general)
             else:
                 stage_a: StageA = load_stage(_output(out, "stage_a"), dtype=torch.float32, expect="stage_a")
-                stage_a_latents = _batched(stage_a.encode, data.images)
+                stage_a_latents = batched(stage_a.encode, data.images)
                 if general is not None:
-                    general = (_batched(stage_a.encode, general[0]), _batched(semantic.encode, general[0]))
+                    general = (batched(stage_a.encode, general[0]), batched(semantic.encode, general[0]))
                 trained = train_stage_b(stage_a_latents, latents, text, STAGE_B, run, checkpoint, progress, general)
             save_stage(trained.ema[stage], _output(out, stage))
     summary = _summary(trained) | extra

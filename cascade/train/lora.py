@@ -37,7 +37,7 @@ from .shapes import (
     render,
     sample_attributes,
 )
-from .stages import CAPTION_DROPOUT
+from .stages import CAPTION_DROPOUT, batched
 
 NEW_SHAPE = "arrow"
 WORD = "[zorp]"
@@ -90,9 +90,9 @@ def train_lora(
         raise ValueError("train_lora needs the family's semantic encoder: load the models with with_effnet=True")
     decoder = decoder_rank > 0
     with torch.no_grad():
-        latents = torch.cat([models.effnet.encode(data.images[i : i + 256]) for i in range(0, len(data), 256)])
+        latents = batched(models.effnet.encode, data.images)
         if decoder:  # Stage B's targets: the images' Stage A latents, as Stage B was trained on
-            pixels = torch.cat([models.stage_a.encode(data.images[i : i + 256]) for i in range(0, len(data), 256)])
+            pixels = batched(models.stage_a.encode, data.images)
     torch.manual_seed(run.seed)  # the LoRA's starting weights from the run's seed
     adapter = attach(models, words, init_from, rank=rank, decoder_rank=decoder_rank)
     if decoder:

@@ -13,6 +13,7 @@ no_grad; with a fixed, small data set precomputing is the same maths and several
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,11 @@ class TextTensors:
     pooled: torch.Tensor  # (N, 1, projection)
     empty_text: torch.Tensor  # (1, 77, hidden)
     empty_pooled: torch.Tensor  # (1, 1, projection)
+
+
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """fn over x in batches (an encoder over a whole data set), concatenated."""
+    return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 @torch.no_grad()
