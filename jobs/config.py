@@ -33,7 +33,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class PoolConfig:
-    """One GPU actor pool. gpus is per actor ("auto": 1 when the cluster has GPUs, else 0); fractions pack actors.
+    """One GPU actor pool. gpus is per actor ("auto": 1 when the cluster has a GPU for each auto actor, a share of one
+    when it has fewer, e.g. 0.5 for each pool's one actor on one GPU; 0 without GPUs); fractions pack actors.
     `actors` start with the job; max_actors above it lets Ray Data add actors while the pool's input queues up (and
     remove them when it drains), up to that many; 0 keeps the pool at `actors`."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import platform
 import resource
@@ -90,8 +91,23 @@ def init_ray():
     return ray
 
 
-def pool_args(pool, cluster_gpus: float) -> dict:
-    gpus = pool.gpus if pool.gpus != "auto" else (1.0 if cluster_gpus > 0 else 0.0)
+def auto_gpus(pools, cluster_gpus: float) -> float:
+    """What `gpus: auto` gives each actor of those pools: 0 on a cluster without GPUs; 1 when the GPUs left by the
+    pools set explicitly hold every auto actor the pools start with; else those actors share the whole GPUs left, k
+    to a GPU (1/k each). One GPU and one actor per pool: 0.5 each, both pools on the one GPU, instead of a Stage B/A
+    actor that waits forever for a second GPU while the Stage C actor holds the only one."""
+    if cluster_gpus <= 0:
+        return 0.0
+    auto = sum(p.actors for p in pools if p.gpus == "auto")
+    left = math.floor(cluster_gpus - sum(p.actors * p.gpus for p in pools if p.gpus != "auto") + 1e-9)
+    if auto <= left or left < 1:  # (none left: the explicit pools took them all; the auto actors wait, warned)
+        return 1.0
+    return math.floor(100 / math.ceil(auto / left)) / 100  # k of them fit: 3 x 0.33 <= 1 (as jobs.balance)
+
+
+def pool_args(pool, auto: float) -> dict:
+    """Ray's resource arguments for one actor of the pool; auto: what `gpus: auto` is (auto_gpus)."""
+    gpus = auto if pool.gpus == "auto" else pool.gpus
     args = {"num_gpus": gpus, "num_cpus": pool.cpus}
     if pool.resources:
         args["resources"] = dict(pool.resources)
@@ -111,9 +127,9 @@ def pool_size(pool) -> str:
     return f"{pool.actors}-{pool.max_actors}" if pool.autoscales else str(pool.actors)
 
 
-def actor_needs(pool, cluster_gpus: float) -> dict[str, float]:
+def actor_needs(pool, auto: float) -> dict[str, float]:
     """What one actor of the pool needs from a node, in Ray's resource names."""
-    args = pool_args(pool, cluster_gpus)
+    args = pool_args(pool, auto)
     return {"GPU": args["num_gpus"], "CPU": args["num_cpus"], **args.get("resources", {})}
 
 
@@ -329,11 +345,12 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
     model_args["compile"] = config.compile
     model_args["geometry"] = geometry
     prior, decoder = config.prior_pool, config.decoder_pool
+    auto = auto_gpus((prior, decoder), cluster_gpus)
     log(
-        f"pools: Stage C {pool_size(prior)} x {pool_args(prior, cluster_gpus)}, "
-        f"Stage B/A {pool_size(decoder)} x {pool_args(decoder, cluster_gpus)}; cluster GPUs: {cluster_gpus:g}"
+        f"pools: Stage C {pool_size(prior)} x {pool_args(prior, auto)}, "
+        f"Stage B/A {pool_size(decoder)} x {pool_args(decoder, auto)}; cluster GPUs: {cluster_gpus:g}"
     )
-    wanted = sum(p.actors * pool_args(p, cluster_gpus)["num_gpus"] for p in (prior, decoder))
+    wanted = sum(p.actors * pool_args(p, auto)["num_gpus"] for p in (prior, decoder))
     if wanted > cluster_gpus:
         log(
             f"warning: the pools ask for {wanted:g} GPUs and the cluster has {cluster_gpus:g} now; "
@@ -365,7 +382,7 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
                 compute=pool_strategy(pool),
                 batch_size=pool.batch_size,
                 batch_format="pyarrow",
-                **pool_args(pool, cluster_gpus),
+                **pool_args(pool, auto),
             )
         webdataset = config.layout == "webdataset"
         return ds.map_batches(
@@ -386,10 +403,7 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
     queue_bytes = 0
     watch = None
     if config.node_wait_seconds > 0:
-        needs = {
-            name: actor_needs(pool, cluster_gpus)
-            for name, pool in (("Stage C pool", prior), ("Stage B/A pool", decoder))
-        }
+        needs = {name: actor_needs(pool, auto) for name, pool in (("Stage C pool", prior), ("Stage B/A pool", decoder))}
         watch = NodeWatch(needs, config.node_wait_seconds, log)
         watch.start()
     # One Ray Data execution per segment of the input: the executor's state grows with the blocks it has moved

@@ -94,11 +94,12 @@ def test_losing_the_decoder_node_stops_the_job_clearly_and_a_rerun_completes(two
     assert not out.exists("_SUCCESS")
     assert sum(1 for _ in out.list("images")) < 48
 
-    # Finish on what remains: both pools on the head's one GPU, half each. Nothing lost, nothing twice.
+    # Finish on what remains: both pools on the head's one GPU, half each by `gpus: auto` (the pools' GPUs are
+    # auto in the test's config). Nothing lost, nothing twice.
     head_only = ["--prior-pool-resources", "{}", "--decoder-pool-resources", "{}"]
-    head_only += ["--prior-pool-gpus", "0.5", "--decoder-pool-gpus", "0.5"]
     rerun = subprocess.run([*argv, *head_only], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Stage B/A 1 x {'num_gpus': 0.5" in rerun.stderr, rerun.stderr[-3000:]
     rows = check_output(out, 48).to_pylist()
     latest = max(r["run_id"] for r in rows)
     nodes = {r["decoder_actor"].rsplit("/", 1)[1] for r in rows if r["run_id"] == latest}

@@ -119,3 +119,25 @@ def test_compile_is_off_by_default_and_a_yes_no_setting(tmp_path):
     )
     with pytest.raises(ConfigError, match="compile: 'yes'"):
         from_mapping({"prompts": "p", "out": "o", "compile": "yes"})
+
+
+@pytest.mark.parametrize(
+    "gpus, pools, expected",
+    [
+        (0, [("auto", 1), ("auto", 1)], (0.0, 0.0)),  # no GPUs: CPU actors
+        (2, [("auto", 1), ("auto", 1)], (1.0, 1.0)),  # one GPU each
+        (1, [("auto", 1), ("auto", 1)], (0.5, 0.5)),  # one GPU: both pools share it, neither waits forever
+        (2, [("auto", 2), ("auto", 1)], (0.5, 0.5)),  # three actors on two GPUs: two to a GPU
+        (8, [("auto", 4), ("auto", 3)], (1.0, 1.0)),
+        (4, [(1.0, 2), ("auto", 4)], (1.0, 0.5)),  # the two GPUs the explicit pool leaves, for four actors
+        (3, [(0.5, 2), ("auto", 5)], (0.5, 0.33)),  # two left for five: three to a GPU (3 x 0.33 fits in one)
+        (1, [(1.0, 1), ("auto", 1)], (1.0, 1.0)),  # none left: auto stays 1 (the job warns that actors wait)
+    ],
+)
+def test_auto_gpus_share_the_gpus_there_are_when_they_are_fewer_than_the_actors(gpus, pools, expected):
+    from jobs.config import PoolConfig
+    from jobs.generate import auto_gpus, pool_args
+
+    prior, decoder = (PoolConfig(gpus=g, actors=n) for g, n in pools)
+    auto = auto_gpus((prior, decoder), gpus)
+    assert (pool_args(prior, auto)["num_gpus"], pool_args(decoder, auto)["num_gpus"]) == expected
