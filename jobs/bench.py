@@ -3,8 +3,9 @@
 Measures in one run, per batch size, in images/s:
 - each stage alone: the text encoder, Stage C's sampling loop, Stage B's sampling loop, Stage A's decode;
 - the in-process pipeline (text encoder + Stage C, then Stage B + Stage A, as a pool actor runs them);
-- the Ray pipeline: the real job on a local Ray, in its steady state (jobs/bench_ray.py), against its bottleneck
-  pool's work done alone;
+- the Ray pipeline: the real job on a local Ray, in its steady state (jobs/bench_ray.py), against its bound: the
+  bottleneck pool's work done alone where each pool has its own GPU, or every stage's where the pools share one
+  device;
 - diffusers' prior + decoder pipelines on the same weights (jobs/bench_diffusers.py), the baseline.
 
 Every timing has warm-up runs first, synchronises the device around the timed call, and reports the median of
@@ -168,7 +169,8 @@ def measure(models, batch: int, args, twin=None, flops: dict | None = None, peak
     if args.ray_prompts:
         from .bench_ray import ray_pipeline
 
-        row.update(ray_pipeline(args, batch, {s: row[f"{s}_s"] for s in STAGES}))
+        devices = torch.cuda.device_count() if device.type == "cuda" else 0
+        row.update(ray_pipeline(args, batch, {s: row[f"{s}_s"] for s in STAGES}, devices))
     slowest = max(STAGES, key=lambda s: row[f"{s}_s"])
     row["slowest_stage"] = slowest
     # In one process the stages run one after another: the pipeline's time is their sum plus the glue between them.
@@ -181,7 +183,7 @@ def table(rows: list[dict]) -> str:
     head = ["batch", *[f"{s} img/s" for s in STAGES], "pipeline img/s", "pipeline MFU", "slowest", "stages/pipeline"]
     head += ["diffusers img/s", "vs diffusers"] if baseline else []
     ray = "ray_images_per_s" in rows[0]
-    head += ["Ray pipeline img/s", "Ray / bottleneck pool alone"] if ray else []
+    head += ["Ray pipeline img/s", "Ray / its bound", "bound"] if ray else []
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         cells = [str(r["batch"]), *[f"{r[f'{s}_images_per_s']:.2f}" for s in STAGES]]
@@ -190,7 +192,7 @@ def table(rows: list[dict]) -> str:
         if baseline:
             cells += [f"{r['diffusers_images_per_s']:.2f}", f"{r['speedup_vs_diffusers']:.2f}x"]
         if ray:
-            cells += [f"{r['ray_images_per_s']:.2f}", f"{r['ray_vs_bottleneck']:.2f}"]
+            cells += [f"{r['ray_images_per_s']:.2f}", f"{r['ray_vs_bound']:.2f}", r["ray_bound"]]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 

@@ -2,8 +2,12 @@
 
 The job renders `prompts` prompts into a temporary folder with both pools at the benchmark's batch size. Its rate is
 taken in the steady state: images written between the first write and the last, over that time, so the actors'
-start (model loading) is left out. It is compared with the bottleneck pool's work done alone: text encoder + Stage C
-for the Stage C pool, Stage B + Stage A for the Stage B/A pool, timed by the benchmark at the same batch.
+start (model loading) is left out. It is compared with its bound on this machine:
+- pools on devices of their own (two or more GPUs: `gpus: auto` gives each pool's actor one): the bottleneck pool's
+  work done alone, text encoder + Stage C for the Stage C pool, Stage B + Stage A for the Stage B/A pool;
+- pools sharing one device (one GPU, half each, or the CPU's cores): that device doing every stage's work, one after
+  another, as the benchmark timed them alone on all of it. The bottleneck pool alone is not reachable there: while
+  it works, the other pool's work takes the same device.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 
-def ray_pipeline(args, batch: int, stage_seconds: dict[str, float]) -> dict:
+def ray_pipeline(args, batch: int, stage_seconds: dict[str, float], devices: int) -> dict:
+    """devices: the GPUs the local Ray has (0 on a CPU machine)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -40,10 +45,15 @@ def ray_pipeline(args, batch: int, stage_seconds: dict[str, float]) -> dict:
         "Stage B/A pool": stage_seconds["stage_b"] + stage_seconds["stage_a"],
     }
     bottleneck = max(pools, key=pools.get)
-    alone = batch / pools[bottleneck]
+    if devices >= 2:
+        bound, bound_s = f"{bottleneck} alone", pools[bottleneck]
+    else:
+        bound, bound_s = "one device, every stage", sum(pools.values())
     return {
         "ray_images_per_s": steady,
         "ray_bottleneck_pool": bottleneck,
-        "ray_bottleneck_alone_images_per_s": alone,
-        "ray_vs_bottleneck": steady / alone,
+        "ray_bottleneck_alone_images_per_s": batch / pools[bottleneck],
+        "ray_bound": bound,
+        "ray_bound_images_per_s": batch / bound_s,
+        "ray_vs_bound": steady * bound_s / batch,
     }
