@@ -350,6 +350,12 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
         f"pools: Stage C {pool_size(prior)} x {pool_args(prior, auto)}, "
         f"Stage B/A {pool_size(decoder)} x {pool_args(decoder, auto)}; cluster GPUs: {cluster_gpus:g}"
     )
+    if 0 < auto < 1:
+        log(
+            f"the cluster has {cluster_gpus:g} GPUs now, fewer than the actors with gpus auto: they share them, "
+            f"{auto:g} each (set the pools' gpus to 1 to wait for an autoscaler to add GPU nodes instead; "
+            "max_actors grows a pool onto GPUs added later)"
+        )
     wanted = sum(p.actors * pool_args(p, auto)["num_gpus"] for p in (prior, decoder))
     if wanted > cluster_gpus:
         log(

@@ -99,7 +99,7 @@ def test_losing_the_decoder_node_stops_the_job_clearly_and_a_rerun_completes(two
     head_only = ["--prior-pool-resources", "{}", "--decoder-pool-resources", "{}"]
     rerun = subprocess.run([*argv, *head_only], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "Stage B/A 1 x {'num_gpus': 0.5" in rerun.stderr, rerun.stderr[-3000:]
+    assert "Stage B/A 1 x {'num_gpus': 0.5" in rerun.stderr and "they share them, 0.5 each" in rerun.stderr
     rows = check_output(out, 48).to_pylist()
     latest = max(r["run_id"] for r in rows)
     nodes = {r["decoder_actor"].rsplit("/", 1)[1] for r in rows if r["run_id"] == latest}
