@@ -35,6 +35,29 @@ def layer_norm_2d(c: int) -> LayerNorm2d:
     return LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
 
 
+def hw_l2_norm_by_squares(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm over H and W of (B, H, W, C), as torch.norm(x, p=2, dim=(1, 2), keepdim=True), written as a
+    float32 sum of squares: torch.norm's CPU kernel reduces over these inner dimensions about 25 times slower (a sixth
+    of a demo Stage B training step went there). In float32 so that a half-precision square cannot overflow
+    (|x| > 256 would in float16); a zero sum gets torch.norm's gradient there, 0, not sqrt's infinite one (which made
+    NaNs)."""
+    ss = x.float().square().sum(dim=(1, 2), keepdim=True)
+    nonzero = ss > 0
+    return torch.where(nonzero, torch.where(nonzero, ss, 1.0).sqrt(), 0.0).to(x.dtype)
+
+
+def hw_l2_norm(x: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """The same norm. fused (the default on a GPU): one reduction that reads x once and accumulates in float32. The
+    sum of squares is three passes (a float32 copy of x, its square, the sum: 18 bytes moved per bf16 element against
+    2) over the MLP's 4C-wide hidden state, the largest tensor in a block: about half the bytes that a guided Stage C
+    or Stage B pass's memory-bound operations move in eager mode (counted on meta tensors by
+    scripts/memory_traffic.py, docs/PERFORMANCE.md). On a CPU the sum of squares stays the default: there it is as
+    fast forward and up to 4x faster with backward (the demo's training shapes)."""
+    if x.is_cuda if fused is None else fused:
+        return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=torch.float32).to(x.dtype)
+    return hw_l2_norm_by_squares(x)
+
+
 class GlobalResponseNorm(nn.Module):
     """GRN from ConvNeXt-V2, on channels-last input (B, H, W, C)."""
 
@@ -44,13 +67,7 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The L2 norm over H and W, as torch.norm(x, p=2, dim=(1, 2)), written as a sum of squares: torch.norm's CPU
-        # kernel reduces over these inner dimensions about 25 times slower (a sixth of a demo Stage B training step
-        # went there). Summed in float32 so a half-precision square cannot overflow (|x| > 256 would in float16);
-        # a zero sum gets torch.norm's gradient there, 0, not sqrt's infinite one (which made NaNs).
-        ss = x.float().square().sum(dim=(1, 2), keepdim=True)
-        nonzero = ss > 0
-        gx = torch.where(nonzero, torch.where(nonzero, ss, 1.0).sqrt(), 0.0).to(x.dtype)  # (B, 1, 1, C)
+        gx = hw_l2_norm(x)  # (B, 1, 1, C)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         # gamma * (x * nx) + beta + x, as one pass over x: the scale is per (image, channel), so it is folded first.
         return torch.addcmul(self.beta, x, self.gamma * nx + 1)

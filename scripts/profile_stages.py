@@ -143,10 +143,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=("ours", "mha", "cl", "diffusers"),
+        choices=("ours", "squares", "mha", "cl", "diffusers"),
         default=["ours"],
-        help="ours; mha: ours, attention through nn.MultiheadAttention's forward; cl: ours on channels-last memory; "
-        "diffusers: its UNet, same weights",
+        help="ours; squares: ours, GRN's norm as a float32 sum of squares (the GPU's before 2026-11-28); mha: ours, "
+        "attention through nn.MultiheadAttention's forward; cl: ours on channels-last memory; diffusers: its UNet, "
+        "same weights",
     )
     args = p.parse_args(argv)
     from cascade.family import BUILTIN_MODELS
@@ -161,18 +162,21 @@ def main(argv=None) -> int:
         from jobs.bench_diffusers import DiffusersTwin
 
         twin = DiffusersTwin(models)
+    import cascade.blocks as blocks
     from cascade.blocks import Attention2D
 
-    ours_forward = Attention2D.forward
+    ours_forward, ours_norm = Attention2D.forward, blocks.hw_l2_norm
     report = []
     for stage in ("stage_c", "stage_b"):
         for batch in args.batch:
             for variant in args.variants:
                 Attention2D.forward = module_attention_forward if variant == "mha" else ours_forward
+                if variant == "squares":
+                    blocks.hw_l2_norm = lambda x, fused=None: blocks.hw_l2_norm_by_squares(x)
                 try:
                     row = profile(models, stage, batch, args.size, args.top, variant, twin)
                 finally:
-                    Attention2D.forward = ours_forward
+                    Attention2D.forward, blocks.hw_l2_norm = ours_forward, ours_norm
                 report.append(row)
                 kinds = ", ".join(f"{k} {ms:.2f}" for k, ms in row["device_ms_by_kind"].items())
                 print(

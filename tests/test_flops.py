@@ -37,3 +37,37 @@ def test_every_stage_of_a_loaded_family_is_counted_and_grows_with_size():
 def test_matmul_rate_is_measured():
     rate = matmul_rate(torch.device("cpu"), torch.float32, n=256, seconds=0.2)
     assert 1e8 < rate < 1e14
+
+
+def test_memory_traffic_counts_the_bytes_grn_s_one_reduction_saves():
+    """scripts/memory_traffic.py: a guided pass's memory-bound operations move bytes, views and matrix products
+    counted as none; GRN's norm as one reduction moves fewer of them than the sum of squares (the float32 copy, the
+    square and the sum are gone, the rest is the same)."""
+    import importlib.util
+    from pathlib import Path
+
+    import cascade.blocks as blocks
+
+    path = Path(__file__).parents[1] / "scripts" / "memory_traffic.py"
+    spec = importlib.util.spec_from_file_location("memory_traffic", path)
+    traffic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(traffic)
+    with torch.device("meta"):
+        stage = traffic.StageB(traffic.STAGE_B_TINY).to(torch.bfloat16).eval()
+    default = blocks.hw_l2_norm
+    try:
+        moved = {}
+        one_reduction = lambda x, fused=None: default(x, fused=True)  # noqa: E731
+        for name, norm in (("one", one_reduction), ("squares", blocks.hw_l2_norm_by_squares)):
+            blocks.hw_l2_norm = norm
+            with torch.device("meta"):
+                moved[name] = traffic.count(stage, 1, 256, torch.bfloat16)
+    finally:
+        blocks.hw_l2_norm = default
+    one, squares = moved["one"], moved["squares"]
+    assert not {"mm", "addmm", "view", "permute", "scaled_dot_product_attention"} & (set(one) | set(squares))
+    assert {"square", "to", "sum"} <= set(squares) and "linalg_vector_norm" in one and "square" not in one
+    assert one["gelu"] == squares["gelu"] > 0 and one["addcmul"] == squares["addcmul"]
+    saved = squares["square"] + squares["sum"] + (squares["to"] - one["to"]) - one["linalg_vector_norm"]
+    assert sum(squares.values()) - sum(one.values()) >= saved > 0
+    assert sum(one.values()) < 0.7 * sum(squares.values())

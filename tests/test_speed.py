@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cascade import gdf
-from cascade.blocks import AttnBlock, ResBlock, TimestepBlock, multihead_attention
+from cascade.blocks import AttnBlock, GlobalResponseNorm, ResBlock, TimestepBlock, hw_l2_norm, multihead_attention
 from cascade.family import tiny_models
 from cascade.pipeline import prior_conditions
 from cascade.speed import CudaGraphed, channels_last, compile_blocks, cuda_graphs
@@ -17,6 +17,39 @@ def stage_c_sample(models, device: str) -> torch.Tensor:
     denoiser = gdf.guided_denoiser(models.stage_c, cond, uncond, 4.0)
     with torch.inference_mode():
         return gdf.sample(denoiser, [torch.Generator().manual_seed(3)], (16, 4, 4), steps=3, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grn_norm_in_one_reduction_equals_the_sum_of_squares(dtype):
+    """GRN's L2 norm over H and W as one float32-accumulating reduction (the GPU's default) equals the sum of squares
+    (the CPU's): values in every dtype, float16 beyond its square's range (|x| > 256) included, and gradients, a zero
+    image-channel's 0 included (torch.norm's, not NaN)."""
+    x = torch.randn(3, 5, 7, 16) * torch.tensor([1.0, 300.0, 0.01])[:, None, None, None]
+    x[0, :, :, 2] = 0
+    x = x.to(dtype)
+    fused, squares = hw_l2_norm(x, fused=True), hw_l2_norm(x, fused=False)
+    assert fused.dtype == dtype and fused.shape == (3, 1, 1, 16) and torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, squares, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+    grads = []
+    for flag in (True, False):
+        leaf = x.float().requires_grad_()
+        hw_l2_norm(leaf, fused=flag).sum().backward()
+        grads.append(leaf.grad)
+    assert torch.isfinite(grads[0]).all() and (grads[0][0, :, :, 2] == 0).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_grn_on_a_gpu_computes_what_it_does_on_the_cpu():
+    """On a GPU GRN takes the one-reduction norm; in bf16 it matches the CPU's float32 result to bf16's precision."""
+    grn = GlobalResponseNorm(64)
+    with torch.no_grad():
+        grn.gamma.normal_()
+        grn.beta.normal_()
+    x = torch.randn(2, 24, 24, 64)
+    expected = grn(x)
+    got = grn.to("cuda", torch.bfloat16)(x.to("cuda", torch.bfloat16)).float().cpu()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("training", [False, True])
