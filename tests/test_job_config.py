@@ -131,6 +131,8 @@ def test_compile_is_off_by_default_and_a_yes_no_setting(tmp_path):
         (8, [("auto", 4), ("auto", 3)], (1.0, 1.0)),
         (4, [(1.0, 2), ("auto", 4)], (1.0, 0.5)),  # the two GPUs the explicit pool leaves, for four actors
         (3, [(0.5, 2), ("auto", 5)], (0.5, 0.33)),  # two left for five: three to a GPU (3 x 0.33 fits in one)
+        (1, [(0.5, 1), ("auto", 1)], (0.5, 0.5)),  # half a GPU left: the auto actor takes it
+        (1, [(0.4, 1), ("auto", 2)], (0.4, 0.3)),  # 0.6 left for two
         (1, [(1.0, 1), ("auto", 1)], (1.0, 1.0)),  # none left: auto stays 1 (the job warns that actors wait)
     ],
 )
