@@ -40,20 +40,30 @@ def ray_pipeline(args, batch: int, stage_seconds: dict[str, float], devices: int
             raise RuntimeError(f"the Ray pipeline's job failed with exit code {code}")
         ends = sorted(read_manifests(LocalStorage(work / "out"), ["write_end"]).column("write_end").to_pylist())
     steady = (len(ends) - batch) / (ends[-1] - ends[0]) if ends[-1] > ends[0] else float("nan")
-    pools = {
-        "Stage C pool": stage_seconds["text"] + stage_seconds["stage_c"],
-        "Stage B/A pool": stage_seconds["stage_b"] + stage_seconds["stage_a"],
-    }
-    bottleneck = max(pools, key=pools.get)
-    if devices >= 2:
-        bound, bound_s = f"{bottleneck} alone", pools[bottleneck]
-    else:
-        bound, bound_s = "one device, every stage", sum(pools.values())
+    bottleneck, bound, bound_s = ray_bound(stage_seconds, devices)
     return {
         "ray_images_per_s": steady,
         "ray_bottleneck_pool": bottleneck,
-        "ray_bottleneck_alone_images_per_s": batch / pools[bottleneck],
+        "ray_bottleneck_alone_images_per_s": batch / max(pool_seconds(stage_seconds).values()),
         "ray_bound": bound,
         "ray_bound_images_per_s": batch / bound_s,
         "ray_vs_bound": steady * bound_s / batch,
     }
+
+
+def pool_seconds(stage_seconds: dict[str, float]) -> dict[str, float]:
+    """Each pool's work for one batch: text encoder + Stage C, Stage B + Stage A."""
+    return {
+        "Stage C pool": stage_seconds["text"] + stage_seconds["stage_c"],
+        "Stage B/A pool": stage_seconds["stage_b"] + stage_seconds["stage_a"],
+    }
+
+
+def ray_bound(stage_seconds: dict[str, float], devices: int) -> tuple[str, str, float]:
+    """(the bottleneck pool, what bounds the Ray pipeline here, that bound's seconds per batch): the bottleneck pool
+    alone where each pool has a GPU of its own (devices >= 2), else the one device doing every stage."""
+    pools = pool_seconds(stage_seconds)
+    bottleneck = max(pools, key=pools.get)
+    if devices >= 2:
+        return bottleneck, f"{bottleneck} alone", pools[bottleneck]
+    return bottleneck, "one device, every stage", sum(pools.values())
