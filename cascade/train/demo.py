@@ -172,7 +172,6 @@ def _general(n: int, size: int, seed: int, shapes: tuple[str, ...]) -> tuple[tor
     return make_general(n, size, seed, shapes)
 
 
-@torch.no_grad()
 def _summary(trained: Trained) -> dict:
     tail = trained.losses[-100:]
     return {"steps": trained.steps, "seconds": round(trained.seconds, 1), "final_loss": sum(tail) / max(len(tail), 1)}

@@ -40,6 +40,7 @@ class TextTensors:
     empty_pooled: torch.Tensor  # (1, 1, projection)
 
 
+@torch.no_grad()
 def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """fn over x in batches (an encoder over a whole data set), concatenated."""
     return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
