@@ -53,7 +53,9 @@ def hw_l2_norm(x: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
     or Stage B pass's memory-bound operations move in eager mode (counted on meta tensors by
     scripts/memory_traffic.py, docs/PERFORMANCE.md). On a CPU the sum of squares stays the default: there it is as
     fast forward and up to 4x faster with backward (the demo's training shapes)."""
-    if x.is_cuda if fused is None else fused:
+    if fused is None:
+        fused = x.is_cuda
+    if fused:
         return torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=torch.float32).to(x.dtype)
     return hw_l2_norm_by_squares(x)
 
@@ -61,13 +63,17 @@ def hw_l2_norm(x: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
 class GlobalResponseNorm(nn.Module):
     """GRN from ConvNeXt-V2, on channels-last input (B, H, W, C)."""
 
+    # How every GRN computes its norm (hw_l2_norm's `fused`): None, by device; the profile and the byte count set it
+    # to compare the two ways.
+    fused: bool | None = None
+
     def __init__(self, c: int):
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, c))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gx = hw_l2_norm(x)  # (B, 1, 1, C)
+        gx = hw_l2_norm(x, self.fused)  # (B, 1, 1, C)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         # gamma * (x * nx) + beta + x, as one pass over x: the scale is per (image, channel), so it is folded first.
         return torch.addcmul(self.beta, x, self.gamma * nx + 1)

@@ -44,7 +44,7 @@ def ray_pipeline(args, batch: int, stage_seconds: dict[str, float], devices: int
     return {
         "ray_images_per_s": steady,
         "ray_bottleneck_pool": bottleneck,
-        "ray_bottleneck_alone_images_per_s": batch / max(pool_seconds(stage_seconds).values()),
+        "ray_bottleneck_alone_images_per_s": batch / pool_seconds(stage_seconds)[bottleneck],
         "ray_bound": bound,
         "ray_bound_images_per_s": batch / bound_s,
         "ray_vs_bound": steady * bound_s / batch,

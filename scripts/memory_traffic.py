@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import cascade.blocks as blocks
+from cascade.blocks import GlobalResponseNorm
 from cascade.geometry import OFFICIAL
 from cascade.request import latent_sizes
 from cascade.stage_b import STAGE_B_3B, STAGE_B_700M, STAGE_B_TINY, StageB
@@ -69,10 +69,18 @@ def guided_inputs(stage, batch: int, size: int, dtype: torch.dtype):
     return (z(n, *shape_b), z(n)), {"effnet": z(n, *shape_c), "clip": z(n, 1, cfg.c_clip)}
 
 
-def count(stage, batch: int, size: int, dtype: torch.dtype) -> collections.Counter:
+NORMS = {"one reduction": True, "sum of squares": False}  # GRN's norm: GlobalResponseNorm.fused
+
+
+def count(stage, batch: int, size: int, dtype: torch.dtype, fused_norm: bool) -> collections.Counter:
+    """Bytes by operation of one guided pass of `stage` (built on the meta device), GRN's norm as `fused_norm`."""
     args, kwargs = guided_inputs(stage, batch, size, dtype)
-    with torch.inference_mode(), Traffic() as traffic:
-        stage(*args, **kwargs)
+    GlobalResponseNorm.fused = fused_norm
+    try:
+        with torch.inference_mode(), Traffic() as traffic:
+            stage(*args, **kwargs)
+    finally:
+        GlobalResponseNorm.fused = None
     return traffic.bytes
 
 
@@ -86,24 +94,17 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=6)
     args = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    fused_norm = blocks.hw_l2_norm
-    norms = {"one reduction": lambda x, fused=None: fused_norm(x, fused=True),
-             "sum of squares": lambda x, fused=None: blocks.hw_l2_norm_by_squares(x)}  # fmt: skip
     with torch.device("meta"):
         stages = {"Stage C": StageC(FAMILIES[args.family][0]).to(dtype).eval(),
                   "Stage B": StageB(FAMILIES[args.family][1]).to(dtype).eval()}  # fmt: skip
-        try:
-            for name, stage in stages.items():
-                for norm, fn in norms.items():
-                    blocks.hw_l2_norm = fn
-                    moved = count(stage, args.batch, args.size, dtype)
-                    total = sum(moved.values())
-                    heaviest = ", ".join(f"{op} {b / 1e9:.1f}" for op, b in moved.most_common(args.top))
-                    what = f"{name}, {args.family}, {args.size} px, batch {args.batch} guided, {args.dtype}"
-                    print(f"{what}, GRN norm as {norm}: {total / 1e9:.1f} GB ({total / args.bandwidth / 1e9:.1f} ms "
-                          f"at {args.bandwidth:g} TB/s); GB by operation: {heaviest}")  # fmt: skip
-        finally:
-            blocks.hw_l2_norm = fused_norm
+        for name, stage in stages.items():
+            for norm, fused in NORMS.items():
+                moved = count(stage, args.batch, args.size, dtype, fused)
+                total = sum(moved.values())
+                heaviest = ", ".join(f"{op} {b / 1e9:.1f}" for op, b in moved.most_common(args.top))
+                what = f"{name}, {args.family}, {args.size} px, batch {args.batch} guided, {args.dtype}"
+                print(f"{what}, GRN norm as {norm}: {total / 1e9:.1f} GB ({total / args.bandwidth / 1e9:.1f} ms "
+                      f"at {args.bandwidth:g} TB/s); GB by operation: {heaviest}")  # fmt: skip
     return 0
 
 

@@ -162,21 +162,19 @@ def main(argv=None) -> int:
         from jobs.bench_diffusers import DiffusersTwin
 
         twin = DiffusersTwin(models)
-    import cascade.blocks as blocks
-    from cascade.blocks import Attention2D
+    from cascade.blocks import Attention2D, GlobalResponseNorm
 
-    ours_forward, ours_norm = Attention2D.forward, blocks.hw_l2_norm
+    ours_forward = Attention2D.forward
     report = []
     for stage in ("stage_c", "stage_b"):
         for batch in args.batch:
             for variant in args.variants:
                 Attention2D.forward = module_attention_forward if variant == "mha" else ours_forward
-                if variant == "squares":
-                    blocks.hw_l2_norm = lambda x, fused=None: blocks.hw_l2_norm_by_squares(x)
+                GlobalResponseNorm.fused = False if variant == "squares" else None
                 try:
                     row = profile(models, stage, batch, args.size, args.top, variant, twin)
                 finally:
-                    Attention2D.forward, blocks.hw_l2_norm = ours_forward, ours_norm
+                    Attention2D.forward, GlobalResponseNorm.fused = ours_forward, None
                 report.append(row)
                 kinds = ", ".join(f"{k} {ms:.2f}" for k, ms in row["device_ms_by_kind"].items())
                 print(

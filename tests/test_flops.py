@@ -46,24 +46,14 @@ def test_memory_traffic_counts_the_bytes_grn_s_one_reduction_saves():
     import importlib.util
     from pathlib import Path
 
-    import cascade.blocks as blocks
-
     path = Path(__file__).parents[1] / "scripts" / "memory_traffic.py"
     spec = importlib.util.spec_from_file_location("memory_traffic", path)
     traffic = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(traffic)
     with torch.device("meta"):
         stage = traffic.StageB(traffic.STAGE_B_TINY).to(torch.bfloat16).eval()
-    default = blocks.hw_l2_norm
-    try:
-        moved = {}
-        one_reduction = lambda x, fused=None: default(x, fused=True)  # noqa: E731
-        for name, norm in (("one", one_reduction), ("squares", blocks.hw_l2_norm_by_squares)):
-            blocks.hw_l2_norm = norm
-            with torch.device("meta"):
-                moved[name] = traffic.count(stage, 1, 256, torch.bfloat16)
-    finally:
-        blocks.hw_l2_norm = default
+        moved = {name: traffic.count(stage, 1, 256, torch.bfloat16, fused) for name, fused in
+                 (("one", True), ("squares", False))}  # fmt: skip
     one, squares = moved["one"], moved["squares"]
     assert not {"mm", "addmm", "view", "permute", "scaled_dot_product_attention"} & (set(one) | set(squares))
     assert {"square", "to", "sum"} <= set(squares) and "linalg_vector_norm" in one and "square" not in one
