@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from cascade.geometry import OFFICIAL, Geometry
 from cascade.request import MAX_SEED, Request, validate
+from workers.rows import REQUEST_FIELDS
 from workers.storage import LocalStorage, S3Storage, Storage, StorageError, is_s3
 
 from .config import MAX_NUM_IMAGES, JobConfig
@@ -419,30 +420,79 @@ def read_fragments(
     geometry: Geometry = OFFICIAL,
     chunk_rows: int = 64,
 ) -> Iterator[pa.Table]:
-    """A Ray Data UDF: read (source, row group) work items and yield small tables of images still to render.
+    """A Ray Data UDF: read (source, row group) work items and yield small tables of images still to render, each
+    bucket's images in runs of whole batches (`bucket_runs`).
 
     Small output blocks keep the stages streaming: an actor stage emits one block per input block (platform notes).
     """
     schema = pa.schema(list(IMAGE_SCHEMA) + list(extra))
     carried = [(f.name, _input_column(f.name)) for f in extra]
-    for item in items.to_pylist():
-        source = sources[item["source"]]
-        table = source.open().read_row_group(item["row_group"]).slice(item["start"], item["stop"] - item["start"])
-        first = item["first_row"]
-        rows = table.to_pylist()
-        pending: list[dict] = []
-        for offset, row in enumerate(rows):
-            for image in expand_row(row, source.name, first + offset, config, geometry):
-                if contains(done, image_hash(image["id"], image["image_index"])):
-                    continue
-                for out_name, in_name in carried:
-                    image[out_name] = row.get(in_name)
-                pending.append(image)
-            if len(pending) >= chunk_rows:
-                yield pa.Table.from_pylist(pending, schema=schema)
-                pending = []
-        if pending:
-            yield pa.Table.from_pylist(pending, schema=schema)
+
+    def images() -> Iterator[dict]:
+        for item in items.to_pylist():
+            source = sources[item["source"]]
+            table = source.open().read_row_group(item["row_group"]).slice(item["start"], item["stop"] - item["start"])
+            for offset, row in enumerate(table.to_pylist()):
+                for image in expand_row(row, source.name, item["first_row"] + offset, config, geometry):
+                    if contains(done, image_hash(image["id"], image["image_index"])):
+                        continue
+                    for out_name, in_name in carried:
+                        image[out_name] = row.get(in_name)
+                    yield image
+
+    unit = batch_unit(config.prior_pool.batch_size, config.decoder_pool.batch_size)
+    for chunk in bucket_runs(images(), unit, max(chunk_rows, unit)):
+        yield pa.Table.from_pylist(chunk, schema=schema)
+
+
+def batch_unit(prior_batch: int, decoder_batch: int, most: int = 1024) -> int:
+    """The run length that makes both pools' batches hold one bucket: a multiple of both batch sizes, or the Stage C
+    pool's batch when that multiple is over `most` rows."""
+    both = math.lcm(prior_batch, decoder_batch)
+    return both if both <= most else prior_batch
+
+
+def _bucket(image: dict) -> tuple | None:
+    """What a batch must share (cascade.request.Request.bucket); None for an error row, which needs no work."""
+    if image["error"] is not None:
+        return None
+    return Request(**{k: image[k] for k in REQUEST_FIELDS}).bucket()
+
+
+def bucket_runs(images: Iterator[dict], unit: int, chunk_rows: int) -> Iterator[list[dict]]:
+    """The images regrouped into chunks in which each bucket's images (size, steps, cfg) come in runs of `unit`.
+
+    Ray Data cuts the reader's output into blocks of a pool's batch size, one after another, and a pool's actor runs
+    one model batch per bucket in a block: interleaved sizes or steps would make most batches smaller than asked
+    (three buckets at batch 4: a third of the images per batch). So every chunk but the last is a whole number of
+    runs, which keeps the blocks' boundaries on the runs'. A bucket's images wait here until they fill a run; when
+    `chunk_rows` images are waiting and none fills one (many buckets), runs of mixed buckets go, grouped by bucket.
+    Within a bucket the input order is kept."""
+    waiting: dict[tuple | None, list[dict]] = {}
+    held = 0
+    for image in images:
+        waiting.setdefault(_bucket(image), []).append(image)
+        held += 1
+        if held < chunk_rows:
+            continue
+        chunk = []
+        for group in waiting.values():
+            whole = len(group) - len(group) % unit
+            chunk += group[:whole]
+            del group[:whole]
+        if held - len(chunk) >= chunk_rows:  # a chunk's worth in buckets that fill no run: send it in mixed runs
+            rest = [image for group in waiting.values() for image in group]
+            whole = len(rest) - len(rest) % unit
+            chunk += rest[:whole]
+            waiting = {}
+            for image in rest[whole:]:
+                waiting.setdefault(_bucket(image), []).append(image)
+        waiting = {key: group for key, group in waiting.items() if group}
+        held -= len(chunk)
+        yield chunk
+    rest = [image for group in waiting.values() for image in group]
+    if rest:
+        yield rest
 
 
 def segments(sources: list[Source], rows_per_segment: int) -> list[list[dict]]:

@@ -7,9 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cascade.request import Request
 from jobs.config import from_mapping
 from jobs.inputs import (
     InputError,
+    batch_unit,
+    bucket_runs,
     expand_row,
     find_files,
     image_hash,
@@ -228,3 +231,51 @@ def test_segments_cut_row_groups_and_files_into_row_ranges(tmp_path):
     assert [pending_images(p.sources, part, 1, nothing) for part in parts] == [3, 3, 3]
     done = np.sort(np.array([image_hash("b.parquet:1", 1), image_hash("a.parquet:0", 0)], np.uint64))
     assert [pending_images(p.sources, part, 1, done) for part in parts] == [2, 3, 2]
+
+
+def image(i: int, **request) -> dict:
+    """An image row as expand_row makes it (an `error` row when request holds one)."""
+    error = request.pop("error", None)
+    return {**Request(prompt=f"p{i}", **request).__dict__, "id": f"r{i}", "error": error}
+
+
+def bucket_of(row: dict):
+    return None if row["error"] else (row["width"], row["prior_steps"], row["decoder_cfg"])
+
+
+def test_bucket_runs_put_each_bucket_in_whole_batches():
+    # Three buckets interleaved (steps, size, cfg), 8 images each, and 3 error rows: as a table of mixed requests.
+    kinds = [{"prior_steps": 3}, {"prior_steps": 4, "width": 512}, {"prior_steps": 3, "decoder_cfg": 2.0}]
+    images = [image(i, **kinds[i % 3]) for i in range(24)] + [image(24 + i, error="prompt: empty") for i in range(3)]
+    chunks = list(bucket_runs(iter(images), unit=4, chunk_rows=16))
+    stream = [row for chunk in chunks for row in chunk]
+    assert sorted(r["id"] for r in stream) == sorted(r["id"] for r in images)  # every image once
+    for key in {bucket_of(r) for r in images}:  # each bucket's own order kept
+        assert [r["id"] for r in stream if bucket_of(r) == key] == [r["id"] for r in images if bucket_of(r) == key]
+    assert all(len(chunk) % 4 == 0 for chunk in chunks[:-1])
+    # Ray Data cuts the stream into blocks of the batch size: each holds one bucket, but for the error rows' tail.
+    blocks = [stream[k : k + 4] for k in range(0, len(stream), 4)]
+    assert [len({bucket_of(r) for r in block}) for block in blocks] == [1] * 6 + [1]
+    assert [r["error"] for r in blocks[-1]] == ["prompt: empty"] * 3
+
+
+def test_bucket_runs_with_many_small_buckets_hold_a_bounded_number_of_images():
+    images = [image(i, prior_steps=1 + i) for i in range(50)]  # 50 buckets of one image: none fills a run
+    read = emitted = 0
+
+    def counted():
+        nonlocal read
+        for row in images:
+            assert read - emitted < 16  # never more waiting than a chunk
+            read += 1
+            yield row
+
+    for chunk in bucket_runs(counted(), unit=4, chunk_rows=16):
+        emitted += len(chunk)
+        assert emitted % 4 == 0 or emitted == 50
+    assert emitted == 50
+
+
+def test_batch_unit_is_a_multiple_of_both_pools_batches_when_small():
+    assert batch_unit(4, 4) == 4 and batch_unit(2, 8) == 8 and batch_unit(3, 4) == 12
+    assert batch_unit(1000, 999) == 1000  # the multiple would be 999,000 rows: Stage C's batch alone

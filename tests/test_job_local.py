@@ -142,6 +142,23 @@ def test_dry_run_moves_full_size_data_through_every_stage(tmp_path):
     assert 16 * 24 * 24 * 2 + 2 * 1280 * 2 <= per_image < 16 * 24 * 24 * 2 + 2 * 1280 * 2 + 2000
 
 
+def test_mixed_sizes_and_steps_run_in_full_batches_of_one_bucket(tmp_path):
+    # Rows interleave three buckets (size, steps): each pool's batch must still be one bucket and full, not three
+    # small batches (a block of 4 rows holding 3 buckets runs 3 model batches).
+    widths, steps = [256, 512, 256] * 8, [2, 2, 3] * 8
+    table = prompts_table(24, width=widths, prior_steps=steps)
+    pq.write_table(table, tmp_path / "prompts.parquet")
+    out = LocalStorage(tmp_path / "out")
+    assert run_job(tmp_path / "prompts.parquet", out.root, "--dry-run", "--no-report") == 0
+    rows = check_output(out, 24).to_pylist()
+    for part in ("prior", "decoder"):
+        batches = {}
+        for r in rows:  # a pool batch: one actor's call, all its rows stamped with the call's start
+            batches.setdefault((r[f"{part}_actor"], r[f"{part}_start"]), []).append((r["width"], r["prior_steps"]))
+        assert sorted(len(b) for b in batches.values()) == [4] * 6, part
+        assert all(len(set(b)) == 1 for b in batches.values()), part
+
+
 def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     import tarfile
 
