@@ -4,6 +4,8 @@
   writers.
 - Each pool's busy fraction: the union of its actors' batch intervals over (actors x the pool's span), and the
   fraction of the run's wall time during which both GPU pools were busy at once.
+- Each pool's images per model batch (below its batch size: rows of mixed buckets, the input's tail, or batches
+  halved after running out of device memory).
 - A timeline of every actor's batches, which shows whether the pools overlap.
 - A contact sheet of sample images with their prompts (escaped: a prompt is text, never markup).
 """
@@ -54,11 +56,25 @@ def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> fl
     return total
 
 
-STAT_COLUMNS = [f"{pool}_{x}" for pool, _, _ in POOLS for x in ("actor", "start", "end")] + ["write_end", "status"]
+STAT_COLUMNS = [f"{pool}_{x}" for pool, _, _ in POOLS for x in ("actor", "start", "end", "batch")]
+STAT_COLUMNS += ["write_end", "status"]
+
+
+def images_per_batch(table: pa.Table, pool: str) -> float | None:
+    """The mean number of images in the pool's model batches: each image records the size of the batch it ran in
+    (`<pool>_batch`), so a batch of b images is b rows of 1/b. None where no row records one (older manifests)."""
+    name = f"{pool}_batch"
+    if name not in table.column_names:
+        return None
+    sizes = table.column(name).drop_null()
+    if len(sizes) == 0:
+        return None
+    return len(sizes) / pc.sum(pc.divide(1.0, pc.cast(sizes, pa.float64()))).as_py()
 
 
 def pool_stats(table: pa.Table) -> dict:
-    """Per pool: actors, batches as (actor, start, end), busy fraction; and the time both pools were busy.
+    """Per pool: actors, batches as (actor, start, end), busy fraction, images per model batch; and the time both
+    pools were busy.
 
     Works on Arrow columns: a batch is one distinct (actor, start, end), so only batches, not rows, become Python."""
     stats, busy = {}, {}
@@ -69,7 +85,7 @@ def pool_stats(table: pa.Table) -> dict:
             unique = table.select(names).drop_null().group_by(names).aggregate([])
             batches = sorted(zip(*(unique.column(n).to_pylist() for n in names)), key=lambda b: b[1])
         if not batches:
-            stats[pool] = {"actors": 0, "batches": [], "busy_fraction": 0.0, "span_s": 0.0}
+            stats[pool] = {"actors": 0, "batches": [], "busy_fraction": 0.0, "span_s": 0.0, "images_per_batch": None}
             busy[pool] = []
             continue
         actors = sorted({a for a, _, _ in batches})
@@ -82,6 +98,7 @@ def pool_stats(table: pa.Table) -> dict:
             "busy_fraction": busy_s / (len(actors) * (span[1] - span[0])) if span[1] > span[0] else 1.0,
             "span_s": span[1] - span[0],
             "span": span,
+            "images_per_batch": images_per_batch(table, pool),
         }
         busy[pool] = _union([(s, e) for _, s, e in batches])
     both = _intersect(busy["prior"], busy["decoder"])
@@ -155,6 +172,10 @@ def _thumbnail(data: bytes) -> str:
     return base64.b64encode(out.getvalue()).decode()
 
 
+def _per_batch(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
     """The page for one run (run_id), or for every run in the manifests (None)."""
     table = read_manifests(storage, STAT_COLUMNS, run_id=run_id)
@@ -170,9 +191,10 @@ def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
         rows += shown.filter(pc.not_equal(status, "ok")).slice(0, 20).to_pylist()
     esc = html.escape
     pool_rows = "".join(
-        f"<tr><td>{esc(label)}</td><td>{stats['pools'][pool]['actors']}</td>"
-        f"<td>{stats['pools'][pool]['busy_fraction']:.1%}</td><td>{stats['pools'][pool]['span_s']:.1f} s</td></tr>"
+        f"<tr><td>{esc(label)}</td><td>{p['actors']}</td><td>{p['busy_fraction']:.1%}</td><td>{p['span_s']:.1f} s</td>"
+        f"<td>{_per_batch(p['images_per_batch'])}</td></tr>"
         for pool, label, _ in POOLS
+        for p in [stats["pools"][pool]]
     )
     overlap = stats["both_busy_s"] / stats["wall_s"] if stats["wall_s"] else 0.0
     samples = [r for r in rows if r["status"] == "ok"][:SHEET_IMAGES]
@@ -204,7 +226,7 @@ figcaption{{font-size:11px;overflow-wrap:anywhere}}</style></head><body>
 <pre>{esc(json.dumps(facts, indent=1))}</pre>
 <p>Model {esc(str(summary.get("model")))} (weights digest {esc(str(summary.get("model_digest")))}).</p>
 <h2>Pools</h2>
-<table><tr><th>pool</th><th>actors</th><th>busy</th><th>span</th></tr>{pool_rows}</table>
+<table><tr><th>pool</th><th>actors</th><th>busy</th><th>span</th><th>images per model batch</th></tr>{pool_rows}</table>
 <p>Both GPU pools busy at once: {overlap:.1%} of the {stats["wall_s"]:.1f} s between the first and last batch.</p>
 <h2>Throughput over time (images/s)</h2>
 {_svg_throughput(table, stats["t0"], stats["wall_s"])}

@@ -157,6 +157,7 @@ def test_mixed_sizes_and_steps_run_in_full_batches_of_one_bucket(tmp_path):
             batches.setdefault((r[f"{part}_actor"], r[f"{part}_start"]), []).append((r["width"], r["prior_steps"]))
         assert sorted(len(b) for b in batches.values()) == [4] * 6, part
         assert all(len(set(b)) == 1 for b in batches.values()), part
+        assert {r[f"{part}_batch"] for r in rows} == {4}, part  # what each image's model batch held
 
 
 def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):

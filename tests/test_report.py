@@ -26,7 +26,10 @@ def batches_table():
                 "write_end": 10.5, "status": "ok",
             }
         )  # fmt: skip
-    return pa.Table.from_pylist(rows)
+    table = pa.Table.from_pylist(rows)
+    # The size of the model batch each image ran in: Stage C 2 + 2; Stage B/A d0 1, d1 2, d0 1.
+    table = table.append_column("prior_batch", pa.array([2, 2, 2, 2]))
+    return table.append_column("decoder_batch", pa.array([1, 2, 1, 2]))
 
 
 def test_pool_stats_from_batch_intervals():
@@ -38,6 +41,9 @@ def test_pool_stats_from_batch_intervals():
     assert abs(decoder["busy_fraction"] - (8 + 7) / (2 * 8)) < 1e-9  # d0 busy 2-10, d1 3-10, span 2-10
     assert abs(stats["both_busy_s"] - 6) < 1e-9  # Stage C busy 0-4, 5-9; decoder busy 2-10: overlap 2 + 4
     assert abs(stats["wall_s"] - 10.5) < 1e-9
+    assert prior["images_per_batch"] == 2.0 and abs(decoder["images_per_batch"] - 4 / 3) < 1e-9  # 4 images, 3 batches
+    older = pool_stats(batches_table().drop_columns(["prior_batch", "decoder_batch"]))  # manifests before the column
+    assert older["pools"]["prior"]["images_per_batch"] is None
 
 
 def test_report_escapes_prompts(tmp_path):
@@ -69,3 +75,4 @@ def test_report_escapes_prompts(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<b>bad</b>" not in page and "&lt;b&gt;bad&lt;/b&gt;" in page
     assert page.count("data:image/jpeg;base64,") == 1 and "Stage B/A pool" in page
+    assert "<th>images per model batch</th>" in page and "<td>2.00</td>" in page  # Stage C: one batch of 2

@@ -44,6 +44,8 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_images(monk
     split = stage(batch(5))
     assert sizes == [2, 2, 1] and stage.fit == 2  # halved until it fitted, then kept at 2
     assert split.column("error").null_count == 5
+    assert whole.column("prior_batch").to_pylist() == [5] * 5  # each image's model batch, for the report
+    assert split.column("prior_batch").to_pylist() == [2, 2, 2, 2, 1]
     for a, b in zip(whole.column("latent").to_pylist(), split.column("latent").to_pylist()):
         np.testing.assert_allclose(np.frombuffer(a, np.float32), np.frombuffer(b, np.float32), rtol=1e-4, atol=1e-3)
     assert "set prior_pool.batch_size to 2 or less" in capsys.readouterr().err
@@ -61,6 +63,7 @@ def test_an_image_too_large_for_the_device_alone_is_an_error_row_and_the_rest_go
     errors = out.column("error").to_pylist()
     assert errors == ["Stage B/A: out of GPU memory for one 256x256 image; use a smaller size"] * 3
     assert out.column("pixels").null_count == 3
+    assert out.column("decoder_batch").to_pylist() == [None] * 3  # ran in no batch
 
 
 @pytest.mark.gpu

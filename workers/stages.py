@@ -124,21 +124,22 @@ class _Stage:
             f"{self.part}_actor": pa.array([self.name] * n, pa.string()),
         }
 
-    def _fitted(self, run, items: list, failed) -> list:
-        """run(items) in chunks the device's memory holds. A chunk that runs out of memory is split in half and
-        retried, and later batches stay at the size that fitted; one image that does not fit alone becomes an
-        error row (failed(item, reason)) that names the size, and the job goes on."""
+    def _fitted(self, run, items: list, failed) -> list[tuple]:
+        """(result, images in the model batch it ran in) per item: run(items) in chunks the device's memory holds.
+        A chunk that runs out of memory is split in half and retried, and later batches stay at the size that
+        fitted; one image that does not fit alone becomes an error row (failed(item, reason), in no batch) that
+        names the size, and the job goes on."""
         results = []
         for start in range(0, len(items), self.fit):
             chunk = items[start : start + self.fit]
             try:
-                results += run(chunk)
+                results += [(result, len(chunk)) for result in run(chunk)]
             except torch.cuda.OutOfMemoryError:
                 free_device_memory()
                 if len(chunk) == 1:
                     r = getattr(chunk[0], "request", chunk[0])  # a Request (Stage C) or a PriorOutput
                     reason = f"{self.title}: out of GPU memory for one {r.width}x{r.height} image; use a smaller size"
-                    results.append(failed(chunk[0], reason))
+                    results.append((failed(chunk[0], reason), None))
                     continue
                 self.fit = len(chunk) // 2
                 print(
@@ -169,7 +170,7 @@ class PriorStage(_Stage):
         n = len(rows)
         latent, pooled, negative = [None] * n, [None] * n, [None] * n
         tokens, truncated, errors = [None] * n, [None] * n, [row["error"] for row in rows]
-        seconds = [None] * n
+        seconds, batches = [None] * n, [None] * n
         for group in self._groups(rows):
             requests = requests_of([rows[i] for i in group])
             if self.models is not None:
@@ -179,9 +180,10 @@ class PriorStage(_Stage):
                     lambda r, reason: PriorOutput(r, None, None, None, error=reason),
                 )
             else:
-                outputs = dry_prior(requests, self.geometry)
-            for i, out in zip(group, outputs):
+                outputs = [(out, len(requests)) for out in dry_prior(requests, self.geometry)]
+            for i, (out, batch_images) in zip(group, outputs):
                 tokens[i], truncated[i], seconds[i] = out.prompt_tokens, out.prompt_truncated, out.seconds
+                batches[i] = batch_images
                 if out.error is not None:
                     errors[i] = out.error
                     continue
@@ -199,6 +201,7 @@ class PriorStage(_Stage):
                 "prompt_tokens": pa.array(tokens, pa.int64()),
                 "prompt_truncated": pa.array(truncated, pa.bool_()),
                 "prior_s": pa.array(seconds, pa.float64()),
+                "prior_batch": pa.array(batches, pa.int64()),
                 **self._batch_columns(start, end, n),
             },
         )
@@ -217,7 +220,7 @@ class DecoderStage(_Stage):
         rows = batch.select(["error", *REQUEST_FIELDS, *LATENT_COLUMNS, "prompt_tokens", "prompt_truncated"])
         rows = rows.to_pylist()
         n = len(rows)
-        pixels, errors, seconds = [None] * n, [row["error"] for row in rows], [None] * n
+        pixels, errors, seconds, batches = [None] * n, [row["error"] for row in rows], [None] * n, [None] * n
         for group in self._groups(rows):
             priors = []
             for i in group:
@@ -242,9 +245,9 @@ class DecoderStage(_Stage):
                     lambda p, reason: Result(p.request, None, reason, p.prompt_truncated, p.prompt_tokens),
                 )
             else:
-                results = dry_decoder(priors)
-            for i, result in zip(group, results):
-                seconds[i] = result.timings.get("decoder_s")
+                results = [(result, len(priors)) for result in dry_decoder(priors)]
+            for i, (result, batch_images) in zip(group, results):
+                seconds[i], batches[i] = result.timings.get("decoder_s"), batch_images
                 if result.error is not None:
                     errors[i] = result.error
                 else:
@@ -257,6 +260,7 @@ class DecoderStage(_Stage):
                 "error": pa.array(errors, pa.string()),
                 "pixels": pa.array(pixels, pa.binary()),
                 "decoder_s": pa.array(seconds, pa.float64()),
+                "decoder_batch": pa.array(batches, pa.int64()),
                 **self._batch_columns(start, end, n),
             },
         )
