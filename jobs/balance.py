@@ -13,12 +13,13 @@ few GPUs whose whole split leaves one pool idle, several actors share each GPU (
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from dataclasses import dataclass
 
 import pyarrow.compute as pc
+
+from .config import gpu_share
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,7 @@ def split(gpus: int, prior_s: float, decoder_s: float, max_per_gpu: int = 4) -> 
     for k in range(1, max_per_gpu + 1):
         n, rate = _whole_split(gpus * k, prior_s * k, decoder_s * k)
         if plan is None or rate >= plan.images_per_s * PACKING_GAIN:
-            per_actor = 1.0 if k == 1 else math.floor(100 / k) / 100  # k of them fit: 3 x 0.33 <= 1
-            plan = Split(n, gpus * k - n, per_actor, per_actor, rate)
+            plan = Split(n, gpus * k - n, gpu_share(k), gpu_share(k), rate)
     return plan
 
 

@@ -31,6 +31,11 @@ class ConfigError(ValueError):
     """Bad configuration: the message names the key, the value and what is allowed."""
 
 
+def gpu_share(k: int) -> float:
+    """Each of k actors' share of one GPU, floored to hundredths so that k of them fit (3 x 0.33 <= 1)."""
+    return math.floor(100 / k) / 100
+
+
 @dataclass
 class PoolConfig:
     """One GPU actor pool. gpus is per actor ("auto": 1 when the cluster has a GPU for each auto actor, a share of one

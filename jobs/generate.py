@@ -97,14 +97,16 @@ def auto_gpus(pools, cluster_gpus: float) -> float:
     GPU (1/k each), or, where less than one GPU is left, an equal part of it. One GPU and one actor per pool: 0.5
     each, both pools on the one GPU, instead of a Stage B/A actor that waits forever for a second GPU while the
     Stage C actor holds the only one."""
+    from .config import gpu_share
+
     if cluster_gpus <= 0:
         return 0.0
     auto = sum(p.actors for p in pools if p.gpus == "auto")
     left = cluster_gpus - sum(p.actors * p.gpus for p in pools if p.gpus != "auto") + 1e-9
     if auto == 0 or auto <= left:
         return 1.0
-    if left >= 1:  # k to a GPU; floored to hundredths so that k of them fit: 3 x 0.33 <= 1 (as jobs.balance)
-        return math.floor(100 / math.ceil(auto / math.floor(left))) / 100
+    if left >= 1:  # k to a GPU
+        return gpu_share(math.ceil(auto / math.floor(left)))
     if left >= 0.01 * auto:  # part of one GPU left (the explicit pools took fractions)
         return math.floor(100 * left / auto) / 100
     return 1.0  # nothing left: the explicit pools took every GPU; the auto actors wait (the job warns)
