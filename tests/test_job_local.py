@@ -285,8 +285,10 @@ def test_an_autoscaling_pool_renders_every_image_once_between_its_bounds_and_the
 
     pq.write_table(prompts_table(32), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
-    # Long enough (about a minute) for actors added after the first batches (each loads its models) to take work.
-    flags = ["--model", "tiny", "--width", "256", "--height", "256", "--prior-steps", "40", "--decoder-steps", "2"]
+    # Long enough for actors added after the first batches (each loads its models) to take work: on the 2-core CPU
+    # they start about 6 s in, of a 12 s Stage C span (at 40 steps they started 7.7 s into 8.6 s, and sometimes
+    # after the last batch).
+    flags = ["--model", "tiny", "--width", "256", "--height", "256", "--prior-steps", "100", "--decoder-steps", "2"]
     flags += ["--prior-pool-batch-size", "2", "--decoder-pool-batch-size", "2", "--prior-pool-max-actors", "3"]
     flags += ["--prior-pool-gpus", "0.5", "--decoder-pool-gpus", "0.5"]
     assert main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *flags]) == 0
