@@ -123,17 +123,28 @@ def guided_denoiser(
     cfg: float | None,
     cfg_rho: float = 0.7,
 ) -> Denoiser:
-    """Wrap `model(x, r, **inputs)` into a denoiser `(x, r) -> eps` that applies guidance.
+    """Wrap `model(x, r, **inputs)` into a denoiser `(x, r) -> eps` that applies guidance, for one sampling run.
 
     cfg None or 1 runs only the conditional pass (lerp(u, c, 1) is exactly c, and its rescale is the identity up to
-    the 1e-9 guard), which halves the stage's cost.
+    the 1e-9 guard), which halves the stage's cost. A model with `precompute(x, **inputs)` (Stage B, Stage C) has
+    it called on the first step and its result passed at every step: the conditioning work that does not change
+    between steps is done once per run.
     """
-    if cfg is None or cfg == 1:
-        return lambda x, r: model(x, r, **cond)
-    both = {k: torch.cat([cond[k], uncond[k]], dim=0) for k in cond}
+    single = cfg is None or cfg == 1
+    inputs = cond if single else {k: torch.cat([cond[k], uncond[k]], dim=0) for k in cond}
+    precompute = getattr(model, "precompute", None)
+    prepared: dict[str, torch.Tensor] = {}
+
+    def call(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if not prepared:
+            prepared.update(inputs if precompute is None else precompute(x, **inputs))
+        return model(x, r, **prepared)
+
+    if single:
+        return call
 
     def denoise(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        pred_cond, pred_uncond = model(torch.cat([x, x], dim=0), r.repeat(2), **both).chunk(2)
+        pred_cond, pred_uncond = call(torch.cat([x, x], dim=0), r.repeat(2)).chunk(2)
         return guide(pred_cond, pred_uncond, cfg, cfg_rho)
 
     return denoise

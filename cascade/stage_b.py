@@ -80,31 +80,63 @@ class StageB(CascadeUNet):
         b = clip.shape[0]
         return self.clip_norm(self.clip_mapper(clip).view(b, clip.shape[1] * self.config.c_clip_seq, -1))
 
+    def precompute(
+        self,
+        x: torch.Tensor,
+        effnet: torch.Tensor,
+        clip: torch.Tensor,
+        pixels: torch.Tensor | None = None,
+        **t_cond_values: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The conditions of a sampling run with the work that is the same at every step done once: the keyword
+        arguments `forward(x, r, **them)` takes for any x shaped like this one. The pooled CLIP embedding becomes
+        `clip_kv` (every attention block's keys and values of its tokens, CascadeUNet.condition_kv); effnet and
+        pixels become `effnet_map`, their mappers' outputs at the size of x's embedding, which forward adds to it."""
+        size = tuple(n // self.config.patch_size for n in x.shape[-2:])
+        return {
+            "clip_kv": self.condition_kv(self._clip(clip)),
+            "effnet_map": self._effnet_map(effnet, pixels, size),
+            **t_cond_values,
+        }
+
+    def _clip(self, clip: torch.Tensor) -> torch.Tensor:
+        if clip.dim() != 3:
+            raise ValueError(f"clip must be 3-D (B, 1, C); got {tuple(clip.shape)}")
+        return self.clip_tokens(clip.to(self.embedding[1].weight.dtype))  # (B, 4, c_cond)
+
+    def _effnet_map(self, effnet: torch.Tensor, pixels: torch.Tensor | None, size) -> torch.Tensor:
+        dtype = self.embedding[1].weight.dtype
+        if pixels is None:
+            pixels = effnet.new_zeros(effnet.shape[0], self.config.c_pixels, 8, 8)
+        # effnet is resized before its mapper, pixels after theirs (as the reference).
+        mapped = self.effnet_mapper(interpolate_like(effnet.to(dtype), size))
+        return mapped + interpolate_like(self.pixels_mapper(pixels.to(dtype)), size)
+
     def forward(
         self,
         x: torch.Tensor,  # (B, 4, H/4, W/4) noised Stage A latent
         r: torch.Tensor,  # (B,) noise level in [0, 1]
-        effnet: torch.Tensor,  # (B, 16, h, w) Stage C output (zeros for the unconditional pass)
-        clip: torch.Tensor,  # (B, 1, 1280) pooled text embedding
+        effnet: torch.Tensor | None = None,  # (B, 16, h, w) Stage C output (zeros for the unconditional pass)
+        clip: torch.Tensor | None = None,  # (B, 1, 1280) pooled text embedding
         pixels: torch.Tensor | None = None,  # (B, 3, 8, 8) low-res colour hint; zeros in every release
+        clip_kv: torch.Tensor | None = None,  # in place of clip: precompute's
+        effnet_map: torch.Tensor | None = None,  # in place of effnet and pixels: precompute's
         **t_cond_values: torch.Tensor,
     ) -> torch.Tensor:
-        if clip.dim() != 3:
-            raise ValueError(f"clip must be 3-D (B, 1, C); got {tuple(clip.shape)}")
+        if (clip is None) == (clip_kv is None) or (effnet is None) == (effnet_map is None):
+            raise ValueError("StageB needs effnet and clip, or effnet_map and clip_kv (precompute), one of each")
         dtype = self.embedding[1].weight.dtype
-        if pixels is None:
-            pixels = x.new_zeros(x.shape[0], self.config.c_pixels, 8, 8)
         cond = Conditioning(
             r_embed=self._r_conditioning(r, t_cond_values).to(dtype),  # (B, 128)
-            clip=self.clip_tokens(clip.to(dtype)),  # (B, 4, c_cond)
+            clip=None if clip is None else self._clip(clip),
         )
+        conds = self._block_conditions(cond, clip_kv)
         h = self.embedding(x.to(dtype))  # (B, c0, H/8, W/8)
-        size = h.shape[-2:]
-        # effnet is resized before its mapper, pixels after theirs (as the reference).
-        h = h + self.effnet_mapper(interpolate_like(effnet.to(dtype), size))
-        h = h + interpolate_like(self.pixels_mapper(pixels.to(dtype)), size)
-        level_outputs = self._down_encode(h, cond)
-        h = self._up_decode(level_outputs, cond)
+        if effnet_map is None:
+            effnet_map = self._effnet_map(effnet, pixels, h.shape[-2:])
+        h = h + effnet_map
+        level_outputs = self._down_encode(h, cond, conds)
+        h = self._up_decode(level_outputs, cond, conds)
         return self.clf(h).to(x.dtype)  # (B, 4, H/4, W/4)
 
 

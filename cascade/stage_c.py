@@ -96,30 +96,50 @@ class StageC(CascadeUNet):
         img = self.clip_img_mapper(clip_img).view(b, clip_img.shape[1] * self.config.c_clip_seq, -1)
         return self.clip_norm(torch.cat([text, pooled, img], dim=1))
 
-    def forward(
+    def precompute(
         self,
-        x: torch.Tensor,  # (B, 16, h, w) noised latent
-        r: torch.Tensor,  # (B,) noise level in [0, 1]
-        clip_text: torch.Tensor,  # (B, 77, 1280) CLIP-G hidden states
-        clip_text_pooled: torch.Tensor,  # (B, 1, 1280) projected pooled text embedding
-        clip_img: torch.Tensor,  # (B, 1, 768) CLIP-L image embedding, zeros for text-to-image
-        **t_cond_values: torch.Tensor,  # optional `sca` / `crp`, zero when absent
-    ) -> torch.Tensor:
+        x: torch.Tensor,
+        clip_text: torch.Tensor,
+        clip_text_pooled: torch.Tensor,
+        clip_img: torch.Tensor,
+        **t_cond_values: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The conditions of a sampling run with the work that is the same at every step done once: the keyword
+        arguments `forward(x, r, **them)` takes for any x shaped like this one. The CLIP inputs become `clip_kv`,
+        every attention block's keys and values of the condition tokens (CascadeUNet.condition_kv)."""
+        return {"clip_kv": self.condition_kv(self._clip(clip_text, clip_text_pooled, clip_img)), **t_cond_values}
+
+    def _clip(self, clip_text: torch.Tensor, clip_text_pooled: torch.Tensor, clip_img: torch.Tensor) -> torch.Tensor:
         if clip_text_pooled.dim() != 3 or clip_img.dim() != 3:
             raise ValueError(
                 f"clip_text_pooled and clip_img must be 3-D (B, N, C); got {tuple(clip_text_pooled.shape)} and "
                 f"{tuple(clip_img.shape)}"
             )
         dtype = self.embedding[1].weight.dtype
-        cond = Conditioning(
-            r_embed=self._r_conditioning(r, t_cond_values).to(dtype),  # (B, 192)
-            clip=self.clip_tokens(
-                clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype)
-            ),  # (B, 85, c_cond)
-        )
+        return self.clip_tokens(clip_text.to(dtype), clip_text_pooled.to(dtype), clip_img.to(dtype))  # (B, 85, c)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, 16, h, w) noised latent
+        r: torch.Tensor,  # (B,) noise level in [0, 1]
+        clip_text: torch.Tensor | None = None,  # (B, 77, 1280) CLIP-G hidden states
+        clip_text_pooled: torch.Tensor | None = None,  # (B, 1, 1280) projected pooled text embedding
+        clip_img: torch.Tensor | None = None,  # (B, 1, 768) CLIP-L image embedding, zeros for text-to-image
+        clip_kv: torch.Tensor | None = None,  # in place of the three above: precompute's
+        **t_cond_values: torch.Tensor,  # optional `sca` / `crp`, zero when absent
+    ) -> torch.Tensor:
+        dtype = self.embedding[1].weight.dtype
+        if clip_kv is None:
+            if clip_text is None or clip_text_pooled is None or clip_img is None:
+                raise ValueError("StageC needs clip_text, clip_text_pooled and clip_img, or clip_kv (precompute)")
+            clip = self._clip(clip_text, clip_text_pooled, clip_img)
+        else:
+            clip = None
+        cond = Conditioning(r_embed=self._r_conditioning(r, t_cond_values).to(dtype), clip=clip)  # r: (B, 192)
+        conds = self._block_conditions(cond, clip_kv)
         h = self.embedding(x.to(dtype))  # (B, c_hidden[0], h, w)
-        level_outputs = self._down_encode(h, cond)
-        h = self._up_decode(level_outputs, cond)
+        level_outputs = self._down_encode(h, cond, conds)
+        h = self._up_decode(level_outputs, cond, conds)
         return self.clf(h).to(x.dtype)  # (B, 16, h, w)
 
 

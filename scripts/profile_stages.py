@@ -46,13 +46,19 @@ def guided_inputs(models, stage: str, batch: int, size: int):
     return x, r, both
 
 
-def module_attention_forward(self, x, kv, self_attn):
-    """Attention2D through nn.MultiheadAttention's own forward (before 2026-11-27), for the `mha` variant."""
+def module_attention_block_forward(self, x, cond, skip=None):
+    """AttnBlock as before 2026-11-27, for the `mha` variant: the condition tokens mapped at every step and attention
+    through nn.MultiheadAttention's own forward."""
+    kv = self.kv_mapper(cond.clip)
     b, c, h, w = x.shape
-    tokens = x.view(b, c, h * w).permute(0, 2, 1)
-    if self_attn:
+    tokens = self.norm(x).view(b, c, h * w).permute(0, 2, 1)
+    if self.self_attn:
         kv = torch.cat([tokens, kv], dim=1)
-    return self.attn(tokens, kv, kv, need_weights=False)[0].permute(0, 2, 1).reshape(b, c, h, w)
+    return x + self.attention.attn(tokens, kv, kv, need_weights=False)[0].permute(0, 2, 1).reshape(b, c, h, w)
+
+
+# The variants that time a pass as a sampling run makes it: the step-invariant conditioning done beforehand, once.
+PRECOMPUTED = ("ours", "squares", "cl")
 
 
 CHANNELS_LAST: dict[str, torch.nn.Module] = {}  # per stage, a channels-last copy for the `cl` variant
@@ -94,6 +100,9 @@ def profile(models, stage: str, batch: int, size: int, top: int, variant: str = 
 
     x, r, cond = guided_inputs(models, stage, batch, size)
     model = variant_model(models, stage, variant, twin)
+    if variant in PRECOMPUTED:
+        with torch.inference_mode():
+            cond = model.precompute(x, **cond)
 
     def step():
         with torch.inference_mode():
@@ -143,11 +152,12 @@ def main(argv=None) -> int:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=("ours", "squares", "mha", "cl", "diffusers"),
+        choices=("ours", "raw", "squares", "mha", "cl", "diffusers"),
         default=["ours"],
-        help="ours; squares: ours, GRN's norm as a float32 sum of squares (the GPU's before 2026-11-28); mha: ours, "
-        "attention through nn.MultiheadAttention's forward; cl: ours on channels-last memory; diffusers: its UNet, "
-        "same weights",
+        help="ours (the step-invariant conditioning precomputed, as sampling does); raw: ours, that conditioning done "
+        "in the pass (before 2026-11-29); squares: ours, GRN's norm as a float32 sum of squares (the GPU's before "
+        "2026-11-28); mha: raw, attention through nn.MultiheadAttention's forward (before 2026-11-27); cl: ours on "
+        "channels-last memory; diffusers: its UNet, same weights",
     )
     args = p.parse_args(argv)
     from cascade.family import BUILTIN_MODELS
@@ -162,19 +172,19 @@ def main(argv=None) -> int:
         from jobs.bench_diffusers import DiffusersTwin
 
         twin = DiffusersTwin(models)
-    from cascade.blocks import Attention2D, GlobalResponseNorm
+    from cascade.blocks import AttnBlock, GlobalResponseNorm
 
-    ours_forward = Attention2D.forward
+    ours_forward = AttnBlock.forward
     report = []
     for stage in ("stage_c", "stage_b"):
         for batch in args.batch:
             for variant in args.variants:
-                Attention2D.forward = module_attention_forward if variant == "mha" else ours_forward
+                AttnBlock.forward = module_attention_block_forward if variant == "mha" else ours_forward
                 GlobalResponseNorm.fused = False if variant == "squares" else None
                 try:
                     row = profile(models, stage, batch, args.size, args.top, variant, twin)
                 finally:
-                    Attention2D.forward, GlobalResponseNorm.fused = ours_forward, None
+                    AttnBlock.forward, GlobalResponseNorm.fused = ours_forward, None
                 report.append(row)
                 kinds = ", ".join(f"{k} {ms:.2f}" for k, ms in row["device_ms_by_kind"].items())
                 print(

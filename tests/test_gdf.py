@@ -288,6 +288,37 @@ def test_guided_denoiser_with_cfg_runs_the_doubled_batch_and_guides():
     torch.testing.assert_close(rho1.std(dim=(1, 2, 3)), c.std(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
 
 
+class PrecomputingModel(FakeModel):
+    """A FakeModel with a `precompute` (as Stage B and Stage C have): it turns clip into its mean, once per run."""
+
+    def __init__(self):
+        super().__init__()
+        self.precomputed = []
+
+    def precompute(self, x, clip, scale):
+        self.precomputed.append(x.shape)
+        return {"clip_mean": clip.mean(dim=(1, 2)), "scale": scale}
+
+    def __call__(self, x, r, clip_mean, scale):
+        self.calls.append({"x": x.clone(), "clip_mean": clip_mean, "scale": scale})
+        return torch.tanh(x * scale.view(-1, 1, 1, 1)) + clip_mean.view(-1, 1, 1, 1) + r.view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_guided_denoiser_precomputes_once_per_run_and_passes_the_result_at_every_step(cfg):
+    """A model's step-invariant conditioning work (`precompute`) runs once, on the first step's (doubled) batch, and
+    every step gets its result; the samples are those of the same model computing it at every step."""
+    _, _, cond, uncond = guidance_inputs()
+    model = PrecomputingModel()
+    got = gdf.sample(gdf.guided_denoiser(model, cond, uncond, cfg), gens([5, 9]), SHAPE, steps=4, sampler="ddpm")
+    batch = 2 if cfg == 1 else 4
+    assert model.precomputed == [torch.Size([batch, *SHAPE])] and len(model.calls) == 4
+    assert all(call["clip_mean"] is model.calls[0]["clip_mean"] for call in model.calls)
+    eager = FakeModel()
+    want = gdf.sample(gdf.guided_denoiser(eager, cond, uncond, cfg), gens([5, 9]), SHAPE, steps=4, sampler="ddpm")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_guide_cfg_rho_0_is_the_plain_lerp():
     torch.manual_seed(5)
     c, u = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)

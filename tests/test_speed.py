@@ -71,6 +71,59 @@ def test_multihead_attention_computes_what_the_module_does(training):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def raw_conditions(models, stage: str, batch: int = 3):
+    """Random inputs for one forward pass of a tiny stage: (x, r, its conditions as forward takes them raw)."""
+    torch.manual_seed(11)
+    if stage == "stage_c":
+        cfg = models.stage_c.config
+        conditions = {
+            "clip_text": torch.randn(batch, 77, cfg.c_clip_text),
+            "clip_text_pooled": torch.randn(batch, 1, cfg.c_clip_text_pooled),
+            "clip_img": torch.randn(batch, 1, cfg.c_clip_img),
+        }
+        return torch.randn(batch, 16, 6, 5), torch.rand(batch), conditions
+    conditions = {"effnet": torch.randn(batch, 16, 6, 5), "clip": torch.randn(batch, 1, models.stage_b.config.c_clip)}
+    conditions["pixels"] = torch.rand(batch, 3, 8, 8)
+    return torch.randn(batch, 4, 48, 40), torch.rand(batch), conditions
+
+
+@pytest.mark.parametrize("stage", ["stage_c", "stage_b"])
+def test_precomputed_conditions_give_the_same_forward_pass_as_the_raw_ones(stage):
+    """`precompute` does a sampling run's step-invariant conditioning once (every attention block's keys and values
+    of the CLIP tokens; Stage B's effnet and pixel maps): a forward pass on its result is the one on the raw inputs,
+    at every noise level, and it no longer reads what it replaced."""
+    models = tiny_models()
+    model = getattr(models, stage)
+    x, r, conditions = raw_conditions(models, stage)
+    with torch.inference_mode():
+        prepared = model.precompute(x, **conditions)
+        assert not set(conditions) & set(prepared) and "clip_kv" in prepared
+        widths = sum(2 * block.attention.attn.embed_dim for block in model.attention_blocks)
+        assert len(model.attention_blocks) > 0 and prepared["clip_kv"].shape[-1] == widths
+        for level in (r, 1 - r):
+            expected = model(x, level, **conditions)
+            assert expected.abs().max() > 0.1  # the tiny stages' weights are live: a real comparison
+            torch.testing.assert_close(model(x, level, **prepared), expected, rtol=1e-5, atol=1e-5)
+        other = {k: v + 1 for k, v in prepared.items()}  # the pass depends on what it was given
+        assert not torch.allclose(model(x, r, **other), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_forward_pass_with_both_or_neither_of_raw_and_precomputed_conditions_is_refused():
+    models = tiny_models()
+    x, r, conditions = raw_conditions(models, "stage_b")
+    with torch.inference_mode():
+        prepared = models.stage_b.precompute(x, **conditions)
+        with pytest.raises(ValueError, match="effnet and clip, or effnet_map and clip_kv"):
+            models.stage_b(x, r, **conditions, clip_kv=prepared["clip_kv"])
+        with pytest.raises(ValueError, match="effnet and clip, or effnet_map and clip_kv"):
+            models.stage_b(x, r)
+        x_c, r_c, conditions_c = raw_conditions(models, "stage_c")
+        with pytest.raises(ValueError, match="clip_kv"):
+            models.stage_c(x_c, r_c, clip_text=conditions_c["clip_text"])
+        with pytest.raises(ValueError, match="clip_kv: 10 channels"):
+            models.stage_c(x_c, r_c, clip_kv=torch.zeros(3, 85, 10))
+
+
 def test_compile_blocks_compiles_every_block_and_keeps_the_key_names():
     models = tiny_models(parts=("prior",))
     keys = list(models.stage_c.state_dict())
