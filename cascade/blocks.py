@@ -21,7 +21,7 @@ from torch import nn
 class Conditioning(NamedTuple):
     r_embed: torch.Tensor  # (B, c_r * (1 + len(t_conds)))
     clip: torch.Tensor | None  # (B, tokens, c_cond); None where kv is given
-    # One attention block's keys and values of the condition tokens, (B, tokens, 2c), made once per sampling run
+    # One attention block's condition tokens as its kv_mapper maps them, (B, tokens, c), made once per sampling run
     # (CascadeUNet.condition_kv) instead of at every step: the CLIP tokens do not change between steps.
     kv: torch.Tensor | None = None
 
@@ -125,33 +125,19 @@ class TimestepBlock(nn.Module):
         return torch.addcmul(b, x, 1 + a)  # x * (1 + a) + b in one pass over x
 
 
-def kv_projection(attn: nn.MultiheadAttention, tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens (B, S, C) -> their keys and values side by side, (B, S, 2C), with the module's parameters."""
-    c = attn.embed_dim
-    return F.linear(tokens, attn.in_proj_weight[c:], attn.in_proj_bias[c:])
-
-
-def multihead_attention(
-    attn: nn.MultiheadAttention,
-    queries: torch.Tensor,
-    keys: torch.Tensor | None,
-    kv: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """What `attn(queries, s, s)` computes (batch first, no mask), on its own parameters, where the sequence s is
-    `keys` followed by the tokens whose projections `kv` holds (kv_projection's output; either may be None).
+def multihead_attention(attn: nn.MultiheadAttention, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """What `attn(queries, keys, keys)` computes (batch first, no mask), on its own parameters.
 
     nn.MultiheadAttention moves the batch to the second dimension before its input projections, and on that layout
     PyTorch runs each projection as one small matrix product per token (a batched matmul over the sequence, each
     re-reading the whole weight): on an H200 that took 80 % of Stage C's time (docs/PERFORMANCE.md). Here each
     projection is one (B * L, C) matrix product, attention is `scaled_dot_product_attention` (flash kernels), and
     the parameters are still the module's `in_proj_weight`/`in_proj_bias`/`out_proj`, so the official key names load
-    and LoRA's parametrisations of them apply. Taking `kv` already projected lets the condition tokens, the same at
-    every sampling step, be projected once per sampling run."""
+    and LoRA's parametrisations of them apply."""
     c, heads = attn.embed_dim, attn.num_heads
-    q = F.linear(queries, attn.in_proj_weight[:c], attn.in_proj_bias[:c])  # (B, L, C)
-    if keys is not None:
-        kv = kv_projection(attn, keys) if kv is None else torch.cat([kv_projection(attn, keys), kv], dim=1)
-    k, v = kv.chunk(2, dim=-1)  # (B, S, C) each
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    q = F.linear(queries, weight[:c], bias[:c])  # (B, L, C)
+    k, v = F.linear(keys, weight[c:], bias[c:]).chunk(2, dim=-1)  # (B, S, C) each
 
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (heads, c // heads)).transpose(1, 2)  # (B, heads, L, C / heads)
@@ -170,12 +156,12 @@ class Attention2D(nn.Module):
         self.attn = nn.MultiheadAttention(c, nhead, dropout=dropout, bias=True, batch_first=True)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, self_attn: bool) -> torch.Tensor:
-        """x (B, C, H, W) attends to [its own tokens (self_attn); the condition tokens], whose keys and values kv
-        (B, T, 2C) holds already projected (kv_projection)."""
         b, c, h, w = x.shape
         # flatten, not view: x may be channels-last (cascade.speed.channels_last), where this is free.
         tokens = x.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
-        out = multihead_attention(self.attn, tokens, tokens if self_attn else None, kv)
+        if self_attn:
+            kv = torch.cat([tokens, kv], dim=1)  # (B, HW + T, C)
+        out = multihead_attention(self.attn, tokens, kv)
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 
 
@@ -187,12 +173,8 @@ class AttnBlock(nn.Module):
         self.attention = Attention2D(c, nhead, dropout)
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
-    def condition_kv(self, clip: torch.Tensor) -> torch.Tensor:
-        """The condition tokens (B, T, c_cond) -> their keys and values in this block, (B, T, 2c)."""
-        return kv_projection(self.attention.attn, self.kv_mapper(clip))
-
     def forward(self, x: torch.Tensor, cond: Conditioning, skip: torch.Tensor | None = None):
-        kv = self.condition_kv(cond.clip) if cond.kv is None else cond.kv
+        kv = self.kv_mapper(cond.clip) if cond.kv is None else cond.kv  # (B, T, c)
         return x + self.attention(self.norm(x), kv, self_attn=self.self_attn)
 
 
@@ -283,20 +265,22 @@ class CascadeUNet(nn.Module):
         self.attention_blocks = tuple(m for m in self.modules() if isinstance(m, AttnBlock))
 
     def condition_kv(self, clip: torch.Tensor) -> torch.Tensor:
-        """The condition tokens (B, T, c_cond) -> every attention block's keys and values of them, side by side in
-        one tensor (B, T, sum of 2c): what a forward pass takes as `clip_kv` in place of its CLIP inputs.
+        """The condition tokens (B, T, c_cond) -> each attention block's mapping of them (its `kv_mapper`), side by
+        side in one tensor (B, T, sum of c): what a forward pass takes as `clip_kv` in place of its CLIP inputs.
 
-        They are the same at every sampling step, so a sampling run computes them once (`precompute`) instead of at
-        each of its steps: for Stage C at 1024 px, 3.4 % of a pass's FLOPs, and in every attention block the
-        condition mapper's kernels."""
-        kvs = [block.condition_kv(clip) for block in self.attention_blocks]
+        They are the same at every sampling step, so a sampling run maps them once (`precompute`) instead of at each
+        step: for Stage C at 1024 px, 1.1 % of a pass's FLOPs and two kernels in each of its 64 attention blocks.
+        (Their keys and values are not cached too: a block attends to [image tokens; condition tokens], and joining
+        cached keys and values to the image tokens' would copy a 2c-wide tensor where the inputs' join copies a
+        c-wide one; on a GPU the extra bytes about cancel the saved FLOPs, docs/PERFORMANCE.md.)"""
+        kvs = [block.kv_mapper(clip) for block in self.attention_blocks]
         return torch.cat(kvs, dim=-1) if kvs else clip.new_zeros(*clip.shape[:2], 0)
 
     def _block_conditions(self, cond: Conditioning, clip_kv: torch.Tensor | None) -> dict[nn.Module, Conditioning]:
         """Each attention block's Conditioning with its own part of clip_kv (views); blocks not in it take cond."""
         if clip_kv is None:
             return {}
-        widths = [2 * block.attention.attn.embed_dim for block in self.attention_blocks]
+        widths = [block.attention.attn.embed_dim for block in self.attention_blocks]
         if clip_kv.shape[-1] != sum(widths):
             raise ValueError(f"clip_kv: {clip_kv.shape[-1]} channels; this model's condition_kv makes {sum(widths)}")
         parts = clip_kv.split(widths, dim=-1)

@@ -90,7 +90,7 @@ class StageB(CascadeUNet):
     ) -> dict[str, torch.Tensor]:
         """The conditions of a sampling run with the work that is the same at every step done once: the keyword
         arguments `forward(x, r, **them)` takes for any x shaped like this one. The pooled CLIP embedding becomes
-        `clip_kv` (every attention block's keys and values of its tokens, CascadeUNet.condition_kv); effnet and
+        `clip_kv` (its tokens as every attention block's kv_mapper maps them, CascadeUNet.condition_kv); effnet and
         pixels become `effnet_map`, their mappers' outputs at the size of x's embedding, which forward adds to it."""
         size = tuple(n // self.config.patch_size for n in x.shape[-2:])
         return {

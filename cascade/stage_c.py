@@ -106,7 +106,7 @@ class StageC(CascadeUNet):
     ) -> dict[str, torch.Tensor]:
         """The conditions of a sampling run with the work that is the same at every step done once: the keyword
         arguments `forward(x, r, **them)` takes for any x shaped like this one. The CLIP inputs become `clip_kv`,
-        every attention block's keys and values of the condition tokens (CascadeUNet.condition_kv)."""
+        the condition tokens as every attention block's kv_mapper maps them (CascadeUNet.condition_kv)."""
         return {"clip_kv": self.condition_kv(self._clip(clip_text, clip_text_pooled, clip_img)), **t_cond_values}
 
     def _clip(self, clip_text: torch.Tensor, clip_text_pooled: torch.Tensor, clip_img: torch.Tensor) -> torch.Tensor:

@@ -60,25 +60,33 @@ class Traffic(TorchDispatchMode):
 
 
 def guided_inputs(stage, batch: int, size: int, dtype: torch.dtype):
+    """(x, r, the raw conditions) of one guided pass."""
     n, cfg = 2 * batch, stage.config
     z = lambda *shape: torch.zeros(*shape, dtype=dtype)  # noqa: E731
     shape_c, shape_b = latent_sizes(size, size, OFFICIAL)  # (every built-in family has the official geometry)
     if isinstance(stage, StageC):
-        return (z(n, *shape_c), z(n), z(n, MAX_LENGTH, cfg.c_clip_text), z(n, 1, cfg.c_clip_text_pooled),
-                z(n, 1, cfg.c_clip_img)), {}  # fmt: skip
-    return (z(n, *shape_b), z(n)), {"effnet": z(n, *shape_c), "clip": z(n, 1, cfg.c_clip)}
+        conditions = {
+            "clip_text": z(n, MAX_LENGTH, cfg.c_clip_text),
+            "clip_text_pooled": z(n, 1, cfg.c_clip_text_pooled),
+            "clip_img": z(n, 1, cfg.c_clip_img),
+        }
+        return z(n, *shape_c), z(n), conditions
+    return z(n, *shape_b), z(n), {"effnet": z(n, *shape_c), "clip": z(n, 1, cfg.c_clip)}
 
 
 NORMS = {"one reduction": True, "sum of squares": False}  # GRN's norm: GlobalResponseNorm.fused
 
 
 def count(stage, batch: int, size: int, dtype: torch.dtype, fused_norm: bool) -> collections.Counter:
-    """Bytes by operation of one guided pass of `stage` (built on the meta device), GRN's norm as `fused_norm`."""
-    args, kwargs = guided_inputs(stage, batch, size, dtype)
+    """Bytes by operation of one guided pass of `stage` (built on the meta device), GRN's norm as `fused_norm`, as
+    a sampling run makes it: the conditions precomputed (once per run, not counted)."""
+    x, r, conditions = guided_inputs(stage, batch, size, dtype)
     GlobalResponseNorm.fused = fused_norm
     try:
-        with torch.inference_mode(), Traffic() as traffic:
-            stage(*args, **kwargs)
+        with torch.inference_mode():
+            prepared = stage.precompute(x, **conditions)
+            with Traffic() as traffic:
+                stage(x, r, **prepared)
     finally:
         GlobalResponseNorm.fused = None
     return traffic.bytes

@@ -89,16 +89,16 @@ def raw_conditions(models, stage: str, batch: int = 3):
 
 @pytest.mark.parametrize("stage", ["stage_c", "stage_b"])
 def test_precomputed_conditions_give_the_same_forward_pass_as_the_raw_ones(stage):
-    """`precompute` does a sampling run's step-invariant conditioning once (every attention block's keys and values
-    of the CLIP tokens; Stage B's effnet and pixel maps): a forward pass on its result is the one on the raw inputs,
-    at every noise level, and it no longer reads what it replaced."""
+    """`precompute` does a sampling run's step-invariant conditioning once (the CLIP tokens as every attention
+    block's kv_mapper maps them; Stage B's effnet and pixel maps): a forward pass on its result is the one on the
+    raw inputs, at every noise level, and it no longer reads what it replaced."""
     models = tiny_models()
     model = getattr(models, stage)
     x, r, conditions = raw_conditions(models, stage)
     with torch.inference_mode():
         prepared = model.precompute(x, **conditions)
         assert not set(conditions) & set(prepared) and "clip_kv" in prepared
-        widths = sum(2 * block.attention.attn.embed_dim for block in model.attention_blocks)
+        widths = sum(block.attention.attn.embed_dim for block in model.attention_blocks)
         assert len(model.attention_blocks) > 0 and prepared["clip_kv"].shape[-1] == widths
         for level in (r, 1 - r):
             expected = model(x, level, **conditions)
