@@ -12,6 +12,7 @@ Stable Cascade never quantises at inference: Stage B generates continuous latent
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -36,11 +37,18 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (b, c, h, w)
         g = self.gammas
-        x_norm = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g[0]) + g[1]  # (b, c, h, w)
-        x = x + self.depthwise(x_norm) * g[2]  # (b, c, h, w)
-        x_norm = self.norm2(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]  # (b, h, w, c): channels last for the MLP
-        x = x + self.channelwise(x_norm).permute(0, 3, 1, 2) * g[5]  # (b, c, h, w)
-        return x
+        x_norm = self._modulated_norm(self.norm1, x.permute(0, 2, 3, 1), g[0], g[1]).permute(0, 3, 1, 2)
+        x = torch.addcmul(x, self.depthwise(x_norm), g[2])  # x + dw(.) * g2 in one pass; (b, c, h, w)
+        x_norm = self._modulated_norm(self.norm2, x.permute(0, 2, 3, 1), g[3], g[4])  # (b, h, w, c) for the MLP
+        return torch.addcmul(x, self.channelwise(x_norm).permute(0, 3, 1, 2), g[5])  # (b, c, h, w)
+
+    @staticmethod
+    def _modulated_norm(norm: nn.LayerNorm, x: torch.Tensor, g_scale: torch.Tensor, g_shift: torch.Tensor):
+        """norm(x) * (1 + g_scale) + g_shift, with the scalars as the LayerNorm's own affine: one pass over x, not
+        three. At 1024 px the decoder's ResBlocks run on 100 to 200 MB float32 maps, and its elementwise passes, not
+        its convolutions, are most of its time (docs/PERFORMANCE.md)."""
+        c = x.shape[-1]
+        return F.layer_norm(x, norm.normalized_shape, (1 + g_scale).expand(c), g_shift.expand(c), norm.eps)
 
 
 class VectorQuantizer(nn.Module):
@@ -154,8 +162,14 @@ class StageA(nn.Module):
         """(b, c_latent, h, w) scaled latents -> (b, 3, 4h, 4w) RGB, roughly in [0, 1] but NOT clamped: callers clamp.
 
         Never quantises (as Stable Cascade and diffusers' default `force_not_quantize=True`).
+
+        Runs on channels-last (NHWC) memory, whatever the input's: the ResBlocks' LayerNorms and MLPs work per pixel
+        across channels, so on NCHW memory each permute costs a copy of a 100 to 200 MB map at 1024 px, where on NHWC
+        it is a view, and the convolutions follow the input's layout (docs/PERFORMANCE.md). The output is NHWC in
+        memory too, as an image's pixels are.
         """
-        x = self.up_blocks(latents * self.config.scale_factor)  # (b, c_levels[0], 2h, 2w)
+        x = latents.contiguous(memory_format=torch.channels_last) * self.config.scale_factor
+        x = self.up_blocks(x)  # (b, c_levels[0], 2h, 2w)
         return self.out_block(x)  # (b, 3, 4h, 4w)
 
     def forward(self, images: torch.Tensor, quantize: bool = False) -> torch.Tensor:

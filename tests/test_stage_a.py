@@ -9,6 +9,7 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
 from cascade.stage_a import (
     STAGE_A,
     STAGE_A_TINY,
+    ResBlock,
     StageA,
     StageAConfig,
     stage_a_diffusers_config,
@@ -172,3 +173,44 @@ def test_bad_configs_fail_fast():
         stage_a_from_diffusers_config({"in_channels": 4})
     with pytest.raises(ValueError, match="c_hidden"):
         StageAConfig(c_hidden=33)
+
+
+def test_decode_variants_script_times_and_checks_the_decoder_ways(tmp_path, capsys):
+    """scripts/stage_a_variants.py (a part of the GPU session): the decoder as it is, on NCHW memory and as written
+    before its passes were fused give the same images, and the fused ResBlocks move fewer memory-bound bytes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "stage_a_variants.py"
+    spec = importlib.util.spec_from_file_location("stage_a_variants", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "stage_a.json"
+    originals = StageA.decode, ResBlock.forward
+    assert script.main(["--size", "64", "--repeats", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())["variants"]
+    assert set(report) == {"ours", "nchw", "before"} and report["before"]["vs_before"] == 1.0
+    assert all(v["ms_per_image"] > 0 and v["max_abs_diff"] < 1e-4 for v in report.values())
+    ours, before = report["ours"]["memory_bound_gb_per_image"], report["before"]["memory_bound_gb_per_image"]
+    assert 0 < ours < 0.8 * before
+    assert (StageA.decode, ResBlock.forward) == originals  # the script put the decoder back as it found it
+
+
+def test_decode_runs_on_channels_last_memory_and_gives_what_nchw_gives():
+    """decode converts its input to channels-last (the layout the ResBlocks' per-pixel work wants); the image is
+    the one the NCHW path computes, and the output is channels-last in memory."""
+    torch.manual_seed(0)
+    model = StageA(STAGE_A_TINY).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.1)
+    latents = torch.randn(2, 4, 12, 10)
+    with torch.inference_mode():
+        image = model.decode(latents)
+        nchw = model.out_block(model.up_blocks(latents * model.config.scale_factor))
+    assert image.is_contiguous(memory_format=torch.channels_last) and not nchw.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert image.abs().max() > 0.1
+    torch.testing.assert_close(image, nchw, rtol=1e-5, atol=1e-5)
