@@ -14,8 +14,8 @@
 #   7. compiled: compiled blocks + CUDA graphs at batch 4 (compiling takes most of its limit).
 # Usage: OUT=dir bash scripts/gpu_session.sh (about 9.5 minutes on an H200: give it a device call of 10).
 # Settings (environment): OUT (bench/), PYTHON (python3), MODEL (random-big), SIZE (1024), TOTAL (570 s for all),
-# T1..T7, each part's limit in seconds (220, 110, 25, 75, 70, 50, 120). On a CPU, MODEL=tiny SIZE=256 proves the
-# script (the profile, stagea and share parts then run on the CPU in fp32, and the GPU tests skip).
+# T1..T7, each part's limit in seconds (220, 110, 30, 75, 70, 50, 115). On a CPU, MODEL=tiny SIZE=256 T3=60 proves
+# the script (the profile, stagea and share parts then run on the CPU in fp32, and the GPU tests skip).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-bench} PYTHONUNBUFFERED=1 PYTHONPATH=.
@@ -35,12 +35,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 part check "${T1:-220}" env BATCHES="1 4 8" PYTHON="$PY" bash scripts/gpu_check.sh
 part profile "${T2:-110}" "$PY" scripts/profile_stages.py --model "$MODEL" --size "$SIZE" \
   --batch 1 4 --top 6 --variants ours raw squares cl mha diffusers --json "$OUT/profile.json"
-part stagea "${T3:-25}" "$PY" scripts/stage_a_variants.py --size "$SIZE" --batch 4 --repeats 5 \
+part stagea "${T3:-30}" "$PY" scripts/stage_a_variants.py --size "$SIZE" --batch 4 --repeats 3 \
   --json "$OUT/stage_a.json"
 part share "${T4:-75}" "$PY" scripts/share_gpu.py --model "$MODEL" --size "$SIZE" --part decoder --batch 1 \
   --procs 1 2 --seconds 12 --json "$OUT/share.json"
 part graphs "${T5:-70}" env NAME=graphs GRAPHS=1 DIFFUSERS=0 BATCHES="1 4 8" PYTHON="$PY" bash scripts/gpu_check.sh
 part gputests "${T6:-50}" "$PY" -m pytest -p no:cacheprovider -q -m gpu tests/test_gdf.py tests/test_real_weights.py \
   tests/test_stages_oom.py tests/test_speed.py
-part compiled "${T7:-120}" env NAME=compiled COMPILE=1 GRAPHS=1 DIFFUSERS=0 BATCHES=4 PYTHON="$PY" \
+part compiled "${T7:-115}" env NAME=compiled COMPILE=1 GRAPHS=1 DIFFUSERS=0 BATCHES=4 PYTHON="$PY" \
   bash scripts/gpu_check.sh
