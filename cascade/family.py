@@ -117,7 +117,8 @@ def load_models(
 ) -> CascadeModels:
     """Load a model family from one local folder laid out as the official repos (see the module docstring).
 
-    Stage A (20 M parameters) stays float32, as in the reference; the rest take `dtype`. `parts` limits the load to
+    Stage A (20 M parameters) stays float32, as in the reference (which decodes under bfloat16 autocast, as
+    cascade.pipeline.decode_latents does on a GPU); the rest take `dtype`. `parts` limits the load to
     the prior ("prior": text encoder + Stage C) or the decoder ("decoder": Stage B + A).
     """
     _check_parts(parts)

@@ -174,6 +174,20 @@ def run_prior(
     ]
 
 
+def decode_latents(models: CascadeModels, latents: torch.Tensor, autocast: bool | None = None) -> torch.Tensor:
+    """Stage A's decode of Stage B's latents, as the reference runs it: float32 weights, and under bfloat16 autocast
+    where the generators run in bfloat16 on a GPU (the official notebook decodes inside the `autocast(bfloat16)`
+    block it samples in, so its convolutions and matrix products run in bfloat16, its LayerNorms in float32).
+    autocast None: by that rule; True or False forces it. Returns float32 images."""
+    stage_a = models.stage_a
+    latents = latents.to(next(stage_a.parameters()).dtype)
+    if autocast is None:
+        generators = models.stage_b if models.stage_b is not None else models.stage_c
+        autocast = latents.is_cuda and next(generators.parameters()).dtype == torch.bfloat16
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return stage_a.decode(latents).float()
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> 8-bit RGB."""
     array = (image.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
@@ -212,8 +226,7 @@ def run_decoder(models: CascadeModels, priors: Sequence[PriorOutput]) -> list[Re
             sampler=first.sampler,
             device=device,
         )
-        stage_a_dtype = next(models.stage_a.parameters()).dtype
-        images = models.stage_a.decode(latents.to(stage_a_dtype))
+        images = decode_latents(models, latents)
         bad_latent, bad_image = nonfinite(latents), nonfinite(images)
         seconds = (time.perf_counter() - start) / len(batch)
         for j, i in enumerate(ok):

@@ -73,7 +73,7 @@ def stage_conditions(models, batch: int, size: int, prompt: str, negative_prompt
 def stage_calls(models, batch: int, size: int, prior_steps: int, decoder_steps: int) -> dict[str, Callable[[], object]]:
     """One callable per stage, on inputs of the shapes the pipeline gives it (prepared once, outside the timing)."""
     from cascade import gdf
-    from cascade.pipeline import DECODER_SHIFT, PRIOR_SHIFT, stage_generator
+    from cascade.pipeline import DECODER_SHIFT, PRIOR_SHIFT, decode_latents, stage_generator
     from cascade.request import Request
 
     device = models.device
@@ -103,7 +103,7 @@ def stage_calls(models, batch: int, size: int, prior_steps: int, decoder_steps: 
 
     def decode():
         with torch.inference_mode():
-            return models.stage_a.decode(latents_b)
+            return decode_latents(models, latents_b)
 
     def encode():
         with torch.inference_mode():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cascade import Request, generate, run_decoder, run_prior, tiny_models
-from cascade.pipeline import stage_generator
+from cascade.pipeline import decode_latents, stage_generator
 from cascade.request import buckets, latent_sizes
 
 SMALL = dict(width=256, height=256, prior_steps=3, decoder_steps=2)
@@ -147,3 +147,22 @@ def test_bf16_models_run_and_agree_with_fp32(models):
     correlation = torch.corrcoef(torch.stack([bf16[0].latent.ravel(), fp32[0].latent.ravel()]))[0, 1]
     assert correlation > 0.99
     assert run_decoder(tiny_models(dtype=torch.bfloat16), bf16)[0].error is None
+
+
+def test_stage_a_decodes_under_bfloat16_autocast_where_the_generators_run_in_bfloat16_on_a_gpu():
+    """As the official notebook (its decode sits inside the sampling's autocast(bfloat16) block): forced here on the
+    CPU, the convolutions and matrix products run in bfloat16 on the float32 weights, the image is the float32
+    decode's to bfloat16 precision, and float32 comes back; by default a CPU (and float32 generators) decode in
+    float32."""
+    models = tiny_models(parts=("decoder",))
+    latents = torch.randn(2, 4, 8, 8)
+    seen = []
+    hook = models.stage_a.out_block[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.inference_mode():
+        exact = decode_latents(models, latents)
+        mixed = decode_latents(models, latents, autocast=True)
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert exact.dtype == mixed.dtype == torch.float32 and next(models.stage_a.parameters()).dtype == torch.float32
+    assert not torch.equal(exact, mixed) and exact.abs().max() > 0.1
+    torch.testing.assert_close(mixed, exact, rtol=0.05, atol=0.05)
