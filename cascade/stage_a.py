@@ -45,8 +45,8 @@ class ResBlock(nn.Module):
     @staticmethod
     def _modulated_norm(norm: nn.LayerNorm, x: torch.Tensor, g_scale: torch.Tensor, g_shift: torch.Tensor):
         """norm(x) * (1 + g_scale) + g_shift, with the scalars as the LayerNorm's own affine: one pass over x, not
-        three. At 1024 px the decoder's ResBlocks run on 100 to 200 MB float32 maps, and its elementwise passes, not
-        its convolutions, are most of its time (docs/PERFORMANCE.md)."""
+        three. At 1024 px the decoder's ResBlocks run on 100 to 200 MB float32 maps, where every elementwise pass
+        costs time (docs/PERFORMANCE.md)."""
         c = x.shape[-1]
         return F.layer_norm(x, norm.normalized_shape, (1 + g_scale).expand(c), g_shift.expand(c), norm.eps)
 
