@@ -24,6 +24,10 @@ class Conditioning(NamedTuple):
     # One attention block's condition tokens as its kv_mapper maps them, (B, tokens, c), made once per sampling run
     # (CascadeUNet.condition_kv) instead of at every step: the CLIP tokens do not change between steps.
     kv: torch.Tensor | None = None
+    # One TimestepBlock's part of its modulation that r does not change, (B, 2c): its mapper's bias plus its extra
+    # conditions' mappings, made once per sampling run (CascadeUNet.condition_bias). Where it is given, r_embed is
+    # r's embedding alone, (B, c_r).
+    t_bias: torch.Tensor | None = None
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -116,11 +120,22 @@ class TimestepBlock(nn.Module):
         for name in self.conds:
             setattr(self, f"mapper_{name}", nn.Linear(c_r, c * 2))
 
+    def condition_bias(self, cond_embeds: torch.Tensor) -> torch.Tensor:
+        """The extra conditions' embeddings side by side (B, c_r * len(conds)) -> the part of this block's (a, b)
+        that r does not change, (B, 2c): the r mapper's bias plus every extra condition's mapping."""
+        bias = self.mapper.bias.expand(cond_embeds.shape[0], -1)
+        for name, chunk in zip(self.conds, cond_embeds.chunk(len(self.conds), dim=1) if self.conds else ()):
+            bias = bias + getattr(self, f"mapper_{name}")(chunk)
+        return bias
+
     def forward(self, x: torch.Tensor, cond: Conditioning, skip: torch.Tensor | None = None):
-        chunks = cond.r_embed.chunk(len(self.conds) + 1, dim=1)
-        ab = self.mapper(chunks[0])
-        for name, chunk in zip(self.conds, chunks[1:]):
-            ab = ab + getattr(self, f"mapper_{name}")(chunk)
+        if cond.t_bias is None:
+            chunks = cond.r_embed.chunk(len(self.conds) + 1, dim=1)
+            ab = self.mapper(chunks[0])
+            for name, chunk in zip(self.conds, chunks[1:]):
+                ab = ab + getattr(self, f"mapper_{name}")(chunk)
+        else:  # one product for the whole modulation: t_bias + r_embed @ W^T
+            ab = torch.addmm(cond.t_bias, cond.r_embed, self.mapper.weight.t())
         a, b = ab[:, :, None, None].chunk(2, dim=1)  # (B, c, 1, 1) each
         return torch.addcmul(b, x, 1 + a)  # x * (1 + a) + b in one pass over x
 
@@ -261,8 +276,9 @@ class CascadeUNet(nn.Module):
                     blocks.append(block(kind, i, c_skip))
             self.up_blocks.append(nn.ModuleList(blocks))
             self.up_repeat_mappers.append(repeat_mappers(config.block_repeat[1][::-1][i], c_hidden[i]))
-        # A plain tuple (not registered again): the order of condition_kv's packing.
+        # Plain tuples (not registered again): the order of condition_kv's and condition_bias's packing.
         self.attention_blocks = tuple(m for m in self.modules() if isinstance(m, AttnBlock))
+        self.timestep_blocks = tuple(m for m in self.modules() if isinstance(m, TimestepBlock))
 
     def condition_kv(self, clip: torch.Tensor) -> torch.Tensor:
         """The condition tokens (B, T, c_cond) -> each attention block's mapping of them (its `kv_mapper`), side by
@@ -276,15 +292,16 @@ class CascadeUNet(nn.Module):
         kvs = [block.kv_mapper(clip) for block in self.attention_blocks]
         return torch.cat(kvs, dim=-1) if kvs else clip.new_zeros(*clip.shape[:2], 0)
 
-    def _block_conditions(self, cond: Conditioning, clip_kv: torch.Tensor | None) -> dict[nn.Module, Conditioning]:
-        """Each attention block's Conditioning with its own part of clip_kv (views); blocks not in it take cond."""
-        if clip_kv is None:
-            return {}
-        widths = [block.attention.attn.embed_dim for block in self.attention_blocks]
-        if clip_kv.shape[-1] != sum(widths):
-            raise ValueError(f"clip_kv: {clip_kv.shape[-1]} channels; this model's condition_kv makes {sum(widths)}")
-        parts = clip_kv.split(widths, dim=-1)
-        return {block: cond._replace(kv=kv) for block, kv in zip(self.attention_blocks, parts)}
+    def condition_bias(self, t_cond_values: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The extra conditions (`sca`, `crp`: zero where absent, for a batch like `like`'s) -> every TimestepBlock's
+        part of its modulation that r does not change, side by side (B, sum of 2c): what a forward pass takes as
+        `t_bias`. Made once per sampling run, it leaves each block one matrix product per step where it had one per
+        condition and their sums (for Stage C, four kernels fewer in each of its 64 TimestepBlocks)."""
+        zeros = like.new_zeros(like.shape[0])
+        embeds = [r_embedding(t_cond_values.get(name, zeros), self.config.c_r) for name in self.config.t_conds]
+        cond_embeds = torch.cat(embeds, dim=1) if embeds else zeros[:, None][:, :0]
+        dtype = next(self.parameters()).dtype
+        return torch.cat([block.condition_bias(cond_embeds.to(dtype)) for block in self.timestep_blocks], dim=-1)
 
     def _r_conditioning(self, r: torch.Tensor, t_cond_values: dict[str, torch.Tensor]) -> torch.Tensor:
         # r plus one embedding per extra condition; the released models always see 0 for `sca` and `crp`.
@@ -293,6 +310,34 @@ class CascadeUNet(nn.Module):
             value = t_cond_values.get(name)
             parts.append(r_embedding(torch.zeros_like(r) if value is None else value, self.config.c_r))
         return torch.cat(parts, dim=1)
+
+    def _r_embed(self, r: torch.Tensor, t_cond_values: dict[str, torch.Tensor], t_bias: torch.Tensor | None):
+        """r's embedding for the blocks: with the extra conditions' after it, or alone where t_bias holds them."""
+        if t_bias is None:
+            return self._r_conditioning(r, t_cond_values)
+        if t_cond_values:
+            raise ValueError(f"{', '.join(sorted(t_cond_values))}: given with t_bias, which already holds them")
+        return r_embedding(r, self.config.c_r)
+
+    def _block_conditions(
+        self, cond: Conditioning, clip_kv: torch.Tensor | None, t_bias: torch.Tensor | None = None
+    ) -> dict[nn.Module, Conditioning]:
+        """Each attention block's and TimestepBlock's Conditioning with its own part of clip_kv and t_bias (views);
+        blocks not in it take cond."""
+        conds = {}
+        for blocks, packed, name, width in (
+            (self.attention_blocks, clip_kv, "kv", lambda block: block.attention.attn.embed_dim),
+            (self.timestep_blocks, t_bias, "t_bias", lambda block: block.mapper.out_features),
+        ):
+            if packed is None:
+                continue
+            widths = [width(block) for block in blocks]
+            if packed.shape[-1] != sum(widths):
+                what = "clip_kv" if name == "kv" else name
+                raise ValueError(f"{what}: {packed.shape[-1]} channels; this model's blocks take {sum(widths)}")
+            for block, part in zip(blocks, packed.split(widths, dim=-1)):
+                conds[block] = cond._replace(**{name: part})
+        return conds
 
     def _down_encode(self, x: torch.Tensor, cond: Conditioning, conds: dict) -> list[torch.Tensor]:
         """conds: _block_conditions' per-block Conditioning, where a block has its own (else cond)."""

@@ -91,12 +91,14 @@ class StageB(CascadeUNet):
         """The conditions of a sampling run with the work that is the same at every step done once: the keyword
         arguments `forward(x, r, **them)` takes for any x shaped like this one. The pooled CLIP embedding becomes
         `clip_kv` (its tokens as every attention block's kv_mapper maps them, CascadeUNet.condition_kv); effnet and
-        pixels become `effnet_map`, their mappers' outputs at the size of x's embedding, which forward adds to it."""
+        pixels become `effnet_map`, their mappers' outputs at the size of x's embedding, which forward adds to it;
+        `sca` (zero where absent) becomes `t_bias`, the TimestepBlocks' modulation that r does not change
+        (CascadeUNet.condition_bias)."""
         size = tuple(n // self.config.patch_size for n in x.shape[-2:])
         return {
             "clip_kv": self.condition_kv(self._clip(clip)),
             "effnet_map": self._effnet_map(effnet, pixels, size),
-            **t_cond_values,
+            "t_bias": self.condition_bias(t_cond_values, like=x),
         }
 
     def _clip(self, clip: torch.Tensor) -> torch.Tensor:
@@ -121,16 +123,17 @@ class StageB(CascadeUNet):
         pixels: torch.Tensor | None = None,  # (B, 3, 8, 8) low-res colour hint; zeros in every release
         clip_kv: torch.Tensor | None = None,  # in place of clip: precompute's
         effnet_map: torch.Tensor | None = None,  # in place of effnet and pixels: precompute's
+        t_bias: torch.Tensor | None = None,  # in place of sca: precompute's
         **t_cond_values: torch.Tensor,
     ) -> torch.Tensor:
         if (clip is None) == (clip_kv is None) or (effnet is None) == (effnet_map is None):
             raise ValueError("StageB needs effnet and clip, or effnet_map and clip_kv (precompute), one of each")
         dtype = self.embedding[1].weight.dtype
         cond = Conditioning(
-            r_embed=self._r_conditioning(r, t_cond_values).to(dtype),  # (B, 128)
+            r_embed=self._r_embed(r, t_cond_values, t_bias).to(dtype),  # (B, 128 or 64)
             clip=None if clip is None else self._clip(clip),
         )
-        conds = self._block_conditions(cond, clip_kv)
+        conds = self._block_conditions(cond, clip_kv, t_bias)
         h = self.embedding(x.to(dtype))  # (B, c0, H/8, W/8)
         if effnet_map is None:
             effnet_map = self._effnet_map(effnet, pixels, h.shape[-2:])

@@ -106,8 +106,11 @@ class StageC(CascadeUNet):
     ) -> dict[str, torch.Tensor]:
         """The conditions of a sampling run with the work that is the same at every step done once: the keyword
         arguments `forward(x, r, **them)` takes for any x shaped like this one. The CLIP inputs become `clip_kv`,
-        the condition tokens as every attention block's kv_mapper maps them (CascadeUNet.condition_kv)."""
-        return {"clip_kv": self.condition_kv(self._clip(clip_text, clip_text_pooled, clip_img)), **t_cond_values}
+        the condition tokens as every attention block's kv_mapper maps them (CascadeUNet.condition_kv); `sca` and
+        `crp` (zero where absent) become `t_bias`, the TimestepBlocks' modulation that r does not change
+        (CascadeUNet.condition_bias)."""
+        clip_kv = self.condition_kv(self._clip(clip_text, clip_text_pooled, clip_img))
+        return {"clip_kv": clip_kv, "t_bias": self.condition_bias(t_cond_values, like=x)}
 
     def _clip(self, clip_text: torch.Tensor, clip_text_pooled: torch.Tensor, clip_img: torch.Tensor) -> torch.Tensor:
         if clip_text_pooled.dim() != 3 or clip_img.dim() != 3:
@@ -126,6 +129,7 @@ class StageC(CascadeUNet):
         clip_text_pooled: torch.Tensor | None = None,  # (B, 1, 1280) projected pooled text embedding
         clip_img: torch.Tensor | None = None,  # (B, 1, 768) CLIP-L image embedding, zeros for text-to-image
         clip_kv: torch.Tensor | None = None,  # in place of the three above: precompute's
+        t_bias: torch.Tensor | None = None,  # in place of sca and crp: precompute's
         **t_cond_values: torch.Tensor,  # optional `sca` / `crp`, zero when absent
     ) -> torch.Tensor:
         dtype = self.embedding[1].weight.dtype
@@ -135,8 +139,8 @@ class StageC(CascadeUNet):
             clip = self._clip(clip_text, clip_text_pooled, clip_img)
         else:
             clip = None
-        cond = Conditioning(r_embed=self._r_conditioning(r, t_cond_values).to(dtype), clip=clip)  # r: (B, 192)
-        conds = self._block_conditions(cond, clip_kv)
+        cond = Conditioning(r_embed=self._r_embed(r, t_cond_values, t_bias).to(dtype), clip=clip)  # (B, 192 or 64)
+        conds = self._block_conditions(cond, clip_kv, t_bias)
         h = self.embedding(x.to(dtype))  # (B, c_hidden[0], h, w)
         level_outputs = self._down_encode(h, cond, conds)
         h = self._up_decode(level_outputs, cond, conds)

@@ -43,6 +43,7 @@ class Traffic(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.bytes: collections.Counter[str] = collections.Counter()
+        self.operations = 0  # every operation that is not a view: in eager mode, about one kernel each
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -53,6 +54,7 @@ class Traffic(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if name == "to" and ins[0].dtype == outs[0].dtype:
             return out
+        self.operations += 1
         if name in COMPUTE or (name in ("conv2d", "convolution") and args[1].shape[1] != 1):
             return out  # compute-bound (a depthwise convolution, one input channel per filter, is not)
         self.bytes[name] += sum(t.numel() * t.element_size() for t in ins + outs)
@@ -77,19 +79,20 @@ def guided_inputs(stage, batch: int, size: int, dtype: torch.dtype):
 NORMS = {"one reduction": True, "sum of squares": False}  # GRN's norm: GlobalResponseNorm.fused
 
 
-def count(stage, batch: int, size: int, dtype: torch.dtype, fused_norm: bool) -> collections.Counter:
-    """Bytes by operation of one guided pass of `stage` (built on the meta device), GRN's norm as `fused_norm`, as
-    a sampling run makes it: the conditions precomputed (once per run, not counted)."""
+def count(stage, batch: int, size: int, dtype: torch.dtype, fused_norm: bool, raw: bool = False) -> Traffic:
+    """The bytes by operation and the operations of one guided pass of `stage` (built on the meta device), GRN's norm
+    as `fused_norm`, as a sampling run makes it: the conditions precomputed (once per run, not counted), or with
+    `raw`, computed in the pass (as before 2026-11-29)."""
     x, r, conditions = guided_inputs(stage, batch, size, dtype)
     GlobalResponseNorm.fused = fused_norm
     try:
         with torch.inference_mode():
-            prepared = stage.precompute(x, **conditions)
+            prepared = conditions if raw else stage.precompute(x, **conditions)
             with Traffic() as traffic:
                 stage(x, r, **prepared)
     finally:
         GlobalResponseNorm.fused = None
-    return traffic.bytes
+    return traffic
 
 
 def main(argv=None) -> int:
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--bandwidth", type=float, default=4.8, help="memory bandwidth in TB/s for the time (H200: 4.8)")
     p.add_argument("--top", type=int, default=6)
+    p.add_argument("--raw", action="store_true", help="the conditions computed in the pass (before 2026-11-29)")
     args = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     with torch.device("meta"):
@@ -107,12 +111,14 @@ def main(argv=None) -> int:
                   "Stage B": StageB(FAMILIES[args.family][1]).to(dtype).eval()}  # fmt: skip
         for name, stage in stages.items():
             for norm, fused in NORMS.items():
-                moved = count(stage, args.batch, args.size, dtype, fused)
+                traffic = count(stage, args.batch, args.size, dtype, fused, raw=args.raw)
+                moved = traffic.bytes
                 total = sum(moved.values())
                 heaviest = ", ".join(f"{op} {b / 1e9:.1f}" for op, b in moved.most_common(args.top))
                 what = f"{name}, {args.family}, {args.size} px, batch {args.batch} guided, {args.dtype}"
                 print(f"{what}, GRN norm as {norm}: {total / 1e9:.1f} GB ({total / args.bandwidth / 1e9:.1f} ms "
-                      f"at {args.bandwidth:g} TB/s); GB by operation: {heaviest}")  # fmt: skip
+                      f"at {args.bandwidth:g} TB/s), {traffic.operations} operations; "
+                      f"GB by operation: {heaviest}")  # fmt: skip
     return 0
 
 

@@ -52,8 +52,9 @@ def test_memory_traffic_counts_the_bytes_grn_s_one_reduction_saves():
     spec.loader.exec_module(traffic)
     with torch.device("meta"):
         stage = traffic.StageB(traffic.STAGE_B_TINY).to(torch.bfloat16).eval()
-        moved = {name: traffic.count(stage, 1, 256, torch.bfloat16, fused) for name, fused in
+        moved = {name: traffic.count(stage, 1, 256, torch.bfloat16, fused).bytes for name, fused in
                  (("one", True), ("squares", False))}  # fmt: skip
+        prepared, raw = (traffic.count(stage, 1, 256, torch.bfloat16, True, raw=flag) for flag in (False, True))
     one, squares = moved["one"], moved["squares"]
     assert not {"mm", "addmm", "view", "permute", "scaled_dot_product_attention"} & (set(one) | set(squares))
     assert {"square", "to", "sum"} <= set(squares) and "linalg_vector_norm" in one and "square" not in one
@@ -61,3 +62,5 @@ def test_memory_traffic_counts_the_bytes_grn_s_one_reduction_saves():
     saved = squares["square"] + squares["sum"] + (squares["to"] - one["to"]) - one["linalg_vector_norm"]
     assert sum(squares.values()) - sum(one.values()) >= saved > 0
     assert sum(one.values()) < 0.7 * sum(squares.values())
+    # The pass a sampling run makes (conditioning precomputed) runs fewer operations than one that does it all.
+    assert 0 < prepared.operations < raw.operations and prepared.bytes == moved["one"]

@@ -81,25 +81,31 @@ def raw_conditions(models, stage: str, batch: int = 3):
             "clip_text_pooled": torch.randn(batch, 1, cfg.c_clip_text_pooled),
             "clip_img": torch.randn(batch, 1, cfg.c_clip_img),
         }
+        conditions.update(sca=torch.rand(batch), crp=torch.rand(batch))  # zero in the releases; here they count
         return torch.randn(batch, 16, 6, 5), torch.rand(batch), conditions
     conditions = {"effnet": torch.randn(batch, 16, 6, 5), "clip": torch.randn(batch, 1, models.stage_b.config.c_clip)}
-    conditions["pixels"] = torch.rand(batch, 3, 8, 8)
+    conditions.update(pixels=torch.rand(batch, 3, 8, 8), sca=torch.rand(batch))
     return torch.randn(batch, 4, 48, 40), torch.rand(batch), conditions
 
 
 @pytest.mark.parametrize("stage", ["stage_c", "stage_b"])
 def test_precomputed_conditions_give_the_same_forward_pass_as_the_raw_ones(stage):
     """`precompute` does a sampling run's step-invariant conditioning once (the CLIP tokens as every attention
-    block's kv_mapper maps them; Stage B's effnet and pixel maps): a forward pass on its result is the one on the
-    raw inputs, at every noise level, and it no longer reads what it replaced."""
+    block's kv_mapper maps them; Stage B's effnet and pixel maps; the TimestepBlocks' modulation by `sca` and `crp`):
+    a forward pass on its result is the one on the raw inputs, at every noise level, and it no longer reads what it
+    replaced."""
     models = tiny_models()
     model = getattr(models, stage)
     x, r, conditions = raw_conditions(models, stage)
     with torch.inference_mode():
         prepared = model.precompute(x, **conditions)
-        assert not set(conditions) & set(prepared) and "clip_kv" in prepared
+        assert not set(conditions) & set(prepared) and {"clip_kv", "t_bias"} <= set(prepared)
         widths = sum(block.attention.attn.embed_dim for block in model.attention_blocks)
         assert len(model.attention_blocks) > 0 and prepared["clip_kv"].shape[-1] == widths
+        widths = sum(block.mapper.out_features for block in model.timestep_blocks)
+        assert len(model.timestep_blocks) > 0 and prepared["t_bias"].shape == (x.shape[0], widths)
+        without = model.precompute(x, **{k: v for k, v in conditions.items() if k not in ("sca", "crp")})
+        assert not torch.allclose(without["t_bias"], prepared["t_bias"])  # the extra conditions are in it
         for level in (r, 1 - r):
             expected = model(x, level, **conditions)
             assert expected.abs().max() > 0.1  # the tiny stages' weights are live: a real comparison
@@ -122,6 +128,9 @@ def test_a_forward_pass_with_both_or_neither_of_raw_and_precomputed_conditions_i
             models.stage_c(x_c, r_c, clip_text=conditions_c["clip_text"])
         with pytest.raises(ValueError, match="clip_kv: 10 channels"):
             models.stage_c(x_c, r_c, clip_kv=torch.zeros(3, 85, 10))
+        prepared_c = models.stage_c.precompute(x_c, **conditions_c)
+        with pytest.raises(ValueError, match="sca: given with t_bias"):
+            models.stage_c(x_c, r_c, **prepared_c, sca=conditions_c["sca"])
 
 
 def test_compile_blocks_compiles_every_block_and_keeps_the_key_names():
