@@ -223,3 +223,24 @@ def test_compiled_blocks_sample_what_eager_mode_samples():
     eager = stage_c_sample(models, "cuda")
     compile_blocks(models.stage_c)
     torch.testing.assert_close(stage_c_sample(models, "cuda"), eager, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_stage_a_on_a_gpu_decodes_in_bfloat16_autocast_on_channels_last_memory_as_the_cpu_does():
+    """On a GPU with bfloat16 generators, the decode runs under bfloat16 autocast (float32 weights) on channels-last
+    memory, and gives the CPU's float32 image to bfloat16 precision."""
+    from cascade.pipeline import decode_latents
+
+    cpu = tiny_models(parts=("decoder",))
+    gpu = tiny_models(device="cuda", dtype=torch.bfloat16, parts=("decoder",))
+    assert next(gpu.stage_a.parameters()).dtype == torch.float32
+    seen = []
+    gpu.stage_a.out_block[0].register_forward_hook(lambda module, args, out: seen.append((args[0], out.dtype)))
+    latents = torch.randn(2, 4, 16, 12)
+    with torch.inference_mode():
+        expected = decode_latents(cpu, latents)
+        got = decode_latents(gpu, latents.cuda())
+    ((features, dtype),) = seen
+    assert dtype == torch.bfloat16 and features.is_contiguous(memory_format=torch.channels_last)
+    assert got.dtype == torch.float32 and expected.abs().max() > 0.1
+    torch.testing.assert_close(got.cpu(), expected, rtol=0.05, atol=0.05)
