@@ -298,18 +298,22 @@ class CascadeUNet(nn.Module):
         `t_bias`. Made once per sampling run, it leaves each block one matrix product per step where it had one per
         condition and their sums (for Stage C, four kernels fewer in each of its 64 TimestepBlocks)."""
         zeros = like.new_zeros(like.shape[0])
-        embeds = [r_embedding(t_cond_values.get(name, zeros), self.config.c_r) for name in self.config.t_conds]
-        cond_embeds = torch.cat(embeds, dim=1) if embeds else zeros[:, None][:, :0]
+        embeds = self._t_cond_embeddings(t_cond_values, zeros)
+        cond_embeds = torch.cat(embeds, dim=1) if embeds else zeros.new_zeros(len(zeros), 0)
         dtype = next(self.parameters()).dtype
         return torch.cat([block.condition_bias(cond_embeds.to(dtype)) for block in self.timestep_blocks], dim=-1)
 
+    def _t_cond_embeddings(self, t_cond_values: dict[str, torch.Tensor], zeros: torch.Tensor) -> list[torch.Tensor]:
+        """One embedding per extra condition, `zeros` (B,) where absent: the released models always see 0 for
+        `sca` and `crp`."""
+        values = (t_cond_values.get(name) for name in self.config.t_conds)
+        return [r_embedding(zeros if value is None else value, self.config.c_r) for value in values]
+
     def _r_conditioning(self, r: torch.Tensor, t_cond_values: dict[str, torch.Tensor]) -> torch.Tensor:
-        # r plus one embedding per extra condition; the released models always see 0 for `sca` and `crp`.
-        parts = [r_embedding(r, self.config.c_r)]
-        for name in self.config.t_conds:
-            value = t_cond_values.get(name)
-            parts.append(r_embedding(torch.zeros_like(r) if value is None else value, self.config.c_r))
-        return torch.cat(parts, dim=1)
+        # r plus one embedding per extra condition.
+        return torch.cat(
+            [r_embedding(r, self.config.c_r), *self._t_cond_embeddings(t_cond_values, torch.zeros_like(r))], 1
+        )
 
     def _r_embed(self, r: torch.Tensor, t_cond_values: dict[str, torch.Tensor], t_bias: torch.Tensor | None):
         """r's embedding for the blocks: with the extra conditions' after it, or alone where t_bias holds them."""

@@ -35,7 +35,8 @@ def before_forward(self, x):
 
 def memory_bound_bytes(model_config, size: int) -> int:
     """Bytes in and out of the memory-bound operations of one image's decode, counted on the meta device."""
-    sys.path.insert(0, str(Path(__file__).parent))
+    if str(Path(__file__).parent) not in sys.path:  # memory_traffic.py sits beside this script
+        sys.path.insert(0, str(Path(__file__).parent))
     from memory_traffic import Traffic
 
     from cascade.stage_a import StageA
