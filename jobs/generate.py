@@ -328,6 +328,17 @@ def failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+# Ray Data spends CPU on every block it moves (about 35 ms between the driver, Ray's processes and the workers on a
+# 2-core machine: scripts/ray_data_floor.py), as much as a small model's image. A pool's blocks carry this many images
+# at least, as whole model batches, so that small batches do not pay it per batch.
+MIN_BLOCK_ROWS = 4
+
+
+def block_rows(batch_size: int) -> int:
+    """Rows per block for a pool of this batch size: whole batches, at least MIN_BLOCK_ROWS."""
+    return batch_size * -(-MIN_BLOCK_ROWS // batch_size)
+
+
 def stream(config, plan, previous, out, digest, writer, progress, geometry) -> int:
     """Build the Ray Data pipeline and consume its manifest rows as they arrive; return the latent queue's bytes."""
     init_ray()
@@ -386,21 +397,22 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
             },
         )
         for stage, pool in ((PriorStage, prior), (DecoderStage, decoder)):
-            # Blocks of one batch: an actor emits one block per input block, so a block of many batches would hold
-            # the next pool back until all of them are done, and the pools would take turns instead of overlapping.
-            ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
+            # Small blocks: an actor emits one block per input block, so a block of many batches would hold the next
+            # pool back until all of them are done, and the pools would take turns instead of overlapping.
+            rows = block_rows(pool.batch_size)
+            ds = ds.repartition(target_num_rows_per_block=rows)
             ds = ds.map_batches(
                 stage,
-                fn_constructor_kwargs=model_args,
+                fn_constructor_kwargs={**model_args, "batch_size": pool.batch_size},
                 compute=pool_strategy(pool),
-                batch_size=pool.batch_size,
+                batch_size=rows,
                 batch_format="pyarrow",
                 **pool_args(pool, auto),
             )
         webdataset = config.layout == "webdataset"
         return ds.map_batches(
             write_shard if webdataset else write_images,
-            batch_size=config.shard_size if webdataset else decoder.batch_size,
+            batch_size=config.shard_size if webdataset else block_rows(decoder.batch_size),
             batch_format="pyarrow",
             num_cpus=config.writer_cpus,
             fn_kwargs={

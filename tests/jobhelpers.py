@@ -8,8 +8,18 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cascade.request import Request
 from jobs.manifest import SUCCESS, read_manifests
+from workers.rows import REQUEST_FIELDS
 from workers.storage import Storage, sha256_hex
+
+
+def stage_block(n: int, size: int = 256) -> pa.Table:
+    """A block of n request rows as a pool actor receives it (no errors; 256 px and 2 + 2 steps unless size says)."""
+    args = dict(width=size, height=size, prior_steps=2, decoder_steps=2)
+    rows = [{"error": None, **Request(f"a red circle number {i}", seed=i, **args).__dict__} for i in range(n)]
+    return pa.Table.from_pylist([{k: row[k] for k in ("error", *REQUEST_FIELDS)} for row in rows])
+
 
 # Small and fast on a 2-core CPU: 256 px, few steps.
 FAST = [

@@ -5,22 +5,12 @@ stage's model call raises CUDA's out-of-memory error above a batch size); on a G
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 import workers.stages as stages
-from cascade import Request
-from workers.rows import REQUEST_FIELDS
+from tests.jobhelpers import stage_block as batch
 from workers.stages import DecoderStage, PriorStage
-
-SMALL = dict(width=256, height=256, prior_steps=2, decoder_steps=2)
-
-
-def batch(n: int, size: int = 256) -> pa.Table:
-    args = {**SMALL, "width": size, "height": size}
-    rows = [{"error": None, **Request(f"a red circle number {i}", seed=i, **args).__dict__} for i in range(n)]
-    return pa.Table.from_pylist([{k: row[k] for k in ("error", *REQUEST_FIELDS)} for row in rows])
 
 
 def device_holds(limit: int, monkeypatch, name: str) -> list[int]:

@@ -7,7 +7,9 @@
 
 Batches are Arrow tables; columns the stages do not know (the input's extra columns) pass through untouched. A row
 with an `error` passes through every stage without work. Each actor loads its models once, onto the GPU Ray gave it
-(CUDA_VISIBLE_DEVICES) or the CPU when there is none, and splits each batch into buckets of equal size, steps and cfg.
+(CUDA_VISIBLE_DEVICES) or the CPU when there is none, and runs each block it gets as model batches of at most its
+pool's batch size, each of one bucket (equal size, steps and cfg). A block is small (a batch, or a few at small batch
+sizes: jobs.generate.block_rows) so that the two pools overlap.
 """
 
 from __future__ import annotations
@@ -101,8 +103,12 @@ class _Stage:
         geometry=OFFICIAL,
         lora: str = "",
         compile: bool = False,
+        batch_size: int | None = None,
     ):
+        """batch_size: the most images per model batch (None: a block's rows, all of one bucket, are one batch). A
+        block may carry several batches: Ray Data's cost is per block (docs/PERFORMANCE.md)."""
         start = time.perf_counter()
+        self.batch_size = batch_size
         self.models = None if dry_run else load_part(model, lite, dtype, self.part)
         if lora and self.models is not None:
             # Text encoder + Stage C on the prior actors; Stage B on the decoder actors if the file has a part for it.
@@ -116,11 +122,12 @@ class _Stage:
         self.load_s = time.perf_counter() - start
         self.fit = 1 << 30  # the largest batch known to fit in the device's memory (lowered on out-of-memory)
 
-    def _batch_columns(self, start: float, end: float, n: int) -> dict[str, pa.Array]:
-        """When this batch ran, and on which actor: the report's busy fractions and timeline come from these."""
+    def _batch_columns(self, spans: list, n: int) -> dict[str, pa.Array]:
+        """When each row's model batch ran ((start, end) per row; None for rows that ran in none, such as rows that
+        came with an error), and on which actor: the report's busy fractions and timeline come from these."""
         return {
-            f"{self.part}_start": pa.array([start] * n, pa.float64()),
-            f"{self.part}_end": pa.array([end] * n, pa.float64()),
+            f"{self.part}_start": pa.array([s and s[0] for s in spans], pa.float64()),
+            f"{self.part}_end": pa.array([s and s[1] for s in spans], pa.float64()),
             f"{self.part}_actor": pa.array([self.name] * n, pa.string()),
         }
 
@@ -152,10 +159,11 @@ class _Stage:
         return results
 
     def _groups(self, rows: list[dict]) -> list[list[int]]:
-        """Indices of the rows to work on, grouped by bucket (size, steps, cfg), in input order."""
+        """Indices of the rows to work on as model batches: grouped by bucket (size, steps, cfg), at most batch_size
+        each, in input order."""
         todo = [i for i, row in enumerate(rows) if row["error"] is None]
         requests = requests_of([rows[i] for i in todo])
-        return [[todo[j] for j in group] for group in buckets(requests, batch_size=len(rows) or 1)]
+        return [[todo[j] for j in group] for group in buckets(requests, batch_size=self.batch_size or len(rows) or 1)]
 
 
 class PriorStage(_Stage):
@@ -165,13 +173,13 @@ class PriorStage(_Stage):
     title = "Stage C"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        start = time.time()
         rows = batch.select(["error", *REQUEST_FIELDS]).to_pylist()
         n = len(rows)
         latent, pooled, negative = [None] * n, [None] * n, [None] * n
         tokens, truncated, errors = [None] * n, [None] * n, [row["error"] for row in rows]
-        seconds, batches = [None] * n, [None] * n
+        seconds, batches, spans = [None] * n, [None] * n, [None] * n
         for group in self._groups(rows):
+            start = time.time()
             requests = requests_of([rows[i] for i in group])
             if self.models is not None:
                 outputs = self._fitted(
@@ -190,7 +198,9 @@ class PriorStage(_Stage):
                 latent[i] = to_wire(out.latent, self.latent_dtype)
                 pooled[i] = to_wire(out.clip_text_pooled, self.latent_dtype)
                 negative[i] = to_wire(out.clip_text_pooled_negative, self.latent_dtype)
-        end = time.time()
+            span = (start, time.time())  # one model batch: the same interval on each of its rows
+            for i in group:
+                spans[i] = span
         table = set_columns(
             batch,
             {
@@ -202,7 +212,7 @@ class PriorStage(_Stage):
                 "prompt_truncated": pa.array(truncated, pa.bool_()),
                 "prior_s": pa.array(seconds, pa.float64()),
                 "prior_batch": pa.array(batches, pa.int64()),
-                **self._batch_columns(start, end, n),
+                **self._batch_columns(spans, n),
             },
         )
         # What one image costs in the latent queue: its share of this block's Arrow bytes, metadata included.
@@ -216,12 +226,13 @@ class DecoderStage(_Stage):
     title = "Stage B/A"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        start = time.time()
         rows = batch.select(["error", *REQUEST_FIELDS, *LATENT_COLUMNS, "prompt_tokens", "prompt_truncated"])
         rows = rows.to_pylist()
         n = len(rows)
         pixels, errors, seconds, batches = [None] * n, [row["error"] for row in rows], [None] * n, [None] * n
+        spans = [None] * n
         for group in self._groups(rows):
+            start = time.time()
             priors = []
             for i in group:
                 row = rows[i]
@@ -252,7 +263,9 @@ class DecoderStage(_Stage):
                     errors[i] = result.error
                 else:
                     pixels[i] = np.asarray(result.image, dtype=np.uint8).tobytes()
-        end = time.time()
+            span = (start, time.time())  # one model batch: the same interval on each of its rows
+            for i in group:
+                spans[i] = span
         table = batch.drop_columns([c for c in LATENT_COLUMNS if c in batch.column_names])
         return set_columns(
             table,
@@ -261,6 +274,6 @@ class DecoderStage(_Stage):
                 "pixels": pa.array(pixels, pa.binary()),
                 "decoder_s": pa.array(seconds, pa.float64()),
                 "decoder_batch": pa.array(batches, pa.int64()),
-                **self._batch_columns(start, end, n),
+                **self._batch_columns(spans, n),
             },
         )
