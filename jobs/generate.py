@@ -328,6 +328,24 @@ def failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def usual_request(config):
+    """The request of a row that sets nothing itself: the job's default size, guidance and sampler. The actors warm
+    up on it (workers.stages), so the bucket most rows share is the one ready first."""
+    from cascade.request import Request
+
+    return Request(
+        "warm-up",
+        negative_prompt=config.negative_prompt,
+        width=config.width,
+        height=config.height,
+        prior_steps=config.prior_steps,
+        prior_cfg=config.prior_cfg,
+        decoder_steps=config.decoder_steps,
+        decoder_cfg=config.decoder_cfg,
+        sampler=config.sampler,
+    )
+
+
 # Ray Data spends CPU on every block it moves (about 35 ms between the driver, Ray's processes and the workers on a
 # 2-core machine: scripts/ray_data_floor.py), as much as a small model's image. A pool's blocks carry this many images
 # at least, as whole model batches, so that small batches do not pay it per batch.
@@ -362,6 +380,7 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
     model_args["dry_run"] = config.dry_run
     model_args["compile"] = config.compile
     model_args["geometry"] = geometry
+    model_args["warm_up"] = usual_request(config)
     prior, decoder = config.prior_pool, config.decoder_pool
     auto = auto_gpus((prior, decoder), cluster_gpus)
     log(

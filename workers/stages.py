@@ -14,6 +14,7 @@ sizes: jobs.generate.block_rows) so that the two pools overlap.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -104,9 +105,12 @@ class _Stage:
         lora: str = "",
         compile: bool = False,
         batch_size: int | None = None,
+        warm_up: Request | None = None,
     ):
         """batch_size: the most images per model batch (None: a block's rows, all of one bucket, are one batch). A
-        block may carry several batches: Ray Data's cost is per block (docs/PERFORMANCE.md)."""
+        block may carry several batches: Ray Data's cost is per block (docs/PERFORMANCE.md).
+        warm_up: the job's usual request (its default size, cfg and sampler): the actor runs one batch of it at one
+        step before it takes work (`_warm_up`)."""
         start = time.perf_counter()
         self.batch_size = batch_size
         self.models = None if dry_run else load_part(model, lite, dtype, self.part)
@@ -119,8 +123,35 @@ class _Stage:
         self.geometry = geometry if self.models is None else self.models.geometry
         self.latent_dtype = latent_dtype
         self.name = _actor_name(self.part)
-        self.load_s = time.perf_counter() - start
         self.fit = 1 << 30  # the largest batch known to fit in the device's memory (lowered on out-of-memory)
+        self.load_s = time.perf_counter() - start
+        self.warm_s = 0.0
+        if warm_up is not None and self.models is not None:
+            start = time.perf_counter()
+            self._warm_up(dataclasses.replace(warm_up, prior_steps=1, decoder_steps=1), batch_size or 1)
+            self.warm_s = time.perf_counter() - start
+
+    def _warm_up(self, request: Request, batch_size: int) -> None:
+        """Run one batch of `request` (a whole batch of the pool's size, so the same shapes as the job's) and drop
+        it. What a device does once per process happens here, while the job starts, rather than in the first
+        batch of work: CUDA's context and cuBLAS/cuDNN handles, kernel choice, the allocator's blocks, and with
+        `compile` the compilation of the job's usual bucket (tens of seconds), all in parallel with the other
+        pool's actors doing the same. Best effort: a batch that does not fit is left for the work to split
+        (`_fitted`), because the rows may ask for smaller images than the usual one."""
+        try:
+            self._warm_batch(request, batch_size)
+        except torch.cuda.OutOfMemoryError:
+            free_device_memory()
+            print(
+                f"note: {self.title}: the warm-up batch ({batch_size} of {request.width}x{request.height}) ran out of "
+                "GPU memory; the work's batches will be split where they do not fit",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _warm_batch(self, request: Request, batch_size: int) -> None:
+        """One model batch of batch_size copies of `request` through this actor's models (each stage its own)."""
+        raise NotImplementedError
 
     def _batch_columns(self, spans: list, n: int) -> dict[str, pa.Array]:
         """When each row's model batch ran ((start, end) per row; None for rows that ran in none, such as rows that
@@ -171,6 +202,9 @@ class PriorStage(_Stage):
 
     part = "prior"
     title = "Stage C"
+
+    def _warm_batch(self, request: Request, batch_size: int) -> None:
+        run_prior(self.models, [request] * batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["error", *REQUEST_FIELDS]).to_pylist()
@@ -224,6 +258,11 @@ class DecoderStage(_Stage):
 
     part = "decoder"
     title = "Stage B/A"
+
+    def _warm_batch(self, request: Request, batch_size: int) -> None:
+        shape_c, _ = latent_sizes(request.width, request.height, self.geometry)
+        pooled = torch.zeros(1, self.models.stage_b.config.c_clip)
+        run_decoder(self.models, [PriorOutput(request, torch.zeros(shape_c), pooled, pooled)] * batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["error", *REQUEST_FIELDS, *LATENT_COLUMNS, "prompt_tokens", "prompt_truncated"])
