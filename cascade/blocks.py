@@ -140,7 +140,9 @@ class TimestepBlock(nn.Module):
         return torch.addcmul(b, x, 1 + a)  # x * (1 + a) + b in one pass over x
 
 
-def multihead_attention(attn: nn.MultiheadAttention, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def multihead_attention(
+    attn: nn.MultiheadAttention, queries: torch.Tensor, keys: torch.Tensor, in_proj: nn.Module | None = None
+) -> torch.Tensor:
     """What `attn(queries, keys, keys)` computes (batch first, no mask), on its own parameters.
 
     nn.MultiheadAttention moves the batch to the second dimension before its input projections, and on that layout
@@ -148,11 +150,15 @@ def multihead_attention(attn: nn.MultiheadAttention, queries: torch.Tensor, keys
     re-reading the whole weight): on an H200 that took 80 % of Stage C's time (docs/PERFORMANCE.md). Here each
     projection is one (B * L, C) matrix product, attention is `scaled_dot_product_attention` (flash kernels), and
     the parameters are still the module's `in_proj_weight`/`in_proj_bias`/`out_proj`, so the official key names load
-    and LoRA's parametrisations of them apply."""
+    and LoRA's parametrisations of them apply. in_proj: the same projections as modules `q` and `kv` (a float8 copy,
+    cascade.float8), used in place of the parameters."""
     c, heads = attn.embed_dim, attn.num_heads
-    weight, bias = attn.in_proj_weight, attn.in_proj_bias
-    q = F.linear(queries, weight[:c], bias[:c])  # (B, L, C)
-    k, v = F.linear(keys, weight[c:], bias[c:]).chunk(2, dim=-1)  # (B, S, C) each
+    if in_proj is None:
+        weight, bias = attn.in_proj_weight, attn.in_proj_bias
+        q = F.linear(queries, weight[:c], bias[:c])  # (B, L, C)
+        k, v = F.linear(keys, weight[c:], bias[c:]).chunk(2, dim=-1)  # (B, S, C) each
+    else:
+        q, (k, v) = in_proj.q(queries), in_proj.kv(keys).chunk(2, dim=-1)
 
     def split(t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (heads, c // heads)).transpose(1, 2)  # (B, heads, L, C / heads)
@@ -176,7 +182,8 @@ class Attention2D(nn.Module):
         tokens = x.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C)
         if self_attn:
             kv = torch.cat([tokens, kv], dim=1)  # (B, HW + T, C)
-        out = multihead_attention(self.attn, tokens, kv)
+        # float8_in_proj: a submodule only where cascade.float8 made one.
+        out = multihead_attention(self.attn, tokens, kv, getattr(self, "float8_in_proj", None))
         return out.permute(0, 2, 1).reshape(b, c, h, w)
 
 

@@ -231,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile Stage C's and Stage B's blocks (cascade.speed.compile_blocks) before timing",
     )
     p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="Stage C's and Stage B's token linear layers as float8 products (cascade.float8; Ada/Hopper GPUs); "
+        "MFU stays against the bf16 matmul rate",
+    )
+    p.add_argument(
         "--graphs",
         action="store_true",
         help="run Stage C's and Stage B's forward passes as CUDA graphs (cascade.speed.cuda_graphs; CUDA only)",
@@ -261,27 +267,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_prompts and args.ray_prompts < 2 * max(args.batch):
         print(f"error: --ray-prompts {args.ray_prompts}: use 0 or at least twice the largest batch", file=sys.stderr)
         return 2
-    if args.compile:
-        from cascade.speed import compile_blocks
+    if args.graphs and on.type != "cuda":
+        print("error: --graphs needs a CUDA device", file=sys.stderr)
+        return 2
+    if args.fp8:
+        from cascade.float8 import float8_supported
 
-        count = sum(compile_blocks(m) for m in (models.stage_c, models.stage_b))
-        print(f"[bench] compiling {count} blocks of Stage C and Stage B (during the warm-up runs)", file=sys.stderr)
-    if args.graphs:
-        if on.type != "cuda":
-            print("error: --graphs needs a CUDA device", file=sys.stderr)
+        reason = float8_supported(on, dtype)
+        if reason is not None:
+            print(f"error: --fp8: {reason}", file=sys.stderr)
             return 2
-        from cascade.speed import cuda_graphs
-
-        cuda_graphs(models.stage_c)
-        cuda_graphs(models.stage_b)
     twin = None
-    if args.diffusers:
+    if args.diffusers:  # first: the baseline copies our weights as loaded, in the dtype the run uses
         from .bench_diffusers import DiffusersTwin, available
 
         if available():
             twin = DiffusersTwin(models)
         else:
             print("[bench] diffusers is not installed: no baseline (pip install diffusers)", file=sys.stderr)
+    if args.fp8:
+        from cascade.float8 import float8_linears
+
+        count = sum(float8_linears(m) for m in (models.stage_c, models.stage_b))
+        print(f"[bench] {count} linear layers of Stage C and Stage B as float8 products", file=sys.stderr)
+    if args.compile:
+        from cascade.speed import compile_blocks
+
+        count = sum(compile_blocks(m) for m in (models.stage_c, models.stage_b))
+        print(f"[bench] compiling {count} blocks of Stage C and Stage B (during the warm-up runs)", file=sys.stderr)
+    if args.graphs:
+        from cascade.speed import cuda_graphs
+
+        cuda_graphs(models.stage_c)
+        cuda_graphs(models.stage_b)
     from cascade.flops import forward_flops, matmul_rate, sampling_flops
 
     flops = sampling_flops(forward_flops(models, args.size), args.prior_steps, args.decoder_steps)

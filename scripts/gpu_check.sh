@@ -9,8 +9,9 @@
 #
 # Settings (environment): MODEL (random-big), SIZE (1024), BATCHES ("1 4"), PRIOR_STEPS (20), DECODER_STEPS (10),
 # REPEATS (2), OUT (bench/: the JSON goes there), NAME (gpu-check: the JSON's name), COMPILE (0; 1 compiles Stage C's
-# and Stage B's blocks, cascade/speed.py), GRAPHS (0; 1 runs their forward passes as CUDA graphs), DIFFUSERS (1; 0
-# leaves the baseline out), PYTHON (python3). On a CPU, MODEL=tiny SIZE=256 proves the script at a reduced size.
+# and Stage B's blocks, cascade/speed.py), GRAPHS (0; 1 runs their forward passes as CUDA graphs), FP8 (0; 1 runs
+# their token linear layers as float8 products, cascade/float8.py), DIFFUSERS (1; 0 leaves the baseline out),
+# PYTHON (python3). On a CPU, MODEL=tiny SIZE=256 proves the script at a reduced size.
 # The Ray pipeline part of the benchmark is left out here: Ray is not on that image and its wheel
 # is too large to carry.
 set -euo pipefail
@@ -33,6 +34,7 @@ fi
 EXTRA=()
 [ "${COMPILE:-0}" = 1 ] && EXTRA+=(--compile)
 [ "${GRAPHS:-0}" = 1 ] && EXTRA+=(--graphs)
+[ "${FP8:-0}" = 1 ] && EXTRA+=(--fp8)
 [ "${DIFFUSERS:-1}" = 0 ] && EXTRA+=(--no-diffusers)
 # shellcheck disable=SC2086  # BATCHES is a list
 PYTHONPATH=. exec "$PY" -m jobs.bench --model "${MODEL:-random-big}" --size "${SIZE:-1024}" --batch ${BATCHES:-1 4} \

@@ -58,26 +58,28 @@ def module_attention_block_forward(self, x, cond, skip=None):
 
 
 # The variants that time a pass as a sampling run makes it: the step-invariant conditioning done beforehand, once.
-PRECOMPUTED = ("ours", "squares", "cl")
+PRECOMPUTED = ("ours", "squares", "cl", "fp8")
 
 
-CHANNELS_LAST: dict[str, torch.nn.Module] = {}  # per stage, a channels-last copy for the `cl` variant
+COPIES: dict[tuple[str, str], torch.nn.Module] = {}  # (stage, variant): the converted copy the `cl`/`fp8` variant times
 
 
 def variant_model(models, stage: str, variant: str, twin):
-    """The forward pass `(x, r, **conditions)` a variant times: ours (also for `mha`), ours on channels-last memory
-    (`cl`: a copy, cascade.speed.channels_last), or diffusers' (same weights)."""
+    """The forward pass `(x, r, **conditions)` a variant times: ours (also for `mha`), a copy of ours on
+    channels-last memory (`cl`, cascade.speed.channels_last) or with float8 linear layers (`fp8`, cascade.float8),
+    or diffusers' (same weights)."""
     model = getattr(models, stage)
-    if variant == "cl":
-        if stage not in CHANNELS_LAST:
+    if variant in ("cl", "fp8"):
+        if (stage, variant) not in COPIES:
             import copy
 
+            from cascade.float8 import float8_linears
             from cascade.speed import channels_last
 
-            CHANNELS_LAST.clear()  # one copy at a time: a full-size Stage C is 7 GB in bf16
-            CHANNELS_LAST[stage] = copy.deepcopy(model)
-            channels_last(CHANNELS_LAST[stage])
-        return CHANNELS_LAST[stage]
+            COPIES.clear()  # one copy at a time: a full-size Stage C is 7 GB in bf16
+            COPIES[stage, variant] = copy.deepcopy(model)
+            (channels_last if variant == "cl" else float8_linears)(COPIES[stage, variant])
+        return COPIES[stage, variant]
     if variant != "diffusers":
         return model
     unet = twin.prior.prior if stage == "stage_c" else twin.decoder.decoder
@@ -99,6 +101,7 @@ def profile(models, stage: str, batch: int, size: int, top: int, variant: str = 
     from jobs.bench import median_seconds, synchronize
 
     x, r, cond = guided_inputs(models, stage, batch, size)
+    raw = cond
     model = variant_model(models, stage, variant, twin)
     if variant in PRECOMPUTED:
         with torch.inference_mode():
@@ -108,6 +111,12 @@ def profile(models, stage: str, batch: int, size: int, top: int, variant: str = 
         with torch.inference_mode():
             return model(x, r, **cond)
 
+    error = None
+    if variant == "fp8":  # what float8 costs in accuracy: the pass's output against ours, same inputs
+        ours = getattr(models, stage)
+        with torch.inference_mode():
+            reference = ours(x, r, **ours.precompute(x, **raw)).float()
+            error = ((step().float() - reference).norm() / reference.norm()).item()
     on_gpu = x.is_cuda
     wall = median_seconds(step, x.device, warmup=3, repeats=5)
     with torch_profile(
@@ -139,6 +148,7 @@ def profile(models, stage: str, batch: int, size: int, top: int, variant: str = 
         "kernels_per_pass": launches,
         "device_ms_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         "heaviest": [{"kernel": name[:110], "ms": ms, "calls": n} for name, (ms, n) in heaviest],
+        **({} if error is None else {"relative_error_vs_ours": error}),
     }
 
 
@@ -152,12 +162,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=("ours", "raw", "squares", "mha", "cl", "diffusers"),
+        choices=("ours", "raw", "squares", "mha", "cl", "fp8", "diffusers"),
         default=["ours"],
         help="ours (the step-invariant conditioning precomputed, as sampling does); raw: ours, that conditioning done "
         "in the pass (before 2026-11-29); squares: ours, GRN's norm as a float32 sum of squares (the GPU's before "
         "2026-11-28); mha: raw, attention through nn.MultiheadAttention's forward (before 2026-11-27); cl: ours on "
-        "channels-last memory; diffusers: its UNet, same weights",
+        "channels-last memory; fp8: ours with float8 linear layers (cascade.float8), with its output's relative "
+        "error against ours; diffusers: its UNet, same weights",
     )
     args = p.parse_args(argv)
     from cascade.family import BUILTIN_MODELS
@@ -191,6 +202,11 @@ def main(argv=None) -> int:
                     f"\n## {stage}, {variant}, batch {batch} (x2 for guidance): {row['wall_ms_per_pass']:.2f} ms wall "
                     f"per pass, {row['device_ms_per_pass']:.2f} ms on the device, {row['kernels_per_pass']} kernels; "
                     f"ms by kind: {kinds}"
+                    + (
+                        f"; output's relative error vs ours {row['relative_error_vs_ours']:.4f}"
+                        if "relative_error_vs_ours" in row
+                        else ""
+                    )
                 )
                 for k in row["heaviest"]:
                     print(f"  {k['ms']:8.3f} ms  {k['calls']:4d}x  {k['kernel']}")

@@ -1,0 +1,154 @@
+"""Float8 linear layers (cascade/float8.py): the arithmetic (on the CPU, torch._scaled_mm runs it as a GPU would),
+which layers a Stage B / Stage C swaps, the error it costs, and the devices it refuses."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cascade import gdf
+from cascade.blocks import Attention2D, ResBlock
+from cascade.family import tiny_models
+from cascade.float8 import E4M3, E4M3_MAX, Float8Linear, float8_linears, float8_supported, scale_rows
+from cascade.pipeline import prior_conditions
+from cascade.speed import compile_blocks
+from jobs.bench import stage_conditions
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_rows_are_scaled_to_the_float8_range_each_by_its_own_maximum():
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [1e-3, 3e-3, -2e-3], [900.0, 1.0, 0.0]])
+    q, scale = scale_rows(x)
+    assert q.dtype == E4M3 and scale.shape == (4, 1) and scale.dtype == torch.float32
+    assert q.float().abs().amax(dim=1).tolist() == [E4M3_MAX, 0.0, E4M3_MAX, E4M3_MAX]  # each row uses the range
+    assert torch.isfinite(scale).all() and (q[1].float() == 0).all()  # a zero row stays zeros, no 0 / 0
+    torch.testing.assert_close(q.float() * scale, x, rtol=0.07, atol=0)  # e4m3: 3 mantissa bits
+    bf16 = x.to(torch.bfloat16)  # in bf16 the factor is rounded to bf16: the scale is its inverse, not 448's
+    q16, scale16 = scale_rows(bf16)
+    assert q16.float().abs().amax(dim=1).tolist() == [E4M3_MAX, 0.0, E4M3_MAX, E4M3_MAX]
+    torch.testing.assert_close(q16.float() * scale16, bf16.float(), rtol=0.07, atol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_float8_linear_layer_computes_the_layer_to_float8_precision(bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 96, bias=bias).to(torch.bfloat16)
+    fast = Float8Linear.from_linear(layer)
+    assert fast.weight.dtype == E4M3 and fast.weight_scale.shape == (1, 96)
+    for shape in [(2, 40, 128), (7, 128), (1, 1, 128)]:  # 80, 7 and 1 rows: the last two padded to 16
+        x = torch.randn(*shape, dtype=torch.bfloat16) * 3
+        y, ref = fast(x), F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+        assert y.shape == (*shape[:-1], 96) and y.dtype == torch.bfloat16
+        err = relative_error(y, ref)
+        assert 0.005 < err < 0.08, err  # float8's error (bf16's own is about 0.004), not more
+
+
+def test_feature_sizes_that_are_not_multiples_of_16_are_refused():
+    with pytest.raises(ValueError, match="40 -> 24 features; both must be multiples of 16"):
+        Float8Linear.from_linear(nn.Linear(40, 24))
+
+
+def test_the_generators_token_layers_are_swapped_and_their_output_stays_close():
+    torch.manual_seed(0)
+    models = tiny_models(dtype=torch.bfloat16)
+    for name in ("stage_c", "stage_b"):
+        model = getattr(models, name)
+        fast = copy.deepcopy(model)
+        count = float8_linears(fast)
+        res = sum(isinstance(m, ResBlock) for m in fast.modules())
+        attn = sum(isinstance(m, Attention2D) for m in fast.modules())
+        assert count == 2 * res + 3 * attn > 0
+        assert sum(isinstance(m, Float8Linear) for m in fast.modules()) == 2 * res + 3 * attn  # q, kv, out
+        assert not any(isinstance(m, nn.Linear) for block in fast.modules() if isinstance(block, ResBlock)
+                       for m in block.modules())  # fmt: skip
+        assert all(m.attn.in_proj_weight is None for m in fast.modules() if isinstance(m, Attention2D))
+        cond, _, shape = stage_conditions(models, 2, 512, "a red circle", "")[name]
+        x, r = torch.randn(2, *shape, dtype=torch.bfloat16), torch.full((2,), 0.5)
+        with torch.inference_mode():
+            err = relative_error(fast(x, r, **cond), model(x, r, **cond))
+        assert 0.005 < err < 0.1, (name, err)
+
+
+def test_a_float8_stage_c_samples_finite_latents_near_bf16s():
+    models = tiny_models(dtype=torch.bfloat16)
+    cond, uncond = prior_conditions(models, models.text_encoder.encode(["a red circle", ""]), 1)
+    latents = []
+    for convert in (False, True):
+        model = copy.deepcopy(models.stage_c)
+        if convert:
+            float8_linears(model)
+        with torch.inference_mode():
+            denoiser = gdf.guided_denoiser(model, cond, uncond, 4.0)
+            latents.append(gdf.sample(denoiser, [torch.Generator().manual_seed(3)], (16, 6, 6), steps=4))
+    assert torch.isfinite(latents[1]).all()
+    assert relative_error(latents[1], latents[0]) < 0.1
+
+
+def test_devices_without_float8_products_are_refused_with_the_reason():
+    assert float8_supported(torch.device("cpu")) is None
+    assert float8_supported(torch.device("cuda"), capability=(9, 0)) is None  # Hopper, bf16
+    assert float8_supported(torch.device("cuda"), capability=(8, 9)) is None  # Ada
+    message = float8_supported(torch.device("cuda"), capability=(8, 0))  # A100
+    assert message == "float8 products need a GPU of compute capability 8.9 or later (Ada, Hopper); this one is 8.0"
+    assert "NVIDIA GPU" in float8_supported(torch.device("mps"))
+    message = float8_supported(torch.device("cuda"), torch.float16, capability=(9, 0))
+    assert message == "float8 products on a GPU need the model in bfloat16; this one is in torch.float16"
+    model = nn.Sequential(nn.Linear(16, 16)).to("meta")
+    with pytest.raises(RuntimeError, match="float8 products need an NVIDIA GPU; this device is meta"):
+        float8_linears(model)
+
+
+def test_the_benchmark_and_the_profile_run_with_float8_layers(tmp_path, capsys):
+    """`jobs.bench --fp8` and scripts/profile_stages.py's `fp8` variant (parts of the GPU session) run, and the
+    profile reports the float8 pass's error against ours."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from jobs.bench import main as bench
+
+    args = ["--size", "256", "--batch", "1", "--prior-steps", "1", "--decoder-steps", "1", "--repeats", "1"]
+    assert bench([*args, "--warmup", "0", "--ray-prompts", "0", "--no-diffusers", "--fp8"]) == 0
+    assert "linear layers of Stage C and Stage B as float8 products" in capsys.readouterr().err
+    path = Path(__file__).parents[1] / "scripts" / "profile_stages.py"
+    spec = importlib.util.spec_from_file_location("profile_stages", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "profile.json"
+    args = ["--model", "tiny", "--size", "256", "--batch", "1", "--top", "2", "--variants", "ours", "fp8"]
+    assert script.main([*args, "--json", str(out)]) == 0
+    rows = {(r["stage"], r["variant"]): r for r in json.loads(out.read_text())}
+    for stage in ("stage_c", "stage_b"):
+        assert "relative_error_vs_ours" not in rows[stage, "ours"]
+        assert 0.005 < rows[stage, "fp8"]["relative_error_vs_ours"] < 0.1
+
+
+@pytest.mark.gpu
+def test_float8_on_a_gpu_matches_the_cpu_arithmetic_eager_and_compiled():
+    """On a GPU (sm_89+): the same layer's output as on the CPU (both run e4m3 products), and a tiny Stage C in float8,
+    eager and with compiled blocks (which fuse the scaling into other kernels and round on their own), samples as
+    close to the bf16 one as on the CPU."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128).to(torch.bfloat16)
+    x = torch.randn(300, 256, dtype=torch.bfloat16)
+    cpu = Float8Linear.from_linear(layer)(x)
+    gpu = Float8Linear.from_linear(layer.cuda())(x.cuda())
+    assert relative_error(gpu.cpu(), cpu) < 0.01
+    models = tiny_models(device=torch.device("cuda"), dtype=torch.bfloat16)
+    cond, uncond = prior_conditions(models, models.text_encoder.encode(["a red circle", ""]), 1)
+
+    def sample(model):
+        with torch.inference_mode():
+            denoiser = gdf.guided_denoiser(model, cond, uncond, 4.0)
+            return gdf.sample(denoiser, [torch.Generator().manual_seed(3)], (16, 24, 24), steps=3, device="cuda")
+
+    bf16 = sample(models.stage_c)
+    float8_linears(models.stage_c)
+    assert relative_error(sample(models.stage_c), bf16) < 0.1
+    compile_blocks(models.stage_c)
+    assert relative_error(sample(models.stage_c), bf16) < 0.1
