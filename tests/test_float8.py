@@ -152,3 +152,25 @@ def test_float8_on_a_gpu_matches_the_cpu_arithmetic_eager_and_compiled():
     assert relative_error(sample(models.stage_c), bf16) < 0.1
     compile_blocks(models.stage_c)
     assert relative_error(sample(models.stage_c), bf16) < 0.1
+
+
+def test_the_quality_script_judges_the_demo_in_float32_bf16_and_float8(tmp_path):
+    """scripts/float8_quality.py: the same requests rendered three ways, each way's distance from float32's images
+    and the checker's reading of them (a small run; docs/PERFORMANCE.md has the figures at 400 per split)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "float8_quality.py"
+    spec = importlib.util.spec_from_file_location("float8_quality", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "quality.json"
+    assert script.main(["--samples", "4", "--json", str(out)]) == 0
+    ways = json.loads(out.read_text())["ways"]
+    assert list(ways) == ["fp32", "bf16", "bf16+fp8"]
+    assert ways["fp32"]["psnr_vs_fp32_db"]["identical"] == 8  # 4 per split, the reference itself
+    assert ways["bf16"]["psnr_vs_fp32_db"]["identical"] < 8 and ways["bf16"]["psnr_vs_fp32_db"]["mean"] > 35
+    assert 20 < ways["bf16+fp8"]["psnr_vs_fp32_db"]["mean"] < ways["bf16"]["psnr_vs_fp32_db"]["mean"]
+    for way in ways.values():
+        assert set(way["heldout"]) == {"colour", "shape", "position", "all"}
