@@ -53,15 +53,16 @@ def float8_supported(
 
 
 def scale_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) -> (its rows in e4m3, each scaled so that its largest magnitude is E4M3_MAX; the (M, 1) float32
-    scales that undo it). A row of zeros stays zeros.
+    """(..., K) -> (its rows along the last dimension in e4m3, contiguous, each scaled so that its largest magnitude
+    is E4M3_MAX; the (..., 1) float32 scales that undo it). A row of zeros stays zeros.
 
-    Three passes over x in eager mode (its row maxima, the product by the factor in x's own dtype, the cast): 9
-    bytes per bf16 element where float32 arithmetic would move 25. The factor is rounded to x's dtype first and the
-    scale returned is its exact inverse, so that the one rounding is e4m3's."""
-    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True, dtype=torch.float32)
-    factor = (E4M3_MAX / amax.clamp(min=1e-12)).to(x.dtype)  # (M, 1); 1e-12: a zero row times a finite factor
-    return (x * factor).to(E4M3), factor.float().reciprocal()
+    Three passes over x in eager mode (its row maxima, the product by the factor in x's own dtype, the cast, which
+    also lays the rows out contiguously where x is a permuted view, as a ResBlock's MLP input is): 9 bytes per bf16
+    element where float32 arithmetic would move 25. The factor is rounded to x's dtype first and the scale returned
+    is its exact inverse, so that the one rounding is e4m3's."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
+    factor = (E4M3_MAX / amax.clamp(min=1e-12)).to(x.dtype)  # 1e-12: a zero row times a finite factor
+    return (x * factor).to(E4M3, memory_format=torch.contiguous_format), factor.float().reciprocal()
 
 
 class Float8Linear(nn.Module):
@@ -84,11 +85,12 @@ class Float8Linear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        m = rows.shape[0]
-        if m % ALIGN:  # a few zero rows (they come out as the bias, and are dropped)
-            rows = F.pad(rows, (0, 0, 0, ALIGN - m % ALIGN))
-        q, scale = scale_rows(rows)
+        q, scale = scale_rows(x)  # on x as it is laid out: no copy of a permuted input first
+        q, scale = q.view(-1, self.in_features), scale.reshape(-1, 1)
+        m = q.shape[0]
+        if m % ALIGN:  # a few zero rows (they come out as the bias, and are dropped); padded as bytes
+            pad = (0, 0, 0, ALIGN - m % ALIGN)
+            q, scale = F.pad(q.view(torch.uint8), pad).view(E4M3), F.pad(scale, pad, value=1.0)
         y = torch._scaled_mm(
             q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=self.dtype
         )

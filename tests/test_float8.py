@@ -48,6 +48,16 @@ def test_a_float8_linear_layer_computes_the_layer_to_float8_precision(bias):
         assert 0.005 < err < 0.08, err  # float8's error (bf16's own is about 0.004), not more
 
 
+def test_a_permuted_input_is_scaled_where_it_lies_and_gives_what_its_contiguous_copy_gives():
+    """A ResBlock's MLP input is a channels-last view of an NCHW map: it is read in place, not copied first."""
+    layer = Float8Linear.from_linear(nn.Linear(64, 32).to(torch.bfloat16))
+    nchw = torch.randn(2, 64, 5, 7, dtype=torch.bfloat16)
+    view = nchw.permute(0, 2, 3, 1)  # (B, H, W, C), not contiguous
+    q, scale = scale_rows(view)
+    assert q.is_contiguous() and q.shape == (2, 5, 7, 64) and scale.shape == (2, 5, 7, 1)
+    assert torch.equal(layer(view), layer(view.contiguous()))
+
+
 def test_feature_sizes_that_are_not_multiples_of_16_are_refused():
     with pytest.raises(ValueError, match="40 -> 24 features; both must be multiples of 16"):
         Float8Linear.from_linear(nn.Linear(40, 24))
