@@ -115,15 +115,15 @@ def _fits(*features: int) -> bool:
     return all(f % ALIGN == 0 for f in features)
 
 
-def float8_linears(model: nn.Module) -> int:
+def float8_linears(model: nn.Module, check_device: bool = True) -> int:
     """Swap a Stage B's or Stage C's token linear layers for float8 ones, in place; returns how many products.
 
     Each ResBlock's two MLP layers (`channelwise.0`, `channelwise.4`) and each attention block's input projection
     (as two products: queries, keys + values) and output projection. Layers whose sizes are not multiples of 16 stay
     as they are; so do the small rest (the TimestepBlocks' mappers, the condition mappings made once per sampling
-    run, the convolutions)."""
+    run, the convolutions). check_device=False skips the device check: for counting on the meta device."""
     first = next(model.parameters())
-    reason = float8_supported(first.device, first.dtype)
+    reason = float8_supported(first.device, first.dtype) if check_device else None
     if reason is not None:
         raise RuntimeError(reason)
     count = 0

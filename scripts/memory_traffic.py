@@ -30,7 +30,7 @@ from cascade.stage_c import STAGE_C_1B, STAGE_C_3B, STAGE_C_TINY, StageC
 from cascade.text import MAX_LENGTH
 
 FAMILIES = {"big": (STAGE_C_3B, STAGE_B_3B), "lite": (STAGE_C_1B, STAGE_B_700M), "tiny": (STAGE_C_TINY, STAGE_B_TINY)}
-COMPUTE = {"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "scaled_dot_product_attention"}
+COMPUTE = {"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "scaled_dot_product_attention", "_scaled_mm"}
 # Operations that move no data: views, allocation, and dropout at inference (the identity).
 FREE = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "t", "permute", "transpose", "expand", "unsqueeze",
         "squeeze", "slice", "select", "split", "split_with_sizes", "chunk", "unbind", "detach", "alias", "as_strided",
@@ -104,11 +104,17 @@ def main(argv=None) -> int:
     p.add_argument("--bandwidth", type=float, default=4.8, help="memory bandwidth in TB/s for the time (H200: 4.8)")
     p.add_argument("--top", type=int, default=6)
     p.add_argument("--raw", action="store_true", help="the conditions computed in the pass (before 2026-11-29)")
+    p.add_argument("--fp8", action="store_true", help="with float8 linear layers (cascade.float8): their scaling")
     args = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     with torch.device("meta"):
         stages = {"Stage C": StageC(FAMILIES[args.family][0]).to(dtype).eval(),
                   "Stage B": StageB(FAMILIES[args.family][1]).to(dtype).eval()}  # fmt: skip
+        if args.fp8:
+            from cascade.float8 import float8_linears
+
+            for stage in stages.values():
+                float8_linears(stage, check_device=False)
         for name, stage in stages.items():
             for norm, fused in NORMS.items():
                 traffic = count(stage, args.batch, args.size, dtype, fused, raw=args.raw)
@@ -116,6 +122,7 @@ def main(argv=None) -> int:
                 total = sum(moved.values())
                 heaviest = ", ".join(f"{op} {b / 1e9:.1f}" for op, b in moved.most_common(args.top))
                 what = f"{name}, {args.family}, {args.size} px, batch {args.batch} guided, {args.dtype}"
+                what += " + float8 layers" if args.fp8 else ""
                 print(f"{what}, GRN norm as {norm}: {total / 1e9:.1f} GB ({total / args.bandwidth / 1e9:.1f} ms "
                       f"at {args.bandwidth:g} TB/s), {traffic.operations} operations; "
                       f"GB by operation: {heaviest}")  # fmt: skip

@@ -184,3 +184,24 @@ def test_the_quality_script_judges_the_demo_in_float32_bf16_and_float8(tmp_path)
     assert 20 < ways["bf16+fp8"]["psnr_vs_fp32_db"]["mean"] < ways["bf16"]["psnr_vs_fp32_db"]["mean"]
     for way in ways.values():
         assert set(way["heldout"]) == {"colour", "shape", "position", "all"}
+
+
+def test_the_byte_count_sees_float8_s_scaling_passes_and_not_its_products():
+    """scripts/memory_traffic.py --fp8 counts on the meta device: the row maxima, the product by the factor and the
+    cast are memory-bound bytes added to the pass; the float8 products themselves are compute, counted as none."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "memory_traffic.py"
+    spec = importlib.util.spec_from_file_location("memory_traffic", path)
+    traffic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(traffic)
+    with torch.device("meta"):
+        plain = traffic.StageC(traffic.STAGE_C_TINY).to(torch.bfloat16).eval()
+        fast = copy.deepcopy(plain)
+        assert float8_linears(fast, check_device=False) > 0  # on meta: only for counting
+        before, after = (traffic.count(s, 1, 256, torch.bfloat16, True) for s in (plain, fast))
+    assert "_scaled_mm" not in after.bytes and after.bytes["gelu"] == before.bytes["gelu"]
+    assert after.bytes["mul"] > before.bytes["mul"] and after.bytes["linalg_vector_norm"] > before.bytes[
+        "linalg_vector_norm"]  # fmt: skip
+    assert sum(after.bytes.values()) > sum(before.bytes.values()) and after.operations > before.operations
