@@ -1,7 +1,21 @@
 """Shared test utilities."""
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from torch import nn
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """A script of scripts/ (not a package) imported as a module, to call its functions and main()."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def randomize(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:

@@ -21,6 +21,25 @@ def stage_block(n: int, size: int = 256) -> pa.Table:
     return pa.Table.from_pylist([{k: row[k] for k in ("error", *REQUEST_FIELDS)} for row in rows])
 
 
+def record_stage_calls(monkeypatch, name: str, fits: int = 1 << 30) -> list[list]:
+    """Make `workers.stages.<name>` (run_prior, run_decoder) record the items of each call, and fail as a device with
+    room for `fits` images would (CUDA's out-of-memory error above that); returns the list of calls."""
+    import torch
+
+    import workers.stages as stages
+
+    real, calls = getattr(stages, name), []
+
+    def record(models, items):
+        if len(items) > fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        calls.append(list(items))
+        return real(models, items)
+
+    monkeypatch.setattr(stages, name, record)
+    return calls
+
+
 # Small and fast on a 2-core CPU: 256 px, few steps.
 FAST = [
     "--model",

@@ -15,6 +15,7 @@ from cascade.float8 import E4M3, E4M3_MAX, Float8Linear, float8_linears, float8_
 from cascade.pipeline import prior_conditions
 from cascade.speed import compile_blocks
 from jobs.bench import stage_conditions
+from tests.helpers import load_script
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,19 +117,14 @@ def test_devices_without_float8_products_are_refused_with_the_reason():
 def test_the_benchmark_and_the_profile_run_with_float8_layers(tmp_path, capsys):
     """`jobs.bench --fp8` and scripts/profile_stages.py's `fp8` variant (parts of the GPU session) run, and the
     profile reports the float8 pass's error against ours."""
-    import importlib.util
     import json
-    from pathlib import Path
 
     from jobs.bench import main as bench
 
     args = ["--size", "256", "--batch", "1", "--prior-steps", "1", "--decoder-steps", "1", "--repeats", "1"]
     assert bench([*args, "--warmup", "0", "--ray-prompts", "0", "--no-diffusers", "--fp8"]) == 0
     assert "linear layers of Stage C and Stage B as float8 products" in capsys.readouterr().err
-    path = Path(__file__).parents[1] / "scripts" / "profile_stages.py"
-    spec = importlib.util.spec_from_file_location("profile_stages", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("profile_stages")
     out = tmp_path / "profile.json"
     args = ["--model", "tiny", "--size", "256", "--batch", "1", "--top", "2", "--variants", "ours", "fp8"]
     assert script.main([*args, "--json", str(out)]) == 0
@@ -167,14 +163,9 @@ def test_float8_on_a_gpu_matches_the_cpu_arithmetic_eager_and_compiled():
 def test_the_quality_script_judges_the_demo_in_float32_bf16_and_float8(tmp_path):
     """scripts/float8_quality.py: the same requests rendered three ways, each way's distance from float32's images
     and the checker's reading of them (a small run; docs/PERFORMANCE.md has the figures at 400 per split)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "scripts" / "float8_quality.py"
-    spec = importlib.util.spec_from_file_location("float8_quality", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("float8_quality")
     out = tmp_path / "quality.json"
     assert script.main(["--samples", "4", "--json", str(out)]) == 0
     ways = json.loads(out.read_text())["ways"]
@@ -189,13 +180,8 @@ def test_the_quality_script_judges_the_demo_in_float32_bf16_and_float8(tmp_path)
 def test_the_byte_count_sees_float8_s_scaling_passes_and_not_its_products():
     """scripts/memory_traffic.py --fp8 counts on the meta device: the row maxima, the product by the factor and the
     cast are memory-bound bytes added to the pass; the float8 products themselves are compute, counted as none."""
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "scripts" / "memory_traffic.py"
-    spec = importlib.util.spec_from_file_location("memory_traffic", path)
-    traffic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(traffic)
+    traffic = load_script("memory_traffic")
     with torch.device("meta"):
         plain = traffic.StageC(traffic.STAGE_C_TINY).to(torch.bfloat16).eval()
         fast = copy.deepcopy(plain)

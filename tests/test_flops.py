@@ -12,6 +12,7 @@ from cascade.flops import forward_flops, matmul_rate, sampling_flops
 from cascade.geometry import OFFICIAL
 from cascade.stage_b import STAGE_B_3B, StageB
 from cascade.stage_c import STAGE_C_3B, StageC
+from tests.helpers import load_script
 
 
 def test_official_stages_at_1024_count_as_the_compute_floor_says():
@@ -43,13 +44,8 @@ def test_memory_traffic_counts_the_bytes_grn_s_one_reduction_saves():
     """scripts/memory_traffic.py: a guided pass's memory-bound operations move bytes, views and matrix products
     counted as none; GRN's norm as one reduction moves fewer of them than the sum of squares (the float32 copy, the
     square and the sum are gone, the rest is the same)."""
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "scripts" / "memory_traffic.py"
-    spec = importlib.util.spec_from_file_location("memory_traffic", path)
-    traffic = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(traffic)
+    traffic = load_script("memory_traffic")
     with torch.device("meta"):
         stage = traffic.StageB(traffic.STAGE_B_TINY).to(torch.bfloat16).eval()
         moved = {name: traffic.count(stage, 1, 256, torch.bfloat16, fused).bytes for name, fused in

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-import workers.stages as stages
 from cascade.request import Request, latent_sizes
 from jobs.config import from_mapping
 from jobs.generate import MIN_BLOCK_ROWS, block_rows, usual_request
-from tests.jobhelpers import stage_block
+from tests.jobhelpers import record_stage_calls, stage_block
 from workers.stages import DecoderStage, PriorStage
 
 
@@ -53,23 +51,12 @@ def test_a_block_runs_as_model_batches_of_the_pools_batch_size():
     assert len(set(times)) == 5 and decoded.column("pixels").null_count == 1
 
 
-def recorded(monkeypatch, name: str, fits: int = 1 << 30) -> list[list]:
-    """Make `stages.<name>` record what it is called with (and fail as a device with room for `fits` images)."""
-    real, calls = getattr(stages, name), []
-
-    def record(models, items):
-        if len(items) > fits:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        calls.append(list(items))
-        return real(models, items)
-
-    monkeypatch.setattr(stages, name, record)
-    return calls
-
-
 def test_an_actor_warms_up_on_one_batch_of_the_jobs_usual_request_at_one_step(monkeypatch):
     usual = Request("warm-up", width=320, height=256, prior_steps=7, prior_cfg=3.0, decoder_steps=5, sampler="ddim")
-    prior_calls, decoder_calls = recorded(monkeypatch, "run_prior"), recorded(monkeypatch, "run_decoder")
+    prior_calls, decoder_calls = (
+        record_stage_calls(monkeypatch, "run_prior"),
+        record_stage_calls(monkeypatch, "run_decoder"),
+    )
     prior = PriorStage("tiny", False, "fp32", "fp32", batch_size=3, warm_up=usual)
     decoder = DecoderStage("tiny", False, "fp32", "fp32", batch_size=2, warm_up=usual)
     one_step = Request("warm-up", width=320, height=256, prior_steps=1, prior_cfg=3.0, decoder_steps=1, sampler="ddim")
@@ -87,7 +74,7 @@ def test_an_actor_warms_up_on_one_batch_of_the_jobs_usual_request_at_one_step(mo
 def test_a_warm_up_batch_that_does_not_fit_is_left_for_the_work_to_split(monkeypatch, capsys):
     """The rows may ask for smaller images than the usual request: the warm-up does not lower the batch size."""
     usual = Request("warm-up", width=256, height=256)
-    calls = recorded(monkeypatch, "run_prior", fits=2)
+    calls = record_stage_calls(monkeypatch, "run_prior", fits=2)
     stage = PriorStage("tiny", False, "fp32", "fp32", batch_size=4, warm_up=usual)
     assert calls == [] and stage.fit > 4
     assert "the warm-up batch (4 of 256x256) ran out of GPU memory" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from cascade.stage_a import (
     stage_a_diffusers_config,
     stage_a_from_diffusers_config,
 )
+from tests.helpers import load_script
 
 # The one key that differs between the Stability file (ours) and the diffusers `vqgan/` checkpoint.
 OURS_CODEBOOK, DIFFUSERS_CODEBOOK = "vquantizer.codebook.weight", "vquantizer.embedding.weight"
@@ -178,14 +179,9 @@ def test_bad_configs_fail_fast():
 def test_decode_variants_script_times_and_checks_the_decoder_ways(tmp_path, capsys):
     """scripts/stage_a_variants.py (a part of the GPU session): the decoder as it is, on NCHW memory and as written
     before its passes were fused give the same images, and the fused ResBlocks move fewer memory-bound bytes."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).parents[1] / "scripts" / "stage_a_variants.py"
-    spec = importlib.util.spec_from_file_location("stage_a_variants", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("stage_a_variants")
     out = tmp_path / "stage_a.json"
     originals = StageA.decode, ResBlock.forward
     assert script.main(["--size", "64", "--repeats", "1", "--json", str(out)]) == 0

@@ -8,31 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-import workers.stages as stages
+from tests.jobhelpers import record_stage_calls
 from tests.jobhelpers import stage_block as batch
 from workers.stages import DecoderStage, PriorStage
-
-
-def device_holds(limit: int, monkeypatch, name: str) -> list[int]:
-    """Make `stages.<name>` fail as a device with room for `limit` images would; return the batch sizes it ran."""
-    real, sizes = getattr(stages, name), []
-
-    def limited(models, items):
-        if len(items) > limit:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        sizes.append(len(items))
-        return real(models, items)
-
-    monkeypatch.setattr(stages, name, limited)
-    return sizes
 
 
 def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_images(monkeypatch, capsys):
     whole = PriorStage("tiny", False, "fp32", "fp32")(batch(5))
     stage = PriorStage("tiny", False, "fp32", "fp32")
-    sizes = device_holds(2, monkeypatch, "run_prior")
+    calls = record_stage_calls(monkeypatch, "run_prior", fits=2)
     split = stage(batch(5))
-    assert sizes == [2, 2, 1] and stage.fit == 2  # halved until it fitted, then kept at 2
+    assert [len(c) for c in calls] == [2, 2, 1] and stage.fit == 2  # halved until it fitted, then kept at 2
     assert split.column("error").null_count == 5
     assert whole.column("prior_batch").to_pylist() == [5] * 5  # each image's model batch, for the report
     assert split.column("prior_batch").to_pylist() == [2, 2, 2, 2, 1]
@@ -40,15 +26,15 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_images(monk
         np.testing.assert_allclose(np.frombuffer(a, np.float32), np.frombuffer(b, np.float32), rtol=1e-4, atol=1e-3)
     assert "set prior_pool.batch_size to 2 or less" in capsys.readouterr().err
 
-    sizes.clear()
+    calls.clear()
     stage(batch(3))  # the next batch starts at the size that fitted: no second out-of-memory
-    assert sizes == [2, 1]
+    assert [len(c) for c in calls] == [2, 1]
 
 
 def test_an_image_too_large_for_the_device_alone_is_an_error_row_and_the_rest_go_on(monkeypatch):
     prior = PriorStage("tiny", False, "fp32", "bf16")(batch(3))
     decoder = DecoderStage("tiny", False, "fp32", "bf16")
-    device_holds(0, monkeypatch, "run_decoder")
+    record_stage_calls(monkeypatch, "run_decoder", fits=0)
     out = decoder(prior)
     errors = out.column("error").to_pylist()
     assert errors == ["Stage B/A: out of GPU memory for one 256x256 image; use a smaller size"] * 3
