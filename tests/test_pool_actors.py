@@ -51,7 +51,7 @@ def test_a_block_runs_as_model_batches_of_the_pools_batch_size():
     assert len(set(times)) == 5 and decoded.column("pixels").null_count == 1
 
 
-def test_an_actor_warms_up_on_one_batch_of_the_jobs_usual_request_at_one_step(monkeypatch):
+def test_an_actor_warms_up_on_one_batch_of_the_jobs_usual_request_at_one_step(monkeypatch, capsys):
     usual = Request("warm-up", width=320, height=256, prior_steps=7, prior_cfg=3.0, decoder_steps=5, sampler="ddim")
     prior_calls, decoder_calls = (
         record_stage_calls(monkeypatch, "run_prior"),
@@ -64,6 +64,8 @@ def test_an_actor_warms_up_on_one_batch_of_the_jobs_usual_request_at_one_step(mo
     assert [[p.request for p in call] for call in decoder_calls] == [[one_step] * 2]
     assert decoder_calls[0][0].latent.shape == latent_sizes(320, 256, decoder.geometry)[0]  # the usual size's
     assert prior.warm_s > 0 and decoder.warm_s > 0
+    ready = [line for line in capsys.readouterr().err.splitlines() if "ready: models loaded in" in line]
+    assert len(ready) == 2 and ready[0].startswith("[Stage C actor prior@") and "warmed up in" in ready[0]
 
     prior_calls.clear()
     out = prior(stage_block(3))  # then the work, as without a warm-up

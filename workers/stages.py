@@ -130,6 +130,13 @@ class _Stage:
             start = time.perf_counter()
             self._warm_up(dataclasses.replace(warm_up, prior_steps=1, decoder_steps=1), batch_size or 1)
             self.warm_s = time.perf_counter() - start
+            # One line per actor as it becomes ready: where a slow start went (loading, or compiling while warming).
+            print(
+                f"[{self.title} actor {self.name}] ready: models loaded in {self.load_s:.1f} s, warmed up in "
+                f"{self.warm_s:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _warm_up(self, request: Request, batch_size: int) -> None:
         """Run one batch of `request` (a whole batch of the pool's size, so the same shapes as the job's) and drop
