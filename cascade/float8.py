@@ -86,7 +86,7 @@ class Float8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = scale_rows(x)  # on x as it is laid out: no copy of a permuted input first
-        q, scale = q.view(-1, self.in_features), scale.reshape(-1, 1)
+        q, scale = q.view(-1, self.in_features), scale.reshape(-1, 1).contiguous()  # (M, 1): as _scaled_mm wants
         m = q.shape[0]
         if m % ALIGN:  # a few zero rows (they come out as the bias, and are dropped); padded as bytes
             pad = (0, 0, 0, ALIGN - m % ALIGN)
