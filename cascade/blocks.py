@@ -283,9 +283,12 @@ class CascadeUNet(nn.Module):
                     blocks.append(block(kind, i, c_skip))
             self.up_blocks.append(nn.ModuleList(blocks))
             self.up_repeat_mappers.append(repeat_mappers(config.block_repeat[1][::-1][i], c_hidden[i]))
-        # Plain tuples (not registered again): the order of condition_kv's and condition_bias's packing.
+        # Plain tuples (not registered again): the order of condition_kv's and condition_bias's packing, and each
+        # block's width in it, which _block_conditions splits the packed tensors by at every pass.
         self.attention_blocks = tuple(m for m in self.modules() if isinstance(m, AttnBlock))
         self.timestep_blocks = tuple(m for m in self.modules() if isinstance(m, TimestepBlock))
+        self.kv_widths = [block.attention.attn.embed_dim for block in self.attention_blocks]
+        self.t_bias_widths = [block.mapper.out_features for block in self.timestep_blocks]
 
     def condition_kv(self, clip: torch.Tensor) -> torch.Tensor:
         """The condition tokens (B, T, c_cond) -> each attention block's mapping of them (its `kv_mapper`), side by
@@ -336,13 +339,12 @@ class CascadeUNet(nn.Module):
         """Each attention block's and TimestepBlock's Conditioning with its own part of clip_kv and t_bias (views);
         blocks not in it take cond."""
         conds = {}
-        for blocks, packed, name, width in (
-            (self.attention_blocks, clip_kv, "kv", lambda block: block.attention.attn.embed_dim),
-            (self.timestep_blocks, t_bias, "t_bias", lambda block: block.mapper.out_features),
+        for blocks, packed, name, widths in (
+            (self.attention_blocks, clip_kv, "kv", self.kv_widths),
+            (self.timestep_blocks, t_bias, "t_bias", self.t_bias_widths),
         ):
             if packed is None:
                 continue
-            widths = [width(block) for block in blocks]
             if packed.shape[-1] != sum(widths):
                 what = "clip_kv" if name == "kv" else name
                 raise ValueError(f"{what}: {packed.shape[-1]} channels; this model's blocks take {sum(widths)}")
