@@ -121,7 +121,8 @@ def float8_linears(model: nn.Module, check_device: bool = True) -> int:
     Each ResBlock's two MLP layers (`channelwise.0`, `channelwise.4`) and each attention block's input projection
     (as two products: queries, keys + values) and output projection. Layers whose sizes are not multiples of 16 stay
     as they are; so do the small rest (the TimestepBlocks' mappers, the condition mappings made once per sampling
-    run, the convolutions). check_device=False skips the device check: for counting on the meta device."""
+    run, the convolutions). Layers already in float8 are left alone, so a second call changes nothing and returns
+    0. check_device=False skips the device check: for counting on the meta device."""
     first = next(model.parameters())
     reason = float8_supported(first.device, first.dtype) if check_device else None
     if reason is not None:
@@ -136,7 +137,7 @@ def float8_linears(model: nn.Module, check_device: bool = True) -> int:
                     count += 1
         elif isinstance(module, Attention2D):
             attn = module.attn
-            if not _fits(attn.embed_dim):
+            if hasattr(module, "float8_in_proj") or not _fits(attn.embed_dim):
                 continue
             # Computed from the module's own parameters, so the float8 copy must be made after any LoRA merge.
             module.float8_in_proj = Float8InProjection(attn)

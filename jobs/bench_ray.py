@@ -40,11 +40,12 @@ def ray_pipeline(args, batch: int, stage_seconds: dict[str, float], devices: int
             raise RuntimeError(f"the Ray pipeline's job failed with exit code {code}")
         ends = sorted(read_manifests(LocalStorage(work / "out"), ["write_end"]).column("write_end").to_pylist())
     steady = (len(ends) - batch) / (ends[-1] - ends[0]) if ends[-1] > ends[0] else float("nan")
-    bottleneck, bound, bound_s = ray_bound(stage_seconds, devices)
+    pools = pool_seconds(stage_seconds)
+    bottleneck, bound, bound_s = ray_bound(pools, devices)
     return {
         "ray_images_per_s": steady,
         "ray_bottleneck_pool": bottleneck,
-        "ray_bottleneck_alone_images_per_s": batch / pool_seconds(stage_seconds)[bottleneck],
+        "ray_bottleneck_alone_images_per_s": batch / pools[bottleneck],
         "ray_bound": bound,
         "ray_bound_images_per_s": batch / bound_s,
         "ray_vs_bound": steady * bound_s / batch,
@@ -59,10 +60,10 @@ def pool_seconds(stage_seconds: dict[str, float]) -> dict[str, float]:
     }
 
 
-def ray_bound(stage_seconds: dict[str, float], devices: int) -> tuple[str, str, float]:
-    """(the bottleneck pool, what bounds the Ray pipeline here, that bound's seconds per batch): the bottleneck pool
-    alone where each pool has a GPU of its own (devices >= 2), else the one device doing every stage."""
-    pools = pool_seconds(stage_seconds)
+def ray_bound(pools: dict[str, float], devices: int) -> tuple[str, str, float]:
+    """pools: `pool_seconds`. (the bottleneck pool, what bounds the Ray pipeline here, that bound's seconds per
+    batch): the bottleneck pool alone where each pool has a GPU of its own (devices >= 2), else the one device doing
+    every stage."""
     bottleneck = max(pools, key=pools.get)
     if devices >= 2:
         return bottleneck, f"{bottleneck} alone", pools[bottleneck]

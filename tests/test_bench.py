@@ -40,11 +40,11 @@ def test_bench_refuses_an_unsupported_size_and_too_few_prompts(capsys):
 
 
 def test_the_ray_pipeline_s_bound_is_the_shared_device_or_the_bottleneck_pool_on_its_own_gpus():
-    from jobs.bench_ray import ray_bound
+    from jobs.bench_ray import pool_seconds, ray_bound
 
     seconds = {"text": 0.1, "stage_c": 1.9, "stage_b": 2.5, "stage_a": 0.5}  # pools: 2.0 and 3.0 s per batch
     for devices in (0, 1):  # the CPU's cores, or one GPU shared half and half: it does all the work
-        assert ray_bound(seconds, devices) == ("Stage B/A pool", "one device, every stage", 5.0)
-    assert ray_bound(seconds, 2) == ("Stage B/A pool", "Stage B/A pool alone", 3.0)
+        assert ray_bound(pool_seconds(seconds), devices) == ("Stage B/A pool", "one device, every stage", 5.0)
+    assert ray_bound(pool_seconds(seconds), 2) == ("Stage B/A pool", "Stage B/A pool alone", 3.0)
     seconds["stage_c"] = 3.9
-    assert ray_bound(seconds, 8) == ("Stage C pool", "Stage C pool alone", 4.0)
+    assert ray_bound(pool_seconds(seconds), 8) == ("Stage C pool", "Stage C pool alone", 4.0)
