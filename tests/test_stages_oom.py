@@ -4,6 +4,8 @@ stage's model call raises CUDA's out-of-memory error above a batch size); on a G
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,33 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_images(monk
     assert [len(c) for c in calls] == [2, 1]
 
 
+def test_a_batch_halved_more_than_once_keeps_every_row(monkeypatch):
+    stage = PriorStage("tiny", False, "fp32", "fp32")
+    calls = record_stage_calls(monkeypatch, "run_prior", fits=1)
+    out = stage(batch(4))  # 4 fails, then 2 fails: the rest of the 2 and the 2 after it run one by one
+    assert [len(c) for c in calls] == [1, 1, 1, 1] and stage.fit == 1
+    assert [c[0].prompt for c in calls] == out.column("prompt").to_pylist()  # each row once, in order
+    assert out.column("error").null_count == 4 and out.column("latent").null_count == 0
+    assert out.column("prior_batch").to_pylist() == [1] * 4
+
+
+def test_the_retry_after_out_of_memory_runs_after_the_failed_batch_is_freed():
+    """The error's traceback holds the failed call's frames and their tensors: the smaller batch must not run while
+    they are still held (on a GPU, that memory is what the retry needs)."""
+    stage = PriorStage("tiny", False, "fp32", "fp32")
+    held = []
+
+    def run(chunk):
+        activations = torch.empty(len(chunk), 1000)  # stands in for the batch's activations on the device
+        held.append(weakref.ref(activations))
+        if len(chunk) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        assert held[0]() is None, "the failed batch's activations are still alive during the retry"
+        return list(chunk)
+
+    assert stage._fitted(run, [1, 2, 3, 4], lambda item, reason: None) == [(1, 2), (2, 2), (3, 2), (4, 2)]
+
+
 def test_an_image_too_large_for_the_device_alone_is_an_error_row_and_the_rest_go_on(monkeypatch):
     prior = PriorStage("tiny", False, "fp32", "bf16")(batch(3))
     decoder = DecoderStage("tiny", False, "fp32", "bf16")
@@ -56,4 +85,6 @@ def test_a_real_cuda_out_of_memory_is_split(monkeypatch):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert decoder.fit < 8
-    assert all(e is None or "out of GPU memory" in e for e in out.column("error").to_pylist())
+    errors, pixels = out.column("error").to_pylist(), out.column("pixels").to_pylist()
+    assert all(e is None or "out of GPU memory" in e for e in errors)
+    assert all((e is None) == (p is not None) for e, p in zip(errors, pixels, strict=True))  # no row lost

@@ -147,14 +147,16 @@ class _Stage:
         (`_fitted`), because the rows may ask for smaller images than the usual one."""
         try:
             self._warm_batch(request, batch_size)
+            return
         except torch.cuda.OutOfMemoryError:
-            free_device_memory()
-            print(
-                f"note: {self.title}: the warm-up batch ({batch_size} of {request.width}x{request.height}) ran out of "
-                "GPU memory; the work's batches will be split where they do not fit",
-                file=sys.stderr,
-                flush=True,
-            )
+            pass  # handled below, outside the handler: its traceback holds the batch's activations
+        free_device_memory()
+        print(
+            f"note: {self.title}: the warm-up batch ({batch_size} of {request.width}x{request.height}) ran out of "
+            "GPU memory; the work's batches will be split where they do not fit",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _warm_batch(self, request: Request, batch_size: int) -> None:
         """One model batch of batch_size copies of `request` through this actor's models (each stage its own)."""
@@ -174,26 +176,29 @@ class _Stage:
         A chunk that runs out of memory is split in half and retried, and later batches stay at the size that
         fitted; one image that does not fit alone becomes an error row (failed(item, reason), in no batch) that
         names the size, and the job goes on."""
-        results = []
-        for start in range(0, len(items), self.fit):
+        results, start = [], 0
+        while start < len(items):
             chunk = items[start : start + self.fit]
             try:
                 results += [(result, len(chunk)) for result in run(chunk)]
+                start += len(chunk)
+                continue
             except torch.cuda.OutOfMemoryError:
-                free_device_memory()
-                if len(chunk) == 1:
-                    r = getattr(chunk[0], "request", chunk[0])  # a Request (Stage C) or a PriorOutput
-                    reason = f"{self.title}: out of GPU memory for one {r.width}x{r.height} image; use a smaller size"
-                    results.append((failed(chunk[0], reason), None))
-                    continue
-                self.fit = len(chunk) // 2
-                print(
-                    f"warning: {self.title}: a batch of {len(chunk)} ran out of GPU memory; running batches of "
-                    f"{self.fit} on this actor from now on (set {self.part}_pool.batch_size to {self.fit} or less)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                results += self._fitted(run, chunk, failed)
+                pass  # handled below, outside the handler: its traceback holds the failed batch's activations
+            free_device_memory()
+            if len(chunk) == 1:
+                r = getattr(chunk[0], "request", chunk[0])  # a Request (Stage C) or a PriorOutput
+                reason = f"{self.title}: out of GPU memory for one {r.width}x{r.height} image; use a smaller size"
+                results.append((failed(chunk[0], reason), None))
+                start += 1
+                continue
+            self.fit = len(chunk) // 2  # and the same items again, in batches of that size
+            print(
+                f"warning: {self.title}: a batch of {len(chunk)} ran out of GPU memory; running batches of "
+                f"{self.fit} on this actor from now on (set {self.part}_pool.batch_size to {self.fit} or less)",
+                file=sys.stderr,
+                flush=True,
+            )
         return results
 
     def _groups(self, rows: list[dict]) -> list[list[int]]:
@@ -230,7 +235,7 @@ class PriorStage(_Stage):
                 )
             else:
                 outputs = [(out, len(requests)) for out in dry_prior(requests, self.geometry)]
-            for i, (out, batch_images) in zip(group, outputs):
+            for i, (out, batch_images) in zip(group, outputs, strict=True):
                 tokens[i], truncated[i], seconds[i] = out.prompt_tokens, out.prompt_truncated, out.seconds
                 batches[i] = batch_images
                 if out.error is not None:
@@ -303,7 +308,7 @@ class DecoderStage(_Stage):
                 )
             else:
                 results = [(result, len(priors)) for result in dry_decoder(priors)]
-            for i, (result, batch_images) in zip(group, results):
+            for i, (result, batch_images) in zip(group, results, strict=True):
                 seconds[i], batches[i] = result.timings.get("decoder_s"), batch_images
                 if result.error is not None:
                     errors[i] = result.error
