@@ -49,11 +49,19 @@ PARAMETERS = {
     "decoder_steps": INTEGER,
     "decoder_cfg": NUMBER,
 }
-# The columns the pipeline itself writes to the manifest; an input column of the same name is renamed input_<name>.
+# Every column the pipeline itself sets on a row, in the manifest or on the way to it (the stages' latents and pixels);
+# an input column of the same name is renamed input_<name>, so that it neither overwrites nor is overwritten.
 RESERVED = {
+    # the request and where it came from (inputs.expand_row)
     "id", "image_index", "prompt", "negative_prompt", "seed", "width", "height", "prior_steps", "prior_cfg",
-    "decoder_steps", "decoder_cfg", "sampler", "key", "source", "row", "error", "status", "sha256", "bytes", "model",
-    "model_digest", "prompt_tokens", "prompt_truncated",
+    "decoder_steps", "decoder_cfg", "sampler", "key", "source", "row", "error",
+    # the Stage C pool (workers.stages.PriorStage)
+    "latent", "clip_pooled", "clip_pooled_negative", "prompt_tokens", "prompt_truncated", "prior_s", "prior_batch",
+    "prior_start", "prior_end", "prior_actor", "queue_bytes",
+    # the Stage B/A pool (workers.stages.DecoderStage)
+    "pixels", "decoder_s", "decoder_batch", "decoder_start", "decoder_end", "decoder_actor",
+    # the writer (workers.writer) and the manifest (jobs.manifest)
+    "status", "sha256", "bytes", "member", "model", "model_digest", "write_s", "write_end", "run_id",
 }  # fmt: skip
 KEY_NAME_MAX = 100  # characters of an id kept in a key; S3 keys may be 1024 bytes
 
@@ -247,7 +255,7 @@ def _check_schema(schema: pa.Schema, where: str, extra_fields: dict[str, pa.Fiel
                 allowed = {STRING: "strings", INTEGER: "integers", NUMBER: "numbers"}[kind]
                 raise InputError(f"prompts: {where}: column {field.name!r} has type {field.type}; use {allowed}")
         else:
-            out = f"input_{field.name}" if field.name in RESERVED else field.name
+            out = carried_name(field.name)
             previous = extra_fields.get(out)
             if previous is None or pa.types.is_null(previous.type):
                 extra_fields[out] = pa.field(out, field.type)
@@ -405,10 +413,21 @@ def expand_row(row: dict, source: str, index: int, config: JobConfig, geometry: 
     return images
 
 
+def _taken(name: str) -> bool:
+    """Whether an input column of this name must be renamed: a name the pipeline uses, or input_ + a taken name (so
+    that `key` and `input_key` in one input come out as `input_key` and `input_input_key`, not both as the first)."""
+    return name in RESERVED or (name.startswith("input_") and _taken(name.removeprefix("input_")))
+
+
+def carried_name(name: str) -> str:
+    """The manifest column that carries the input column `name`."""
+    return f"input_{name}" if _taken(name) else name
+
+
 def _input_column(out_name: str) -> str:
-    """The input column an extra manifest column comes from (input_<name> carries a name the manifest uses)."""
+    """The input column an extra manifest column comes from: carried_name's inverse."""
     name = out_name.removeprefix("input_")
-    return name if name != out_name and name in RESERVED else out_name
+    return name if name != out_name and _taken(name) else out_name
 
 
 def read_fragments(

@@ -154,8 +154,11 @@ def mismatched(storage: Storage, rows: list[dict], threads: int = 16) -> set[str
             return False  # gone since the listing
         if by_key[key][0].get("member") is None:
             return sha256_hex(data) == by_key[key][0]["sha256"]
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            members = {m.name: sha256_hex(tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()}
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                members = {m.name: sha256_hex(tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()}
+        except tarfile.TarError:
+            return False  # truncated or corrupt: none of its members can be trusted
         return all(members.get(row["member"]) == row["sha256"] for row in by_key[key])
 
     with ThreadPoolExecutor(threads) as pool:

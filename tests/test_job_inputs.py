@@ -174,15 +174,22 @@ def test_read_fragments_skips_done_images_and_carries_extra_columns(tmp_path):
         id=["i0", "i1", "i2"],
         style=["s0", "s1", "s2"],
         key=["user-key-0", "user-key-1", "user-key-2"],  # a reserved name: carried as input_key
+        input_key=["k0", "k1", "k2"],  # so this one is carried as input_input_key
+        queue_bytes=[7, 8, 9],  # the stages' own columns are reserved too
+        input_image=["x0", "x1", "x2"],  # a prefix alone changes nothing
     )
     c = config(tmp_path / "p.parquet")
     p = plan(c)
-    assert p.extra.names == ["style", "input_key"]
+    assert p.extra.names == ["style", "input_key", "input_input_key", "input_queue_bytes", "input_image"]
     done = np.sort(np.array([image_hash("i1", 0)], dtype=np.uint64))
     tables = list(read_fragments(pa.Table.from_pylist(segments(p.sources, 100)[0]), p.sources, c, p.extra, done))
     rows = pa.concat_tables(tables).to_pylist()
     assert [r["id"] for r in rows] == ["i0", "i2"]
     assert [(r["style"], r["input_key"]) for r in rows] == [("s0", "user-key-0"), ("s2", "user-key-2")]
+    assert [(r["input_input_key"], r["input_queue_bytes"], r["input_image"]) for r in rows] == [
+        ("k0", 7, "x0"),
+        ("k2", 9, "x2"),
+    ]
     assert rows[0]["key"].startswith("images/")
     assert segments(p.sources, 100) == [[{"source": 0, "row_group": 0, "first_row": 0, "start": 0, "stop": 3}]]
 

@@ -163,12 +163,18 @@ def test_mixed_sizes_and_steps_run_in_full_batches_of_one_bucket(tmp_path):
 def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     import tarfile
 
+    from jobs.inputs import RESERVED
     from workers.storage import sha256_hex
 
-    pq.write_table(prompts_table(7), tmp_path / "prompts.parquet")
+    # Input columns named as the pipeline's own (the writer's member, the manifest's run_id) travel renamed.
+    users = {"member": [f"m{i}" for i in range(7)], "run_id": [f"r{i}" for i in range(7)]}
+    pq.write_table(prompts_table(7, **users), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
     argv = ["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *FAST]
     assert main([*argv, "--layout", "webdataset", "--shard-size", "3"]) == 0
+    table = read_manifests(out)
+    assert set(table.column_names) - RESERVED == {"style", "input_member", "input_run_id"}
+    assert sorted(table.column("input_member").to_pylist()) == users["member"]
 
     def members() -> dict:
         found = {}
@@ -190,8 +196,9 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
         meta = json.loads(stored[(row["key"], stem + ".json")])
         assert (meta["id"], meta["seed"], meta["style"]) == (row["id"], row["seed"], row["style"])
 
-    # A lost shard, and one changed member in another: one resume with --verify renders the lost shard's images and
-    # the whole changed shard again (a shard is one object), nothing else.
+    # A lost shard, one changed member in another and a third shard garbled at its start (its size unchanged): one
+    # resume with --verify renders the lost and the garbled shards' images and the whole changed shard again (a shard
+    # is one object).
     lost = manifest[0]["key"]
     lost_rows = sum(1 for r in manifest if r["key"] == lost)
     out.delete([lost])
@@ -207,10 +214,13 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     out.put(row["key"], buffer.getvalue())
     in_shard = sum(1 for r in manifest if r["key"] == row["key"])
+    (garbled,) = {r["key"] for r in manifest} - {lost, row["key"]}
+    garbled_rows, data = sum(1 for r in manifest if r["key"] == garbled), out.get(garbled)
+    out.put(garbled, b"\xff" * 512 + data[512:])
     assert main([*argv, "--layout", "webdataset", "--shard-size", "3", "--verify"]) == 0
     manifest = read_manifests(out).to_pylist()
     assert len(manifest) == 7 and len({(r["id"], r["image_index"]) for r in manifest}) == 7
-    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == lost_rows + in_shard
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == lost_rows + in_shard + garbled_rows
     stored = members()
     assert all(sha256_hex(stored[(r["key"], r["member"])]) == r["sha256"] for r in manifest)
 
