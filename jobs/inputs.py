@@ -362,17 +362,18 @@ def _number(name: str, value, default, integer: bool):
 
 
 def expand_row(row: dict, source: str, index: int, config: JobConfig, geometry: Geometry = OFFICIAL) -> list[dict]:
-    """One input row -> one dict per image (an invalid row -> one dict with `error`)."""
+    """One input row -> one dict per image. An invalid row gives one dict with `error` per image it asks for (one
+    where num_images itself is invalid): as many as `plan` counted, so the job accounts for every one."""
     id_ = row_id(row.get("id"), source, index)
     base = {"id": id_, "source": source, "row": index, "sampler": config.sampler}
+    raw_count = row.get("num_images")
+    count = image_count(raw_count, config.num_images)
     try:
         prompt = row.get("prompt")
         if prompt is None:
             raise ValueError("prompt: missing (null)")
         if not prompt.strip():
             raise ValueError("prompt: empty")
-        raw_count = row.get("num_images")
-        count = image_count(raw_count, config.num_images)
         given = raw_count is not None and not (isinstance(raw_count, float) and math.isnan(raw_count))
         if given and count == 1 and raw_count != 1:
             raise ValueError(f"num_images: {raw_count!r} is not allowed; use an integer from 1 to {MAX_NUM_IMAGES}")
@@ -386,7 +387,7 @@ def expand_row(row: dict, source: str, index: int, config: JobConfig, geometry: 
         if row_seed is not None and not 0 <= row_seed <= MAX_SEED:
             raise ValueError(f"seed: {row_seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
     except (ValueError, TypeError, OverflowError) as e:
-        return [{**base, "image_index": 0, "prompt": row.get("prompt"), "error": str(e)}]
+        return [{**base, "image_index": k, "prompt": row.get("prompt"), "error": str(e)} for k in range(count)]
     images = []
     for k in range(count):
         seed = image_seed(row_seed, config.seed, id_, k)

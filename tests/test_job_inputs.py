@@ -15,6 +15,7 @@ from jobs.inputs import (
     bucket_runs,
     expand_row,
     find_files,
+    image_count,
     image_hash,
     image_key,
     image_seed,
@@ -137,10 +138,16 @@ def test_expand_row_ids_seeds_and_defaults():
         ({"prompt": "a", "width": 256.5}, "width: 256.5 is not allowed; use an integer"),
     ],
 )
-def test_bad_rows_become_one_error_row(row, message):
+def test_bad_rows_become_an_error_row_per_image_they_ask_for(row, message):
     images = expand_row(row, "p.parquet", 3, config("p"))
     assert len(images) == 1 and message in images[0]["error"]
     assert images[0]["id"] == "p.parquet:3" and images[0]["image_index"] == 0
+    # With 3 images a row (the job's default here), as many error rows as plan() counted for the row: the job
+    # accounts for each (one where num_images itself is what is wrong).
+    images = expand_row(row, "p.parquet", 3, config("p", num_images=3))
+    expected = image_count(row.get("num_images"), 3)
+    assert [i["image_index"] for i in images] == list(range(expected)) and expected == (1 if "num_images" in row else 3)
+    assert all(message in i["error"] for i in images)
 
 
 def test_seed_above_the_range_after_adding_the_index_is_an_error():

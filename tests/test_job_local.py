@@ -23,18 +23,20 @@ def run_job(prompts, out, *flags):
 
 
 def test_job_renders_resumes_and_starts_over(tmp_path, capsys):
-    table = prompts_table(5, num_images=[1, 2, 1, 1, 1])
+    table = prompts_table(5, num_images=[1, 2, 1, 2, 1])
     table = table.append_column("id", __import__("pyarrow").array(["p0", "a/../b", "p2", "p3", "p4"]))
     rows = table.to_pylist()
-    rows[3]["prompt"] = "   "  # becomes a per-row error, the job goes on
+    rows[3]["prompt"] = "   "  # becomes an error row for each of its 2 images, the job goes on
     pq.write_table(table.from_pylist(rows, schema=table.schema), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
 
     # Both pools ask for a (fake) GPU each: the Stage C and Stage B/A actors are scheduled side by side.
     assert run_job(tmp_path / "prompts.parquet", out.root, "--prior-pool-gpus", "1", "--decoder-pool-gpus", "1") == 0
-    manifest = check_output(out, 6)
+    manifest = check_output(out, 7)
     rows = {(r["id"], r["image_index"]): r for r in manifest.to_pylist()}
-    assert rows[("p3", 0)]["status"] == "error" and rows[("p3", 0)]["error"] == "prompt: empty"
+    assert (
+        rows[("p3", 0)]["status"] == "error" and rows[("p3", 0)]["error"] == "prompt: empty" == rows[("p3", 1)]["error"]
+    )
     assert rows[("a/../b", 1)]["status"] == "ok" and rows[("a/../b", 1)]["key"].startswith("images/")
     assert rows[("p2", 0)]["style"] == "s2"  # extra columns travel untouched
     assert rows[("p0", 0)]["model"] == "tiny" and len(rows[("p0", 0)]["model_digest"]) == 16
@@ -45,14 +47,14 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys):
     assert image.size == (256, 256) and image.text["prompt"] == "a red circle number 0"
     assert image.text["seed"] == str(rows[("p0", 0)]["seed"])
     summary = json.loads(out.get(SUCCESS))
-    assert (summary["ok"], summary["errors"], summary["rendered_this_run"]) == (5, 1, 6)
+    assert (summary["ok"], summary["errors"], summary["rendered_this_run"]) == (5, 2, 7)
     assert summary["latent_queue_bytes_per_image"] > 0 and summary["config"]["width"] == 256
     made_by = summary["versions"]  # what made the images, read without importing transformers in the driver
     assert made_by["transformers"] == version("transformers") and made_by["torch"] == torch.__version__
     report = out.get("report.html").decode()
     assert "Stage C pool" in report and "data:image/jpeg;base64," in report
     err = capsys.readouterr().err
-    assert "6/6 images (100.0%)" in err
+    assert "7/7 images (100.0%)" in err
 
     # A rerun finds everything done and leaves the output as it is.
     parts, success, report = manifest_keys(out), out.get(SUCCESS), out.get("report.html")
@@ -75,17 +77,17 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys):
     data[-20] ^= 0xFF
     out.put(changed, bytes(data))
     assert run_job(tmp_path / "prompts.parquet", out.root, "--verify", "--retry-errors") == 0
-    manifest = check_output(out, 6)  # which checks every stored image against its manifest's sha256
-    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 3 and out.exists(lost)
+    manifest = check_output(out, 7)  # which checks every stored image against its manifest's sha256
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 4 and out.exists(lost)
     assert out.get(changed) != bytes(data)
     latest = max(manifest.column("run_id").to_pylist())
     again = {(r["id"], r["image_index"]) for r in manifest.to_pylist() if r["run_id"] == latest}
-    assert again == {("p2", 0), ("p3", 0), ("p4", 0)}
+    assert again == {("p2", 0), ("p3", 0), ("p3", 1), ("p4", 0)}
 
     # --overwrite starts over.
     assert run_job(tmp_path / "prompts.parquet", out.root, "--overwrite") == 0
-    check_output(out, 6)
-    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 6
+    check_output(out, 7)
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 7
 
 
 def test_job_on_s3_in_and_out_leaks_no_secret(s3_bucket, tmp_path, capfd):
