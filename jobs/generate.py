@@ -221,12 +221,13 @@ def run(config) -> int:
         if config.overwrite:
             log(f"--overwrite: removed {manifest.clear_outputs(out)} earlier output files")
         previous = manifest.previous_work(out, plan.image_hashes, config.retry_errors, config.verify)
-        # Order matters for a crash in between: remove bad objects before the rows that point at them.
+        # Order matters for a crash in between: first _SUCCESS (the output is about to change: it is not complete
+        # until we say so), then bad objects, then the rows that point at them.
+        if len(previous.done) < plan.images and out.exists(manifest.SUCCESS):
+            out.delete([manifest.SUCCESS])
         if previous.stale_keys:
             out.delete(previous.stale_keys)
         manifest.drop_rows(out, previous.drop)
-        if len(previous.done) < plan.images and out.exists(manifest.SUCCESS):
-            out.delete([manifest.SUCCESS])  # the output is about to change: it is not complete until we say so
     except StorageError as e:
         log(f"error: {e}")
         return EXIT_INCOMPLETE

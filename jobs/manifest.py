@@ -185,9 +185,12 @@ def drop_rows(storage: Storage, drop: dict[str, list[int]]) -> None:
 
 def clear_outputs(storage: Storage) -> int:
     """--overwrite: remove what earlier runs wrote (only the job's own files), so the job starts over."""
-    keys = [k for d in OUTPUT_DIRS for k, _ in storage.list(d)] + [k for k in (SUCCESS, REPORT) if storage.exists(k)]
+    # _SUCCESS first, in a delete of its own: a crash part way through must not leave it over a partial output.
+    marks = [k for k in (SUCCESS, REPORT) if storage.exists(k)]
+    storage.delete(marks)
+    keys = [k for d in OUTPUT_DIRS for k, _ in storage.list(d)]
     storage.delete(keys)
-    return len(keys)
+    return len(marks) + len(keys)
 
 
 def write_success(storage: Storage, summary: dict) -> None:

@@ -1,5 +1,6 @@
 """The whole job on a local Ray with fake GPUs: every prompt rendered once, manifests, resume, overwrite, report."""
 
+import contextlib
 import io
 import json
 from importlib.metadata import version
@@ -22,7 +23,23 @@ def run_job(prompts, out, *flags):
     return main(["--prompts", str(prompts), "--out", str(out), *FAST, *flags])
 
 
-def test_job_renders_resumes_and_starts_over(tmp_path, capsys):
+@contextlib.contextmanager
+def failing_image_deletes(monkeypatch):
+    """The job's output storage fails every delete that includes an image."""
+    from workers.storage import StorageError
+
+    class Failing(LocalStorage):
+        def delete(self, keys):
+            if any(k.startswith("images/") for k in keys):
+                raise StorageError("deleting an image failed: injected")
+            super().delete(keys)
+
+    with monkeypatch.context() as m:
+        m.setattr("workers.storage.open_storage", lambda url, attempts=10: Failing(url))
+        yield
+
+
+def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
     table = prompts_table(5, num_images=[1, 2, 1, 2, 1])
     table = table.append_column("id", __import__("pyarrow").array(["p0", "a/../b", "p2", "p3", "p4"]))
     rows = table.to_pylist()
@@ -76,6 +93,15 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys):
     data = bytearray(out.get(changed))
     data[-20] ^= 0xFF
     out.put(changed, bytes(data))
+    # First a resume whose storage fails as it removes the changed image (and an --overwrite whose storage fails as
+    # it clears the images): _SUCCESS goes before anything else, so an output that changed never claims to be whole.
+    with failing_image_deletes(monkeypatch):
+        success = out.get(SUCCESS)
+        assert run_job(tmp_path / "prompts.parquet", out.root, "--verify", "--retry-errors") == 1
+        assert not out.exists(SUCCESS) and out.exists(changed)
+        out.put(SUCCESS, success)
+        assert run_job(tmp_path / "prompts.parquet", out.root, "--overwrite") == 1
+        assert not out.exists(SUCCESS) and out.exists(changed)
     assert run_job(tmp_path / "prompts.parquet", out.root, "--verify", "--retry-errors") == 0
     manifest = check_output(out, 7)  # which checks every stored image against its manifest's sha256
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 4 and out.exists(lost)

@@ -77,3 +77,32 @@ def test_s3_url_checks():
         S3Storage("s3://ab/x")
     storage = open_storage("s3://bucket/a/b/")
     assert (storage.bucket, storage.prefix, storage.url) == ("bucket", "a/b", "s3://bucket/a/b")
+
+
+def test_s3_keys_a_delete_reports_as_failed_are_tried_again_then_named(monkeypatch):
+    """A multi-object delete answers HTTP 200 with a list of the keys it could not delete: those are retried, and
+    a key that still fails stops the delete with its name, never passes as deleted."""
+    from botocore.stub import Stubber
+
+    monkeypatch.setattr("workers.storage.time.sleep", lambda s: None)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    storage = S3Storage("s3://bucket/run", max_attempts=1)
+    wanted = [{"Key": "run/manifests/a.parquet"}, {"Key": "run/_SUCCESS"}]
+    denied = {"Key": "run/_SUCCESS", "Code": "AccessDenied", "Message": "Access Denied"}
+    with Stubber(storage.client) as stub:
+        stub.add_response(
+            "delete_objects",
+            {"Errors": [{"Key": "run/_SUCCESS", "Code": "InternalError", "Message": "try again"}]},
+            {"Bucket": "bucket", "Delete": {"Objects": wanted, "Quiet": True}},
+        )
+        stub.add_response(  # the retry asks for the failed key alone, and it goes
+            "delete_objects", {}, {"Bucket": "bucket", "Delete": {"Objects": wanted[1:], "Quiet": True}}
+        )
+        storage.delete(["manifests/a.parquet", "_SUCCESS"])
+        stub.assert_no_pending_responses()
+
+        for _ in range(3):
+            stub.add_response("delete_objects", {"Errors": [denied]})
+        with pytest.raises(StorageError, match=r"deleting s3://bucket/run/_SUCCESS failed: AccessDenied \(1 of"):
+            storage.delete(["_SUCCESS"])

@@ -18,6 +18,7 @@ import io
 import os
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -184,6 +185,9 @@ def _error_code(exc) -> tuple[str, int]:
     return code, int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
+DELETE_KEY_ATTEMPTS = 3  # for keys a multi-object delete reports as failed (the request itself has botocore's retries)
+
+
 class S3Storage(Storage):
     """An `s3://bucket/prefix` location. Clients are created lazily per process (they do not pickle)."""
 
@@ -310,10 +314,25 @@ class S3Storage(Storage):
 
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
-            try:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
-            except (ClientError, BotoCoreError) as e:
-                raise self._fail("deleting under", "", e) from None
+            # The request can succeed while some of its keys fail (HTTP 200 with an Errors list: access denied, or
+            # an internal error on one key). Those keys are tried again, then the delete fails naming one: a key
+            # left behind would leave stale manifest rows or a stale _SUCCESS in the output.
+            for attempt in range(DELETE_KEY_ATTEMPTS):
+                try:
+                    response = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+                except (ClientError, BotoCoreError) as e:
+                    raise self._fail("deleting under", "", e) from None
+                errors = response.get("Errors") or []
+                if not errors:
+                    break
+                chunk = [{"Key": e["Key"]} for e in errors]
+                time.sleep(0.2 * 2**attempt)
+            else:
+                first, strip = errors[0], len(self.prefix) + 1 if self.prefix else 0
+                raise StorageError(
+                    f"deleting {self.location(first['Key'][strip:])} failed: {first.get('Code', 'an error')} "
+                    f"({len(errors)} of the keys were not deleted after {DELETE_KEY_ATTEMPTS} attempts)"
+                )
 
     def open_input(self, key: str):
         response = self._head_object(key, "reading")
