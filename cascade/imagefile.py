@@ -45,15 +45,31 @@ def encode(image: Image.Image, request: Request, model: str, fmt: str = "png", q
         image.save(out, format="PNG", pnginfo=png_info(request, model))
     else:
         exif = Image.Exif()
-        # EXIF text is ASCII: the JSON escapes everything else.
-        exif[EXIF_IMAGE_DESCRIPTION] = json.dumps(
-            {
-                "prompt": request.prompt,
-                "negative_prompt": request.negative_prompt,
-                "seed": request.seed,
-                "parameters": parameters(request, model),
-            },
-            ensure_ascii=True,
-        )
+        limit = JPEG_DESCRIPTION_MAX if fmt == "jpeg" else None
+        exif[EXIF_IMAGE_DESCRIPTION] = description(request, model, limit)
         image.save(out, format=FORMATS[fmt], quality=quality, exif=exif.tobytes())
     return out.getvalue()
+
+
+# A JPEG holds its EXIF in one segment of at most 64 KiB; a little is left for the rest of the EXIF structure.
+JPEG_DESCRIPTION_MAX = 65000
+
+
+def description(request: Request, model: str, limit: int | None = None) -> str:
+    """The EXIF description: JSON with the prompts, the seed and the parameters. EXIF text is ASCII, so the JSON
+    escapes everything else (up to 12 bytes for a character such as an emoji). Over `limit` characters, the prompts
+    are shortened until it fits and "truncated": true says so (the manifest keeps them whole)."""
+    fields = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "seed": request.seed,
+        "parameters": parameters(request, model),
+    }
+    text = json.dumps(fields, ensure_ascii=True)
+    while limit is not None and len(text) > limit:
+        keep = limit / len(text) * 0.95  # the share of each prompt kept this round; shrinks until it fits
+        for name in ("prompt", "negative_prompt"):
+            fields[name] = fields[name][: int(len(fields[name]) * keep)]
+        fields["truncated"] = True
+        text = json.dumps(fields, ensure_ascii=True)
+    return text
