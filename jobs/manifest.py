@@ -93,7 +93,7 @@ class Previous:
     ok: int
     errors: int
     missing: int  # manifest rows whose image is gone or has another size: rendered again
-    stale_keys: list[str]  # objects whose size disagrees with their manifest row: removed before rendering again
+    stale_keys: list[str]  # objects to remove before rendering again: bad ones (size, sha256), shards no row names
     drop: dict[str, list[int]]  # manifest part -> rows to remove, because their image is rendered again
 
 
@@ -102,13 +102,16 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     sha256 of their bytes)."""
     previous = Previous(np.zeros(0, np.uint64), 0, 0, 0, [], {})
     parts = manifest_keys(storage)
-    if not parts:
+    shards = dict(storage.list("shards"))
+    if not parts and not shards:
         return previous
-    listed = {**dict(storage.list("images")), **dict(storage.list("shards"))}
+    listed = {**dict(storage.list("images")), **shards}
     rows = []  # (part, index, row) of this input's images
+    referenced = set()  # every key a manifest row names, whichever input it came from
     for part in parts:
         table = read_part(storage, part, ["id", "image_index", "status", "key", "bytes", "member", "sha256"])
         for index, row in enumerate(table.to_pylist()):
+            referenced.add(row["key"])
             row["hash"] = image_hash(row["id"], row["image_index"])
             if contains(expected, row["hash"]):  # rows of other inputs are left as they are
                 rows.append((part, index, row))
@@ -133,8 +136,11 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
             previous.errors += 1
         done.append(row["hash"])
     # A bad object still stored is removed before it is written again (a shard with one bad member goes whole: all
-    # of its rows are rendered again).
-    previous.stale_keys = sorted(k for k in bad if k in listed)
+    # of its rows are rendered again). So is a shard no row names: stored by a run that stopped before its rows
+    # reached a manifest part. Its images are rendered again into a shard whose key depends on the batch they fall
+    # in, which need not be the same, so the old one would stay forever, unreferenced, duplicating them.
+    orphans = {k for k in shards if k not in referenced}
+    previous.stale_keys = sorted({k for k in bad if k in listed} | orphans)
     previous.done = np.unique(np.array(done, dtype=np.uint64))
     return previous
 

@@ -245,12 +245,16 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     (garbled,) = {r["key"] for r in manifest} - {lost, row["key"]}
     garbled_rows, data = sum(1 for r in manifest if r["key"] == garbled), out.get(garbled)
     out.put(garbled, b"\xff" * 512 + data[512:])
+    # And a shard no manifest row names (a run that stopped before writing its rows): removed, not left to duplicate.
+    orphan = "shards/" + "0" * 20 + ".tar"
+    out.put(orphan, data)
     assert main([*argv, "--layout", "webdataset", "--shard-size", "3", "--verify"]) == 0
     manifest = read_manifests(out).to_pylist()
     assert len(manifest) == 7 and len({(r["id"], r["image_index"]) for r in manifest}) == 7
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == lost_rows + in_shard + garbled_rows
     stored = members()
     assert all(sha256_hex(stored[(r["key"], r["member"])]) == r["sha256"] for r in manifest)
+    assert {key for key, _ in stored} == {r["key"] for r in manifest}  # every shard named by a row, the orphan gone
 
 
 def test_nan_from_fp16_overflow_is_an_error_row_never_a_black_image(tmp_path):
