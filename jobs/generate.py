@@ -70,9 +70,10 @@ def check_model(config):
         )
     import torch
 
-    dtype = torch_dtype(config.dtype, torch.device("cuda"))
+    on = ("cuda", "cpu") if config.dtype == "auto" else ("cuda",)  # auto: the actors' device picks the file
     for stage in ("stage_c", "stage_b", "stage_a"):
-        inspect_stage(locate_stage(folder, stage, config.lite, dtype), expect=stage)
+        for path in {locate_stage(folder, stage, config.lite, torch_dtype(config.dtype, torch.device(d))) for d in on}:
+            inspect_stage(path, expect=stage)
     locate_text_encoder(folder)
     return geometry
 
@@ -241,22 +242,15 @@ def run(config) -> int:
         log(f"nothing to do: {out.location()} is complete (its _SUCCESS and report stay as they are)")
         return EXIT_OK
 
-    from workers.models import model_digest
-
     if config.dry_run:
-        digest = "dry-run"
         log("dry run: no model maths; zero latents and grey images of the requested sizes")
-    else:
-        digest = model_digest(
-            config.model, config.lite, config.dtype, lambda p: log(f"hashing {p.name}"), lora=config.lora
-        )
     run_id = manifest.new_run_id()
     writer = manifest.ManifestWriter(out, run_id, config.manifest_rows, config.manifest_seconds)
     progress = Progress(todo, config.progress_seconds)
-    queue_bytes = 0
+    queue_bytes, digest = 0, None
     if todo:
         try:
-            queue_bytes = stream(config, plan, previous, out, digest, writer, progress, geometry)
+            queue_bytes, digest = stream(config, plan, previous, out, writer, progress, geometry)
         except KeyboardInterrupt:
             writer.flush()
             log("interrupted: rerun the same command to resume")
@@ -295,7 +289,7 @@ def run(config) -> int:
         "latent_queue_bytes_per_image": round(queue_bytes / rendered, 1) if rendered else None,
         "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "model": config.model,
-        "model_digest": digest,
+        "model_digest": digest or earlier_digests(out),
         "manifests": writer.parts,
         "versions": made_by,
         "config": config.public(),
@@ -358,8 +352,31 @@ def block_rows(batch_size: int) -> int:
     return batch_size * -(-MIN_BLOCK_ROWS // batch_size)
 
 
-def stream(config, plan, previous, out, digest, writer, progress, geometry) -> int:
-    """Build the Ray Data pipeline and consume its manifest rows as they arrive; return the latent queue's bytes."""
+def job_digest(config, prior_gpus: float, decoder_gpus: float) -> str:
+    """The manifests' model_digest: the files the pools' actors load, given the GPUs each gets (with dtype auto, a
+    folder holding both fp32 and bf16 files is read in bf16 on a GPU and in fp32 on a CPU)."""
+    from workers.models import model_digest, pool_dtype
+
+    if config.dry_run:
+        return "dry-run"
+    dtypes = pool_dtype(config.dtype, prior_gpus), pool_dtype(config.dtype, decoder_gpus)
+    return model_digest(
+        config.model, config.lite, dtypes[0], lambda p: log(f"hashing {p.name}"), config.lora, decoder_dtype=dtypes[1]
+    )
+
+
+def earlier_digests(out) -> str | None:
+    """The weights digests the manifests record (a run that rendered nothing itself reports what made the images)."""
+    from .manifest import read_manifests
+
+    table = read_manifests(out, ["model_digest"])
+    found = sorted({d for d in table.column("model_digest").to_pylist() if d}) if table is not None else []
+    return ", ".join(found) or None
+
+
+def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int, str]:
+    """Build the Ray Data pipeline and consume its manifest rows as they arrive; return the latent queue's bytes and
+    the weights digest written in the manifests."""
     init_ray()
     import ray
     import ray.data
@@ -395,6 +412,7 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
             "max_actors grows a pool onto GPUs added later)"
         )
     wanted = sum(p.actors * pool_args(p, auto)["num_gpus"] for p in (prior, decoder))
+    digest = job_digest(config, *(pool_args(p, auto)["num_gpus"] for p in (prior, decoder)))
     if wanted > cluster_gpus:
         log(
             f"warning: the pools ask for {wanted:g} GPUs and the cluster has {cluster_gpus:g} now; "
@@ -474,7 +492,7 @@ def stream(config, plan, previous, out, digest, writer, progress, geometry) -> i
     finally:
         if watch is not None:
             watch.stop()
-    return queue_bytes
+    return queue_bytes, digest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from cascade import save_stage, tiny_models
+from cascade.weights import WeightsError
 from workers.models import file_sha256, model_digest
 
 
@@ -52,3 +54,32 @@ def test_the_built_in_digests_need_no_model_build(tmp_path):
     assert done.returncode == 0, done.stderr
     demo, demo_folder, tiny, big, imported = done.stdout.split()
     assert demo == demo_folder and len({demo, tiny, big}) == 3 and imported == "False"
+
+
+def test_with_dtype_auto_the_digest_and_the_check_follow_the_files_each_pool_loads(tmp_path, monkeypatch):
+    """A folder with both precisions (as Stability's repository has): dtype auto reads the bf16 files on a GPU and
+    the fp32 ones on a CPU, so the digest is taken over what each pool's actors will load, and the check before Ray
+    starts looks at both files, either of which may be read."""
+    from jobs.config import from_mapping
+    from jobs.generate import check_model, job_digest
+    from workers.models import pool_dtype, weight_files
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = write_family(tmp_path / "w")
+    tiny = tiny_models(dtype=torch.bfloat16)
+    save_stage(tiny.stage_c, folder / "stage_c_bf16.safetensors")
+    save_stage(tiny.stage_b, folder / "stage_b_bf16.safetensors")
+    assert (pool_dtype("auto", 0), pool_dtype("auto", 0.5), pool_dtype("fp16", 0)) == ("fp32", "bf16", "fp16")
+    names = lambda *a: [p.name for p in weight_files(str(folder), False, *a)][:3]  # noqa: E731
+    assert names("fp32") == ["stage_c.safetensors", "stage_b.safetensors", "stage_a.safetensors"]
+    assert names("bf16", "fp32") == ["stage_c_bf16.safetensors", "stage_b.safetensors", "stage_a.safetensors"]
+
+    config = from_mapping({"prompts": "unused", "out": "unused", "model": str(folder), "dtype": "auto"})
+    on_cpu, on_gpus = job_digest(config, 0, 0), job_digest(config, 1, 1)
+    assert on_cpu == model_digest(str(folder), False, "fp32") != on_gpus == model_digest(str(folder), False, "bf16")
+    assert len({on_cpu, on_gpus, job_digest(config, 1, 0)}) == 3  # Stage C on a GPU, Stage B/A on the CPU
+
+    check_model(config)
+    (folder / "stage_b.safetensors").write_bytes(b"not safetensors")  # the file CPU actors would read
+    with pytest.raises(WeightsError, match="stage_b.safetensors"):
+        check_model(config)

@@ -35,20 +35,32 @@ def load_part(model: str, lite: bool, dtype: str, part: str):
     return load_models(model, lite=lite, dtype=torch_dtype(dtype, on), device=on, parts=(part,))
 
 
-def weight_files(model: str, lite: bool, dtype: str) -> list[Path]:
-    """The files a weights folder's load reads (dtype decides between the fp32 and bf16 files)."""
+def pool_dtype(dtype: str, gpus: float) -> str:
+    """The dtype a pool's actors load with `gpus` GPUs each: `auto` as torch_dtype resolves it on the device Ray gives
+    them (a GPU when gpus > 0), so the driver can name the files they read."""
+    if dtype == "auto":
+        return "bf16" if gpus > 0 else "fp32"
+    return dtype
+
+
+def weight_files(model: str, lite: bool, dtype: str, decoder_dtype: str | None = None) -> list[Path]:
+    """The files a weights folder's load reads: dtype decides between the fp32 and bf16 files (auto: as on a GPU),
+    for Stage C, and for Stage B and A as well unless decoder_dtype is given (the pools may differ)."""
     folder = Path(model)
     files: list[Path] = []
     for stage in ("stage_c", "stage_b", "stage_a"):
-        found = locate_stage(folder, stage, lite, torch_dtype(dtype, torch.device("cuda")))
+        chosen = dtype if stage == "stage_c" or decoder_dtype is None else decoder_dtype
+        found = locate_stage(folder, stage, lite, torch_dtype(chosen, torch.device("cuda")))
         files += [found] if found.is_file() else sorted(found.glob("*"))
     files += sorted(locate_text_encoder(folder).glob("*"))
     return [f for f in files if f.is_file()]
 
 
-def model_digest(model: str, lite: bool, dtype: str, progress=None, lora: str = "") -> str:
-    """sha256 over the weights' files (the shipped demo's too), in a fixed order, and the LoRA file's when there is
-    one; 16 hex digits. A seeded built-in model (tiny, random-*) is identified by its name."""
+def model_digest(
+    model: str, lite: bool, dtype: str, progress=None, lora: str = "", decoder_dtype: str | None = None
+) -> str:
+    """sha256 over the weights' files (the shipped demo's too; `weight_files`), in a fixed order, and the LoRA file's
+    when there is one; 16 hex digits. A seeded built-in model (tiny, random-*) is identified by its name."""
     h = hashlib.sha256()
     if lora:
         h.update(b"lora")
@@ -60,7 +72,7 @@ def model_digest(model: str, lite: bool, dtype: str, progress=None, lora: str = 
         # their tensors would cost the driver seconds of imports (transformers) before every job.
         h.update(model.encode())
     else:
-        for path in weight_files(model, lite, dtype):
+        for path in weight_files(model, lite, dtype, decoder_dtype):
             h.update(path.name.encode())
             h.update(file_sha256(path, progress).encode())
     return h.hexdigest()[:16]
