@@ -106,3 +106,32 @@ def test_s3_keys_a_delete_reports_as_failed_are_tried_again_then_named(monkeypat
             stub.add_response("delete_objects", {"Errors": [denied]})
         with pytest.raises(StorageError, match=r"deleting s3://bucket/run/_SUCCESS failed: AccessDenied \(1 of"):
             storage.delete(["_SUCCESS"])
+
+
+def test_s3_conditional_writes_that_meet_another_write_are_tried_again(monkeypatch):
+    """AWS answers 409 ConditionalRequestConflict when a conditional write meets another write of the key in flight
+    (a request retried while its first try is still running), and asks for a retry; a 412 whose HEAD then finds the
+    key gone (deleted meanwhile) writes again too. Neither may stop the job."""
+    from botocore.stub import ANY, Stubber
+
+    monkeypatch.setattr("workers.storage.time.sleep", lambda s: None)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    storage = S3Storage("s3://bucket/run", max_attempts=1)
+    put = {"Bucket": "bucket", "Key": "run/a.png", "Body": ANY, "Metadata": ANY, "IfNoneMatch": "*"}
+    with Stubber(storage.client) as stub:
+        stub.add_client_error("put_object", "ConditionalRequestConflict", http_status_code=409)
+        stub.add_response("put_object", {}, put)
+        stored = storage.put("a.png", b"x", if_absent=True)
+        assert not stored.existed and stored.sha256 == sha256_hex(b"x")
+
+        stub.add_client_error("put_object", "PreconditionFailed", http_status_code=412)
+        stub.add_client_error("head_object", "404", http_status_code=404)
+        stub.add_response("put_object", {}, put)
+        assert not storage.put("a.png", b"x", if_absent=True).existed
+        stub.assert_no_pending_responses()
+
+        for _ in range(4):
+            stub.add_client_error("put_object", "ConditionalRequestConflict", http_status_code=409)
+        with pytest.raises(StorageError, match=r"run/a.png failed: still in conflict .* after 4 attempts"):
+            storage.put("a.png", b"x", if_absent=True)

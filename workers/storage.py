@@ -185,6 +185,7 @@ def _error_code(exc) -> tuple[str, int]:
     return code, int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
+WRITE_CONFLICT_ATTEMPTS = 4  # a conditional write that met another write of its key (409), or a key taken then gone
 DELETE_KEY_ATTEMPTS = 3  # for keys a multi-object delete reports as failed (the request itself has botocore's retries)
 
 
@@ -239,26 +240,36 @@ class S3Storage(Storage):
                 return existing
         elif if_absent:
             args["IfNoneMatch"] = "*"
-        try:
-            self.client.put_object(**args)
-        except ClientError as e:
-            code, status = _error_code(e)
-            if if_absent and (status == 412 or code == "PreconditionFailed"):
-                existing = self.head(key)
-                if existing is not None:
-                    return existing
-            if if_absent and code in ("NotImplemented", "InvalidArgument") and self._conditional:
-                warnings.warn(
-                    f"{self.url}: the server does not support conditional writes (If-None-Match); "
-                    "falling back to check-then-write",
-                    stacklevel=2,
-                )
-                self._conditional = False
-                return self.put(key, data, if_absent=True, content_type=content_type)
-            raise self._fail("writing", key, e) from None
-        except BotoCoreError as e:
-            raise self._fail("writing", key, e) from None
-        return Stored(key, digest, len(data), existed=False)
+        for attempt in range(WRITE_CONFLICT_ATTEMPTS):
+            try:
+                self.client.put_object(**args)
+                return Stored(key, digest, len(data), existed=False)
+            except ClientError as e:
+                code, status = _error_code(e)
+                if if_absent and (status == 412 or code == "PreconditionFailed"):
+                    existing = self.head(key)
+                    if existing is not None:
+                        return existing
+                    # Taken, then gone by the HEAD (deleted meanwhile): write again.
+                elif if_absent and (status == 409 or code == "ConditionalRequestConflict"):
+                    pass  # another write of this key was in flight (a retried request's first try): AWS says retry
+                elif if_absent and code in ("NotImplemented", "InvalidArgument") and self._conditional:
+                    warnings.warn(
+                        f"{self.url}: the server does not support conditional writes (If-None-Match); "
+                        "falling back to check-then-write",
+                        stacklevel=2,
+                    )
+                    self._conditional = False
+                    return self.put(key, data, if_absent=True, content_type=content_type)
+                else:
+                    raise self._fail("writing", key, e) from None
+            except BotoCoreError as e:
+                raise self._fail("writing", key, e) from None
+            time.sleep(0.2 * 2**attempt)
+        raise StorageError(
+            f"writing {self.location(key)} failed: still in conflict with another write of it after "
+            f"{WRITE_CONFLICT_ATTEMPTS} attempts"
+        )
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
