@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import numbers
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -153,6 +154,12 @@ def from_mapping(data: dict) -> JobConfig:
     return config
 
 
+# A bucket name: AWS wants 3-63 lowercase letters, digits, dots and hyphens; some S3-compatible servers (Ceph's relaxed
+# names) also take capitals and underscores, so only what no server takes is refused here.
+_BUCKET = re.compile(r"[A-Za-z0-9._-]{3,255}")
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # Ray takes these only as num_cpus etc.
+
+
 def validate(c: JobConfig) -> None:
     _check(
         isinstance(c.prompts, str) and c.prompts.strip() != "",
@@ -161,6 +168,15 @@ def validate(c: JobConfig) -> None:
         "give a Parquet file, folder, glob or s3:// URI",
     )
     _check(isinstance(c.out, str) and c.out.strip() != "", "out", c.out, "give a local folder or an s3:// prefix")
+    for name in ("prompts", "out"):
+        url = getattr(c, name)
+        bucket = url[len("s3://") :].partition("/")[0] if url.startswith("s3://") else None
+        _check(
+            bucket is None or _BUCKET.fullmatch(bucket) is not None,
+            name,
+            url,
+            "an s3:// URL starts with a bucket name of at least 3 letters, digits, dots or hyphens",
+        )
     _check(
         isinstance(c.model, str) and c.model != "",
         "model",
@@ -243,6 +259,14 @@ def validate(c: JobConfig) -> None:
             p.resources,
             'use a mapping of resource name to a positive amount, e.g. {"stage_c": 1}',
         )
+        taken = sorted(k for k in p.resources if k in RAY_BUILTIN_RESOURCES) if isinstance(p.resources, dict) else []
+        _check(
+            not taken,
+            f"{name}.resources",
+            p.resources,
+            f"{', '.join(taken)} cannot go here: set {name}.gpus and {name}.cpus instead, and name only custom "
+            "resources (node types)",
+        )
 
 
 def _geometry(model: str) -> Geometry:
@@ -290,7 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             for pf in fields(PoolConfig):
                 flag = f"--{f.name}-{pf.name}".replace("_", "-")
                 kind = (
-                    json.loads
+                    _resources
                     if pf.name == "resources"
                     else (int if pf.name in POOL_COUNTS else _gpus if pf.name == "gpus" else float)
                 )
@@ -313,7 +337,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _gpus(text: str) -> float | str:
-    return text if text == "auto" else float(text)
+    """--*-pool-gpus: 'auto' or a number (validate checks its range)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not allowed; use 'auto', 0, a fraction up to 1 (to pack actors on a GPU) or a whole number"
+        ) from None
+
+
+def _resources(text: str) -> dict:
+    """--*-pool-resources: a JSON mapping (validate checks its names and amounts)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not JSON; give a mapping of resource name to amount, e.g. '{{\"stage_c\": 1}}'"
+        ) from None
 
 
 def resolve(args: argparse.Namespace) -> JobConfig:

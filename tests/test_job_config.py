@@ -32,6 +32,19 @@ def test_pool_resources_flag_takes_json():
     assert config.decoder_pool.resources == {"stage_b": 1}
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--prior-pool-resources", "{bad", "argument --prior-pool-resources: '{bad' is not JSON; give a mapping"),
+        ("--decoder-pool-gpus", "half", "argument --decoder-pool-gpus: 'half' is not allowed; use 'auto', 0, a"),
+    ],
+)
+def test_flags_that_do_not_parse_say_what_is_allowed(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--prompts", "p", "--out", "o", flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_unknown_keys_suggest_the_nearest(tmp_path):
     with pytest.raises(ConfigError, match="'prior_step' is not a known setting; did you mean 'prior_steps'"):
         from_mapping({"prompts": "p", "out": "o", "prior_step": 3})
@@ -52,6 +65,8 @@ def test_unknown_keys_suggest_the_nearest(tmp_path):
         ("quality", 0, "quality: 0"),
         ("prompts", "", "prompts: ''"),
         ("overwrite", "yes", "overwrite: 'yes' is not allowed; use true or false"),
+        ("out", "s3://ab/run", "out: 's3://ab/run' is not allowed; an s3:// URL starts with a bucket name of at least"),
+        ("prompts", "s3:///p.parquet", "prompts: 's3:///p.parquet' is not allowed; an s3:// URL starts with a bucket"),
     ],
 )
 def test_bad_values_are_named(key, value, message):
@@ -67,6 +82,8 @@ def test_bad_pool_values_are_named():
         from_mapping({"prompts": "p", "out": "o", "decoder_pool": {"actors": 0}})
     with pytest.raises(ConfigError, match=r"decoder_pool.resources"):
         from_mapping({"prompts": "p", "out": "o", "decoder_pool": {"resources": {"stage_b": -1}}})
+    with pytest.raises(ConfigError, match=r"prior_pool.resources: \{'GPU': 1\} is not allowed; GPU cannot go"):
+        from_mapping({"prompts": "p", "out": "o", "prior_pool": {"resources": {"GPU": 1}}})  # Ray refuses it later
     with pytest.raises(ConfigError, match="prior_pool: must be a mapping"):
         from_mapping({"prompts": "p", "out": "o", "prior_pool": 3})
 
