@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,30 +127,33 @@ def find_files(prompts: str) -> tuple[Storage, list[tuple[str, str]]]:
     if is_s3(prompts):
         bucket, _, path = prompts[len("s3://") :].partition("/")
         storage = S3Storage(f"s3://{bucket}")
-        if _has_glob(path):
+        if path.endswith(".parquet") and storage.exists(path):  # first: a key may hold [ or * itself
+            base, keys = path.rpartition("/")[0], [path]
+        elif _has_glob(path):
             base, regex = _glob_base(path), _glob_regex(path)
             keys = [k for k, _ in storage.list(base) if regex.match(k)]
-        elif path.endswith(".parquet") and storage.exists(path):
-            base, keys = path.rpartition("/")[0], [path]
         else:
             base = path.strip("/")
             keys = [k for k, _ in storage.list(base) if k.endswith(".parquet")]
         strip = len(base) + 1 if base else 0
         found = [(k, k[strip:]) for k in sorted(keys)]
     else:
-        path = Path(prompts).expanduser()
-        if _has_glob(prompts):
-            base = Path(_glob_base(prompts) or ".")
-            files = [Path(f) for f in sorted(glob.glob(prompts, recursive=True)) if Path(f).is_file()]
-        elif path.is_file():
+        pattern = os.path.expanduser(prompts)
+        path = Path(pattern)
+        if path.is_file():  # an existing path first: a name may hold [ or * itself
             base, files = path.parent, [path]
         elif path.is_dir():
             base, files = path, sorted(p for p in path.rglob("*.parquet") if p.is_file())
+        elif _has_glob(pattern):
+            base = Path(_glob_base(pattern) or ".")
+            files = [Path(f) for f in sorted(glob.glob(pattern, recursive=True)) if Path(f).is_file()]
         else:
             raise InputError(f"prompts: {prompts}: no such file or folder")
-        root = base.resolve()
+        # Keys are the files' paths below the base as written, not as resolved: a file or folder that is a link
+        # to somewhere else is read where it appears.
+        root = os.path.abspath(base)
         storage = LocalStorage(root)
-        found = [(f.resolve().relative_to(root).as_posix(),) * 2 for f in files]
+        found = [(Path(os.path.relpath(os.path.abspath(f), root)).as_posix(),) * 2 for f in files]
     if not found:
         raise InputError(f"prompts: {prompts}: no Parquet files found")
     return storage, found

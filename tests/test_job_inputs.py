@@ -54,13 +54,38 @@ def test_find_files_local(tmp_path):
         find_files(str(tmp_path / "in/*.csv"))
 
 
+def test_find_files_reads_links_where_they_appear_expands_home_in_globs_and_takes_existing_names_literally(
+    tmp_path, monkeypatch
+):
+    write(tmp_path / "elsewhere/real.parquet", prompt=["x"])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/linked.parquet").symlink_to(tmp_path / "elsewhere/real.parquet")
+    (tmp_path / "in/folder").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    for prompts, name in [("in/linked.parquet", "linked.parquet"), ("in/folder", "real.parquet")]:
+        storage, found = find_files(str(tmp_path / prompts))
+        assert [n for _, n in found] == [name]
+        assert pq.read_table(storage.open_input(found[0][0])).column("prompt").to_pylist() == ["x"]
+    _, found = find_files(str(tmp_path / "in/*.parquet"))  # a glob matches the link too
+    assert [n for _, n in found] == ["linked.parquet"]
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _, found = find_files("~/elsewhere/*.parquet")
+    assert [n for _, n in found] == ["real.parquet"]
+
+    write(tmp_path / "runs[1]/q.parquet", prompt=["y"])  # glob characters in a name that exists
+    for prompts in ("runs[1]/q.parquet", "runs[1]"):
+        _, found = find_files(str(tmp_path / prompts))
+        assert [n for _, n in found] == ["q.parquet"]
+
+
 def test_find_files_and_plan_on_s3(s3_bucket, tmp_path):
     import io
 
     from workers.storage import open_storage
 
     storage = open_storage(f"s3://{s3_bucket}")
-    for key, prompts in [("run/a.parquet", ["x", "y"]), ("run/b/c.parquet", ["z"]), ("other/d.parquet", ["w"])]:
+    files = [("run/a.parquet", ["x", "y"]), ("run/b/c.parquet", ["z"]), ("other/d.parquet", ["w"])]
+    for key, prompts in files + [("v[2]/e.parquet", ["v"])]:
         buf = io.BytesIO()
         pq.write_table(pa.table({"prompt": prompts}), buf)
         storage.put(key, buf.getvalue())
@@ -68,6 +93,8 @@ def test_find_files_and_plan_on_s3(s3_bucket, tmp_path):
     assert [name for _, name in found] == ["a.parquet", "b/c.parquet"]
     _, found = find_files(f"s3://{s3_bucket}/run/*.parquet")
     assert [name for _, name in found] == ["a.parquet"]
+    _, found = find_files(f"s3://{s3_bucket}/v[2]/e.parquet")  # an existing key is taken as it is, not as a glob
+    assert found == [("v[2]/e.parquet", "e.parquet")]
     p = plan(config(f"s3://{s3_bucket}/run/"))
     assert (p.rows, p.images) == (3, 3)
     with pytest.raises(InputError, match="no Parquet files"):

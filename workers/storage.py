@@ -91,7 +91,8 @@ class LocalStorage(Storage):
         self.url = str(self.root)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
+        # Checked as written (.. and absolute keys), not resolved: a link the user put inside the folder is theirs.
+        path = Path(os.path.normpath(self.root / key))
         if path != self.root and self.root not in path.parents:
             raise StorageError(f"key {key!r} escapes the output folder {self.root}")
         return path
