@@ -10,8 +10,8 @@ the stream of manifest rows, writes manifests and reports progress; it holds 8 b
 Runs on a laptop (a local Ray is started for the job) or on a cluster (`RAY_ADDRESS`, `ray job submit`).
 
 Exit codes: 0 complete (`_SUCCESS` written; rows that failed are in the manifest with their error); 1 incomplete
-(no `_SUCCESS`: rerun the same command to resume); 2 bad configuration or input; 3 the model cannot be loaded;
-130 interrupted.
+(no `_SUCCESS`: rerun the same command, less any --overwrite, to resume); 2 bad configuration or input; 3 the model
+cannot be loaded; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.generate",
         description="Render every prompt of a Parquet data set with Stable Cascade on a Ray cluster.",
-        epilog="Exit codes: 0 complete; 1 incomplete (rerun to resume); 2 bad configuration or input; "
-        "3 model not loadable; 130 interrupted. Credentials come from the standard AWS chain only.",
+        epilog="Exit codes: 0 complete; 1 incomplete (rerun, without --overwrite, to resume); 2 bad configuration or "
+        "input; 3 model not loadable; 130 interrupted. Credentials come from the standard AWS chain only.",
     )
     add_arguments(parser)
     return parser
@@ -231,6 +231,7 @@ def run(config) -> int:
         manifest.drop_rows(out, previous.drop)
     except StorageError as e:
         log(f"error: {e}")
+        log(resume_hint(config))
         return EXIT_INCOMPLETE
     todo = plan.images - len(previous.done)
     if len(previous.done):
@@ -253,13 +254,13 @@ def run(config) -> int:
             queue_bytes, digest = stream(config, plan, previous, out, writer, progress, geometry)
         except KeyboardInterrupt:
             writer.flush()
-            log("interrupted: rerun the same command to resume")
+            log(f"interrupted: {resume_hint(config)}")
             return EXIT_INTERRUPTED
         except Exception as e:  # Ray, storage: keep what is done, say how to go on
             with contextlib.suppress(Exception):  # storage may be what failed
                 writer.flush()
             log(f"error: the job stopped: {failure(e)}")
-            log("rerun the same command to resume: finished images are kept")
+            log(resume_hint(config))
             return EXIT_INCOMPLETE
     writer.flush()
     finished = time.time()
@@ -267,7 +268,8 @@ def run(config) -> int:
     rendered = progress.done
     accounted = len(previous.done) + rendered
     if accounted != plan.images:
-        log(f"incomplete: {accounted} of {plan.images} images accounted for; no _SUCCESS written; rerun to resume")
+        log(f"incomplete: {accounted} of {plan.images} images accounted for; no _SUCCESS written")
+        log(resume_hint(config))
         return EXIT_INCOMPLETE
     from .report import write_report
 
@@ -363,6 +365,13 @@ def job_digest(config, prior_gpus: float, decoder_gpus: float) -> str:
     return model_digest(
         config.model, config.lite, dtypes[0], lambda p: log(f"hashing {p.name}"), config.lora, decoder_dtype=dtypes[1]
     )
+
+
+def resume_hint(config) -> str:
+    """How to go on after a run that did not finish: the same command, less --overwrite (which would start over)."""
+    if config.overwrite:
+        return "to resume, rerun the same command without --overwrite (with it, the rerun starts over)"
+    return "rerun the same command to resume: finished images are kept"
 
 
 def earlier_digests(out) -> str | None:
@@ -507,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(config)
     except KeyboardInterrupt:
-        log("interrupted: rerun the same command to resume")
+        log(f"interrupted: {resume_hint(config)}")
         return EXIT_INTERRUPTED
 
 

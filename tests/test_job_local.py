@@ -102,6 +102,7 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
         out.put(SUCCESS, success)
         assert run_job(tmp_path / "prompts.parquet", out.root, "--overwrite") == 1
         assert not out.exists(SUCCESS) and out.exists(changed)
+        assert "rerun the same command without --overwrite" in capsys.readouterr().err  # it would start over again
     assert run_job(tmp_path / "prompts.parquet", out.root, "--verify", "--retry-errors") == 0
     manifest = check_output(out, 7)  # which checks every stored image against its manifest's sha256
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 4 and out.exists(lost)
