@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
+import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -164,6 +166,29 @@ def _svg_timeline(stats: dict) -> str:
     return f'<svg width="{width}" height="{y + 10}" role="img">{"".join(rows_svg)}</svg>'
 
 
+def _sample_images(storage: Storage, rows: list[dict]) -> dict[tuple[str, str | None], bytes]:
+    """(key, member) -> the image's bytes, for the rows that could be read: an image object whole, a WebDataset
+    shard's member read through the tar's headers (ranged reads on S3: not the whole shard, which may be hundreds of
+    MB). Best effort, like the contact sheet."""
+    found: dict[tuple[str, str | None], bytes] = {}
+    members: dict[str, set[str]] = {}
+    for r in rows:
+        if r.get("member"):
+            members.setdefault(r["key"], set()).add(r["member"])
+            continue
+        with contextlib.suppress(Exception):
+            found[r["key"], None] = storage.get(r["key"])
+    for key, wanted in members.items():
+        with contextlib.suppress(Exception), storage.open_input(key) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for info in tar:
+                if info.name in wanted:
+                    found[key, info.name] = tar.extractfile(info).read()
+                    wanted.discard(info.name)
+                    if not wanted:
+                        break
+    return found
+
+
 def _thumbnail(data: bytes) -> str:
     image = Image.open(io.BytesIO(data)).convert("RGB")
     image.thumbnail((THUMB, THUMB))
@@ -184,7 +209,8 @@ def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
     stats = pool_stats(table)
     # Only the rows shown become Python: the first ok images for the contact sheet, the first errors.
     rows: list[dict] = []
-    shown = read_manifests(storage, ["id", "image_index", "seed", "prompt", "key", "status", "error"], run_id=run_id)
+    columns = ["id", "image_index", "seed", "prompt", "key", "member", "status", "error"]
+    shown = read_manifests(storage, columns, run_id=run_id)
     if shown is not None:
         status = shown.column("status")
         rows = shown.filter(pc.equal(status, "ok")).slice(0, SHEET_IMAGES).to_pylist()
@@ -198,10 +224,11 @@ def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
     )
     overlap = stats["both_busy_s"] / stats["wall_s"] if stats["wall_s"] else 0.0
     samples = [r for r in rows if r["status"] == "ok"][:SHEET_IMAGES]
+    images = _sample_images(storage, samples)
     cells = []
     for r in samples:
         try:
-            thumb = _thumbnail(storage.get(r["key"]))
+            thumb = _thumbnail(images[r["key"], r.get("member")])
         except Exception:  # a contact sheet is best effort; the manifest is the record
             continue
         cells.append(

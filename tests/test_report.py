@@ -4,10 +4,19 @@ import io
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from jobs.report import build_report, pool_stats
 from workers.storage import LocalStorage
+
+SUMMARY_KEYS = ("images", "ok", "errors", "rendered_this_run", "resumed", "wall_s", "images_per_s")
+
+
+def png(color) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(out, format="PNG")
+    return out.getvalue()
 
 
 def batches_table():
@@ -48,9 +57,7 @@ def test_pool_stats_from_batch_intervals():
 
 def test_report_escapes_prompts(tmp_path):
     storage = LocalStorage(tmp_path)
-    out = io.BytesIO()
-    Image.new("RGB", (64, 64), (255, 0, 0)).save(out, format="PNG")
-    storage.put("images/aa/x-0.png", out.getvalue())
+    storage.put("images/aa/x-0.png", png((255, 0, 0)))
     table = batches_table().slice(0, 2)
     table = table.append_column("run_id", pa.array(["r1"] * 2))
     extra = {
@@ -67,12 +74,38 @@ def test_report_escapes_prompts(tmp_path):
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.put("manifests/part-r1-000000.parquet", buf.getvalue())
-    page = build_report(
-        storage,
-        "r1",
-        {k: 0 for k in ("images", "ok", "errors", "rendered_this_run", "resumed", "wall_s", "images_per_s")},
-    )
+    page = build_report(storage, "r1", dict.fromkeys(SUMMARY_KEYS, 0))
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<b>bad</b>" not in page and "&lt;b&gt;bad&lt;/b&gt;" in page
     assert page.count("data:image/jpeg;base64,") == 1 and "Stage B/A pool" in page
     assert "<th>images per model batch</th>" in page and "<td>2.00</td>" in page  # Stage C: one batch of 2
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_contact_sheet_reads_webdataset_samples_out_of_their_shards(where, tmp_path, request):
+    """Rows of layout webdataset name a shard (key) and a sample in it (member): the sheet reads those members
+    through the tar's headers (ranged reads on S3), never decoding the tar as an image."""
+    import tarfile
+
+    from workers.storage import open_storage
+
+    storage = (
+        LocalStorage(tmp_path) if where == "local" else open_storage(f"s3://{request.getfixturevalue('s3_bucket')}")
+    )
+    shard = io.BytesIO()
+    with tarfile.open(fileobj=shard, mode="w") as tar:
+        for name, data in [("a-0.png", png((255, 0, 0))), ("a-0.txt", b"red"), ("b-0.png", png((0, 0, 255)))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    storage.put("shards/s1.tar", shard.getvalue())
+    table = batches_table().slice(0, 2).append_column("run_id", pa.array(["r1"] * 2))
+    extra = {"id": ["a", "b"], "image_index": [0, 0], "seed": [1, 2], "prompt": ["red", "blue"]}
+    extra |= {"key": ["shards/s1.tar"] * 2, "member": ["a-0.png", "b-0.png"], "error": [None, None]}
+    for name, values in extra.items():
+        table = table.append_column(name, pa.array(values))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.put("manifests/part-r1-000000.parquet", buf.getvalue())
+    page = build_report(storage, "r1", dict.fromkeys(SUMMARY_KEYS, 0))
+    assert page.count("data:image/jpeg;base64,") == 2 and "No images in this run" not in page
