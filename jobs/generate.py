@@ -513,11 +513,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log(f"error: {e}")
         return EXIT_INPUT
+    from workers.storage import StorageError
+
     try:
         return run(config)
     except KeyboardInterrupt:
         log(f"interrupted: {resume_hint(config)}")
         return EXIT_INTERRUPTED
+    except StorageError as e:  # the output's bookkeeping (manifests, report, _SUCCESS): the work done is kept
+        log(f"error: {e}")
+        log(resume_hint(config))
+        return EXIT_INCOMPLETE
 
 
 if __name__ == "__main__":

@@ -24,13 +24,18 @@ def run_job(prompts, out, *flags):
 
 
 @contextlib.contextmanager
-def failing_image_deletes(monkeypatch):
-    """The job's output storage fails every delete that includes an image."""
+def failing_storage(monkeypatch, put: str = "", delete: str = "\0"):
+    """The job's output storage fails writes of the key `put`, and deletes that include a key starting `delete`."""
     from workers.storage import StorageError
 
     class Failing(LocalStorage):
+        def put(self, key, data, **kw):
+            if key == put:
+                raise StorageError(f"writing {key} failed: injected")
+            return super().put(key, data, **kw)
+
         def delete(self, keys):
-            if any(k.startswith("images/") for k in keys):
+            if any(k.startswith(delete) for k in keys):
                 raise StorageError("deleting an image failed: injected")
             super().delete(keys)
 
@@ -81,6 +86,10 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
 
     # Complete but without _SUCCESS (a crash just before it): the rerun only writes it, with a report on all runs.
     out.delete([SUCCESS])
+    with failing_storage(monkeypatch, put=SUCCESS):  # and the storage fails as it is written: exit 1, a clear line
+        assert run_job(tmp_path / "prompts.parquet", out.root) == 1
+    err = capsys.readouterr().err
+    assert "error: writing _SUCCESS failed: injected" in err and "Traceback" not in err and not out.exists(SUCCESS)
     assert run_job(tmp_path / "prompts.parquet", out.root) == 0
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 0 and json.loads(out.get(SUCCESS))["ok"] == 5
     assert "All runs" in out.get("report.html").decode() and "data:image/jpeg" in out.get("report.html").decode()
@@ -95,7 +104,7 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
     out.put(changed, bytes(data))
     # First a resume whose storage fails as it removes the changed image (and an --overwrite whose storage fails as
     # it clears the images): _SUCCESS goes before anything else, so an output that changed never claims to be whole.
-    with failing_image_deletes(monkeypatch):
+    with failing_storage(monkeypatch, delete="images/"):
         success = out.get(SUCCESS)
         assert run_job(tmp_path / "prompts.parquet", out.root, "--verify", "--retry-errors") == 1
         assert not out.exists(SUCCESS) and out.exists(changed)
