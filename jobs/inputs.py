@@ -262,12 +262,27 @@ def _check_schema(schema: pa.Schema, where: str, extra_fields: dict[str, pa.Fiel
             out = carried_name(field.name)
             previous = extra_fields.get(out)
             if previous is None or pa.types.is_null(previous.type):
-                extra_fields[out] = pa.field(out, field.type)
-            elif previous.type != field.type and not pa.types.is_null(field.type):
+                extra_fields[out] = pa.field(out, _carried_type(field.type))
+            elif previous.type != _carried_type(field.type) and not pa.types.is_null(field.type):
                 raise InputError(
                     f"prompts: {where}: column {field.name!r} has type {field.type}, "
                     f"but {previous.type} in an earlier file"
                 )
+
+
+def _carried_type(t: pa.DataType) -> pa.DataType:
+    """The manifest's type for an extra input column: the families of text, bytes, integers and floats each as one
+    type, so that files written by different tools (pandas' string, polars' large_string, int32 beside int64) can
+    make up one input; any other type is carried as it is and must be the same in every file."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pa.binary()
+    if pa.types.is_signed_integer(t) or (pa.types.is_unsigned_integer(t) and t.bit_width < 64):
+        return pa.int64()
+    if pa.types.is_floating(t):
+        return pa.float64()
+    return t
 
 
 ID_COLUMNS = ("id", "num_images")

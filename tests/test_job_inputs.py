@@ -320,3 +320,21 @@ def test_bucket_runs_with_many_small_buckets_hold_a_bounded_number_of_images():
 def test_batch_unit_is_a_multiple_of_both_pools_batches_when_small():
     assert batch_unit(4, 4) == 4 and batch_unit(2, 8) == 8 and batch_unit(3, 4) == 12
     assert batch_unit(1000, 999) == 1000  # the multiple would be 999,000 rows: Stage C's batch alone
+
+
+def test_extra_columns_of_one_family_of_types_join_across_files_and_others_must_match(tmp_path):
+    """pandas writes text as string, polars as large_string; int32 and int64 are both integers: one input may mix
+    them. Text in one file and numbers in another is refused, naming both."""
+    pq.write_table(pa.table({"prompt": ["a"], "style": ["s0"], "n": pa.array([1], pa.int32())}), tmp_path / "a.parquet")
+    b = pa.table({"prompt": ["b"], "style": pa.array(["s1"], pa.large_string()), "n": pa.array([2**40], pa.int64())})
+    pq.write_table(b, tmp_path / "b.parquet")
+    c = config(tmp_path)
+    p = plan(c)
+    assert p.extra == pa.schema([("style", pa.string()), ("n", pa.int64())])
+    items = pa.Table.from_pylist(segments(p.sources, 100)[0])
+    rows = pa.concat_tables(read_fragments(items, p.sources, c, p.extra, np.zeros(0, np.uint64))).to_pylist()
+    assert sorted((r["style"], r["n"]) for r in rows) == [("s0", 1), ("s1", 2**40)]
+
+    pq.write_table(pa.table({"prompt": ["c"], "style": [3]}), tmp_path / "c.parquet")
+    with pytest.raises(InputError, match="column 'style' has type int64, but string in an earlier file"):
+        plan(config(tmp_path))
