@@ -194,9 +194,18 @@ def main(argv=None) -> int:
                 GlobalResponseNorm.fused = False if variant == "squares" else None
                 try:
                     row = profile(models, stage, batch, args.size, args.top, variant, twin)
+                except Exception as e:  # one variant failing (a kernel a new card refuses) must not lose the rest
+                    failed = {"stage": stage, "variant": variant, "batch": batch, "error": f"{type(e).__name__}: {e}"}
+                    report.append(failed)
+                    print(f"\n## {stage}, {variant}, batch {batch}: failed: {failed['error']}", flush=True)
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
                 finally:
                     AttnBlock.forward, GlobalResponseNorm.fused = ours_forward, None
                 report.append(row)
+                if args.json:  # after every row: a run stopped at its time limit keeps what it measured
+                    args.json.write_text(json.dumps(report, indent=2))
                 kinds = ", ".join(f"{k} {ms:.2f}" for k, ms in row["device_ms_by_kind"].items())
                 print(
                     f"\n## {stage}, {variant}, batch {batch} (x2 for guidance): {row['wall_ms_per_pass']:.2f} ms wall "
@@ -213,7 +222,7 @@ def main(argv=None) -> int:
                 sys.stdout.flush()
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    return 0
+    return 1 if any("error" in row for row in report) else 0
 
 
 if __name__ == "__main__":

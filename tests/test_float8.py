@@ -134,6 +134,21 @@ def test_the_benchmark_and_the_profile_run_with_float8_layers(tmp_path, capsys):
         assert "relative_error_vs_ours" not in rows[stage, "ours"]
         assert 0.005 < rows[stage, "fp8"]["relative_error_vs_ours"] < 0.1
 
+    # A variant that fails (a kernel a new card refuses) is recorded with its error, and the others still run.
+    real = script.profile
+
+    def profile(models, stage, batch, size, top, variant, twin):
+        if variant == "fp8":
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+        return real(models, stage, batch, size, top, variant, twin)
+
+    script.profile = profile
+    args = ["--model", "tiny", "--size", "256", "--batch", "1", "--top", "2", "--variants", "fp8", "ours"]
+    assert script.main([*args, "--json", str(out)]) == 1
+    rows = {(r["stage"], r["variant"]): r for r in json.loads(out.read_text())}
+    assert rows["stage_b", "fp8"]["error"] == "RuntimeError: CUBLAS_STATUS_NOT_SUPPORTED"
+    assert rows["stage_b", "ours"]["wall_ms_per_pass"] > 0
+
 
 @pytest.mark.gpu
 def test_float8_on_a_gpu_matches_the_cpu_arithmetic_eager_and_compiled():
