@@ -19,7 +19,8 @@ def test_cluster_yaml_and_job_settings_agree():
     cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     types = cluster["available_node_types"]
     assert cluster["head_node_type"] in types and types[cluster["head_node_type"]]["max_workers"] == 0
-    job = from_mapping({"prompts": "s3://bucket/p", "out": "s3://bucket/o", **load_yaml(ROOT / "examples/cluster-job.yaml")})
+    urls = {"prompts": "s3://bucket/p", "out": "s3://bucket/o"}
+    job = from_mapping({**urls, **load_yaml(ROOT / "examples/cluster-job.yaml")})
     for pool in (job.prior_pool, job.decoder_pool):
         assert len(pool.resources) == 1, "each pool pins itself to one node type"
         ((resource, per_actor),) = pool.resources.items()

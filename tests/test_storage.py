@@ -32,6 +32,10 @@ def test_put_get_head_list(storage):
     assert not storage.exists("images/ab/x-0.png")
     with pytest.raises(StorageError, match="nope.png"):
         storage.get("images/nope.png")
+    # Messages name a location the user can find: the absolute path of a local file, the URL of an object.
+    base = storage.root if isinstance(storage, LocalStorage) else storage.url
+    expected = f"{base}/images/nope.png"
+    assert storage.location("images/nope.png") == expected and expected.startswith(("/", "s3://"))
 
 
 def test_if_absent_adopts_the_first_copy(storage):

@@ -90,6 +90,9 @@ class LocalStorage(Storage):
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
 
+    def location(self, key: str = "") -> str:
+        return str(self.root / key) if key else self.url  # (join would drop the root's leading /)
+
     def _path(self, key: str) -> Path:
         # Checked as written (.. and absolute keys), not resolved: a link the user put inside the folder is theirs.
         path = Path(os.path.normpath(self.root / key))
