@@ -254,7 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in BUILTIN_MODELS:
         models = BUILTIN_MODELS[args.model](device=on, dtype=dtype)
     else:
-        models = load_models(args.model, dtype=dtype, device=on)
+        from cascade.errors import WeightsError
+
+        try:
+            models = load_models(args.model, dtype=dtype, device=on)
+        except WeightsError as e:  # as the job: a weights folder that cannot be used is exit 3, named
+            print(f"error: {e}", file=sys.stderr)
+            return 3
     args.size = args.size or models.geometry.default_size
     try:
         models.geometry.check_size("--size", args.size)

@@ -160,7 +160,16 @@ _BUCKET = re.compile(r"[A-Za-z0-9._-]{3,255}")
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # Ray takes these only as num_cpus etc.
 
 
+REQUIRED_HELP = {
+    "prompts": "a Parquet file, a folder of them, a glob or an s3:// URI (required)",
+    "out": "where images and manifests go: a local folder or an s3://bucket/prefix (required)",
+}
+
+
 def validate(c: JobConfig) -> None:
+    for name in REQUIRED_HELP:
+        if getattr(c, name) in ("", None):
+            raise ConfigError(f"{name}: missing; give --{name} (or {name}: in the --config file)")
     _check(
         isinstance(c.prompts, str) and c.prompts.strip() != "",
         "prompts",
@@ -332,7 +341,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if default is None:  # the family's choice
                 kind, text = FAMILY_DEFAULTS[f.name], "(default: the model family's)"
             else:
-                kind, text = type(default), f"(default {default!r})" if default != "" else None
+                kind, text = type(default), f"(default {default!r})" if default != "" else REQUIRED_HELP.get(f.name)
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
 
 

@@ -37,6 +37,8 @@ def test_bench_refuses_an_unsupported_size_and_too_few_prompts(capsys):
     assert "--size: 100 is not supported" in capsys.readouterr().err
     assert main(["--size", "256", "--batch", "4", "--ray-prompts", "5"]) == 2
     assert "--ray-prompts 5: use 0 or at least twice the largest batch" in capsys.readouterr().err
+    assert main(["--model", "/nonexistent/weights"]) == 3  # as the job: exit 3, the folder named
+    assert "error: /nonexistent/weights: weights folder not found" in capsys.readouterr().err
 
 
 def test_the_ray_pipeline_s_bound_is_the_shared_device_or_the_bottleneck_pool_on_its_own_gpus():

@@ -23,6 +23,13 @@ from .schedule import StageFailed
 from .shapes import UNNAMED_SHAPES
 
 
+class _WithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, where it has one (not None, not a flag's False)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cascade.train", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
                            help="stages trained at once, each in its own process on cores/N threads as its inputs "
                            "are ready (default 2 where there are 2 cores or more; 1: one after another)")  # fmt: skip
-    e = sub.add_parser("eval", help="judge a trained family with the independent checker")
+    defaults = _WithDefaults
+    e = sub.add_parser("eval", help="judge a trained family with the independent checker", formatter_class=defaults)
     e.add_argument("--model", default="runs/demo", help="a family folder, or a built-in model (demo)")
     e.add_argument("--out", type=Path, help="where eval.json and the contact sheet go (default MODEL/eval, or "
                    "runs/eval-NAME for a built-in model)")  # fmt: skip
@@ -53,11 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, kind in (("prior-steps", int), ("prior-cfg", float), ("decoder-steps", int), ("decoder-cfg", float)):
         e.add_argument(f"--{name}", type=kind, help="default: what the family's users get (the CLI's default)")
     e.add_argument("--checker-steps", type=int, default=600, help="checker training steps")
-    e.add_argument("--seed", type=int, default=0)
-    lo = sub.add_parser("lora", help='train a LoRA that teaches "[zorp]" (a new shape) to a family, and measure it')
-    lo.add_argument("--model", default="runs/demo", help="a family folder (default runs/demo), or a built-in model")
+    e.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    what = 'train a LoRA that teaches "[zorp]" (a new shape) to a family, and measure it'
+    lo = sub.add_parser("lora", help=what, formatter_class=defaults)
+    lo.add_argument("--model", default="runs/demo", help="a family folder, or a built-in model")
     lo.add_argument("--out", type=Path, default=Path("runs/zorp.safetensors"), help="the LoRA file to write")
-    lo.add_argument("--steps", type=int, default=2000)
+    lo.add_argument("--steps", type=int, default=2000, help="training steps")
     lo.add_argument("--images", type=int, default=512, help="training images of the new shape")
     lo.add_argument(
         "--regular",
@@ -73,10 +82,10 @@ def _parser() -> argparse.ArgumentParser:
         default=4,
         help="rank of updates on Stage B's attention too (0: Stage C only, as the reference)",
     )
-    lo.add_argument("--batch-size", type=int, default=32)
-    lo.add_argument("--lr", type=float, default=1e-3)
+    lo.add_argument("--batch-size", type=int, default=32, help="images per step")
+    lo.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     lo.add_argument("--samples", type=int, default=24, help="prompts per check after training (0: no check)")
-    lo.add_argument("--no-progress", action="store_true")
+    lo.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p
 
 
