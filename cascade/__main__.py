@@ -17,7 +17,7 @@ from PIL import Image
 from .family import BUILTIN_MODELS, load_models
 from .geometry import DEFAULT_MODEL, family_geometry
 from .imagefile import png_info
-from .lora import apply_lora_file
+from .lora import apply_lora_file, lora_info
 from .pipeline import Result, generate
 from .request import MAX_SEED, Request, sampling_defaults, validate, validate_strength
 from .weights import WeightsError
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
+        if args.lora is not None:
+            lora_info(args.lora)  # a missing or foreign file is named before the models load (GBs for the official)
         if args.weights is not None:
             models = load_models(
                 args.weights, lite=args.lite, dtype=dtype, device=device, with_effnet=init_images is not None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
+import cascade.__main__ as cli
 from cascade.__main__ import main
 from cascade.geometry import DEFAULT_MODEL
 
@@ -38,6 +39,16 @@ def test_cli_bad_size_exits_2_with_the_rule(tmp_path, capsys):
 def test_cli_bad_weights_exit_3_naming_the_folder(tmp_path, capsys):
     assert main(["x", "--weights", str(tmp_path / "missing"), "--out", str(tmp_path / "o.png")]) == 3
     assert "missing: weights folder not found" in capsys.readouterr().err
+
+
+def test_cli_missing_lora_exits_3_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    def no_load(**kw):
+        raise AssertionError("the model loaded before the LoRA file was checked")
+
+    monkeypatch.setitem(cli.BUILTIN_MODELS, "tiny", no_load)
+    lora = tmp_path / "missing.safetensors"
+    assert main(["a red circle", "--model", "tiny", "--lora", str(lora), "--out", str(tmp_path / "o.png")]) == 3
+    assert f"error: {lora}: file not found" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point(tmp_path):
