@@ -155,6 +155,9 @@ def guided_denoiser(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+NOISE_STAGE_BYTES = 256 << 20  # at most this much DDPM noise is drawn and held at once (float32)
+
+
 def randn(shape: Sequence[int], generators: Sequence[torch.Generator], device=None) -> torch.Tensor:
     """One standard-normal sample per generator, drawn on the CPU (device-independent), stacked: (B, *shape)."""
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]).to(device)
@@ -185,27 +188,31 @@ def sample(
         raise ValueError(f"sampler: {sampler!r} is not known; allowed are {sorted(SAMPLERS)}")
     step_fn, stochastic = SAMPLERS[sampler]
     n = len(generators)
-    # Everything the loop needs from the host is made and copied to the device before it starts: a copy from the
-    # host inside the loop would wait for the device to finish the step before (PyTorch synchronises blocking
-    # copies), leaving it idle while Python queues the next one. The noise is drawn in the same order per generator
-    # as step by step (the initial noise, then each DDPM step's), so the samples are the same.
+    # What the loop needs from the host is made and copied to the device before the first step: a copy from pageable
+    # host memory inside the loop would wait for the device to finish the step before, leaving it idle while Python
+    # queues the next one. The noise is drawn in the same order per generator as step by step (the initial noise,
+    # then each DDPM step's), so the samples are the same however it is staged.
     r_range = torch.linspace(t_start, 0.0, steps + 1)
     # non_blocking: the host copies are staged at once and the device reads them in stream order, without a wait.
     to_device = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     logsnr_range = to_device(log_snr(r_range, shift)[:, None].expand(-1, n).contiguous())  # (steps + 1, B)
     x = to_device(randn(shape, generators)) if x_init is None else x_init.to(device=device, dtype=torch.float32)
-    noises = (
-        to_device(torch.stack([randn(shape, generators) for _ in range(steps - 1)]))
-        if stochastic and steps > 1
-        else None
-    )
+    # The DDPM steps' noise, in runs of `chunk` steps: all of it at once for the usual requests, in bounded runs for
+    # very many steps of large latents (1,000 steps of a 2048 px Stage B batch would hold GBs). A later run is drawn
+    # into pinned memory on a GPU, so its copy does not wait for the device either.
+    chunk = max(1, NOISE_STAGE_BYTES // (4 * n * math.prod(shape)))
+    pinned = torch.device(device).type == "cuda"
+    noises = None
     x0 = x
     for i in range(steps):
+        if stochastic and i + 1 < steps and i % chunk == 0:
+            drawn = torch.stack([randn(shape, generators) for _ in range(min(chunk, steps - 1 - i))])
+            noises = to_device(drawn.pin_memory() if pinned and i else drawn)
         logsnr, logsnr_prev = logsnr_range[i], logsnr_range[i + 1]
         eps = denoiser(x, noise_cond(logsnr)).float()
         x0 = predict_x0(x, eps, logsnr)
         if i + 1 < steps:  # the last step's x is never used: we return its x0
-            x = step_fn(x0, eps, logsnr, logsnr_prev, noise=None if noises is None else noises[i])
+            x = step_fn(x0, eps, logsnr, logsnr_prev, noise=None if noises is None else noises[i % chunk])
         if callback is not None:
             callback(i, x0, x)
     return x0

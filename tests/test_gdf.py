@@ -411,6 +411,30 @@ def test_sample_is_deterministic_and_batch_independent(sampler):
     assert (both[0] - both[1]).abs().max() > 1e-2
 
 
+def test_ddpm_noise_staged_in_runs_gives_the_same_samples_and_holds_a_bounded_amount(monkeypatch):
+    """Many steps of a large latent draw their DDPM noise in runs of a bounded size (not all steps' at once), with the
+    same draws in the same order: the samples are the same whatever the run length."""
+    events = []  # "r": one draw of noise, "d": one denoiser call
+    real = gdf.randn
+
+    def drawing(shape, generators, device=None):
+        events.append("r")
+        return real(shape, generators, device)
+
+    def denoising(x, cond):
+        events.append("d")
+        return toy_denoiser(x, cond)
+
+    monkeypatch.setattr(gdf, "randn", drawing)
+    whole = gdf.sample(denoising, gens([5, 9]), SHAPE, steps=7, shift=2.0, sampler="ddpm")
+    assert "".join(events) == "r" + "r" * 6 + "d" * 7  # the usual request: all the noise before the first step
+    events.clear()
+    monkeypatch.setattr(gdf, "NOISE_STAGE_BYTES", 2 * 4 * 2 * math.prod(SHAPE))  # room for two steps' noise
+    runs = gdf.sample(denoising, gens([5, 9]), SHAPE, steps=7, shift=2.0, sampler="ddpm")
+    assert "".join(events) == "r" + "rrdd" * 3 + "d"  # two steps' noise at a time; the last step needs none
+    assert torch.equal(runs, whole)
+
+
 def test_ddpm_and_ddim_differ_and_ddpm_uses_fresh_noise():
     ddpm = gdf.sample(toy_denoiser, gens([5]), SHAPE, steps=5, shift=2.0, sampler="ddpm")
     ddim = gdf.sample(toy_denoiser, gens([5]), SHAPE, steps=5, shift=2.0, sampler="ddim")
