@@ -141,11 +141,33 @@ def load_models(
         name=f"{folder.name}:{variant}",
         geometry=family_geometry(folder),
     )
+    _check_widths(folder, models)
     if with_effnet:
         models.effnet = load_stage(need("effnet"), dtype=torch.float32, device=device, expect=("effnet", "semantic"))
     if with_previewer:
         models.previewer = load_stage(need("previewer"), dtype=torch.float32, device=device, expect="previewer")
     return models
+
+
+def _check_widths(folder: Path, models: CascadeModels) -> None:
+    """The text encoder's widths are the ones Stage C (and Stage B, for the pooled embedding) were built for: files
+    from two different families in one folder otherwise load, and the first request fails inside a matmul."""
+    if models.text_encoder is None:
+        return
+    config = models.text_encoder.model.config
+    hidden, pooled = config.hidden_size, config.projection_dim
+    wanted = []
+    if models.stage_c is not None:
+        wanted += [("Stage C's text", models.stage_c.config.c_clip_text, "hidden", hidden)]
+        wanted += [("Stage C's pooled text", models.stage_c.config.c_clip_text_pooled, "pooled", pooled)]
+    if models.stage_b is not None:
+        wanted += [("Stage B's pooled text", models.stage_b.config.c_clip, "pooled", pooled)]
+    for what, width, kind, have in wanted:
+        if width != have:
+            raise WeightsError(
+                f"{folder}: the text encoder's {kind} embeddings are {have} wide, but {what} input takes {width}: "
+                "its files come from another model family"
+            )
 
 
 def _text():

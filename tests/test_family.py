@@ -61,6 +61,21 @@ def test_missing_stage_names_what_was_expected(tmp_path, tiny):
         load_models(folder, lite=True)
 
 
+def test_a_text_encoder_of_another_family_is_refused_naming_both_widths(tmp_path, tiny):
+    """The demo's text encoder (64 wide) beside the tiny model's stages (32): refused when loading, not by a matmul
+    in the first request."""
+    import shutil
+
+    from cascade.geometry import DEMO_FOLDER
+
+    folder = write_family(tiny, tmp_path / "weights", "stability")
+    shutil.rmtree(folder / "text_encoder")
+    shutil.copytree(DEMO_FOLDER / "text_encoder", folder / "text_encoder")
+    with pytest.raises(WeightsError, match="hidden embeddings are 64 wide, but Stage C's text input takes 32"):
+        load_models(folder, dtype=torch.float32)
+    assert load_models(folder, dtype=torch.float32, parts=("decoder",)).stage_b is not None  # no text encoder there
+
+
 def test_missing_text_encoder_and_folder(tmp_path):
     with pytest.raises(WeightsError, match="weights folder not found"):
         load_models(tmp_path / "nowhere")
