@@ -11,7 +11,9 @@ learned token embeddings for new words ("a [zorp]"); optionally low-rank updates
   The reference needs none, since its Stage B draws from a 24 x 24 semantic latent and has seen every kind of
   image; a small family's 4 x 4 latent does not carry a new shape's outline, so its Stage B must learn the word too.
 
-A trained LoRA is one safetensors file: `weights.{i}.lora_down`/`lora_up` per adapted layer and
+A trained LoRA is one safetensors file: `weights.{i}.lora_down`/`lora_up` per adapted layer, numbered as the
+reference's checkpoint (`adapted_layers`; files written before 2026-11-29 number them the other way round within an
+attention, and still load: the metadata names each index's layer), and
 `embeddings.embeddings`/`embeddings.indices` (the reference's ModuleDict names), plus `tokens.init`: the starting rows
 of the new words, so loading needs no word lists, and `decoder.weights.{i}.*` for the decoder part if it has one.
 The metadata names the layers, rank, alpha and tokens. `apply_lora_file(models, path)` merges it into whichever
@@ -70,16 +72,21 @@ class ReToken(nn.Module):
 
 
 def adapted_layers(model: nn.Module, filters=FILTERS) -> list[tuple[str, nn.Module, str]]:
-    """(module name, module, parameter name) of each weight a LoRA adapts, in module order."""
-    found = []
+    """(module name, module, parameter name) of each weight a LoRA adapts, in the reference checkpoint's order: its
+    `weights.{i}` are the LoRA modules in `generator.modules()` order, where a packed `in_proj_weight`'s comes after
+    the module's children (its parametrization is registered on the attention after `out_proj` exists), so each
+    attention gives out_proj at an even index and in_proj at the odd one after it."""
+    found, pending = [], []  # pending: in_proj weights, listed once their module's children have been
     for name, module in model.named_modules():
+        while pending and not name.startswith(pending[-1][0] + "."):
+            found.append(pending.pop())
         if not any(f in name for f in filters):
             continue
         for param in ("weight", "in_proj_weight"):
             if isinstance(getattr(module, param, None), nn.Parameter) and getattr(module, param).dim() == 2:
-                found.append((name, module, param))
+                (pending if param == "in_proj_weight" else found).append((name, module, param))
                 break
-    return found
+    return found + pending[::-1]
 
 
 def add_tokens(text_encoder, words: list[str], init_from: list[str]) -> list[int]:

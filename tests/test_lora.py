@@ -268,3 +268,33 @@ def test_the_shape_vote_reads_jittered_renders_of_every_shape():
         assert shape_votes(images, attributes) == [shape] * 8
     blank = Attributes("circle", "red", "in the center", "large", "white")
     assert shape_votes([render(blank, 64).point(lambda _: 245)], [blank]) == [""]
+
+
+def test_lora_layers_are_numbered_as_the_reference_checkpoint():
+    """The reference's checkpoint lists `weights.{i}` as its LoRA modules in `generator.modules()` order after
+    parametrizing each matching weight in `named_modules()` order: per attention, out_proj at an even index and the
+    packed in_proj after it. Done here with torch's parametrize exactly so, on a copy, and compared."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    from cascade.lora import FILTERS, adapted_layers
+
+    class Marker(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, weight):
+            return weight
+
+    model = tiny_models().stage_c
+    ours = [f"{name}.{param}" for name, _, param in adapted_layers(model)]
+    for name, module in list(model.named_modules()):
+        if any(f in name for f in FILTERS):
+            for param in ("weight", "in_proj_weight"):
+                if isinstance(getattr(module, param, None), nn.Parameter):
+                    parametrize.register_parametrization(module, param, Marker(f"{name}.{param}"))
+                    break
+    reference = [m.name for m in model.modules() if isinstance(m, Marker)]
+    assert ours == reference and len(ours) > 2
+    assert ours[0].endswith("attn.out_proj.weight") and ours[1].endswith("attn.in_proj_weight")
