@@ -31,10 +31,20 @@ class Split:
     images_per_s: float  # the job's expected rate: the slower pool's
 
     def yaml(self) -> str:
-        return (
+        """The pools' actors and GPUs, to merge into a job's settings (its batch sizes and resources stay)."""
+        text = (
+            "# merge into your job's prior_pool / decoder_pool (keep their batch_size and resources)\n"
             f"prior_pool:\n  actors: {self.prior_actors}\n  gpus: {self.prior_gpus:g}\n"
             f"decoder_pool:\n  actors: {self.decoder_actors}\n  gpus: {self.decoder_gpus:g}\n"
         )
+        if min(self.prior_gpus, self.decoder_gpus) < 1:
+            text += (
+                "# packed: a pool pinned to a node type by a custom resource counted per GPU (cluster.yaml's\n"
+                "# {stage_c: 8} on 8 GPUs) must ask for the same share of it per actor as of a GPU, e.g.\n"
+                f"# resources: {{stage_c: {self.prior_gpus:g}}} and {{stage_b: {self.decoder_gpus:g}}}, or the packed "
+                "actors do not fit\n"
+            )
+        return text
 
 
 PACKING_GAIN = 1.05  # packing more actors per GPU must promise at least 5 % more throughput to be chosen
@@ -97,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         "GPUs only)",
     )
     args = p.parse_args(argv)
-    from jobs.manifest import read_manifests
+    from jobs.manifest import read_manifests, read_success
     from workers.storage import StorageError, open_storage
 
     try:
-        table = read_manifests(open_storage(args.run), ["status", "prior_s", "decoder_s"])
+        storage = open_storage(args.run)
+        table = read_manifests(storage, ["status", "prior_s", "decoder_s"])
         if table is None:
             raise ValueError(f"{args.run}: no manifests found")
         prior_s, decoder_s = measured_seconds(table)
@@ -113,8 +124,22 @@ def main(argv: list[str] | None = None) -> int:
         f"# measured per image on one actor: Stage C {prior_s:.3g} s, Stage B/A {decoder_s:.3g} s "
         f"({table.num_rows} manifest rows); expected {plan.images_per_s:.3g} images/s on {args.gpus} GPUs"
     )
+    shared = shared_pools(read_success(storage))
+    if shared:
+        print(
+            f"# note: in the measured run {shared} shared GPUs (or may have: gpus auto on a cluster with fewer GPUs "
+            "than actors), so its times read slower than one actor alone; measure a run with gpus: 1 per actor"
+        )
     print(plan.yaml(), end="")
     return 0
+
+
+def shared_pools(summary: dict | None) -> str:
+    """The pools of a run (its _SUCCESS summary's settings) whose actors did not have a GPU each: '' if none."""
+    config = (summary or {}).get("config", {})
+    names = {"prior_pool": "the Stage C pool", "decoder_pool": "the Stage B/A pool"}
+    shared = [title for key, title in names.items() if config.get(key, {}).get("gpus", 1) not in (1, 1.0)]
+    return " and ".join(shared)
 
 
 if __name__ == "__main__":

@@ -65,8 +65,15 @@ def check_model(config):
         return geometry
     folder = Path(config.model)
     if not folder.is_dir():
+        where = (
+            " here; on a cluster the job's driver (on the head node) reads the weights folder too, to check and hash "
+            "it: make it available there at the same path"
+            if os.environ.get("RAY_ADDRESS")
+            else ""
+        )
         raise WeightsError(
-            f"model: {config.model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a weights folder"
+            f"model: {config.model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a weights "
+            f"folder{where}"
         )
     import torch
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -53,5 +55,13 @@ def test_the_command_reads_a_runs_manifests(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Stage C 0.5 s, Stage B/A 1.5 s" in out and "prior_pool:\n  actors: 1\n" in out
     assert "decoder_pool:\n  actors: 3\n" in out
+    assert "keep their batch_size and resources" in out and "shared GPUs" not in out  # no _SUCCESS: nothing known
+    # A run whose Stage C actors shared GPUs measured them slower than alone: said so.
+    summary = {"config": {"prior_pool": {"gpus": 0.5}, "decoder_pool": {"gpus": 1}}}
+    (tmp_path / "_SUCCESS").write_text(json.dumps(summary))
+    assert main(["--run", str(tmp_path), "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "in the measured run the Stage C pool shared GPUs" in out
+    assert "resources: {stage_c: 0.5}" in out  # 2 GPUs for 0.5 s + 1.5 s: packed, so pinned pools ask for a share
     assert main(["--run", str(tmp_path / "empty"), "--gpus", "4"]) == 2
     assert "no manifests found" in capsys.readouterr().err

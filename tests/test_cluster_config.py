@@ -36,3 +36,11 @@ def test_cluster_yaml_and_job_settings_agree():
     assert all("--dashboard-host=127.0.0.1" in c for c in cluster["head_start_ray_commands"] if "--head" in c)
     assert any("pip install -e" in c and "pipeline" in c for c in cluster["setup_commands"])
     assert cluster["file_mounts"]["~/cascade-batch"] == "."
+    # The weights reach every node (the head too: the driver checks and hashes them) at the job's model path, and a
+    # local weights/ folder is never shipped with the project (ray up honours .gitignore, as ray job submit does).
+    assert any(job.model in c and "aws s3 sync" in c for c in cluster["setup_commands"])
+    assert ".gitignore" in cluster["rsync_filter"] and "/weights/" in (ROOT / ".gitignore").read_text().split()
+    # The head's instance profile is its own (it launches the GPU nodes: EC2 rights the workers do not get).
+    profiles = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in types.items()}
+    head = profiles.pop(cluster["head_node_type"])
+    assert head not in profiles.values()
