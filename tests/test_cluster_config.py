@@ -44,3 +44,18 @@ def test_cluster_yaml_and_job_settings_agree():
     profiles = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in types.items()}
     head = profiles.pop(cluster["head_node_type"])
     assert head not in profiles.values()
+
+
+def test_a_weights_folder_missing_on_the_driver_says_the_head_needs_it_on_a_cluster(monkeypatch):
+    import pytest
+
+    from cascade.weights import WeightsError
+    from jobs.generate import check_model
+
+    config = from_mapping({"prompts": "p", "out": "o", "model": "/mnt/weights/none"})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(WeightsError, match=r"nor a weights folder$"):
+        check_model(config)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # as under ray job submit
+    with pytest.raises(WeightsError, match="driver \\(on the head node\\) reads the weights folder too"):
+        check_model(config)
