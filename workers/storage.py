@@ -269,7 +269,8 @@ class S3Storage(Storage):
                     raise self._fail("writing", key, e) from None
             except BotoCoreError as e:
                 raise self._fail("writing", key, e) from None
-            time.sleep(0.2 * 2**attempt)
+            if attempt + 1 < WRITE_CONFLICT_ATTEMPTS:
+                time.sleep(0.2 * 2**attempt)
         raise StorageError(
             f"writing {self.location(key)} failed: still in conflict with another write of it after "
             f"{WRITE_CONFLICT_ATTEMPTS} attempts"
@@ -341,7 +342,8 @@ class S3Storage(Storage):
                 if not errors:
                     break
                 chunk = [{"Key": e["Key"]} for e in errors]
-                time.sleep(0.2 * 2**attempt)
+                if attempt + 1 < DELETE_KEY_ATTEMPTS:
+                    time.sleep(0.2 * 2**attempt)
             else:
                 first, strip = errors[0], len(self.prefix) + 1 if self.prefix else 0
                 raise StorageError(
