@@ -73,6 +73,22 @@ def test_train_all_writes_a_family_that_generates_and_resumes(tmp_path, capsys):
     assert before == {
         s: (out / f).stat().st_mtime_ns for s, f in (("c", "stage_c.safetensors"), ("b", "stage_b.safetensors"))
     }
+    # A finished stage keeps no checkpoint (training it again starts from scratch), and a command that trains
+    # nothing leaves the recorded recipe as it was.
+    assert not any((out / "checkpoints" / s).exists() for s in STAGES)
+    assert train(["stage-a", "--out", str(out), *FEW_STEPS, "--images", "999"]) == 0
+    assert json.loads((out / "family.json").read_text())["recipe"]["images"] == 96
+
+
+def test_a_checkpoint_made_from_other_data_or_inputs_is_not_resumed(tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoints" / "stage_c"
+    first = {"data": {"images": 96}, "inputs": {"text_encoder": "aa"}}
+    demo._claim_checkpoint(checkpoint, first)
+    (checkpoint / "state.pt").write_bytes(b"a checkpoint")
+    demo._claim_checkpoint(checkpoint, first)  # the same: kept for resuming
+    assert (checkpoint / "state.pt").is_file()
+    demo._claim_checkpoint(checkpoint, {**first, "inputs": {"text_encoder": "bb"}})  # the text encoder retrained
+    assert not (checkpoint / "state.pt").exists() and "not resuming from" in capsys.readouterr().out
 
 
 def test_all_stops_every_stage_when_one_fails_in_its_process(tmp_path, capsys):

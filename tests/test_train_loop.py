@@ -43,8 +43,54 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(straight.ema["net"].state_dict().values(), resumed.ema["net"].state_dict().values()):
         assert torch.equal(a, b)
-    saved = load_file(tmp_path / "a" / "net.ema.safetensors")
+    saved = load_file(tmp_path / "a" / "net.ema.step6.safetensors")
     assert torch.equal(saved["0.weight"], straight.ema["net"].state_dict()["0.weight"])
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """A stage is stopped at any moment (`all` stops the others when one fails): one stopped while writing its step-4
+    checkpoint resumes from step 2 exactly, never from step-4 weights with step-2 optimizer state."""
+    import pytest
+
+    import cascade.train.loop as loop
+
+    run = RunConfig(steps=6, batch_size=8, lr=1e-2, warmup=2, checkpoint_every=2, ema_beta=0.9)
+    net, step = small_task()
+    straight = fit({"net": net}, step, run, tmp_path / "a", AdaptiveLossWeight(), progress=False)
+    real = loop.save_file
+
+    def stopped_after_one_file(tensors, path):
+        real(tensors, path)
+        if ".step4." in str(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_file", stopped_after_one_file)
+    net, step = small_task()
+    with pytest.raises(KeyboardInterrupt):
+        fit({"net": net}, step, run, tmp_path / "b", AdaptiveLossWeight(), progress=False)
+    monkeypatch.setattr(loop, "save_file", real)
+    net, step = small_task()
+    resumed = fit({"net": net}, step, run, tmp_path / "b", AdaptiveLossWeight(), progress=False)
+    assert resumed.losses == straight.losses
+    for a, b in zip(straight.modules["net"].state_dict().values(), resumed.modules["net"].state_dict().values()):
+        assert torch.equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == [
+        "net.ema.step6.safetensors",
+        "net.step6.safetensors",
+    ]  # the earlier sets are gone
+
+
+def test_a_checkpoint_of_other_settings_or_more_steps_is_not_resumed(tmp_path, capsys):
+    run = RunConfig(steps=4, batch_size=8, lr=1e-2, warmup=2, checkpoint_every=2, ema_beta=0.9)
+    net, step = small_task()
+    fit({"net": net}, step, run, tmp_path / "c", AdaptiveLossWeight(), progress=False)
+    for other in (RunConfig(**{**run.__dict__, "steps": 2}), RunConfig(**{**run.__dict__, "lr": 3e-2})):
+        net, step = small_task()
+        again = fit({"net": net}, step, other, tmp_path / "c", AdaptiveLossWeight(), progress=False)
+        net, step = small_task()
+        fresh = fit({"net": net}, step, other, None, AdaptiveLossWeight(), progress=False)
+        assert again.steps == other.steps and again.losses == fresh.losses  # trained from the start, as a new run
+        assert "not resuming from" in capsys.readouterr().err
 
 
 def test_semantic_encoder_learns_a_normalised_latent():

@@ -23,7 +23,9 @@ import copy
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -186,6 +188,7 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
         if not _output(out, before).is_file():
             raise FileNotFoundError(f"{_output(out, before)} not found: train {before} first (it is {stage}'s input)")
     run, checkpoint = recipe.run(stage), out / "checkpoints" / stage
+    _claim_checkpoint(checkpoint, _identity(out, recipe, stage))
     data = data if data is not None else data_of(recipe)
     extra = {}
     if stage == "stage_a":
@@ -225,7 +228,27 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
             save_stage(trained.ema[stage], _output(out, stage))
     summary = _summary(trained) | extra
     _record(out, recipe, stage, summary)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # done: training the stage again starts from scratch
     return summary
+
+
+def _identity(out: Path, recipe: Recipe, stage: str) -> dict:
+    """What a stage's training is made from besides its settings: the recipe's data, and the sha256 of each earlier
+    stage's output it reads."""
+    data = {k: v for k, v in asdict(recipe).items() if k not in STAGES}
+    inputs = {before: hashlib.sha256(_output(out, before).read_bytes()).hexdigest() for before in NEEDS[stage]}
+    return json.loads(json.dumps({"data": data, "inputs": inputs}))  # tuples as lists: as the file reads back
+
+
+def _claim_checkpoint(checkpoint: Path, identity: dict) -> None:
+    """Keep `checkpoint` for resuming only if it was made from the same data and inputs; else start over (an earlier
+    stage retrained, or the recipe's data changed, since it was written)."""
+    mark = checkpoint / "identity.json"
+    if checkpoint.is_dir() and (not mark.is_file() or json.loads(mark.read_text()) != identity):
+        print(f"not resuming from {checkpoint}: it was made from other data or inputs; starting over", flush=True)
+        shutil.rmtree(checkpoint)
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    mark.write_text(json.dumps(identity, indent=1))
 
 
 def _record(
@@ -253,13 +276,14 @@ def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = 
     """Train the stages not yet done, in order, or with `jobs` > 1 that many at once, each in its own process as its
     inputs are ready (`schedule.train_side_by_side`); returns {stage: summary} for those trained now."""
     out.mkdir(parents=True, exist_ok=True)
-    _record(out, recipe)
     todo = []
     for stage in stages:
         if _output(out, stage).is_file():
             log(f"{stage}: already trained ({_output(out, stage)}); skipped")
         else:
             todo.append(stage)
+    if todo:  # the recipe of what is trained now (a command that trains nothing leaves family.json as it is)
+        _record(out, recipe)
     started = time.perf_counter()
     if jobs > 1:
         done = train_side_by_side(out, recipe, todo, NEEDS, _output, jobs, log)

@@ -1,15 +1,18 @@
 """One training loop for every stage: AdamW with warm-up, gradient clipping, EMA, a progress bar, and checkpoints
 that resume exactly (the same weights as an uninterrupted run, on the same machine).
 
-A checkpoint is a folder: `{name}.safetensors` and `{name}.ema.safetensors` per trained module (safetensors only, as
-every weight this project reads), and `state.pt` for the optimizer, the step, the data generator, the loss-weight
-buckets and the loss history (loaded with `weights_only=True`: tensors and plain containers, no code).
+A checkpoint is a folder: `{name}.step{n}.safetensors` and `{name}.ema.step{n}.safetensors` per trained module
+(safetensors only, as every weight this project reads), and `state.pt` for the step n, the optimizer, the data
+generator, the loss-weight buckets, the loss history and what the run was made from (loaded with
+`weights_only=True`: tensors and plain containers, no code). A new checkpoint writes its weights under new names and
+then replaces `state.pt` in one rename, so an interruption at any moment leaves a whole checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,12 +54,19 @@ class Trained:
     steps: int = 0
 
 
+def _weights(checkpoint: Path, name: str, step: int) -> Path:
+    """A module's weights at `step` (`name.ema` for its average): numbered, so that writing the next checkpoint never
+    touches the files the current state.pt names. (Checkpoints before 2026-11-29 have unnumbered files.)"""
+    numbered = checkpoint / f"{name}.step{step}.safetensors"
+    return numbered if numbered.is_file() else checkpoint / f"{name}.safetensors"
+
+
 def _save(checkpoint: Path, modules, emas, optimizer, step, generator, loss_weight, losses, seconds, run) -> None:
     checkpoint.mkdir(parents=True, exist_ok=True)
     for name, module in modules.items():
         for suffix, weights in (("", module.state_dict()), (".ema", emas[name].model.state_dict())):
             tensors = {k: v.detach().contiguous() for k, v in weights.items()}
-            save_file(tensors, checkpoint / f"{name}{suffix}.safetensors")
+            save_file(tensors, checkpoint / f"{name}{suffix}.step{step}.safetensors")
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -70,7 +80,23 @@ def _save(checkpoint: Path, modules, emas, optimizer, step, generator, loss_weig
     }
     tmp = checkpoint / "state.pt.tmp"
     torch.save(state, tmp)
-    os.replace(tmp, checkpoint / "state.pt")  # the state names a complete set of weights, or the previous one stays
+    # The state names a complete set of weights (written above, under new names), or the previous one stays whole.
+    os.replace(tmp, checkpoint / "state.pt")
+    for old in checkpoint.glob("*.safetensors"):  # the sets before this one
+        if not old.name.endswith(f".step{step}.safetensors"):
+            old.unlink(missing_ok=True)
+
+
+def _resumable(state: dict, run: RunConfig) -> str | None:
+    """Why a checkpoint cannot continue this run (None when it can): made with other settings (all but the step
+    count, which a run may raise), or already past this run's last step. (What the data and inputs were is the
+    caller's to check: `cascade.train.demo` keeps it beside the checkpoint.)"""
+    saved = {k: v for k, v in state["run"].items() if k not in ("steps", "checkpoint_every")}
+    if saved != {k: v for k, v in asdict(run).items() if k not in ("steps", "checkpoint_every")}:
+        return "it was made with other settings"
+    if state["step"] > run.steps:
+        return f"it is at step {state['step']}, past this run's {run.steps}"
+    return None
 
 
 def fit(
@@ -86,7 +112,8 @@ def fit(
     to minimise, or (that loss, the loss to report): a diffusion stage minimises the adaptive-weighted loss, whose
     value tends to 1 by design, and reports the plain MSE of its epsilon prediction. Resume from
     `checkpoint` when it holds a state. The generator drives all of the step's randomness (data, noise, dropout
-    choices), so a resumed run draws what an uninterrupted one would."""
+    choices), so a resumed run draws what an uninterrupted one would. A checkpoint made with other settings, or past
+    this run's steps, is not resumed from: the run starts over, saying so."""
     torch.manual_seed(run.seed)
     generator = torch.Generator().manual_seed(run.seed)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -100,11 +127,17 @@ def fit(
 
     emas = {name: EMA(m, run.ema_beta) for name, m in modules.items()}
     step, losses, seconds = 0, [], 0.0
+    state = None
     if checkpoint is not None and (checkpoint / "state.pt").is_file():
         state = torch.load(checkpoint / "state.pt", weights_only=True)
+        why = _resumable(state, run)
+        if why is not None:
+            print(f"{description}: not resuming from {checkpoint}: {why}; starting over", file=sys.stderr, flush=True)
+            state = None
+    if state is not None:
         for name, module in modules.items():
-            module.load_state_dict(load_file(checkpoint / f"{name}.safetensors"))
-            emas[name].model.load_state_dict(load_file(checkpoint / f"{name}.ema.safetensors"))
+            module.load_state_dict(load_file(_weights(checkpoint, name, state["step"])))
+            emas[name].model.load_state_dict(load_file(_weights(checkpoint, f"{name}.ema", state["step"])))
             emas[name].steps = state["ema_steps"][name]
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
