@@ -114,6 +114,21 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
     assert "--images: 0 is not allowed" in capsys.readouterr().err
     assert train(["all", "--out", str(tmp_path), "--general-images", "-1"]) == 2
     assert "--general-images: -1 is not allowed; use 0 or more" in capsys.readouterr().err
+    # A recipe file that is not one, or an --out that is a file: a message and exit 2, never a traceback.
+    for text, message in [
+        ('{"stepz": 1}', "recipe: 'stepz' is not a setting; use some of size, images"),
+        ("[1]", "recipe: list is not allowed; use a mapping"),
+        ('{"stage_c": {"steps": "10"}}', "recipe: stage_c: steps: '10' is not allowed; use a number"),
+        ("{not json", "--recipe: not JSON"),
+    ]:
+        (tmp_path / "recipe.json").write_text(text)
+        assert train(["stage-a", "--out", str(tmp_path), "--recipe", str(tmp_path / "recipe.json")]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert train(["stage-a", "--out", str(tmp_path / "a-file"), *FEW_STEPS]) == 2
+    assert "File exists" in capsys.readouterr().err
+    assert train(["lora", "--samples", "-1"]) == 2
+    assert "--samples: -1 is not allowed; use 0 or more" in capsys.readouterr().err
 
 
 def test_recipes_name_where_general_images_go(tmp_path, capsys):

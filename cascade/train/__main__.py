@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
             "--general-images",
             type=int,
             metavar="N",
-            help="uncaptioned images in any colour, for the semantic encoder and Stage B (default 8000)",
+            help="uncaptioned images in any colour, for Stage A, the semantic encoder and Stage B (default 8000)",
         )
         for stage in STAGES:
             flag = stage.replace("_", "-")
@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:
+    except json.JSONDecodeError as e:  # (a ValueError: first)
+        print(f"error: --recipe: not JSON: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # bad settings, a missing input, an --out or --recipe of the wrong kind
         print(f"error: {e}", file=sys.stderr)
         return 2
     except StageFailed as e:  # a stage trained in its own process failed (`all --jobs`); it printed its traceback
@@ -166,7 +169,7 @@ def _lora(args) -> int:
     for name in ("steps", "images", "rank", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 1 or more")
-    for name in ("decoder_rank", "regular"):
+    for name in ("decoder_rank", "regular", "samples"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 0 or more")
 

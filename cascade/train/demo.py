@@ -144,6 +144,16 @@ class Recipe:
 
     @staticmethod
     def from_dict(data: dict) -> Recipe:
+        """A recipe from its JSON form (as family.json's "recipe"); a key or value it cannot hold raises ValueError
+        naming it."""
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe: {type(data).__name__} is not allowed; use a mapping (as family.json's 'recipe')")
+        _check_fields("recipe", data, Recipe)
+        for stage in STAGES:
+            if stage in data:
+                if not isinstance(data[stage], dict):
+                    raise ValueError(f"recipe: {stage}: {data[stage]!r} is not allowed; use a mapping of its settings")
+                _check_fields(f"recipe: {stage}", data[stage], RunConfig)
         runs = {s: RunConfig(**data[s]) for s in STAGES if s in data}
         plain = {k: v for k, v in data.items() if k not in STAGES}
         # A recipe recorded before general images existed (every stage's run written out, no general_images) had
@@ -151,6 +161,18 @@ class Recipe:
         if "general_images" not in data and all(s in data for s in STAGES):
             plain["general_images"] = 0
         return Recipe(**plain, **runs)
+
+
+def _check_fields(where: str, data: dict, kind) -> None:
+    """Every key of `data` is a field of the dataclass `kind`, and holds a value of the field's type."""
+    types = {"int": int, "float": (int, float), "str": str}
+    fields_ = {f.name: f for f in dataclasses.fields(kind)}
+    for key, value in data.items():
+        if key not in fields_:
+            raise ValueError(f"{where}: {key!r} is not a setting; use some of {', '.join(fields_)}")
+        want = types.get(str(fields_[key].type))
+        if want is not None and (isinstance(value, bool) or not isinstance(value, want)):
+            raise ValueError(f"{where}: {key}: {value!r} is not allowed; use a number ({fields_[key].type})")
 
 
 def _output(out: Path, stage: str) -> Path:
