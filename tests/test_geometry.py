@@ -70,7 +70,7 @@ def test_cli_uses_the_family_default_size(tmp_path):
     assert main([*argv, "--width", "1024"]) == 2
 
 
-def test_a_family_chooses_its_sampling_defaults_and_users_still_choose_theirs(tmp_path, capsys):
+def test_a_family_chooses_its_sampling_defaults_and_users_still_choose_theirs(tmp_path, capsys, monkeypatch):
     """family.json's "sampling" sets the steps and guidance its users get where they set none: in the job (its
     configuration and so every row without its own), the CLI and the evaluation. Official families keep the
     reference's (Stage C 20 steps at cfg 4, Stage B 10 at 1.1); a bad value names the file, the key and the value."""
@@ -98,6 +98,15 @@ def test_a_family_chooses_its_sampling_defaults_and_users_still_choose_theirs(tm
         2,
         1.5,
     )
+    # Another evaluation seed: other prompts and image seeds that overlap no other seed's, read by the same judge.
+    import cascade.train.evaluate as evaluation
+
+    seeds = []
+    real = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda m, r, **kw: seeds.extend(x.seed for x in r) or real(m, r, **kw))
+    again = evaluate(folder, tmp_path / "eval", samples=2, checker_steps=2, seed=1, log=lambda m: None, decoder_steps=2)
+    assert seeds == [1_000_000, 1_000_001] * 2 and again["checker_seed"] == 0  # held-out, then training pairs
+    assert [p.name for p in (tmp_path / "eval").glob("checker-*")] == ["checker-v2-64px-2steps-seed0.safetensors"]
 
     family["sampling"] = {"decoder_cfg": -1}
     (folder / "family.json").write_text(json.dumps(family))

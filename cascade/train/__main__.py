@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, kind in (("prior-steps", int), ("prior-cfg", float), ("decoder-steps", int), ("decoder-cfg", float)):
         e.add_argument(f"--{name}", type=kind, help="default: what the family's users get (the CLI's default)")
     e.add_argument("--checker-steps", type=int, default=600, help="checker training steps")
-    e.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    e.add_argument("--seed", type=int, default=0, help="which prompts and image noise (each seed its own)")
+    e.add_argument("--checker-seed", type=int, default=0, help="the judge's training seed (0: the shipped judge)")
     what = 'train a LoRA that teaches "[zorp]" (a new shape) to a family, and measure it'
     lo = sub.add_parser("lora", help=what, formatter_class=defaults)
     lo.add_argument("--model", default="runs/demo", help="a family folder, or a built-in model")
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 decoder_cfg=args.decoder_cfg,
                 checker_steps=args.checker_steps,
                 seed=args.seed,
+                checker_seed=args.checker_seed,
             )
             print(json.dumps(report["accuracy"], indent=2))
             return 0

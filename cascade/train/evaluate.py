@@ -26,6 +26,7 @@ from .checker import HEADS, Checker, judge, train_checker
 from .shapes import render, sample_attributes
 
 SPLITS = ("heldout", "train")
+IMAGE_SEED_STRIDE = 1_000_000  # evaluation seed s draws image seeds s * this + i (seed 0: 0, 1, 2, ... as always)
 CHECKER_VERSION = 2  # part of the cached judge's file name: a change to how the judge trains must not reuse an old one
 
 
@@ -71,6 +72,7 @@ def evaluate(
     checker_steps: int = 600,
     seed: int = 0,
     batch_size: int = 16,
+    checker_seed: int = 0,
     log=print,
     prior_steps: int | None = None,
     prior_cfg: float | None = None,
@@ -79,7 +81,9 @@ def evaluate(
 ) -> dict:
     """Generate `samples` images per split, judge them, write eval.json and contact-sheet.png to `out`. Sampling
     (prior_steps, prior_cfg, decoder_steps, decoder_cfg) is what a user of the family gets unless given here: the
-    family's own defaults, else the reference's."""
+    family's own defaults, else the reference's. `seed` picks the prompts and the images' noise: each seed its own,
+    image seeds seed * IMAGE_SEED_STRIDE + i never overlapping another seed's; the judge is `checker_seed`'s (the
+    shipped one by default) whatever `seed` is, so evaluations at several seeds read with one instrument."""
     if samples < 1:
         raise ValueError(f"samples: {samples} is not allowed; use 1 or more")
     started = time.perf_counter()
@@ -87,15 +91,16 @@ def evaluate(
     size = models.geometry.default_size
     given = dict(prior_steps=prior_steps, prior_cfg=prior_cfg, decoder_steps=decoder_steps, decoder_cfg=decoder_cfg)
     sampling = {k: v if given[k] is None else given[k] for k, v in sampling_defaults(model).items()}
-    checker = checker_for(out, size, checker_steps, seed)
+    checker = checker_for(out, size, checker_steps, checker_seed)
     report: dict = {"model": str(model), "size": size, "samples": samples, **sampling}
-    report.update(checker_steps=checker_steps, seed=seed, accuracy={}, prompts={})
+    report.update(checker_steps=checker_steps, checker_seed=checker_seed, seed=seed, accuracy={}, prompts={})
     sheet_images, sheet_labels = [], []
     for split in SPLITS:
         rng = random.Random(f"eval:{split}:{seed}")
         attributes = [sample_attributes(rng, split) for _ in range(samples)]
         prompts = [a.caption(0) for a in attributes]
-        requests = [Request(p, seed=seed + i, width=size, height=size, **sampling) for i, p in enumerate(prompts)]
+        first = seed * IMAGE_SEED_STRIDE
+        requests = [Request(p, seed=first + i, width=size, height=size, **sampling) for i, p in enumerate(prompts)]
         results = generate(models, requests, batch_size=batch_size)
         images = torch.stack([to_tensor(r.image) for r in results])
         renders = torch.stack([to_tensor(render(a, size, seed=i)) for i, a in enumerate(attributes)])
