@@ -120,6 +120,7 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
         ("[1]", "recipe: list is not allowed; use a mapping"),
         ('{"stage_c": {"steps": "10"}}', "recipe: stage_c: steps: '10' is not allowed; use a number"),
         ("{not json", "--recipe: not JSON"),
+        ('{"size": 48}', "recipe: size: 48 is not supported; use a multiple of 16 from 64 to 256"),
     ]:
         (tmp_path / "recipe.json").write_text(text)
         assert train(["stage-a", "--out", str(tmp_path), "--recipe", str(tmp_path / "recipe.json")]) == 2

@@ -128,6 +128,7 @@ class Recipe:
     stage_c: RunConfig = field(default_factory=lambda: RunConfig(steps=3000, batch_size=64, lr=1e-3, warmup=200))
 
     def __post_init__(self):
+        GEOMETRY.check_size("recipe: size", self.size)  # the family's default size: one it can render
         for name in self.general_for:
             if name not in GENERAL_STAGES:
                 raise ValueError(f"general_for: {name!r} is not allowed; use some of {', '.join(GENERAL_STAGES)}")
@@ -282,7 +283,7 @@ def _record(
     with open(out / ".family.lock", "w") as lock:  # stages trained side by side finish in their own processes
         fcntl.flock(lock, fcntl.LOCK_EX)
         family = json.loads(path.read_text()) if path.is_file() else {}
-        family["geometry"] = asdict(GEOMETRY)
+        family["geometry"] = asdict(dataclasses.replace(GEOMETRY, default_size=recipe.size))  # trained at that size
         family["recipe"] = asdict(recipe)
         family.setdefault("sampling", dict(SAMPLING))
         if stage is not None:
