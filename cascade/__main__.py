@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_images < 1:
         print(f"error: --num-images: {args.num_images} is not allowed; use 1 or more", file=sys.stderr)
         return 2
+    if args.lite and args.weights is None:
+        print("error: --lite picks the lite files of a --weights folder; the built-in random-lite is the lite "
+              "architecture with random weights", file=sys.stderr)  # fmt: skip
+        return 2
     model = args.weights if args.weights is not None else args.model or DEFAULT_MODEL
     try:
         geometry, sampling = family_geometry(model), sampling_defaults(model)

@@ -39,6 +39,8 @@ def test_cli_bad_size_exits_2_with_the_rule(tmp_path, capsys):
 def test_cli_bad_weights_exit_3_naming_the_folder(tmp_path, capsys):
     assert main(["x", "--weights", str(tmp_path / "missing"), "--out", str(tmp_path / "o.png")]) == 3
     assert "missing: weights folder not found" in capsys.readouterr().err
+    assert main(["x", "--model", "tiny", "--lite", "--out", str(tmp_path / "o.png")]) == 2  # not silently ignored
+    assert "--lite picks the lite files of a --weights folder" in capsys.readouterr().err
 
 
 def test_cli_missing_lora_exits_3_before_any_model_loads(tmp_path, capsys, monkeypatch):
