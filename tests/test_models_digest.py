@@ -1,5 +1,6 @@
 """The weights digest recorded in manifests: content-based, cached per file, the same for every layout path."""
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,11 @@ def test_digest_follows_the_weights_and_is_cached(tmp_path, monkeypatch):
         tiny.stage_b.clf[1].bias.add_(1.0)
     save_stage(tiny.stage_b, folder / "stage_b.safetensors")  # new content: new size or mtime, new hash
     assert model_digest(str(folder), False, "fp32") != first
-    assert file_sha256(folder / "stage_a.safetensors") == file_sha256(folder / "stage_a.safetensors")
-    assert model_digest("tiny", False, "auto") == model_digest("tiny", False, "auto")
+    # Content-based: the file's own sha256 (not its name, size or time), here with nothing cached.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    path = folder / "stage_a.safetensors"
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert model_digest("tiny", False, "auto") != model_digest("random-big", False, "auto")  # a seeded model: its name
 
 
 def test_the_built_in_digests_need_no_model_build(tmp_path):

@@ -39,8 +39,23 @@ def test_grn_norm_in_one_reduction_equals_the_sum_of_squares(dtype):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
+def squares_calls(monkeypatch) -> list:
+    """Record each call of GRN's sum-of-squares norm (the CPU's way; a GPU takes the one-reduction norm)."""
+    import cascade.blocks as blocks
+
+    calls, real = [], blocks.hw_l2_norm_by_squares
+    monkeypatch.setattr(blocks, "hw_l2_norm_by_squares", lambda x: calls.append(x.device.type) or real(x))
+    return calls
+
+
+def test_grn_on_a_cpu_takes_the_sum_of_squares_by_default(monkeypatch):
+    calls = squares_calls(monkeypatch)
+    GlobalResponseNorm(8)(torch.randn(1, 4, 4, 8))
+    assert calls == ["cpu"]
+
+
 @pytest.mark.gpu
-def test_grn_on_a_gpu_computes_what_it_does_on_the_cpu():
+def test_grn_on_a_gpu_computes_what_it_does_on_the_cpu(monkeypatch):
     """On a GPU GRN takes the one-reduction norm; in bf16 it matches the CPU's float32 result to bf16's precision."""
     grn = GlobalResponseNorm(64)
     with torch.no_grad():
@@ -48,7 +63,9 @@ def test_grn_on_a_gpu_computes_what_it_does_on_the_cpu():
         grn.beta.normal_()
     x = torch.randn(2, 24, 24, 64)
     expected = grn(x)
+    calls = squares_calls(monkeypatch)
     got = grn.to("cuda", torch.bfloat16)(x.to("cuda", torch.bfloat16)).float().cpu()
+    assert calls == []  # the one-reduction norm, not the sum of squares
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
 
 

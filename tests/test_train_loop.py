@@ -14,12 +14,16 @@ from cascade.train.semantic import train_semantic
 from cascade.train.shapes import make_dataset, make_general
 
 
-def small_task():
+def small_task(calls: list | None = None):
+    """A tiny net and its step; `calls` (if given) gets one entry per step run, so a test sees how many a resumed
+    run really ran (a run from scratch with the same seed would end with the same weights and losses)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16), nn.GELU(), nn.Conv2d(16, 4, 3, padding=1))
     x0 = torch.randn(32, 4, 8, 8)
 
     def step(generator, loss_weight):
+        if calls is not None:
+            calls.append(1)
         batch = x0[torch.randint(32, (8,), generator=generator)]
         _, adjusted = diffusion_loss(lambda x, r: net(x), batch, {}, loss_weight, generator)
         return adjusted
@@ -35,9 +39,11 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     net, step = small_task()
     half = RunConfig(**{**run.__dict__, "steps": 3})
     fit({"net": net}, step, half, tmp_path / "b", AdaptiveLossWeight(), progress=False)  # "crashes" after step 3
-    net, step = small_task()  # a new process: fresh weights, then the checkpoint
+    calls = []
+    net, step = small_task(calls)  # a new process: fresh weights, then the checkpoint
     resumed = fit({"net": net}, step, run, tmp_path / "b", AdaptiveLossWeight(), progress=False)
 
+    assert len(calls) == 3  # only the steps after the checkpoint ran
     assert resumed.steps == straight.steps == 6 and resumed.losses == straight.losses
     for a, b in zip(straight.modules["net"].state_dict().values(), resumed.modules["net"].state_dict().values()):
         assert torch.equal(a, b)
@@ -69,9 +75,10 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint_whole(tm
     with pytest.raises(KeyboardInterrupt):
         fit({"net": net}, step, run, tmp_path / "b", AdaptiveLossWeight(), progress=False)
     monkeypatch.setattr(loop, "save_file", real)
-    net, step = small_task()
+    calls = []
+    net, step = small_task(calls)
     resumed = fit({"net": net}, step, run, tmp_path / "b", AdaptiveLossWeight(), progress=False)
-    assert resumed.losses == straight.losses
+    assert len(calls) == 4 and resumed.losses == straight.losses  # from step 2's checkpoint, the last whole one
     for a, b in zip(straight.modules["net"].state_dict().values(), resumed.modules["net"].state_dict().values()):
         assert torch.equal(a, b)
     assert sorted(p.name for p in (tmp_path / "b").glob("*.safetensors")) == [
@@ -85,8 +92,10 @@ def test_a_checkpoint_of_other_settings_or_more_steps_is_not_resumed(tmp_path, c
     net, step = small_task()
     fit({"net": net}, step, run, tmp_path / "c", AdaptiveLossWeight(), progress=False)
     for other in (RunConfig(**{**run.__dict__, "steps": 2}), RunConfig(**{**run.__dict__, "lr": 3e-2})):
-        net, step = small_task()
+        calls = []
+        net, step = small_task(calls)
         again = fit({"net": net}, step, other, tmp_path / "c", AdaptiveLossWeight(), progress=False)
+        assert len(calls) == other.steps  # every step ran: nothing was taken from the checkpoint
         net, step = small_task()
         fresh = fit({"net": net}, step, other, None, AdaptiveLossWeight(), progress=False)
         assert again.steps == other.steps and again.losses == fresh.losses  # trained from the start, as a new run

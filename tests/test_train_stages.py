@@ -59,6 +59,28 @@ def test_stage_b_trains_with_its_dropouts():
     assert sum(trained.losses[-10:]) / 10 < 0.8 * sum(trained.losses[:10]) / 10
 
 
+def test_stage_b_drops_its_caption_and_its_effnet_conditioning_at_the_reference_s_rates(monkeypatch):
+    """Captions go to "" 5 % of the time and the semantic (effnet) latent to zeros 10 %, each drawn per sample
+    (the reference's dropouts): counted over 2,400 samples, the rates land near those, not at 0."""
+    from cascade.train import stages
+
+    g = torch.Generator().manual_seed(0)
+    semantic = torch.randn(8, 16, 4, 4, generator=g) + 3.0  # never all zeros by chance
+    stage_a = torch.zeros(8, 4, 16, 16)
+    text = encode_captions(build_text_encoder(TINY_TEXT_CONFIG, seed=0), ["a red circle"] * 8)
+    seen = []
+    # Only the conditioning is looked at: no model pass, no gradient (the draws do not depend on either).
+    look = lambda model, x0, conditions, *a: seen.append(conditions) or (x0, x0.sum())  # noqa: E731
+    monkeypatch.setattr(stages, "diffusion_loss", look)
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)
+    train_stage_b(stage_a, semantic, text, STAGE_B_TINY, RunConfig(steps=150, batch_size=16, warmup=1), progress=False)
+    effnet = torch.cat([c["effnet"] for c in seen])
+    pooled = torch.cat([c["clip"] for c in seen])
+    zeroed = (effnet.abs().amax(dim=(1, 2, 3)) == 0).float().mean()
+    empty = ((pooled - text.empty_pooled).abs().amax(dim=(1, 2)) == 0).float().mean()
+    assert 0.07 < zeroed < 0.13 and 0.03 < empty < 0.07, (float(zeroed), float(empty))
+
+
 def spy_on_loss(monkeypatch, condition: str) -> list:
     """Each batch a trainer passes to its loss, as (x0's first value per sample, `condition` per sample)."""
     from cascade.train import stages
@@ -109,6 +131,7 @@ def test_stage_c_draws_a_share_of_general_images_with_their_own_captions(monkeyp
     matches = (pooled - own).abs().amax(dim=(1, 2)) == 0
     dropped = (pooled - text.empty_pooled).abs().amax(dim=(1, 2)) == 0
     assert bool((matches | dropped).all()) and int(matches.sum()) > 0.8 * len(values)
+    assert 0.01 < dropped.float().mean() < 0.12, dropped.float().mean()  # about CAPTION_DROPOUT (5 %) of 192
     assert bool(matches[is_general].any()) and bool(matches[~is_general].any())
 
 
