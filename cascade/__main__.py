@@ -16,7 +16,7 @@ from PIL import Image
 
 from .family import BUILTIN_MODELS, load_models
 from .geometry import DEFAULT_MODEL, family_geometry
-from .imagefile import png_info
+from .imagefile import encode
 from .lora import apply_lora_file, lora_info
 from .pipeline import Result, generate
 from .request import MAX_SEED, Request, sampling_defaults, validate, validate_strength
@@ -49,7 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a LoRA file (python -m cascade.train lora) merged into Stage C (and Stage B if it adapts it)",
     )
     p.add_argument("--lite", action="store_true", help="use Stage C lite and Stage B lite from --weights")
-    p.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG; with --num-images N, -0..-N-1")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out.png"),
+        help="the image file: .png (or no extension), .webp or .jpg, parameters embedded; with --num-images N, "
+        "-0..-N-1 before the extension",
+    )
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional input)")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}; image i uses seed + i")
     p.add_argument("--num-images", type=int, default=1, help="images of the prompt, one seed each")
@@ -69,14 +75,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+SUFFIXES = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
 def output_paths(out: Path, n: int) -> list[Path]:
-    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
+    """The files to write: `out` itself (`.png` added where it has no extension), or -0..-N-1 before its extension."""
+    suffix = out.suffix or ".png"
+    if n == 1:
+        return [out.with_name(out.name + suffix) if not out.suffix else out]
+    return [out.with_name(f"{out.stem}-{i}{suffix}") for i in range(n)]
+
+
+def check_arguments(args) -> str | None:
+    """What is wrong with the arguments that need no model (the message), or None: checked before any load."""
+    if args.num_images < 1:
+        return f"--num-images: {args.num_images} is not allowed; use 1 or more"
+    if args.batch_size < 1:
+        return f"--batch-size: {args.batch_size} is not allowed; use 1 or more"
+    if args.out.is_dir():
+        return f"--out: {args.out} is a folder; give a file name, e.g. {args.out / 'image.png'}"
+    if args.out.suffix and args.out.suffix.lower() not in SUFFIXES:
+        return f"--out: {args.out.suffix!r} is not an image format this writes; use .png, .webp or .jpg"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return f"--device: {args.device!r} is not a device; use e.g. cpu, cuda, cuda:1"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device: {args.device} is not available here (no CUDA device); use cpu"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.num_images < 1:
-        print(f"error: --num-images: {args.num_images} is not allowed; use 1 or more", file=sys.stderr)
+    problem = check_arguments(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.lite and args.weights is None:
         print("error: --lite picks the lite files of a --weights folder; the built-in random-lite is the lite "
@@ -175,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: seed {result.request.seed}: {result.error}; no image written", file=sys.stderr)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        result.image.save(path, pnginfo=png_info(result.request, models.name))
+        path.write_bytes(encode(result.image, result.request, models.name, SUFFIXES[path.suffix.lower()]))
         print(path)
     print(f"{len(results) - failed} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 1 if failed else 0

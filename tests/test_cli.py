@@ -73,3 +73,31 @@ def test_cli_img2img(tmp_path, capsys):
     assert main(args) == 0 and out.is_file()
     assert main(["x", "--out", str(out), "--init-image", str(tmp_path / "none.png")]) == 2
     assert "--init-image: cannot read" in capsys.readouterr().err
+
+
+def test_cli_arguments_that_need_no_model_are_checked_before_any_load(tmp_path, capsys, monkeypatch):
+    def no_load(**kw):
+        raise AssertionError("the model loaded before the arguments were checked")
+
+    monkeypatch.setitem(cli.BUILTIN_MODELS, "tiny", no_load)
+    cuda = "cuda" if not __import__("torch").cuda.is_available() else "cuda:999"
+    for argv, message in [
+        (["--batch-size", "0"], "--batch-size: 0 is not allowed; use 1 or more"),
+        (["--out", str(tmp_path)], "is a folder; give a file name"),
+        (["--out", str(tmp_path / "x.gif")], "'.gif' is not an image format this writes; use .png, .webp or .jpg"),
+        (["--device", "nonsense"], "--device: 'nonsense' is not a device"),
+    ] + ([(["--device", cuda], "is not available here")] if cuda == "cuda" else []):
+        assert main(["a red circle", "--model", "tiny", *argv]) == 2, argv
+        assert message in capsys.readouterr().err
+
+
+def test_cli_names_the_file_and_embeds_the_parameters_in_each_format(tmp_path):
+    import json
+
+    from cascade.imagefile import EXIF_IMAGE_DESCRIPTION
+
+    assert main(["a red circle", "--model", "tiny", "--out", str(tmp_path / "plain"), "--seed", "3", *FAST]) == 0
+    assert Image.open(tmp_path / "plain.png").text["seed"] == "3"  # no extension: a PNG, named so
+    assert main(["a red circle", "--model", "tiny", "--out", str(tmp_path / "x.jpg"), "--seed", "4", *FAST]) == 0
+    image = Image.open(tmp_path / "x.jpg")
+    assert image.format == "JPEG" and json.loads(image.getexif()[EXIF_IMAGE_DESCRIPTION])["seed"] == 4
