@@ -127,9 +127,14 @@ def run_prior(
     """Text encoder + Stage C for one bucket of requests.
 
     With `init_images` (img2img, one per request), Stage C starts from the images' EfficientNet latents noised to
-    t = strength (at shift 1, as the reference notebook) and denoises from there (t_start = strength).
+    t = strength (at shift 1, as the reference notebook) and denoises from there (t_start = strength). A request
+    that is not valid for the family (`validate`) raises ValueError naming it, before any work.
     """
+    if not requests:
+        return []
     _same_bucket(requests)
+    for r in requests:
+        validate(r, models.geometry)
     start = time.perf_counter()
     n, first = len(requests), requests[0]
     device = models.device

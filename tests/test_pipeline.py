@@ -107,6 +107,13 @@ def test_invalid_requests_are_rejected_before_any_work(models, field, value, mes
     kwargs = {"prompt": "ok", **SMALL, field: value}
     with pytest.raises(ValueError, match="request 1: " + message.replace("(", r"\(").replace("*", r"\*")):
         generate(models, [Request("fine", **SMALL), Request(**kwargs)])
+    if field in ("seed", "prompt"):  # (the others change the bucket, which the one-bucket call refuses first)
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
+            run_prior(models, [Request("fine", **SMALL), Request(**kwargs)])  # the one-bucket call checks too
+
+
+def test_the_one_bucket_calls_take_an_empty_batch(models):
+    assert run_prior(models, []) == [] and run_decoder(models, []) == []
 
 
 def test_buckets_group_equal_parameters_in_batches():
