@@ -125,6 +125,13 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
     check_output(out, 7)
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 7
 
+    # An image cut short (another size than its row records): a plain resume, from the listing alone, renders it again.
+    key = next(r["key"] for r in read_manifests(out).to_pylist() if r["status"] == "ok")
+    out.put(key, out.get(key)[:100])
+    assert run_job(tmp_path / "prompts.parquet", out.root) == 0
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 1 and len(out.get(key)) > 100
+    check_output(out, 7)
+
 
 def test_job_on_s3_in_and_out_leaks_no_secret(s3_bucket, tmp_path, capfd):
     """Credentials only in the standard AWS variables (this process's and the Ray workers'), prompts and outputs on

@@ -81,6 +81,33 @@ def test_nan_is_reported_for_that_request_only(models):
     assert results[1].error is None and results[1].image is not None
 
 
+def test_nan_after_stage_b_or_stage_a_is_reported_for_that_request_only(models, monkeypatch):
+    """The decoder's checks: a Stage C latent holding NaN (as a broken prior would send) poisons only its own Stage B
+    latent; an image Stage A decodes to NaN is an error for that request only, named by stage."""
+    import cascade.pipeline as pipeline
+
+    requests = [Request("a red circle", seed=1, **SMALL), Request("a blue square", seed=2, **SMALL)]
+    priors = run_prior(models, requests)
+    priors[0].latent = priors[0].latent.clone()  # (an inference tensor: written to through a copy)
+    priors[0].latent[0, 0, 0] = float("nan")
+    results = run_decoder(models, priors)
+    assert results[0].image is None and results[0].error == "Stage B produced NaN/Inf in the latent"
+    assert results[1].error is None and results[1].image is not None
+
+    priors = run_prior(models, requests)
+    real = pipeline.decode_latents
+
+    def decode_with_a_nan(models_, latents):
+        images = real(models_, latents).clone()
+        images[1, 0, 0, 0] = float("nan")
+        return images
+
+    monkeypatch.setattr(pipeline, "decode_latents", decode_with_a_nan)
+    results = run_decoder(models, priors)
+    assert results[0].error is None and results[0].image is not None
+    assert results[1].image is None and results[1].error == "Stage A produced NaN/Inf in the image"
+
+
 def test_truncation_is_reported(models):
     long_prompt = " ".join(["cat"] * 100)
     result = generate(models, [Request(long_prompt, **SMALL), Request("a cat", **SMALL)])

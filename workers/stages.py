@@ -246,7 +246,7 @@ class PriorStage(_Stage):
                 negative[i] = to_wire(out.clip_text_pooled_negative, self.latent_dtype)
             span = (start, time.time())  # one model batch: the same interval on each of its rows
             for i in group:
-                spans[i] = span
+                spans[i] = span if batches[i] is not None else None  # (a row that ran in no batch: none)
         table = set_columns(
             batch,
             {
@@ -316,7 +316,7 @@ class DecoderStage(_Stage):
                     pixels[i] = np.asarray(result.image, dtype=np.uint8).tobytes()
             span = (start, time.time())  # one model batch: the same interval on each of its rows
             for i in group:
-                spans[i] = span
+                spans[i] = span if batches[i] is not None else None  # (a row that ran in no batch: none)
         table = batch.drop_columns([c for c in LATENT_COLUMNS if c in batch.column_names])
         return set_columns(
             table,
