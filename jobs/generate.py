@@ -390,6 +390,18 @@ def earlier_digests(out) -> str | None:
     return ", ".join(found) or None
 
 
+def no_progress_timeout(node_wait_seconds: float, ray_default: float) -> float:
+    """Ray Data's own limit on an execution that moves no block (-1: none). Ray's default (30 minutes) would end a job
+    that the node watch lets wait: none with node_wait_seconds 0 ("wait forever" for nodes), and otherwise well past
+    the watch's own limit, so that the watch, which names the pool and the resources, is what stops a stalled job."""
+    if node_wait_seconds == 0:
+        return -1
+    return max(ray_default, node_wait_seconds + NO_PROGRESS_MARGIN_S)
+
+
+NO_PROGRESS_MARGIN_S = 1800  # beyond node_wait_seconds: a model load and a first batch on a slow node
+
+
 def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int, str]:
     """Build the Ray Data pipeline and consume its manifest rows as they arrive; return the latent queue's bytes and
     the weights digest written in the manifests."""
@@ -408,6 +420,9 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     ctx.target_max_block_size = 1 << 20
     ctx.enable_progress_bars = False  # the job prints its own progress line, in images
     ctx.print_on_execution_start = False
+    from ray.data.context import DEFAULT_EXECUTION_NO_PROGRESS_TIMEOUT_S as RAY_DEFAULT
+
+    ctx.execution_no_progress_timeout_s = no_progress_timeout(config.node_wait_seconds, RAY_DEFAULT)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     model_args = {"model": config.model, "lite": config.lite, "dtype": config.dtype, "lora": config.lora}
     model_args["latent_dtype"] = config.latent_dtype

@@ -161,3 +161,13 @@ def test_auto_gpus_share_the_gpus_there_are_when_they_are_fewer_than_the_actors(
     prior, decoder = (PoolConfig(gpus=g, actors=n) for g, n in pools)
     auto = auto_gpus((prior, decoder), gpus)
     assert (pool_args(prior, auto)["num_gpus"], pool_args(decoder, auto)["num_gpus"]) == expected
+
+
+def test_ray_data_s_no_progress_limit_leaves_the_waiting_to_the_node_watch():
+    """Ray Data ends an execution that moves no block for 30 minutes by default: with node_wait_seconds 0 ("wait
+    forever" for nodes) it must not, and otherwise it must come well after the node watch's own limit."""
+    from jobs.generate import NO_PROGRESS_MARGIN_S, no_progress_timeout
+
+    assert no_progress_timeout(0, 1800) == -1
+    assert no_progress_timeout(600, 1800) == 600 + NO_PROGRESS_MARGIN_S >= 1800
+    assert no_progress_timeout(7200, 1800) == 7200 + NO_PROGRESS_MARGIN_S
