@@ -32,6 +32,21 @@ def unplaceable(needs: dict[str, dict[str, float]], nodes: list[dict[str, float]
     return [pool for pool, need in needs.items() if not any(fits(need, node) for node in nodes)]
 
 
+def short_of(needs: dict[str, dict[str, float]], nodes: list[dict[str, float]]) -> str:
+    """'' when the live nodes together hold one actor of every pool at once; else what is short, e.g. 'GPU 2 (Stage
+    C pool 1, Stage B/A pool 1) against 1 on the live nodes'. Each pool's actor may fit some node while the two cannot
+    run at the same time (gpus 1 for each pool on a 1-GPU machine): then one pool never starts and the job stalls.
+    More actors than fit now is not a stall (the pools run with those that do, while an autoscaler adds nodes)."""
+    short = []
+    for name in sorted({r for need in needs.values() for r in need}):
+        wanted = sum(need.get(name, 0.0) for need in needs.values())
+        have = sum(node.get(name, 0.0) for node in nodes)
+        if wanted > have + 1e-9:
+            parts = ", ".join(f"{pool} {need[name]:g}" for pool, need in needs.items() if need.get(name))
+            short.append(f"{name} {wanted:g} ({parts}) against {have:g} on the live nodes")
+    return "; ".join(short)
+
+
 def live_nodes() -> list[dict[str, float]]:
     import ray
 
@@ -62,23 +77,29 @@ class NodeWatch(threading.Thread):
         since: float | None = None
         while not self._done.wait(self.period):
             try:
-                missing = unplaceable(self.needs, self.nodes())
+                nodes = self.nodes()
+                missing = unplaceable(self.needs, nodes)
+                short = "" if missing else short_of(self.needs, nodes)
             except Exception:  # the cluster is unreachable for a moment: Ray itself will report a lost cluster
                 continue
-            if not missing:
+            if not missing and not short:
                 if since is not None:
                     self.log("every pool has a live node to run on again")
                 since = None
                 continue
-            pools = " or ".join(f"the {pool} (one actor needs {describe(self.needs[pool])})" for pool in missing)
+            if missing:
+                pools = " or ".join(f"the {pool} (one actor needs {describe(self.needs[pool])})" for pool in missing)
+                problem = f"no live node can run {pools}"
+            else:
+                problem = f"the pools cannot each run an actor at once on the live nodes: {short}"
             if since is None:
                 since = time.monotonic()
-                self.log(f"warning: no live node can run {pools}; waiting up to {self.timeout:g} s (node_wait_seconds)")
+                self.log(f"warning: {problem}; waiting up to {self.timeout:g} s (node_wait_seconds)")
             if time.monotonic() - since >= self.timeout:
                 self.reason = (
-                    f"no live node can run {pools} for {self.timeout:g} s (node_wait_seconds): a node was lost, "
-                    "or the autoscaler added none. Bring such a node back (or change the pool's resources), then "
-                    "rerun the same command"
+                    f"{problem} for {self.timeout:g} s (node_wait_seconds): a node was lost, or the autoscaler added "
+                    "none. Bring such nodes back (or change the pools' actors, gpus or resources), then rerun the same "
+                    "command"
                 )
                 self._interrupt_main()
                 return

@@ -63,3 +63,26 @@ def test_a_main_thread_that_never_stops_ends_the_process_with_the_reason():
     assert proc.returncode == 1
     assert "error: the job stopped: no live node can run the Stage B/A pool" in proc.stdout
     assert "did not stop within 0.5 s" in proc.stdout and "rerun the same command to resume" in proc.stdout
+
+
+def test_pools_whose_actors_each_fit_a_node_but_not_together_are_waited_for_then_stopped(default_sigint):
+    """One GPU, and a Stage C pool with gpus 1 beside a Stage B/A pool with gpus 1: each actor fits the node, but
+    not both at once, and the Stage B/A pool would never start. The watch checks one actor of every pool together."""
+    from jobs.placement import short_of
+
+    needs = {"Stage C pool": {"GPU": 1.0, "CPU": 0.0}, "Stage B/A pool": {"GPU": 1.0, "CPU": 0.0}}
+    one_gpu = [{"CPU": 2.0, "GPU": 1.0}]
+    assert short_of(needs, one_gpu) == "GPU 2 (Stage C pool 1, Stage B/A pool 1) against 1 on the live nodes"
+    assert short_of(needs, one_gpu * 2) == ""  # two such nodes hold both
+    assert short_of({k: {"GPU": 0.5} for k in needs}, one_gpu) == ""  # half a GPU each: both fit
+
+    logged = []
+    watch = NodeWatch(needs, timeout=0.1, log=logged.append, period=0.05, nodes=lambda: one_gpu)
+    watch.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(10)
+    finally:
+        watch.stop()
+    assert watch.reason.startswith("the pools cannot each run an actor at once on the live nodes: GPU 2 (Stage C")
+    assert logged[0].startswith("warning: the pools cannot each run an actor at once")
