@@ -266,6 +266,10 @@ def run(config) -> int:
         except Exception as e:  # Ray, storage: keep what is done, say how to go on
             with contextlib.suppress(Exception):  # storage may be what failed
                 writer.flush()
+            unusable = model_failure(e)
+            if unusable is not None:  # a rerun would fail the same way: exit 3, as when the driver's check finds it
+                log(f"error: the model cannot be loaded on a node: {unusable}")
+                return EXIT_MODEL
             log(f"error: the job stopped: {failure(e)}")
             log(resume_hint(config))
             return EXIT_INCOMPLETE
@@ -330,6 +334,20 @@ def failure(e: BaseException) -> str:
     if found:
         return f"{found[-1]} (after the retries set by storage_attempts)"
     return f"{type(e).__name__}: {e}"
+
+
+def model_failure(e: BaseException) -> str | None:
+    """The message of a WeightsError an actor raised while loading its models (a weights file that reads on the
+    driver's check but not in full on a node, a LoRA missing on a GPU node), found in Ray's report as `failure` finds
+    a StorageError; None for anything else."""
+    import re
+
+    from cascade.errors import WeightsError
+
+    if isinstance(e, WeightsError):
+        return str(e)
+    found = re.findall(rf"^{WeightsError.__module__}\.WeightsError: (.+)$", str(e), flags=re.MULTILINE)
+    return found[-1] if found else None
 
 
 def usual_request(config):

@@ -173,6 +173,25 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, capsys):
     assert read_manifests(LocalStorage(tmp_path / "out")) is None
 
 
+def test_a_model_that_fails_to_load_on_a_node_exits_3_naming_it(tmp_path, capsys):
+    """The driver checks the stages' files and that a text encoder is there before Ray starts; one whose weights are
+    gone is found only by the Stage C actor loading it. The job says so and exits 3 (a rerun would fail alike), not
+    1 with 'rerun to resume'."""
+    from cascade import save_stage, tiny_models
+
+    tiny, folder = tiny_models(), tmp_path / "weights"
+    tiny.text_encoder.model.save_pretrained(folder / "text_encoder")
+    for stage in ("stage_c", "stage_b", "stage_a"):
+        save_stage(getattr(tiny, stage), folder / f"{stage}.safetensors")
+    for f in (folder / "text_encoder").glob("model*.safetensors"):
+        f.unlink()
+    pq.write_table(prompts_table(2), tmp_path / "ok.parquet")
+    flags = ["--model", str(folder), "--no-report"]
+    assert main(["--prompts", str(tmp_path / "ok.parquet"), "--out", str(tmp_path / "out"), *FAST[2:], *flags]) == 3
+    err = capsys.readouterr().err
+    assert "error: the model cannot be loaded on a node: " in err and "text encoder could not be loaded" in err
+
+
 def test_dry_run_moves_full_size_data_through_every_stage(tmp_path):
     pq.write_table(prompts_table(64), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
