@@ -318,36 +318,34 @@ def run(config) -> int:
     return EXIT_OK
 
 
-def failure(e: BaseException) -> str:
-    """One clear line for a storage failure, wherever it happened; Ray's full report for anything else.
-
-    A writer task's StorageError reaches the driver only as text inside Ray's task error (Ray Data wraps it in a
-    UserCodeException, and the chain does not survive pickling), so it is found by its type's name in that text."""
+def raised(e: BaseException, kind: type) -> str | None:
+    """The message of the `kind` error behind `e`: e itself, or one an actor or task raised. Ray Data wraps a task's
+    error in a UserCodeException and the chain does not survive pickling, so it is found by its type's full name in
+    the text of Ray's report. None when there is none."""
     import re
 
+    if isinstance(e, kind):
+        return str(e)
+    found = re.findall(rf"^{kind.__module__}\.{kind.__name__}: (.+)$", str(e), flags=re.MULTILINE)
+    return found[-1] if found else None
+
+
+def failure(e: BaseException) -> str:
+    """One clear line for a storage failure, wherever it happened; Ray's full report for anything else."""
     from workers.storage import StorageError
 
-    if isinstance(e, StorageError):
-        found = [str(e)]
-    else:
-        found = re.findall(rf"^{StorageError.__module__}\.StorageError: (.+)$", str(e), flags=re.MULTILINE)
-    if found:
-        return f"{found[-1]} (after the retries set by storage_attempts)"
+    message = raised(e, StorageError)
+    if message is not None:
+        return f"{message} (after the retries set by storage_attempts)"
     return f"{type(e).__name__}: {e}"
 
 
 def model_failure(e: BaseException) -> str | None:
     """The message of a WeightsError an actor raised while loading its models (a weights file that reads on the
-    driver's check but not in full on a node, a LoRA missing on a GPU node), found in Ray's report as `failure` finds
-    a StorageError; None for anything else."""
-    import re
-
+    driver's check but not in full on a node, a LoRA missing on a GPU node); None for anything else."""
     from cascade.errors import WeightsError
 
-    if isinstance(e, WeightsError):
-        return str(e)
-    found = re.findall(rf"^{WeightsError.__module__}\.WeightsError: (.+)$", str(e), flags=re.MULTILINE)
-    return found[-1] if found else None
+    return raised(e, WeightsError)
 
 
 def usual_request(config):
@@ -460,8 +458,9 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
             f"{auto:g} each (set the pools' gpus to 1 to wait for an autoscaler to add GPU nodes instead; "
             "max_actors grows a pool onto GPUs added later)"
         )
-    wanted = sum(p.actors * pool_args(p, auto)["num_gpus"] for p in (prior, decoder))
-    digest = job_digest(config, *(pool_args(p, auto)["num_gpus"] for p in (prior, decoder)))
+    gpus = [pool_args(p, auto)["num_gpus"] for p in (prior, decoder)]  # per actor
+    wanted = prior.actors * gpus[0] + decoder.actors * gpus[1]
+    digest = job_digest(config, *gpus)
     if wanted > cluster_gpus:
         log(
             f"warning: the pools ask for {wanted:g} GPUs and the cluster has {cluster_gpus:g} now; "

@@ -162,13 +162,15 @@ class _Stage:
         """One model batch of batch_size copies of `request` through this actor's models (each stage its own)."""
         raise NotImplementedError
 
-    def _batch_columns(self, spans: list, n: int) -> dict[str, pa.Array]:
-        """When each row's model batch ran ((start, end) per row; None for rows that ran in none, such as rows that
-        came with an error), and on which actor: the report's busy fractions and timeline come from these."""
+    def _batch_columns(self, spans: list, batches: list) -> dict[str, pa.Array]:
+        """When each row's model batch ran, and on which actor: the report's busy fractions and timeline come from
+        these. spans: (start, end) of each row's group; batches: the size of the model batch each row ran in, None
+        for rows that ran in none (they came with an error, or did not fit the device alone): those get no span."""
+        ran = [s if b is not None else None for s, b in zip(spans, batches, strict=True)]
         return {
-            f"{self.part}_start": pa.array([s and s[0] for s in spans], pa.float64()),
-            f"{self.part}_end": pa.array([s and s[1] for s in spans], pa.float64()),
-            f"{self.part}_actor": pa.array([self.name] * n, pa.string()),
+            f"{self.part}_start": pa.array([s and s[0] for s in ran], pa.float64()),
+            f"{self.part}_end": pa.array([s and s[1] for s in ran], pa.float64()),
+            f"{self.part}_actor": pa.array([self.name] * len(spans), pa.string()),
         }
 
     def _fitted(self, run, items: list, failed) -> list[tuple]:
@@ -246,7 +248,7 @@ class PriorStage(_Stage):
                 negative[i] = to_wire(out.clip_text_pooled_negative, self.latent_dtype)
             span = (start, time.time())  # one model batch: the same interval on each of its rows
             for i in group:
-                spans[i] = span if batches[i] is not None else None  # (a row that ran in no batch: none)
+                spans[i] = span
         table = set_columns(
             batch,
             {
@@ -258,7 +260,7 @@ class PriorStage(_Stage):
                 "prompt_truncated": pa.array(truncated, pa.bool_()),
                 "prior_s": pa.array(seconds, pa.float64()),
                 "prior_batch": pa.array(batches, pa.int64()),
-                **self._batch_columns(spans, n),
+                **self._batch_columns(spans, batches),
             },
         )
         # What one image costs in the latent queue: its share of this block's Arrow bytes, metadata included.
@@ -316,7 +318,7 @@ class DecoderStage(_Stage):
                     pixels[i] = np.asarray(result.image, dtype=np.uint8).tobytes()
             span = (start, time.time())  # one model batch: the same interval on each of its rows
             for i in group:
-                spans[i] = span if batches[i] is not None else None  # (a row that ran in no batch: none)
+                spans[i] = span
         table = batch.drop_columns([c for c in LATENT_COLUMNS if c in batch.column_names])
         return set_columns(
             table,
@@ -325,6 +327,6 @@ class DecoderStage(_Stage):
                 "pixels": pa.array(pixels, pa.binary()),
                 "decoder_s": pa.array(seconds, pa.float64()),
                 "decoder_batch": pa.array(batches, pa.int64()),
-                **self._batch_columns(spans, n),
+                **self._batch_columns(spans, batches),
             },
         )
