@@ -181,6 +181,14 @@ def contains(sorted_hashes: np.ndarray, h: int) -> bool:
     return bool(pos < len(sorted_hashes) and sorted_hashes[pos] == h)
 
 
+def contained(sorted_hashes: np.ndarray, hs: np.ndarray) -> np.ndarray:
+    """`contains` for an array of hashes at once: a bool per hash."""
+    if not len(sorted_hashes):
+        return np.zeros(len(hs), dtype=bool)
+    pos = np.searchsorted(sorted_hashes, hs)
+    return (pos < len(sorted_hashes)) & (sorted_hashes[np.minimum(pos, len(sorted_hashes) - 1)] == hs)
+
+
 def hashes(pairs: Iterator[tuple[str, int]]) -> np.ndarray:
     return np.fromiter((image_hash(i, k) for i, k in pairs), dtype=np.uint64)
 
@@ -564,5 +572,6 @@ def pending_images(sources: list[Source], segment: list[dict], default: int, don
         n = item["stop"] - item["start"]
         table = pf.read_row_group(item["row_group"], columns=columns).slice(item["start"], n) if columns else None
         ids, counts = _ids_and_counts_of(table, source.name, item["first_row"], n, default)
-        pending += sum(1 for id_, c in zip(ids, counts) for k in range(c) if not contains(done, image_hash(id_, k)))
+        images = hashes((id_, k) for id_, c in zip(ids, counts) for k in range(c))
+        pending += int(len(images) - contained(done, images).sum())
     return pending

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workers.storage import Storage, StorageError, sha256_hex
 
-from .inputs import contains, image_hash
+from .inputs import contained, hashes
 
 MANIFEST_DIR = "manifests"
 SUCCESS = "_SUCCESS"
@@ -97,78 +98,170 @@ class Previous:
     drop: dict[str, list[int]]  # manifest part -> rows to remove, because their image is rendered again
 
 
+# Resume plans on the driver over every stored image (millions, for a dataset), so it works on arrays: per image a
+# listed key and size, the manifest row's key while it is looked up in the listing, then about 30 bytes of numbers.
+# Python dicts and tuples of the same cost about 1 KB per image.
+KEY = pa.large_string()  # a listing of tens of millions of keys outgrows a string array's 2 GB of offsets
+
+
+def listing(storage: Storage, prefix: str, chunk: int = 100_000) -> pa.Table:
+    """`storage.list(prefix)` as a table of `key` and `size`, built a chunk at a time."""
+    tables, keys, sizes = [], [], []
+
+    def add() -> None:
+        tables.append(pa.table({"key": pa.array(keys, KEY), "size": pa.array(sizes, pa.int64())}))
+        keys.clear()
+        sizes.clear()
+
+    for key, size in storage.list(prefix):
+        keys.append(key)
+        sizes.append(size)
+        if len(keys) == chunk:
+            add()
+    add()
+    return pa.concat_tables(tables)
+
+
+def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.ChunkedArray:
+    """A manifest column as `type_`; all nulls when the part has none (`member` in a files layout)."""
+    if name not in table.column_names:
+        return pa.chunked_array([pa.nulls(table.num_rows, type_)])
+    return table.column(name).cast(type_)
+
+
+@dataclass
+class _Rows:
+    """The manifest rows of this input's images, one array element per row."""
+
+    part: np.ndarray  # int32: which manifest part
+    index: np.ndarray  # int32: the row's index in its part
+    hash: np.ndarray  # uint64: image_hash(id, image_index)
+    ok: np.ndarray  # bool: status is ok
+    image: np.ndarray  # bool: an image object (no shard member), which must have its recorded size
+    bytes: np.ndarray  # int64: the recorded size (-1 if none)
+    key: pa.ChunkedArray  # the object the row names (null for an error)
+    checks: pa.Table | None  # with verify: key, member and sha256, for the rows that are ok
+
+
+_NUMBERS = {"part": np.int32, "index": np.int32, "hash": np.uint64, "ok": bool, "image": bool, "bytes": np.int64}
+
+
+def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, verify: bool, shards: pa.Array):
+    """This input's rows of every part (rows of other inputs are left as they are), and the shards that any row of
+    any input names."""
+    columns = ["id", "image_index", "status", "key", "bytes", "member"] + (["sha256"] if verify else [])
+    got: dict[str, list] = {f: [] for f in ("part", "index", "hash", "ok", "image", "bytes", "key", "checks")}
+    named = []
+    for p, part in enumerate(parts):
+        table = read_part(storage, part, columns)
+        keys = _column(table, "key", KEY)
+        if len(shards):
+            named.append(pc.unique(keys.filter(pc.is_in(keys, value_set=shards))))
+        h = hashes(zip(table.column("id").to_pylist(), table.column("image_index").to_pylist()))
+        mine = contained(expected, h)
+        ok = pc.equal(_column(table, "status", pa.string()), "ok").fill_null(False).to_numpy()[mine]
+        member = _column(table, "member", pa.string()).filter(mine)
+        got["part"].append(np.full(int(mine.sum()), p, np.int32))
+        got["index"].append(np.flatnonzero(mine).astype(np.int32))
+        got["hash"].append(h[mine])
+        got["ok"].append(ok)
+        got["image"].append(pc.is_null(member).to_numpy())
+        got["bytes"].append(_column(table, "bytes", pa.int64()).fill_null(-1).to_numpy()[mine])
+        got["key"].extend(keys.filter(mine).chunks)
+        if verify:
+            checks = pa.table(
+                {
+                    "key": keys.filter(mine),
+                    "member": member,
+                    "sha256": _column(table, "sha256", pa.string()).filter(mine),
+                }
+            )
+            got["checks"].append(checks.filter(pa.array(ok)))
+    rows = _Rows(
+        **{f: np.concatenate(got[f]) if got[f] else np.zeros(0, t) for f, t in _NUMBERS.items()},
+        key=pa.chunked_array(got["key"], KEY),
+        checks=pa.concat_tables(got["checks"]) if got["checks"] else None,
+    )
+    return rows, pa.concat_arrays(named) if named else pa.array([], KEY)
+
+
 def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, verify: bool = False) -> Previous:
     """What earlier runs finished, checked against a listing of the stored images (and, with `verify`, against the
     sha256 of their bytes)."""
     previous = Previous(np.zeros(0, np.uint64), 0, 0, 0, [], {})
     parts = manifest_keys(storage)
-    shards = dict(storage.list("shards"))
-    if not parts and not shards:
+    stored_shards = listing(storage, "shards")
+    shards = stored_shards.column("key").combine_chunks()
+    if not parts and not len(shards):
         return previous
-    listed = {**dict(storage.list("images")), **shards}
-    rows = []  # (part, index, row) of this input's images
-    referenced = set()  # every key a manifest row names, whichever input it came from
-    for part in parts:
-        table = read_part(storage, part, ["id", "image_index", "status", "key", "bytes", "member", "sha256"])
-        for index, row in enumerate(table.to_pylist()):
-            referenced.add(row["key"])
-            row["hash"] = image_hash(row["id"], row["image_index"])
-            if contains(expected, row["hash"]):  # rows of other inputs are left as they are
-                rows.append((part, index, row))
-    ok = [row for _, _, row in rows if row["status"] == "ok"]
-    bad = {row["key"] for row in ok if row["key"] not in listed}
+    listed = pa.concat_tables([listing(storage, "images"), stored_shards]).combine_chunks()
+    rows, named = _manifest_rows(storage, parts, expected, verify, shards)
+    # Where each row's key is in the listing (-1: not there); the keys themselves are not needed after this.
+    at = pc.index_in(rows.key, value_set=listed.column("key")).fill_null(-1).to_numpy()
+    rows.key = None
+    there = at >= 0
+    sizes = np.append(listed.column("size").to_numpy(), -1)[at]  # (at -1 reads the -1 put after the listing)
     # An image object must have its recorded size; a shard only has to be there (its rows give member sizes).
-    bad |= {row["key"] for row in ok if row.get("member") is None and listed.get(row["key"]) != row["bytes"]}
-    if verify:
-        bad |= mismatched(storage, [row for row in ok if row["key"] not in bad])
-    done = []
-    for part, index, row in rows:
-        if row["status"] == "ok":
-            if row["key"] in bad:
-                previous.missing += 1
-                previous.drop.setdefault(part, []).append(index)
-                continue
-            previous.ok += 1
-        elif retry_errors:
-            previous.drop.setdefault(part, []).append(index)
-            continue
-        else:
-            previous.errors += 1
-        done.append(row["hash"])
-    # A bad object still stored is removed before it is written again (a shard with one bad member goes whole: all
-    # of its rows are rendered again). So is a shard no row names: stored by a run that stopped before its rows
-    # reached a manifest part. Its images are rendered again into a shard whose key depends on the batch they fall
-    # in, which need not be the same, so the old one would stay forever, unreferenced, duplicating them.
-    orphans = {k for k in shards if k not in referenced}
-    previous.stale_keys = sorted({k for k in bad if k in listed} | orphans)
-    previous.done = np.unique(np.array(done, dtype=np.uint64))
+    wrong = ~there | (rows.image & (sizes != rows.bytes))
+    bad = np.zeros(listed.num_rows + 1, dtype=bool)  # listed objects to render again (and a last one, never set)
+    bad[at[rows.ok & wrong & there]] = True
+    if verify and rows.checks is not None:
+        checks = rows.checks.filter(pa.array(~wrong[rows.ok]))
+        found = mismatched(storage, checks)
+        bad[pc.index_in(pa.array(sorted(found), KEY), value_set=listed.column("key")).fill_null(-1).to_numpy()] = True
+    # Every row of a bad key is rendered again: a shard with one bad member goes whole.
+    redo = rows.ok & (~there | bad[at])
+    good = rows.ok & ~redo
+    failed = ~rows.ok
+    previous.ok, previous.missing = int(good.sum()), int(redo.sum())
+    previous.errors = 0 if retry_errors else int(failed.sum())
+    drop = redo | failed if retry_errors else redo
+    order = np.argsort(rows.part[drop], kind="stable")  # by part, each part's rows in their order
+    dropped_parts, dropped_rows = rows.part[drop][order], rows.index[drop][order]
+    starts = np.flatnonzero(np.diff(dropped_parts, prepend=-1))
+    for p, these in zip(dropped_parts[starts], np.split(dropped_rows, starts[1:])):
+        previous.drop[parts[p]] = these.tolist()
+    previous.done = np.unique(rows.hash[good if retry_errors else good | failed])
+    # A bad object still stored is removed before it is written again. So is a shard no row names: stored by a run
+    # that stopped before its rows reached a manifest part. Its images are rendered again into a shard whose key
+    # depends on the batch they fall in, which need not be the same, so the old one would stay forever, unreferenced,
+    # duplicating them.
+    orphans = shards.filter(pc.invert(pc.is_in(shards, value_set=named)))
+    previous.stale_keys = sorted(
+        set(listed.column("key").filter(pa.array(bad[:-1])).to_pylist()) | set(orphans.to_pylist())
+    )
     return previous
 
 
-def mismatched(storage: Storage, rows: list[dict], threads: int = 16) -> set[str]:
-    """The keys whose stored bytes (an image, or a shard member) no longer have the manifest's sha256."""
+def mismatched(storage: Storage, rows: pa.Table, threads: int = 16, chunk: int = 4096) -> set[str]:
+    """The keys whose stored bytes (an image, or a shard member) no longer have the manifest's sha256. `rows` has a
+    `key`, `member` (null for an image object) and `sha256` per image; keys are checked a chunk at a time, so neither
+    the rows nor the pending checks are ever all in Python objects at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    by_key: dict[str, list[dict]] = {}
-    for row in rows:
-        by_key.setdefault(row["key"], []).append(row)
+    by_key = rows.group_by("key", use_threads=False).aggregate([("member", "list"), ("sha256", "list")])
 
-    def check(key: str) -> bool:
+    def check(group: dict) -> bool:
+        key, names, sums = group["key"], group["member_list"], group["sha256_list"]
         try:
             data = storage.get(key)
         except StorageError:
             return False  # gone since the listing
-        if by_key[key][0].get("member") is None:
-            return sha256_hex(data) == by_key[key][0]["sha256"]
+        if names[0] is None:
+            return sha256_hex(data) == sums[0]
         try:
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 members = {m.name: sha256_hex(tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()}
         except tarfile.TarError:
             return False  # truncated or corrupt: none of its members can be trusted
-        return all(members.get(row["member"]) == row["sha256"] for row in by_key[key])
+        return all(members.get(name) == sha for name, sha in zip(names, sums))
 
+    found = set()
     with ThreadPoolExecutor(threads) as pool:
-        return {key for key, good in zip(by_key, pool.map(check, by_key)) if not good}
+        for start in range(0, by_key.num_rows, chunk):
+            groups = by_key.slice(start, chunk).to_pylist()
+            found |= {g["key"] for g, good in zip(groups, pool.map(check, groups)) if not good}
+    return found
 
 
 def drop_rows(storage: Storage, drop: dict[str, list[int]]) -> None:

@@ -1,0 +1,179 @@
+"""Resume planning (`previous_work`): which images earlier runs finished, checked against what storage holds."""
+
+import io
+import re
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.inputs import image_hash
+from jobs.manifest import drop_rows, listing, mismatched, previous_work, read_part
+from tests.helpers import load_script
+from workers.storage import LocalStorage, sha256_hex
+
+
+def _part(storage, name: str, rows: list[dict]) -> str:
+    """A manifest part holding `rows` (missing fields null), as the job writes it."""
+    fields = ["id", "image_index", "status", "key", "bytes", "sha256"] + (["member"] if "member" in rows[0] else [])
+    table = pa.table({f: [r.get(f) for r in rows] for f in fields})
+    table = table.set_column(4, "bytes", table.column("bytes").cast(pa.int64()))
+    out = io.BytesIO()
+    pq.write_table(table, out)
+    key = f"manifests/part-{name}.parquet"
+    storage.put(key, out.getvalue())
+    return key
+
+
+def _image(storage, id_: str, data: bytes, status: str = "ok") -> dict:
+    key = f"images/aa/{id_}-0.png"
+    if status == "ok":
+        storage.put(key, data)
+        return {"id": id_, "image_index": 0, "status": "ok", "key": key, "bytes": len(data), "sha256": sha256_hex(data)}
+    return {"id": id_, "image_index": 0, "status": "error", "key": None, "bytes": None, "sha256": None}
+
+
+def _hashes(*ids: str) -> np.ndarray:
+    return np.sort(np.array([image_hash(i, 0) for i in ids], np.uint64))
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A files-layout output over two manifest parts: good images, a lost one, a resized one, an error, and an image
+    of another input."""
+    s = LocalStorage(tmp_path)
+    a, b, lost = (_image(s, i, i.encode() * 10) for i in ("a", "b", "lost"))
+    resized, c, error = _image(s, "resized", b"x" * 50), _image(s, "c", b"c" * 10), _image(s, "err", b"", "error")
+    other = _image(s, "other", b"o" * 10)
+    s.delete([lost["key"], other["key"]])  # gone from storage since
+    s.put(resized["key"], b"x" * 49)  # rewritten with another size (a partial copy, say)
+    parts = [_part(s, "r1-000000", [a, lost, other, b]), _part(s, "r2-000000", [error, resized, c])]
+    return s, parts
+
+
+def test_resume_keeps_stored_images_and_errors_and_redoes_lost_and_resized_ones(files):
+    s, parts = files
+    previous = previous_work(s, _hashes("a", "b", "c", "lost", "resized", "err"), retry_errors=False)
+    assert (previous.ok, previous.errors, previous.missing) == (3, 1, 2)
+    np.testing.assert_array_equal(previous.done, _hashes("a", "b", "c", "err"))
+    # Rows to drop by part and index; the other input's row (index 2 of part 0) is left, though its image is gone.
+    assert previous.drop == {parts[0]: [1], parts[1]: [1]}
+    assert previous.stale_keys == ["images/aa/resized-0.png"]  # the lost image has nothing left to remove
+
+
+def test_retrying_errors_drops_their_rows(files):
+    s, parts = files
+    previous = previous_work(s, _hashes("a", "b", "c", "lost", "resized", "err"), retry_errors=True)
+    assert (previous.ok, previous.errors, previous.missing) == (3, 0, 2)
+    np.testing.assert_array_equal(previous.done, _hashes("a", "b", "c"))
+    assert previous.drop == {parts[0]: [1], parts[1]: [0, 1]}
+    drop_rows(s, previous.drop)
+    assert read_part(s, parts[0]).column("id").to_pylist() == ["a", "other", "b"]
+    assert read_part(s, parts[1]).column("id").to_pylist() == ["c"]
+
+
+def test_verify_redoes_an_image_whose_bytes_changed_at_the_same_size(files):
+    s, _ = files
+    s.put("images/aa/b-0.png", b"B" * 10)
+    expected = _hashes("a", "b", "c", "lost", "resized", "err")
+    assert previous_work(s, expected, retry_errors=False).ok == 3  # a listing sees nothing wrong
+    previous = previous_work(s, expected, retry_errors=False, verify=True)
+    assert (previous.ok, previous.missing) == (2, 3)
+    np.testing.assert_array_equal(previous.done, _hashes("a", "c", "err"))
+    assert previous.stale_keys == ["images/aa/b-0.png", "images/aa/resized-0.png"]
+
+
+def _shard(storage, name: str, members: dict[str, bytes], ids: list[str]) -> list[dict]:
+    key = f"shards/{name}.tar"
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for member, data in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    storage.put(key, out.getvalue())
+    return [
+        {"id": i, "image_index": 0, "status": "ok", "key": key, "member": m, "bytes": len(d), "sha256": sha256_hex(d)}
+        for i, (m, d) in zip(ids, members.items())
+    ]
+
+
+def test_a_shard_goes_whole_when_any_member_is_bad_and_orphan_shards_are_removed(tmp_path):
+    s = LocalStorage(tmp_path)
+    good = _shard(s, "good", {"a.png": b"aa", "b.png": b"bb"}, ["a", "b"])
+    tampered = _shard(s, "tampered", {"c.png": b"cc", "d.png": b"dd"}, ["c", "d"])
+    gone = _shard(s, "gone", {"e.png": b"ee"}, ["e"])
+    theirs = _shard(s, "theirs", {"z.png": b"zz"}, ["z"])  # another input's shard: named, so not an orphan
+    _shard(s, "orphan", {"f.png": b"ff"}, ["f"])  # stored by a run that stopped before its manifest part
+    s.delete(["shards/gone.tar"])
+    tampered[1]["sha256"] = sha256_hex(b"something else")
+    parts = [_part(s, "r1-000000", good + tampered), _part(s, "r1-000001", gone + theirs)]
+    expected = _hashes("a", "b", "c", "d", "e", "f")
+
+    listed = previous_work(s, expected, retry_errors=False)
+    assert (listed.ok, listed.missing) == (4, 1)  # a listing only sees the shard that is gone
+    assert listed.stale_keys == ["shards/orphan.tar"]
+
+    verified = previous_work(s, expected, retry_errors=False, verify=True)
+    assert (verified.ok, verified.missing) == (2, 3)
+    np.testing.assert_array_equal(verified.done, _hashes("a", "b"))
+    assert verified.drop == {parts[0]: [2, 3], parts[1]: [0]}
+    assert verified.stale_keys == ["shards/orphan.tar", "shards/tampered.tar"]
+
+
+def test_a_truncated_shard_fails_verification(tmp_path):
+    s = LocalStorage(tmp_path)
+    rows = _shard(s, "cut", {"a.png": b"a" * 2000, "b.png": b"b" * 2000}, ["a", "b"])
+    _part(s, "r1-000000", rows)
+    s.put("shards/cut.tar", s.get("shards/cut.tar")[:1500])
+    previous = previous_work(s, _hashes("a", "b"), retry_errors=False, verify=True)
+    assert (previous.ok, previous.missing, previous.stale_keys) == (0, 2, ["shards/cut.tar"])
+
+
+def test_nothing_stored_means_nothing_done(tmp_path):
+    previous = previous_work(LocalStorage(tmp_path), _hashes("a"), retry_errors=False)
+    assert (len(previous.done), previous.ok, previous.drop, previous.stale_keys) == (0, 0, {}, [])
+
+
+def test_only_an_orphan_shard_is_removed(tmp_path):
+    s = LocalStorage(tmp_path)
+    _shard(s, "orphan", {"a.png": b"aa"}, ["a"])
+    previous = previous_work(s, _hashes("a"), retry_errors=False)
+    assert (previous.ok, previous.stale_keys) == (0, ["shards/orphan.tar"])
+
+
+def test_a_listing_is_built_in_chunks_and_keeps_every_key(tmp_path):
+    s = LocalStorage(tmp_path)
+    for i in range(7):
+        s.put(f"images/aa/{i}.png", b"x" * i)
+    table = listing(s, "images", chunk=3)
+    assert sorted(zip(table.column("key").to_pylist(), table.column("size").to_pylist())) == sorted(s.list("images"))
+
+
+def test_a_deleted_images_folder_redoes_every_image(files):
+    s, parts = files
+    s.delete([k for k, _ in s.list("images")])
+    previous = previous_work(s, _hashes("a", "b", "c", "lost", "resized", "err"), retry_errors=False)
+    assert (previous.ok, previous.errors, previous.missing, previous.stale_keys) == (0, 1, 5, [])
+    assert previous.drop == {parts[0]: [0, 1, 3], parts[1]: [1, 2]}
+
+
+def test_verification_reads_keys_a_chunk_at_a_time_and_misses_none(tmp_path):
+    s = LocalStorage(tmp_path)
+    rows = [_image(s, i, i.encode() * 5) for i in ("a", "b", "c", "d", "e")]
+    s.put(rows[3]["key"], b"D" * 5)
+    checks = pa.table(
+        {"key": [r["key"] for r in rows], "member": pa.nulls(5, pa.string()), "sha256": [r["sha256"] for r in rows]}
+    )
+    assert mismatched(s, checks, threads=2, chunk=2) == {rows[3]["key"]}
+
+
+def test_the_resume_measurement_plans_a_finished_output(monkeypatch, capsys):
+    """scripts/measure_resume.py (the figures in docs/PIPELINE.md) runs and finds every image done."""
+    monkeypatch.setattr("sys.argv", ["measure_resume.py", "--images", "3000", "--parts", "3"])
+    load_script("measure_resume").main()
+    assert re.fullmatch(
+        r"3,000 images in 3 manifest parts: planned in [\d.]+ s, peak .* per image\)\n", capsys.readouterr().out
+    )
