@@ -478,7 +478,7 @@ def read_fragments(
     def images() -> Iterator[dict]:
         for item in items.to_pylist():
             source = sources[item["source"]]
-            table = source.open().read_row_group(item["row_group"]).slice(item["start"], item["stop"] - item["start"])
+            table = read_rows(source.open(), item["row_group"], item["start"], item["stop"])
             for offset, row in enumerate(table.to_pylist()):
                 for image in expand_row(row, source.name, item["first_row"] + offset, config, geometry):
                     if contains(done, image_hash(image["id"], image["image_index"])):
@@ -542,6 +542,21 @@ def bucket_runs(images: Iterator[dict], unit: int, chunk_rows: int) -> Iterator[
         yield rest
 
 
+def read_rows(pf: pq.ParquetFile, row_group: int, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows `start` to `stop` of a row group, decoded only as far as `stop`. A prompts file written in one large row
+    group (pandas writes up to about a million rows to one) is cut into many segments, and decoding the whole group
+    for each one took 10 times as long: 0.29 s against 0.03 s for 20,000 rows in the middle of a million."""
+    batches, at = [], 0
+    for batch in pf.iter_batches(batch_size=8192, row_groups=[row_group], columns=columns):
+        if at + batch.num_rows > start:
+            batches.append(batch.slice(max(0, start - at), stop - max(at, start)))
+        at += batch.num_rows
+        if at >= stop:
+            break
+    schema = pf.schema_arrow if columns is None else pa.schema([pf.schema_arrow.field(c) for c in columns])
+    return pa.Table.from_batches(batches, schema=schema)
+
+
 def segments(sources: list[Source], rows_per_segment: int) -> list[list[dict]]:
     """The input cut into segments of about `rows_per_segment` rows, each a list of work items: a row range of one
     row group (`first_row` is the range's first row in its file). The job runs one Ray Data execution per segment."""
@@ -570,7 +585,7 @@ def pending_images(sources: list[Source], segment: list[dict], default: int, don
         pf = source.open()
         columns = [c for c in ID_COLUMNS if c in pf.schema_arrow.names]
         n = item["stop"] - item["start"]
-        table = pf.read_row_group(item["row_group"], columns=columns).slice(item["start"], n) if columns else None
+        table = read_rows(pf, item["row_group"], item["start"], item["stop"], columns) if columns else None
         ids, counts = _ids_and_counts_of(table, source.name, item["first_row"], n, default)
         images = hashes((id_, k) for id_, c in zip(ids, counts) for k in range(c))
         pending += int(len(images) - contained(done, images).sum())

@@ -22,6 +22,7 @@ from jobs.inputs import (
     pending_images,
     plan,
     read_fragments,
+    read_rows,
     segments,
 )
 
@@ -272,6 +273,29 @@ def test_segments_cut_row_groups_and_files_into_row_ranges(tmp_path):
     assert [pending_images(p.sources, part, 1, nothing) for part in parts] == [3, 3, 3]
     done = np.sort(np.array([image_hash("b.parquet:1", 1), image_hash("a.parquet:0", 0)], np.uint64))
     assert [pending_images(p.sources, part, 1, done) for part in parts] == [2, 3, 2]
+
+
+def test_a_large_row_group_is_read_a_range_at_a_time_as_a_whole_read_would_give_it(tmp_path):
+    # One row group of 20,000 rows (pandas' way), more than read_rows' batches of 8,192, with a dictionary column.
+    n = 20_000
+    table = pa.table(
+        {"prompt": [f"p{i}" for i in range(n)], "style": pa.array(["a", "b"] * (n // 2)).dictionary_encode()}
+    )
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in/big.parquet")
+    pf = pq.ParquetFile(tmp_path / "in/big.parquet")
+    assert pf.metadata.num_row_groups == 1
+    for start, stop in [(0, n), (0, 1), (8191, 8193), (12_345, 19_999), (16_384, n), (7, 7)]:
+        whole = pf.read_row_group(0).slice(start, stop - start)
+        assert read_rows(pf, 0, start, stop).equals(whole), (start, stop)
+        assert read_rows(pf, 0, start, stop, ["prompt"]).equals(whole.select(["prompt"])), (start, stop)
+    c = config(tmp_path / "in")
+    p = plan(c)
+    nothing = np.zeros(0, np.uint64)
+    parts = segments(p.sources, 7_000)
+    tables = [t for part in parts for t in read_fragments(pa.Table.from_pylist(part), p.sources, c, p.extra, nothing)]
+    assert pa.concat_tables(tables).column("id").to_pylist() == [f"big.parquet:{i}" for i in range(n)]
+    assert [pending_images(p.sources, part, 1, nothing) for part in parts] == [7_000, 7_000, 6_000]
 
 
 def image(i: int, **request) -> dict:
