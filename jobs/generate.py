@@ -515,6 +515,9 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     watch = None
     if config.node_wait_seconds > 0:
         needs = {name: actor_needs(pool, auto) for name, pool in (("Stage C pool", prior), ("Stage B/A pool", decoder))}
+        # The writers run beside the actors, so their CPUs count with the actors': more than a node holds, or more
+        # than the actors leave, and the stream stops at its last stage.
+        needs["writer tasks"] = {"CPU": config.writer_cpus}
         watch = NodeWatch(needs, config.node_wait_seconds, log)
         watch.start()
     # One Ray Data execution per segment of the input: the executor's state grows with the blocks it has moved

@@ -4,7 +4,8 @@ Ray restarts a lost actor (Ray Data asks for unlimited restarts and task retries
 back on any node that has what one actor needs. When no live node has it (the pool is pinned to a node type by a
 custom resource and the last such node is gone, or it needs GPUs the cluster no longer has), the restart waits for
 an autoscaler to add one, forever if none comes. `NodeWatch` turns that wait into a clear stop after
-`node_wait_seconds`: finished images are kept, and a rerun resumes once the nodes are back.
+`node_wait_seconds`: finished images are kept, and a rerun resumes once the nodes are back. The writer tasks are
+watched the same way: their CPUs (`writer_cpus`) must fit on a node beside the actors.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ def fits(need: dict[str, float], node: dict[str, float]) -> bool:
 
 def describe(need: dict[str, float]) -> str:
     return ", ".join(f"{name} {amount:g}" for name, amount in sorted(need.items()) if amount > 0) or "nothing"
+
+
+def _one(name: str) -> str:
+    """What one unit of a need is: an actor of a pool, or one of the writer tasks."""
+    return "one task" if name.endswith("tasks") else "one actor"
 
 
 def unplaceable(needs: dict[str, dict[str, float]], nodes: list[dict[str, float]]) -> list[str]:
@@ -88,7 +94,7 @@ class NodeWatch(threading.Thread):
                 since = None
                 continue
             if missing:
-                pools = " or ".join(f"the {pool} (one actor needs {describe(self.needs[pool])})" for pool in missing)
+                pools = " or ".join(f"the {pool} ({_one(pool)} needs {describe(self.needs[pool])})" for pool in missing)
                 problem = f"no live node can run {pools}"
             else:
                 problem = f"the pools cannot each run an actor at once on the live nodes: {short}"
@@ -98,8 +104,8 @@ class NodeWatch(threading.Thread):
             if time.monotonic() - since >= self.timeout:
                 self.reason = (
                     f"{problem} for {self.timeout:g} s (node_wait_seconds): a node was lost, or the autoscaler added "
-                    "none. Bring such nodes back (or change the pools' actors, gpus or resources), then rerun the same "
-                    "command"
+                    "none. Bring such nodes back (or change the pools' actors, gpus or resources, or writer_cpus), "
+                    "then rerun the same command"
                 )
                 self._interrupt_main()
                 return
