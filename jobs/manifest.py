@@ -104,8 +104,9 @@ class Previous:
 KEY = pa.large_string()  # a listing of tens of millions of keys outgrows a string array's 2 GB of offsets
 
 
-def listing(storage: Storage, prefix: str, chunk: int = 100_000) -> pa.Table:
-    """`storage.list(prefix)` as a table of `key` and `size`, built a chunk at a time."""
+def listing(storage: Storage, prefix: str, chunk: int = 100_000, unnamed: list | None = None) -> pa.Table:
+    """`storage.list(prefix)` as a table of `key` and `size`, built a chunk at a time. A key that is not UTF-8 (a
+    local file name the job did not write) can be named by no manifest row: it goes to `unnamed` instead."""
     tables, keys, sizes = [], [], []
 
     def add() -> None:
@@ -114,6 +115,13 @@ def listing(storage: Storage, prefix: str, chunk: int = 100_000) -> pa.Table:
         sizes.clear()
 
     for key, size in storage.list(prefix):
+        if not key.isascii():
+            try:
+                key.encode()
+            except UnicodeEncodeError:
+                if unnamed is not None:
+                    unnamed.append(key)
+                continue
         keys.append(key)
         sizes.append(size)
         if len(keys) == chunk:
@@ -190,9 +198,10 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     sha256 of their bytes)."""
     previous = Previous(np.zeros(0, np.uint64), 0, 0, 0, [], {})
     parts = manifest_keys(storage)
-    stored_shards = listing(storage, "shards")
+    strays: list[str] = []  # shards no manifest row can name: orphans, as below
+    stored_shards = listing(storage, "shards", unnamed=strays)
     shards = stored_shards.column("key").combine_chunks()
-    if not parts and not len(shards):
+    if not parts and not len(shards) and not strays:
         return previous
     listed = pa.concat_tables([listing(storage, "images"), stored_shards]).combine_chunks()
     rows, named = _manifest_rows(storage, parts, expected, verify, shards)
@@ -228,7 +237,7 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     # duplicating them.
     orphans = shards.filter(pc.invert(pc.is_in(shards, value_set=named)))
     previous.stale_keys = sorted(
-        set(listed.column("key").filter(pa.array(bad[:-1])).to_pylist()) | set(orphans.to_pylist())
+        set(listed.column("key").filter(pa.array(bad[:-1])).to_pylist()) | set(orphans.to_pylist()) | set(strays)
     )
     return previous
 

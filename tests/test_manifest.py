@@ -1,6 +1,7 @@
 """Resume planning (`previous_work`): which images earlier runs finished, checked against what storage holds."""
 
 import io
+import os
 import re
 import tarfile
 
@@ -142,6 +143,19 @@ def test_only_an_orphan_shard_is_removed(tmp_path):
     _shard(s, "orphan", {"a.png": b"aa"}, ["a"])
     previous = previous_work(s, _hashes("a"), retry_errors=False)
     assert (previous.ok, previous.stale_keys) == (0, ["shards/orphan.tar"])
+
+
+def test_a_file_name_that_is_not_utf8_is_passed_over_and_such_a_shard_is_an_orphan(files):
+    s, _ = files
+    for folder in ("images/aa", "shards"):
+        (s.root / folder).mkdir(exist_ok=True)
+        with open(os.path.join(os.fsencode(s.root / folder), b"stray\xff.png"), "wb") as f:
+            f.write(b"x")
+    previous = previous_work(s, _hashes("a", "b", "c", "lost", "resized", "err"), retry_errors=False)
+    assert (previous.ok, previous.errors, previous.missing) == (3, 1, 2)
+    assert previous.stale_keys == ["images/aa/resized-0.png", "shards/stray\udcff.png"]
+    s.delete(previous.stale_keys)
+    assert [k for k, _ in s.list("shards")] == []
 
 
 def test_a_listing_is_built_in_chunks_and_keeps_every_key(tmp_path):
