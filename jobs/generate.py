@@ -208,7 +208,7 @@ def run(config) -> int:
     from cascade.weights import WeightsError
     from workers.storage import StorageError, open_storage
 
-    from . import inputs, manifest
+    from . import heap, inputs, manifest
 
     started = time.time()
     made_by = versions()  # at the start: nothing at the end of a long job should depend on the environment
@@ -236,6 +236,7 @@ def run(config) -> int:
         if previous.stale_keys:
             out.delete(previous.stale_keys)
         manifest.drop_rows(out, previous.drop)
+        heap.trim()  # the planning's listing and rows, freed, go back to the system before the models load
     except StorageError as e:
         log(f"error: {e}")
         log(resume_hint(config))
@@ -428,6 +429,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     from workers.stages import DecoderStage, PriorStage
     from workers.writer import write_images, write_shard
 
+    from . import heap
     from .inputs import pending_images, read_fragments, segments
     from .placement import NodeWatch, PlacementError
 
@@ -525,6 +527,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     parts = segments(plan.sources, config.segment_rows)
     try:
         for number, items in enumerate(parts, 1):
+            heap.trim()  # what the last segment's execution freed (jobs/heap.py)
             if len(parts) > 1:  # (one segment holds all the work left: no need to read its ids again)
                 todo = pending_images(plan.sources, items, config.num_images, previous.done)
                 if todo == 0:

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/measure_pipeline.py --prompts 1000 10000 100000 --dry-run
     .venv/bin/python scripts/measure_pipeline.py --prompts 200 --prior-steps 6 --decoder-steps 4
+    .venv/bin/python scripts/measure_pipeline.py --prompts 40000 --dry-run --segment-rows 4000 [--no-trim]
 
 Each size runs the real job (`jobs.generate`) in this process on a local Ray, into a fresh local folder, while a thread
 samples the driver's RSS every 0.2 s. Prints one row per size; --json writes them too. `--dry-run` skips the model
@@ -57,6 +58,8 @@ def main() -> None:
     p.add_argument("--decoder-steps", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--manifest-rows", type=int, default=5000)
+    p.add_argument("--segment-rows", type=int, help="the job's segment_rows (default: the job's own)")
+    p.add_argument("--no-trim", action="store_true", help="skip the job's heap trims between segments (jobs/heap.py)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -69,6 +72,10 @@ def main() -> None:
     from workers.storage import LocalStorage
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.no_trim:  # the comparison in docs/RELIABILITY.md: the driver's memory without the trims
+        import jobs.heap
+
+        jobs.heap.trim = lambda: False
     results = []
     for n in args.prompts:
         work = Path(tempfile.mkdtemp(prefix="measure-"))
@@ -95,6 +102,7 @@ def main() -> None:
                 "--prior-steps", str(args.prior_steps), "--decoder-steps", str(args.decoder_steps),
                 "--prior-pool-batch-size", str(args.batch_size), "--decoder-pool-batch-size", str(args.batch_size),
                 "--progress-seconds", "30", "--manifest-rows", str(args.manifest_rows),
+                *(["--segment-rows", str(args.segment_rows)] if args.segment_rows else []),
                 *(["--dry-run"] if args.dry_run else []),
             ]
         )  # fmt: skip
@@ -113,6 +121,7 @@ def main() -> None:
             "images_per_s": round(n / wall, 2),
             "driver_rss_start_mb": round(peak[0] / 2**20),
             "driver_rss_peak_mb": round(max(peak) / 2**20),
+            "driver_anon_end_mb": rss_parts()["anon"],
             "queue_bytes_per_image": summary.get("latent_queue_bytes_per_image"),
             "rss_trace_s_mb": trace,
             # Is the job as fast at its end as at its start? Seconds per 1,000 images, by when they were written.
