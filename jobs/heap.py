@@ -16,12 +16,16 @@ import functools
 
 @functools.cache
 def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl). Looked up in the process's own symbols
+    first: `find_library` needs ldconfig or a compiler, which slim images lack."""
+    for name in (None, "libc.so.6", ctypes.util.find_library("c")):
+        try:
+            function = ctypes.CDLL(name).malloc_trim
+        except (OSError, AttributeError, TypeError):
+            continue
+        function.argtypes, function.restype = [ctypes.c_size_t], ctypes.c_int
+        return function
+    return None
 
 
 def trim() -> bool:

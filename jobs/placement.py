@@ -90,22 +90,28 @@ class NodeWatch(threading.Thread):
                 continue
             if not missing and not short:
                 if since is not None:
-                    self.log("every pool has a live node to run on again")
+                    self.log("the live nodes can run every part of the job again")
                 since = None
                 continue
             if missing:
                 pools = " or ".join(f"the {pool} ({_one(pool)} needs {describe(self.needs[pool])})" for pool in missing)
                 problem = f"no live node can run {pools}"
             else:
-                problem = f"the pools cannot each run an actor at once on the live nodes: {short}"
+                writers = any(f"{name} " in short for name in self.needs if _one(name) == "one task")
+                who = (
+                    "the pools' actors and the writer tasks cannot all run"
+                    if writers
+                    else "the pools cannot each run an actor"
+                )
+                problem = f"{who} at once on the live nodes: {short}"
             if since is None:
                 since = time.monotonic()
                 self.log(f"warning: {problem}; waiting up to {self.timeout:g} s (node_wait_seconds)")
             if time.monotonic() - since >= self.timeout:
                 self.reason = (
                     f"{problem} for {self.timeout:g} s (node_wait_seconds): a node was lost, or the autoscaler added "
-                    "none. Bring such nodes back (or change the pools' actors, gpus or resources, or writer_cpus), "
-                    "then rerun the same command"
+                    "none. Bring such nodes back (or change the pools' actors, gpus, cpus or resources, or "
+                    "writer_cpus), then rerun the same command"
                 )
                 self._interrupt_main()
                 return

@@ -86,3 +86,23 @@ def test_pools_whose_actors_each_fit_a_node_but_not_together_are_waited_for_then
         watch.stop()
     assert watch.reason.startswith("the pools cannot each run an actor at once on the live nodes: GPU 2 (Stage C")
     assert logged[0].startswith("warning: the pools cannot each run an actor at once")
+
+
+def test_actors_that_leave_the_writers_no_cpu_are_named_with_the_settings_to_change(default_sigint):
+    """Pools with cpus 4 each on two 4-CPU nodes: both actors run, and the writer tasks (writer_cpus 1) never do. The
+    watch says it is the writers that cannot run beside the actors, and which settings free CPUs for them."""
+    needs = {"Stage C pool": {"GPU": 1.0, "CPU": 4.0}, "Stage B/A pool": {"GPU": 1.0, "CPU": 4.0}}
+    needs["writer tasks"] = {"CPU": 1.0}
+    nodes = [{"CPU": 4.0, "GPU": 1.0}] * 2 + [{"CPU": 0.0}]  # and a head that runs nothing
+    watch = NodeWatch(needs, timeout=0.1, log=[].append, period=0.05, nodes=lambda: nodes)
+    watch.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(10)
+    finally:
+        watch.stop()
+    assert watch.reason.startswith(
+        "the pools' actors and the writer tasks cannot all run at once on the live nodes: "
+        "CPU 9 (Stage C pool 4, Stage B/A pool 4, writer tasks 1) against 8"
+    )
+    assert "gpus, cpus or resources, or writer_cpus" in watch.reason
