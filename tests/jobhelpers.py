@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -88,3 +89,14 @@ def check_output(storage: Storage, expected_images: int) -> pa.Table:
     summary = json.loads(storage.get(SUCCESS))
     assert summary["complete"] is True and summary["images"] == expected_images
     return table
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    """A tar archive holding `files` (name -> bytes), as a WebDataset shard."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()

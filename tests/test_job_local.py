@@ -13,7 +13,7 @@ from PIL import Image
 
 from jobs.generate import main
 from jobs.manifest import SUCCESS, manifest_keys, read_manifests
-from tests.jobhelpers import FAST, check_output, prompts_table
+from tests.jobhelpers import FAST, check_output, prompts_table, tar_bytes
 from workers.storage import LocalStorage
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -280,13 +280,7 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(out.get(row["key"]))) as tar:
         files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     files[row["member"]] = files[row["member"]][:-1] + b"\0"
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    out.put(row["key"], buffer.getvalue())
+    out.put(row["key"], tar_bytes(files))
     in_shard = sum(1 for r in manifest if r["key"] == row["key"])
     (garbled,) = {r["key"] for r in manifest} - {lost, row["key"]}
     garbled_rows, data = sum(1 for r in manifest if r["key"] == garbled), out.get(garbled)

@@ -3,7 +3,6 @@
 import io
 import os
 import re
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +12,7 @@ import pytest
 from jobs.inputs import image_hash
 from jobs.manifest import drop_rows, listing, mismatched, previous_work, read_part
 from tests.helpers import load_script
+from tests.jobhelpers import tar_bytes
 from workers.storage import LocalStorage, sha256_hex
 
 
@@ -88,13 +88,7 @@ def test_verify_redoes_an_image_whose_bytes_changed_at_the_same_size(files):
 
 def _shard(storage, name: str, members: dict[str, bytes], ids: list[str]) -> list[dict]:
     key = f"shards/{name}.tar"
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w") as tar:
-        for member, data in members.items():
-            info = tarfile.TarInfo(member)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    storage.put(key, out.getvalue())
+    storage.put(key, tar_bytes(members))
     return [
         {"id": i, "image_index": 0, "status": "ok", "key": key, "member": m, "bytes": len(d), "sha256": sha256_hex(d)}
         for i, (m, d) in zip(ids, members.items())

@@ -65,6 +65,17 @@ def test_a_main_thread_that_never_stops_ends_the_process_with_the_reason():
     assert "did not stop within 0.5 s" in proc.stdout and "rerun the same command to resume" in proc.stdout
 
 
+def stopped_by(watch: NodeWatch) -> NodeWatch:
+    """Start the watch and wait for the interrupt it sends when it gives up (within 10 s)."""
+    watch.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(10)
+    finally:
+        watch.stop()
+    return watch
+
+
 def test_pools_whose_actors_each_fit_a_node_but_not_together_are_waited_for_then_stopped(default_sigint):
     """One GPU, and a Stage C pool with gpus 1 beside a Stage B/A pool with gpus 1: each actor fits the node, but
     not both at once, and the Stage B/A pool would never start. The watch checks one actor of every pool together."""
@@ -77,13 +88,7 @@ def test_pools_whose_actors_each_fit_a_node_but_not_together_are_waited_for_then
     assert short_of({k: {"GPU": 0.5} for k in needs}, one_gpu) == ""  # half a GPU each: both fit
 
     logged = []
-    watch = NodeWatch(needs, timeout=0.1, log=logged.append, period=0.05, nodes=lambda: one_gpu)
-    watch.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            time.sleep(10)
-    finally:
-        watch.stop()
+    watch = stopped_by(NodeWatch(needs, timeout=0.1, log=logged.append, period=0.05, nodes=lambda: one_gpu))
     assert watch.reason.startswith("the pools cannot each run an actor at once on the live nodes: GPU 2 (Stage C")
     assert logged[0].startswith("warning: the pools cannot each run an actor at once")
 
@@ -94,13 +99,7 @@ def test_actors_that_leave_the_writers_no_cpu_are_named_with_the_settings_to_cha
     needs = {"Stage C pool": {"GPU": 1.0, "CPU": 4.0}, "Stage B/A pool": {"GPU": 1.0, "CPU": 4.0}}
     needs["writer tasks"] = {"CPU": 1.0}
     nodes = [{"CPU": 4.0, "GPU": 1.0}] * 2 + [{"CPU": 0.0}]  # and a head that runs nothing
-    watch = NodeWatch(needs, timeout=0.1, log=[].append, period=0.05, nodes=lambda: nodes)
-    watch.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            time.sleep(10)
-    finally:
-        watch.stop()
+    watch = stopped_by(NodeWatch(needs, timeout=0.1, log=[].append, period=0.05, nodes=lambda: nodes))
     assert watch.reason.startswith(
         "the pools' actors and the writer tasks cannot all run at once on the live nodes: "
         "CPU 9 (Stage C pool 4, Stage B/A pool 4, writer tasks 1) against 8"
