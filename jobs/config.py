@@ -118,6 +118,8 @@ KEYS = {f.name for f in fields(JobConfig)}
 
 
 def _unknown(key: str, valid: set[str], where: str) -> ConfigError:
+    if not where and key in POOL_KEYS:  # a pool's setting at the top level
+        return ConfigError(f"{key!r} is a setting of each pool: set prior_pool.{key} and decoder_pool.{key}")
     near = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
     return ConfigError(f"{where}{key!r} is not a known setting{hint}")
@@ -194,6 +196,16 @@ def validate(c: JobConfig) -> None:
     )
     _check(isinstance(c.lora, str), "lora", c.lora, "give the path of a LoRA .safetensors file, or '' for none")
     _check(isinstance(c.lite, bool), "lite", c.lite, "use true or false")
+    if c.lite:
+        from cascade.family import BUILTIN_MODELS
+
+        _check(
+            c.model not in BUILTIN_MODELS,
+            "lite",
+            c.lite,
+            f"it picks the lite files of a weights folder, and model {c.model!r} is built in "
+            "(random-lite is the lite architecture with random weights)",
+        )
     _check(c.dtype in DTYPES, "dtype", c.dtype, f"use one of {', '.join(DTYPES)}")
     _check(is_int(c.seed) and 0 <= c.seed <= MAX_SEED, "seed", c.seed, "use an integer from 0 to 2**63 - 1")
     _check(isinstance(c.negative_prompt, str), "negative_prompt", c.negative_prompt, "use a string")

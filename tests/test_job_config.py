@@ -50,6 +50,9 @@ def test_unknown_keys_suggest_the_nearest(tmp_path):
         from_mapping({"prompts": "p", "out": "o", "prior_step": 3})
     with pytest.raises(ConfigError, match="prior_pool: 'actor' is not a known setting; did you mean 'actors'"):
         from_mapping({"prompts": "p", "out": "o", "prior_pool": {"actor": 2}})
+    # A pool's setting at the top level names where it goes, rather than the nearest top-level key (shard_size).
+    with pytest.raises(ConfigError, match="'batch_size' is a setting of each pool: set prior_pool.batch_size and "):
+        from_mapping({"prompts": "p", "out": "o", "batch_size": 3})
 
 
 @pytest.mark.parametrize(
@@ -68,6 +71,7 @@ def test_unknown_keys_suggest_the_nearest(tmp_path):
         ("overwrite", "yes", "overwrite: 'yes' is not allowed; use true or false"),
         ("out", "s3://ab/run", "out: 's3://ab/run' is not allowed; an s3:// URL starts with a bucket name of at least"),
         ("prompts", "s3:///p.parquet", "prompts: 's3:///p.parquet' is not allowed; an s3:// URL starts with a bucket"),
+        ("lite", True, "lite: True is not allowed; it picks the lite files of a weights folder, and model 'tiny' is"),
     ],
 )
 def test_bad_values_are_named(key, value, message):
