@@ -269,6 +269,7 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
         assert stored[(row["key"], stem + ".txt")].decode() == row["prompt"]
         meta = json.loads(stored[(row["key"], stem + ".json")])
         assert (meta["id"], meta["seed"], meta["style"]) == (row["id"], row["seed"], row["style"])
+        assert meta["key"] == stem  # the sample's key, as img2dataset's json has it
 
     # A lost shard, one changed member in another and a third shard garbled at its start (its size unchanged): one
     # resume with --verify renders the lost and the garbled shards' images and the whole changed shard again (a shard

@@ -108,6 +108,7 @@ def write_shard(
         members[f"{name}.{image_format}"] = _encoded(row, model, image_format, quality)
         members[f"{name}.txt"] = row["prompt"].encode()
         meta = {k: v for k, v in row.items() if k not in JSON_SKIP and not isinstance(v, bytes)}
+        meta["key"] = name  # the sample's key, as img2dataset writes it (the row's is a files-layout path)
         members[f"{name}.json"] = json.dumps({**meta, "model": model, "model_digest": digest}, default=str).encode()
         row_members.append(f"{name}.{image_format}")
     shard_key = key = None
