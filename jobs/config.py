@@ -106,10 +106,37 @@ class JobConfig:
     # the job stops, so that it never waits forever; 0 waits forever.
     node_wait_seconds: float = 600.0
 
+    def image_settings(self) -> dict:
+        """The settings that decide what an image is (its pixels, file and place), recorded with each manifest part:
+        a resume under others keeps the earlier images as they are and so mixes them (manifest.settings_changes)."""
+        return {key: getattr(self, key) for key in IMAGE_SETTINGS}
+
     def public(self) -> dict:
         """The configuration as recorded in _SUCCESS and the report (it holds no secrets: none are settings)."""
         return asdict(self)
 
+
+IMAGE_SETTINGS = (
+    "model",
+    "lora",
+    "lite",
+    "dtype",
+    "dry_run",
+    "seed",
+    "negative_prompt",
+    "width",
+    "height",
+    "prior_steps",
+    "prior_cfg",
+    "decoder_steps",
+    "decoder_cfg",
+    "sampler",
+    "latent_dtype",
+    "image_format",
+    "quality",
+    "layout",
+    "shard_size",
+)
 
 # The settings whose default comes from the model family, and their types (the sampling ones' as the reference's).
 FAMILY_DEFAULTS = {"width": int, "height": int, **{key: type(v) for key, v in REFERENCE_SAMPLING.items()}}

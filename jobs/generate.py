@@ -247,6 +247,13 @@ def run(config) -> int:
             f"resuming: {previous.ok} images done and {previous.errors} errors recorded by earlier runs; "
             f"{previous.missing} recorded images missing from storage (or changed) will be rendered again"
         )
+    changes = manifest.settings_changes(previous.settings, config.image_settings())
+    if changes:
+        log(
+            f"warning: images kept from earlier runs were made with other settings: {'; '.join(changes)}. They stay "
+            "as they are, so the output mixes settings; to render every image with this run's, rerun with "
+            "--overwrite (or write to another --out)"
+        )
     if todo == 0 and out.exists(manifest.SUCCESS):
         log(f"nothing to do: {out.location()} is complete (its _SUCCESS and report stay as they are)")
         return EXIT_OK
@@ -254,7 +261,9 @@ def run(config) -> int:
     if config.dry_run:
         log("dry run: no model maths; zero latents and grey images of the requested sizes")
     run_id = manifest.new_run_id()
-    writer = manifest.ManifestWriter(out, run_id, config.manifest_rows, config.manifest_seconds)
+    writer = manifest.ManifestWriter(
+        out, run_id, config.manifest_rows, config.manifest_seconds, settings=config.image_settings()
+    )
     progress = Progress(todo, config.progress_seconds)
     queue_bytes, digest = 0, None
     if todo:

@@ -18,7 +18,7 @@ import json
 import secrets
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -39,11 +39,16 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-class ManifestWriter:
-    """Buffers manifest rows and writes a part every `rows` rows or `seconds` seconds, whichever comes first."""
+SETTINGS = b"cascade.settings"  # a part's metadata key: the image settings of the run that wrote it (JSON)
 
-    def __init__(self, storage: Storage, run_id: str, rows: int, seconds: float):
+
+class ManifestWriter:
+    """Buffers manifest rows and writes a part every `rows` rows or `seconds` seconds, whichever comes first. Each
+    part records `settings` (the run's image settings) in its metadata."""
+
+    def __init__(self, storage: Storage, run_id: str, rows: int, seconds: float, settings: dict | None = None):
         self.storage, self.run_id, self.rows, self.seconds = storage, run_id, rows, seconds
+        self.settings = json.dumps(settings or {}, sort_keys=True).encode()
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.parts: list[str] = []
@@ -61,6 +66,7 @@ class ManifestWriter:
         if not self.buffer:
             return
         table = pa.concat_tables(self.buffer, promote_options="permissive")
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), SETTINGS: self.settings})
         out = io.BytesIO()
         pq.write_table(table, out, compression="zstd")
         key = f"{MANIFEST_DIR}/part-{self.run_id}-{len(self.parts):06d}.parquet"
@@ -96,6 +102,7 @@ class Previous:
     missing: int  # manifest rows whose image is gone or has another size: rendered again
     stale_keys: list[str]  # objects to remove before rendering again: bad ones (size, sha256), shards no row names
     drop: dict[str, list[int]]  # manifest part -> rows to remove, because their image is rendered again
+    settings: list[dict] = field(default_factory=list)  # the image settings of the runs that made this input's rows
 
 
 # Resume plans on the driver over every stored image (millions, for a dataset), so it works on arrays: per image a
@@ -155,11 +162,11 @@ _NUMBERS = {"part": np.int32, "index": np.int32, "hash": np.uint64, "ok": bool, 
 
 
 def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, verify: bool, shards: pa.Array):
-    """This input's rows of every part (rows of other inputs are left as they are), and the shards that any row of
-    any input names."""
+    """This input's rows of every part (rows of other inputs are left as they are), the shards that any row of any
+    input names, and the image settings recorded by the parts that hold this input's rows."""
     columns = ["id", "image_index", "status", "key", "bytes", "member"] + (["sha256"] if verify else [])
     got: dict[str, list] = {f: [] for f in ("part", "index", "hash", "ok", "image", "bytes", "key", "checks")}
-    named = []
+    named, settings = [], set()
     for p, part in enumerate(parts):
         table = read_part(storage, part, columns)
         keys = _column(table, "key", KEY)
@@ -167,6 +174,8 @@ def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, ver
             named.append(pc.unique(keys.filter(pc.is_in(keys, value_set=shards))))
         h = hashes(zip(table.column("id").to_pylist(), table.column("image_index").to_pylist()))
         mine = contained(expected, h)
+        if mine.any() and SETTINGS in (table.schema.metadata or {}):
+            settings.add(table.schema.metadata[SETTINGS])
         ok = pc.equal(_column(table, "status", pa.string()), "ok").fill_null(False).to_numpy()[mine]
         member = _column(table, "member", pa.string()).filter(mine)
         got["part"].append(np.full(int(mine.sum()), p, np.int32))
@@ -190,7 +199,7 @@ def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, ver
         key=pa.chunked_array(got["key"], KEY),
         checks=pa.concat_tables(got["checks"]) if got["checks"] else None,
     )
-    return rows, pa.concat_arrays(named) if named else pa.array([], KEY)
+    return rows, pa.concat_arrays(named) if named else pa.array([], KEY), [json.loads(s) for s in sorted(settings)]
 
 
 def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, verify: bool = False) -> Previous:
@@ -204,7 +213,7 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     if not parts and not len(shards) and not strays:
         return previous
     listed = pa.concat_tables([listing(storage, "images"), stored_shards]).combine_chunks()
-    rows, named = _manifest_rows(storage, parts, expected, verify, shards)
+    rows, named, previous.settings = _manifest_rows(storage, parts, expected, verify, shards)
     # Where each row's key is in the listing (-1: not there); the keys themselves are not needed after this.
     at = pc.index_in(rows.key, value_set=listed.column("key")).fill_null(-1).to_numpy()
     rows.key = None
@@ -240,6 +249,15 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
         set(listed.column("key").filter(pa.array(bad[:-1])).to_pylist()) | set(orphans.to_pylist()) | set(strays)
     )
     return previous
+
+
+def settings_changes(earlier: list[dict], now: dict) -> list[str]:
+    """How earlier runs' image settings differ from `now`: e.g. "model 'demo' (now 'tiny')", one per value."""
+    changes = []
+    for key, value in now.items():
+        for old in sorted({json.dumps(s[key]) for s in earlier if key in s and s[key] != value}):
+            changes.append(f"{key} {json.loads(old)!r} (now {value!r})")
+    return changes
 
 
 def mismatched(storage: Storage, rows: pa.Table, threads: int = 16, chunk: int = 4096) -> set[str]:

@@ -82,7 +82,14 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
     parts, success, report = manifest_keys(out), out.get(SUCCESS), out.get("report.html")
     assert run_job(tmp_path / "prompts.parquet", out.root) == 0
     assert manifest_keys(out) == parts and out.get(SUCCESS) == success and out.get("report.html") == report
-    assert "is complete" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is complete" in err and "other settings" not in err
+    # A rerun with other image settings keeps the images too, and says that the output would mix them.
+    assert run_job(tmp_path / "prompts.parquet", out.root, "--image-format", "webp", "--seed", "7") == 0
+    assert manifest_keys(out) == parts and out.get(SUCCESS) == success
+    err = capsys.readouterr().err
+    assert "made with other settings: seed 0 (now 7); image_format 'png' (now 'webp'). They stay" in err
+    assert "rerun with --overwrite" in err and "is complete" in err
 
     # Complete but without _SUCCESS (a crash just before it): the rerun only writes it, with a report on all runs.
     out.delete([SUCCESS])

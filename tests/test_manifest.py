@@ -10,7 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.inputs import image_hash
-from jobs.manifest import drop_rows, listing, mismatched, previous_work, read_part
+from jobs.manifest import (
+    ManifestWriter,
+    drop_rows,
+    listing,
+    manifest_keys,
+    mismatched,
+    previous_work,
+    read_part,
+    settings_changes,
+)
 from tests.helpers import load_script
 from tests.jobhelpers import tar_bytes
 from workers.storage import LocalStorage, sha256_hex
@@ -185,3 +194,19 @@ def test_the_resume_measurement_plans_a_finished_output(monkeypatch, capsys):
     assert re.fullmatch(
         r"3,000 images in 3 manifest parts: planned in [\d.]+ s, peak .* per image\)\n", capsys.readouterr().out
     )
+
+
+def test_each_part_records_its_run_s_image_settings_and_a_resume_reads_those_of_this_input(tmp_path):
+    s = LocalStorage(tmp_path)
+    rows = [_image(s, i, i.encode() * 3) for i in ("a", "b", "c")]
+    for run, settings, part in (("r1", {"model": "demo", "seed": 0}, rows[:2]), ("r2", {"model": "tiny"}, rows[2:])):
+        writer = ManifestWriter(s, run, rows=100, seconds=60, settings=settings)
+        writer.add(pa.Table.from_pylist(part))
+        writer.flush()
+    assert previous_work(s, _hashes("a"), retry_errors=False).settings == [{"model": "demo", "seed": 0}]
+    found = previous_work(s, _hashes("a", "c"), retry_errors=False).settings
+    assert sorted(found, key=str) == [{"model": "demo", "seed": 0}, {"model": "tiny"}]
+    assert settings_changes(found, {"model": "tiny", "seed": 0}) == ["model 'demo' (now 'tiny')"]
+    assert settings_changes(found, {"model": "demo", "seed": 3}) == ["model 'tiny' (now 'demo')", "seed 0 (now 3)"]
+    drop_rows(s, {manifest_keys(s)[0]: [0]})  # rewriting a part keeps what it records
+    assert previous_work(s, _hashes("b"), retry_errors=False).settings == [{"model": "demo", "seed": 0}]
