@@ -353,6 +353,23 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with the nearest known flag suggested for one it does not know (`--prior-stepz`)."""
+
+    def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            known = [o[2:] for a in self._actions for o in a.option_strings if o.startswith("--")]
+
+            def hint(word: str) -> str:
+                near = difflib.get_close_matches(word[2:], known, n=1) if word.startswith("--") else []
+                return f"{word} (did you mean --{near[0]}?)" if near else word
+
+            hints = [hint(word) for word in message[len(prefix) :].split()]
+            message = prefix + " ".join(hints)
+        super().error(message)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; every default is None, meaning "from the file, else the built-in default"."""
     defaults = JobConfig()

@@ -34,9 +34,9 @@ def log(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_arguments
+    from .config import Parser, add_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m jobs.generate",
         description="Render every prompt of a Parquet data set with Stable Cascade on a Ray cluster.",
         epilog="Exit codes: 0 complete; 1 incomplete (rerun, without --overwrite, to resume); 2 bad configuration or "

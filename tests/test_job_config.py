@@ -37,6 +37,9 @@ def test_pool_resources_flag_takes_json():
     [
         ("--prior-pool-resources", "{bad", "argument --prior-pool-resources: '{bad' is not JSON; give a mapping"),
         ("--decoder-pool-gpus", "half", "argument --decoder-pool-gpus: 'half' is not allowed; use 'auto', 0, a"),
+        ("--prior-stepz", "3", "unrecognized arguments: --prior-stepz (did you mean --prior-steps?) 3"),
+        ("--decoder-pool-batchsize", "2", "--decoder-pool-batchsize (did you mean --decoder-pool-batch-size?) 2"),
+        ("--bogus", "2", "unrecognized arguments: --bogus 2\n"),  # nothing near: no guess
     ],
 )
 def test_flags_that_do_not_parse_say_what_is_allowed(flag, value, message, capsys):
