@@ -88,6 +88,11 @@ def output_paths(out: Path, n: int) -> list[Path]:
 
 def check_arguments(args) -> str | None:
     """What is wrong with the arguments that need no model (the message), or None: checked before any load."""
+    if args.lite and args.weights is None:
+        return (
+            "--lite picks the lite files of a --weights folder; the built-in random-lite is the lite architecture "
+            "with random weights"
+        )
     if args.num_images < 1:
         return f"--num-images: {args.num_images} is not allowed; use 1 or more"
     if args.batch_size < 1:
@@ -110,10 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_arguments(args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
-        return 2
-    if args.lite and args.weights is None:
-        print("error: --lite picks the lite files of a --weights folder; the built-in random-lite is the lite "
-              "architecture with random weights", file=sys.stderr)  # fmt: skip
         return 2
     model = args.weights if args.weights is not None else args.model or DEFAULT_MODEL
     try:

@@ -176,9 +176,7 @@ def image_hash(id_: str, image_index: int) -> int:
 
 def contains(sorted_hashes: np.ndarray, h: int) -> bool:
     """Is the image hash `h` in a sorted uint64 array (the resume's done set, the plan's images)?"""
-    h = np.uint64(h)
-    pos = np.searchsorted(sorted_hashes, h)
-    return bool(pos < len(sorted_hashes) and sorted_hashes[pos] == h)
+    return bool(contained(sorted_hashes, np.array([h], np.uint64))[0])
 
 
 def contained(sorted_hashes: np.ndarray, hs: np.ndarray) -> np.ndarray:

@@ -177,18 +177,18 @@ def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, ver
         if mine.any() and SETTINGS in (table.schema.metadata or {}):
             settings.add(table.schema.metadata[SETTINGS])
         ok = pc.equal(_column(table, "status", pa.string()), "ok").fill_null(False).to_numpy()[mine]
-        member = _column(table, "member", pa.string()).filter(mine)
+        my_keys, member = keys.filter(mine), _column(table, "member", pa.string()).filter(mine)
         got["part"].append(np.full(int(mine.sum()), p, np.int32))
         got["index"].append(np.flatnonzero(mine).astype(np.int32))
         got["hash"].append(h[mine])
         got["ok"].append(ok)
         got["image"].append(pc.is_null(member).to_numpy())
         got["bytes"].append(_column(table, "bytes", pa.int64()).fill_null(-1).to_numpy()[mine])
-        got["key"].extend(keys.filter(mine).chunks)
+        got["key"].extend(my_keys.chunks)
         if verify:
             checks = pa.table(
                 {
-                    "key": keys.filter(mine),
+                    "key": my_keys,
                     "member": member,
                     "sha256": _column(table, "sha256", pa.string()).filter(mine),
                 }
@@ -226,7 +226,7 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     if verify and rows.checks is not None:
         checks = rows.checks.filter(pa.array(~wrong[rows.ok]))
         found = mismatched(storage, checks)
-        bad[pc.index_in(pa.array(sorted(found), KEY), value_set=listed.column("key")).fill_null(-1).to_numpy()] = True
+        bad[pc.index_in(pa.array(list(found), KEY), value_set=listed.column("key")).fill_null(-1).to_numpy()] = True
     # Every row of a bad key is rendered again: a shard with one bad member goes whole.
     redo = rows.ok & (~there | bad[at])
     good = rows.ok & ~redo
@@ -255,8 +255,8 @@ def settings_changes(earlier: list[dict], now: dict) -> list[str]:
     """How earlier runs' image settings differ from `now`: e.g. "model 'demo' (now 'tiny')", one per value."""
     changes = []
     for key, value in now.items():
-        for old in sorted({json.dumps(s[key]) for s in earlier if key in s and s[key] != value}):
-            changes.append(f"{key} {json.loads(old)!r} (now {value!r})")
+        olds = [s[key] for s in earlier if key in s and s[key] != value]
+        changes += [f"{key} {old!r} (now {value!r})" for i, old in enumerate(olds) if old not in olds[:i]]
     return changes
 
 

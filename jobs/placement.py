@@ -43,14 +43,27 @@ def short_of(needs: dict[str, dict[str, float]], nodes: list[dict[str, float]]) 
     C pool 1, Stage B/A pool 1) against 1 on the live nodes'. Each pool's actor may fit some node while the two cannot
     run at the same time (gpus 1 for each pool on a 1-GPU machine): then one pool never starts and the job stalls.
     More actors than fit now is not a stall (the pools run with those that do, while an autoscaler adds nodes)."""
+    return _shortage(needs, _over(needs, nodes))
+
+
+def _shortage(needs: dict[str, dict[str, float]], over: dict[str, tuple[float, float]]) -> str:
+    """`over` (from _over) in words, each resource with the needs that want it."""
     short = []
+    for name, (wanted, have) in over.items():
+        parts = ", ".join(f"{pool} {need[name]:g}" for pool, need in needs.items() if need.get(name))
+        short.append(f"{name} {wanted:g} ({parts}) against {have:g} on the live nodes")
+    return "; ".join(short)
+
+
+def _over(needs: dict[str, dict[str, float]], nodes: list[dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """The resources that one of every need at once wants more of than the live nodes have: name -> (wanted, have)."""
+    over = {}
     for name in sorted({r for need in needs.values() for r in need}):
         wanted = sum(need.get(name, 0.0) for need in needs.values())
         have = sum(node.get(name, 0.0) for node in nodes)
         if wanted > have + 1e-9:
-            parts = ", ".join(f"{pool} {need[name]:g}" for pool, need in needs.items() if need.get(name))
-            short.append(f"{name} {wanted:g} ({parts}) against {have:g} on the live nodes")
-    return "; ".join(short)
+            over[name] = (wanted, have)
+    return over
 
 
 def live_nodes() -> list[dict[str, float]]:
@@ -85,10 +98,10 @@ class NodeWatch(threading.Thread):
             try:
                 nodes = self.nodes()
                 missing = unplaceable(self.needs, nodes)
-                short = "" if missing else short_of(self.needs, nodes)
+                over = {} if missing else _over(self.needs, nodes)
             except Exception:  # the cluster is unreachable for a moment: Ray itself will report a lost cluster
                 continue
-            if not missing and not short:
+            if not missing and not over:
                 if since is not None:
                     self.log("the live nodes can run every part of the job again")
                 since = None
@@ -97,13 +110,14 @@ class NodeWatch(threading.Thread):
                 pools = " or ".join(f"the {pool} ({_one(pool)} needs {describe(self.needs[pool])})" for pool in missing)
                 problem = f"no live node can run {pools}"
             else:
-                writers = any(f"{name} " in short for name in self.needs if _one(name) == "one task")
+                tasks = [need for name, need in self.needs.items() if _one(name) == "one task"]
+                writers = any(need.get(r) for need in tasks for r in over)
                 who = (
                     "the pools' actors and the writer tasks cannot all run"
                     if writers
                     else "the pools cannot each run an actor"
                 )
-                problem = f"{who} at once on the live nodes: {short}"
+                problem = f"{who} at once on the live nodes: {_shortage(self.needs, over)}"
             if since is None:
                 since = time.monotonic()
                 self.log(f"warning: {problem}; waiting up to {self.timeout:g} s (node_wait_seconds)")
