@@ -1,6 +1,8 @@
 """The storage layer on a local folder and on a real S3 server (SeaweedFS)."""
 
 import io
+import os
+import stat
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,6 +65,20 @@ def test_local_keys_cannot_escape(tmp_path):
     with pytest.raises(StorageError, match="escapes"):
         storage.put("../outside.txt", b"x")
     assert not (tmp_path / "outside.txt").exists()
+
+
+def test_local_files_get_the_mode_open_gives_them(tmp_path):
+    # Not mkstemp's 0o600: a shared output folder's images are for its other users too.
+    old = os.umask(0o027)
+    try:
+        storage = LocalStorage(tmp_path / "out")
+        storage.put("images/a.png", b"x")
+        storage.put("images/b.png", b"y", if_absent=True)
+    finally:
+        os.umask(old)
+    for name in ("a.png", "b.png"):
+        assert stat.S_IMODE((tmp_path / "out" / "images" / name).stat().st_mode) == 0o640, name
+    assert not list((tmp_path / "out" / "images").glob(".tmp-*"))  # no temporary file left
 
 
 def test_s3_errors_name_the_location_not_the_secret(s3_bucket, monkeypatch):

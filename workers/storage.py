@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -105,8 +105,10 @@ class LocalStorage(Storage):
         path.parent.mkdir(parents=True, exist_ok=True)
         digest = sha256_hex(data)
         # Write a temporary file beside the target, then link (fails if the target exists) or rename it into place:
-        # a reader never sees a partial file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        # a reader never sees a partial file. Made as open() makes a file (0o666 less the umask), not as mkstemp
+        # does (0o600): the images of a render farm's shared folder are for its other users too.
+        tmp = str(path.parent / f".tmp-{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
