@@ -7,6 +7,7 @@ Exit codes: 0 every image written; 1 an image failed (e.g. NaN/Inf, reported on 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from .request import MAX_SEED, Request, sampling_defaults, validate, validate_st
 from .weights import WeightsError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_STRENGTH = 0.8  # img2img: as cascade.pipeline.generate
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -68,7 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decoder-cfg", type=float, help="Stage B guidance scale (default: the family's, else 1.1)")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm as the reference; ddim is eta 0")
     p.add_argument("--init-image", type=Path, help="img2img: start Stage C from this image")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img: how far to noise the image, in (0, 1]")
+    p.add_argument(
+        "--strength", type=float, help=f"img2img: how far to noise the image, in (0, 1] (default {DEFAULT_STRENGTH})"
+    )
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
@@ -97,16 +101,31 @@ def check_arguments(args) -> str | None:
         return f"--num-images: {args.num_images} is not allowed; use 1 or more"
     if args.batch_size < 1:
         return f"--batch-size: {args.batch_size} is not allowed; use 1 or more"
+    if not 0 <= args.seed <= MAX_SEED:
+        return f"--seed: {args.seed} is not allowed; use an integer from 0 to 2**63 - 1"
+    if args.seed + args.num_images - 1 > MAX_SEED:  # image i uses seed + i
+        return (
+            f"--seed: {args.seed} with --num-images {args.num_images} goes past 2**63 - 1 (image i uses seed + i); "
+            f"use at most {MAX_SEED - args.num_images + 1}"
+        )
     if args.out.is_dir():
         return f"--out: {args.out} is a folder; give a file name, e.g. {args.out / 'image.png'}"
+    blocking = next((p for p in args.out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"--out: {args.out} cannot be written: {blocking} is a file, not a folder"
     if args.out.suffix and args.out.suffix.lower() not in SUFFIXES:
         return f"--out: {args.out.suffix!r} is not an image format this writes; use .png, .webp or .jpg"
     try:
         device = torch.device(args.device)
     except RuntimeError:
         return f"--device: {args.device!r} is not a device; use e.g. cpu, cuda, cuda:1"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return f"--device: {args.device} is not available here (no CUDA device); use cpu"
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if device.type not in available:
+        return f"--device: {args.device!r}: {device.type} devices are not supported; use cpu or cuda"
+    if not available[device.type]():
+        return f"--device: {args.device} is not available here (no {device.type.upper()} device); use cpu"
+    if args.init_image is None and args.strength is not None:
+        return "--strength: applies to img2img only; give --init-image too"
     return None
 
 
@@ -117,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     model = args.weights if args.weights is not None else args.model or DEFAULT_MODEL
+    strength = DEFAULT_STRENGTH if args.strength is None else args.strength  # (used with --init-image only)
     try:
         geometry, sampling = family_geometry(model), sampling_defaults(model)
     except WeightsError as e:
@@ -146,15 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    init_images = None
+    init_images, img2img = None, ""
     if args.init_image is not None:
         try:
             init_images = [Image.open(args.init_image).convert("RGB")] * len(requests)
+            digest = hashlib.sha256(args.init_image.read_bytes()).hexdigest()
         except OSError as e:
             print(f"error: --init-image: cannot read {args.init_image}: {e}", file=sys.stderr)
             return 2
+        # The image's parameters name what it started from, so that it can be made again.
+        img2img = f"strength={strength} init_image_sha256={digest}"
         try:
-            validate_strength(args.strength)
+            validate_strength(strength)
         except ValueError as e:
             print(f"error: --{e}", file=sys.stderr)
             return 2
@@ -195,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         progress=lambda done, total: print(f"generated {done}/{total}", file=sys.stderr),
         init_images=init_images,
-        strength=args.strength,
+        strength=strength,
     )
     failed = 0
     for result, path in zip(results, output_paths(args.out, len(results))):
@@ -209,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: seed {result.request.seed}: {result.error}; no image written", file=sys.stderr)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode(result.image, result.request, models.name, SUFFIXES[path.suffix.lower()]))
+        path.write_bytes(
+            encode(result.image, result.request, models.name, SUFFIXES[path.suffix.lower()], extra=img2img)
+        )
         print(path)
     print(f"{len(results) - failed} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 1 if failed else 0

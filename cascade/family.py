@@ -93,8 +93,8 @@ def locate_stage(folder: Path, stage: str, lite: bool, dtype: torch.dtype) -> Pa
     if found is None:
         names = [n.format(lite="_lite" if lite else "") for n in _SINGLE_FILES[stage]]
         names += [n.format(lite="_lite" if lite else "") + "/" for n in _DIFFUSERS_FOLDERS.get(stage, ())]
-        variant = "lite" if lite else "big"
-        raise WeightsError(f"{folder}: no {variant} {stage} weights: expected one of {', '.join(names)}")
+        variant = ("lite " if lite else "big ") if "{lite}" in _SINGLE_FILES[stage][0] else ""  # (one size only)
+        raise WeightsError(f"{folder}: no {variant}{stage} weights: expected one of {', '.join(names)}")
     return found
 
 
@@ -124,7 +124,8 @@ def load_models(
     _check_parts(parts)
     folder = Path(folder)
     if not folder.is_dir():
-        raise WeightsError(f"{folder}: weights folder not found")
+        what = "is a file, not a weights folder" if folder.exists() else "weights folder not found"
+        raise WeightsError(f"{folder}: {what}")
     variant = "lite" if lite else "big"
     need = lambda stage: locate_stage(folder, stage, lite, dtype)
     prior, decoder = "prior" in parts, "decoder" in parts

@@ -3,6 +3,7 @@ is the default. Pure Python (no torch): the job checks sizes before any model lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import numbers
 import os
@@ -73,8 +74,15 @@ def family_geometry(model: str | os.PathLike) -> Geometry:
     path, spec = family_file(model)
     if path is None:
         return OFFICIAL  # the official architecture's geometry
+    given, fields = spec.get("geometry", {}), [f.name for f in dataclasses.fields(Geometry)]
+    unknown = [k for k in given if k not in fields] if isinstance(given, dict) else []
+    if unknown:
+        raise WeightsError(
+            f"{path}: not a valid family file: geometry: {unknown[0]!r} is not a setting; "
+            f"use some of {', '.join(fields)}"
+        )
     try:
-        geometry = Geometry(**spec.get("geometry", {}))
+        geometry = Geometry(**given)
     except (ValueError, TypeError, AttributeError) as e:
         raise WeightsError(f"{path}: not a valid family file: {e}") from None
     if not (geometry.min_size <= geometry.default_size <= geometry.max_size and geometry.size_multiple > 0):

@@ -15,11 +15,12 @@ CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 EXIF_IMAGE_DESCRIPTION = 0x010E
 
 
-def parameters(request: Request, model: str) -> str:
+def parameters(request: Request, model: str, extra: str = "") -> str:
+    """The settings that made the image, as `key=value` words; `extra` adds more (img2img's strength and image)."""
     return (
         f"model={model} size={request.width}x{request.height} prior_steps={request.prior_steps} "
         f"prior_cfg={request.prior_cfg} decoder_steps={request.decoder_steps} decoder_cfg={request.decoder_cfg} "
-        f"sampler={request.sampler}"
+        f"sampler={request.sampler}" + (f" {extra}" if extra else "")
     )
 
 
@@ -27,26 +28,29 @@ def _text(value: str) -> str:
     return value.replace("\0", "")  # PNG text chunks cannot hold NUL
 
 
-def png_info(request: Request, model: str) -> PngInfo:
+def png_info(request: Request, model: str, extra: str = "") -> PngInfo:
     info = PngInfo()
     info.add_text("prompt", _text(request.prompt))
     info.add_text("negative_prompt", _text(request.negative_prompt))
     info.add_text("seed", str(request.seed))
-    info.add_text("parameters", parameters(request, model))
+    info.add_text("parameters", parameters(request, model, extra))
     return info
 
 
-def encode(image: Image.Image, request: Request, model: str, fmt: str = "png", quality: int = 95) -> bytes:
-    """The image as PNG (lossless, compress level 6), WEBP or JPEG at `quality`, with its parameters embedded."""
+def encode(
+    image: Image.Image, request: Request, model: str, fmt: str = "png", quality: int = 95, extra: str = ""
+) -> bytes:
+    """The image as PNG (lossless, compress level 6), WEBP or JPEG at `quality`, with its parameters embedded
+    (`extra`: more `key=value` words for them)."""
     if fmt not in FORMATS:
         raise ValueError(f"image_format: {fmt!r} is not known; use one of {', '.join(FORMATS)}")
     out = io.BytesIO()
     if fmt == "png":
-        image.save(out, format="PNG", pnginfo=png_info(request, model))
+        image.save(out, format="PNG", pnginfo=png_info(request, model, extra))
     else:
         exif = Image.Exif()
         limit = JPEG_DESCRIPTION_MAX if fmt == "jpeg" else None
-        exif[EXIF_IMAGE_DESCRIPTION] = description(request, model, limit)
+        exif[EXIF_IMAGE_DESCRIPTION] = description(request, model, limit, extra)
         image.save(out, format=FORMATS[fmt], quality=quality, exif=exif.tobytes())
     return out.getvalue()
 
@@ -55,7 +59,7 @@ def encode(image: Image.Image, request: Request, model: str, fmt: str = "png", q
 JPEG_DESCRIPTION_MAX = 65000
 
 
-def description(request: Request, model: str, limit: int | None = None) -> str:
+def description(request: Request, model: str, limit: int | None = None, extra: str = "") -> str:
     """The EXIF description: JSON with the prompts, the seed and the parameters. EXIF text is ASCII, so the JSON
     escapes everything else (up to 12 bytes for a character such as an emoji). Over `limit` characters, the prompts
     are shortened until it fits and "truncated": true says so (the manifest keeps them whole)."""
@@ -63,7 +67,7 @@ def description(request: Request, model: str, limit: int | None = None) -> str:
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
         "seed": request.seed,
-        "parameters": parameters(request, model),
+        "parameters": parameters(request, model, extra),
     }
     text = json.dumps(fields, ensure_ascii=True)
     while limit is not None and len(text) > limit:

@@ -88,7 +88,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """The tensors (name -> dtype, shape) and the metadata of a safetensors file, checked against its size."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"{path}: file not found")
+        raise WeightsError(f"{path}: {'is a folder, not a file' if path.is_dir() else 'file not found'}")
     if path.suffix in _PICKLE_SUFFIXES:
         raise WeightsError(f"{path}: only .safetensors files are read (pickle checkpoints can run code); convert it")
     size = path.stat().st_size

@@ -1,5 +1,6 @@
 """`python -m cascade`: images with their parameters in PNG text chunks, meaningful exit codes."""
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,9 @@ def test_cli_bad_size_exits_2_with_the_rule(tmp_path, capsys):
 def test_cli_bad_weights_exit_3_naming_the_folder(tmp_path, capsys):
     assert main(["x", "--weights", str(tmp_path / "missing"), "--out", str(tmp_path / "o.png")]) == 3
     assert "missing: weights folder not found" in capsys.readouterr().err
+    (tmp_path / "stage_c.safetensors").write_bytes(b"")
+    assert main(["x", "--weights", str(tmp_path / "stage_c.safetensors"), "--out", str(tmp_path / "o.png")]) == 3
+    assert "stage_c.safetensors: is a file, not a weights folder" in capsys.readouterr().err
     assert main(["x", "--model", "tiny", "--lite", "--out", str(tmp_path / "o.png")]) == 2  # not silently ignored
     assert "--lite picks the lite files of a --weights folder" in capsys.readouterr().err
 
@@ -51,6 +55,8 @@ def test_cli_missing_lora_exits_3_before_any_model_loads(tmp_path, capsys, monke
     lora = tmp_path / "missing.safetensors"
     assert main(["a red circle", "--model", "tiny", "--lora", str(lora), "--out", str(tmp_path / "o.png")]) == 3
     assert f"error: {lora}: file not found" in capsys.readouterr().err
+    assert main(["a red circle", "--model", "tiny", "--lora", str(tmp_path), "--out", str(tmp_path / "o.png")]) == 3
+    assert f"error: {tmp_path}: is a folder, not a file" in capsys.readouterr().err
 
 
 def test_python_dash_m_entry_point(tmp_path):
@@ -71,6 +77,11 @@ def test_cli_img2img(tmp_path, capsys):
     out = tmp_path / "o.png"
     args = ["x", "--out", str(out), "--init-image", str(tmp_path / "init.png"), "--strength", "0.5", *FAST]
     assert main(args) == 0 and out.is_file()
+    # The parameters say what the image started from, so that it can be made again.
+    digest = hashlib.sha256((tmp_path / "init.png").read_bytes()).hexdigest()
+    assert f"strength=0.5 init_image_sha256={digest}" in Image.open(out).text["parameters"]
+    assert main(["x", "--out", str(out), *FAST]) == 0
+    assert "strength" not in Image.open(out).text["parameters"]
     assert main(["x", "--out", str(out), "--init-image", str(tmp_path / "none.png")]) == 2
     assert "--init-image: cannot read" in capsys.readouterr().err
 
@@ -81,11 +92,22 @@ def test_cli_arguments_that_need_no_model_are_checked_before_any_load(tmp_path, 
 
     monkeypatch.setitem(cli.BUILTIN_MODELS, "tiny", no_load)
     cuda = "cuda" if not __import__("torch").cuda.is_available() else "cuda:999"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
     for argv, message in [
         (["--batch-size", "0"], "--batch-size: 0 is not allowed; use 1 or more"),
         (["--out", str(tmp_path)], "is a folder; give a file name"),
         (["--out", str(tmp_path / "x.gif")], "'.gif' is not an image format this writes; use .png, .webp or .jpg"),
         (["--device", "nonsense"], "--device: 'nonsense' is not a device"),
+        (["--device", "meta"], "--device: 'meta': meta devices are not supported; use cpu or cuda"),
+        (["--strength", "0.5"], "--strength: applies to img2img only; give --init-image too"),
+        (["--seed", "-1"], "--seed: -1 is not allowed; use an integer from 0 to 2**63 - 1"),
+        (
+            ["--seed", str(2**63 - 1), "--num-images", "2"],
+            f"--seed: {2**63 - 1} with --num-images 2 goes past 2**63 - 1 (image i uses seed + i); "
+            f"use at most {2**63 - 2}",
+        ),
+        (["--out", str(blocker / "x.png")], f"--out: {blocker / 'x.png'} cannot be written: {blocker} is a file"),
     ] + ([(["--device", cuda], "is not available here")] if cuda == "cuda" else []):
         assert main(["a red circle", "--model", "tiny", *argv]) == 2, argv
         assert message in capsys.readouterr().err

@@ -49,7 +49,11 @@ def test_a_broken_family_file_is_named(tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
     (folder / "family.json").write_text(json.dumps({"geometry": {"stage_c_compresion": 16}}))
-    with pytest.raises(WeightsError, match="family.json: not a valid family file"):
+    with pytest.raises(
+        WeightsError,
+        match="family.json: not a valid family file: geometry: 'stage_c_compresion' is "
+        "not a setting; use some of stage_c_compression",
+    ):
         family_geometry(folder)
     (folder / "family.json").write_text(json.dumps({"geometry": {"default_size": 4096}}))
     with pytest.raises(WeightsError, match="inconsistent"):
