@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .weights import WeightsError, read_header
+from .weights import WeightsError, read_header, save_safetensors
 
 FILTERS = (".attn",)  # the reference's module_filters
 _METADATA = "cascade.lora"
@@ -160,7 +159,7 @@ class Adapter:
             info["decoder_layers"] = [f"{name}.{param}" for name, _, param in self.decoder_layers]
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, str(path), metadata={"cascade.kind": "lora", _METADATA: json.dumps(info)})
+        save_safetensors(tensors, path, metadata={"cascade.kind": "lora", _METADATA: json.dumps(info)})
 
 
 def _attach_layers(model: nn.Module, rank: int, alpha: float, filters) -> tuple[list, list[LoRA]]:

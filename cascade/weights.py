@@ -379,6 +379,33 @@ def kind_of(model: nn.Module) -> StageKind:
     raise TypeError(f"{type(model).__name__} is not a Stable Cascade stage")
 
 
+def _umask() -> int:
+    """The process's umask, read where Linux shows it rather than set and reset (which is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def readable(path: str | os.PathLike) -> None:
+    """Give a file the mode a plain open() would have (0o666 less the umask). safetensors 0.8 writes through a
+    temporary file made 0o600 and renames it into place (safetensors issue #782), so weights, LoRAs and checkpoints
+    came out readable by their owner only: not by the other users of shared storage, or a container's user."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the file readable as any other the project writes (`readable`)."""
+    save_file(tensors, str(path), metadata=metadata)
+    readable(path)
+
+
 def save_stage(model: nn.Module, path: str | os.PathLike, layout: str = "stability") -> Path:
     """Write a stage as a Stability single file (with its configuration in the metadata) or a diffusers folder."""
     kind, path = kind_of(model), Path(path)
@@ -386,7 +413,7 @@ def save_stage(model: nn.Module, path: str | os.PathLike, layout: str = "stabili
     if layout == "stability":
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {_METADATA_KIND: kind.name, _METADATA_CONFIG: json.dumps(dataclasses.asdict(model.config))}
-        save_file(state, str(path), metadata=metadata)
+        save_safetensors(state, path, metadata=metadata)
         return path
     if layout != "diffusers":
         raise ValueError(f"layout: {layout!r} is not known; allowed are 'stability', 'diffusers'")
@@ -398,5 +425,5 @@ def save_stage(model: nn.Module, path: str | os.PathLike, layout: str = "stabili
         raise ValueError(f"{kind.name} has no diffusers layout; save it with layout='stability'")
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file(to_diffusers_state_dict(kind.name, state), str(path / "diffusion_pytorch_model.safetensors"))
+    save_safetensors(to_diffusers_state_dict(kind.name, state), path / "diffusion_pytorch_model.safetensors")
     return path

@@ -20,7 +20,8 @@ import shutil
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from cascade.weights import save_safetensors
 
 HALF = ("stage_b.safetensors", "stage_c.safetensors", "text_encoder/model.safetensors")
 AS_IS = (
@@ -43,7 +44,7 @@ def to_half(src: Path, dst: Path) -> float:
         for k, v in tensors.items()
         if v.is_floating_point()
     )
-    save_file(half, dst, metadata=metadata)
+    save_safetensors(half, dst, metadata=metadata)
     return worst
 
 
@@ -52,12 +53,13 @@ def main() -> None:
     parser.add_argument("src", type=Path, help="a trained family folder (python -m cascade.train all --out SRC)")
     parser.add_argument("dst", type=Path, help="the folder to write (its files are replaced)")
     args = parser.parse_args()
+    missing = [name for name in (*HALF, *AS_IS) if not (args.src / name).is_file()]
+    if missing:  # before anything is written
+        raise SystemExit(f"{args.src / missing[0]} not found: is {args.src} a trained family?")
     (args.dst / "text_encoder").mkdir(parents=True, exist_ok=True)
     for name in HALF:
         print(f"{name}: float16, largest relative error {to_half(args.src / name, args.dst / name):.1e}")
     for name in AS_IS:
-        if not (args.src / name).is_file():
-            raise SystemExit(f"{args.src / name} not found: is {args.src} a trained family?")
         shutil.copy(args.src / name, args.dst / name)
         print(f"{name}: copied")
 

@@ -149,3 +149,28 @@ def test_random_full_size_models_have_the_official_parameter_counts():
     lite = BUILTIN_MODELS["random-lite"](device="meta", parts=("prior",))
     assert count(lite.stage_c) == 1_030_785_040 and lite.stage_b is None
     assert family_geometry("random-big") == OFFICIAL
+
+
+def test_ship_family_copies_a_family_that_loads_and_refuses_a_partial_one_before_writing(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cascade.geometry import DEMO_FOLDER
+
+    root = Path(__file__).resolve().parents[1]
+    ship = lambda src, dst: subprocess.run(  # noqa: E731
+        [sys.executable, "scripts/ship_family.py", str(src), str(dst)], cwd=root, capture_output=True, text=True
+    )
+    done = ship(DEMO_FOLDER, tmp_path / "shipped")
+    assert done.returncode == 0, done.stderr
+    assert "stage_c.safetensors: float16" in done.stdout and "family.json: copied" in done.stdout
+    models = load_models(tmp_path / "shipped", dtype=torch.float32)
+    assert models.geometry.default_size == 64
+    partial = tmp_path / "partial"
+    shutil.copytree(tmp_path / "shipped", partial)
+    (partial / "previewer.safetensors").unlink()
+    refused = ship(partial, tmp_path / "never")
+    assert refused.returncode == 1 and "previewer.safetensors not found: is" in refused.stderr
+    assert not (tmp_path / "never").exists()  # nothing written

@@ -69,15 +69,22 @@ def test_train_all_writes_a_family_that_generates_and_resumes(tmp_path, capsys):
     before = {s: (out / f).stat().st_mtime_ns for s, f in (("c", "stage_c.safetensors"), ("b", "stage_b.safetensors"))}
     capsys.readouterr()
     assert train(["all", "--out", str(out), *FEW_STEPS]) == 0
-    assert "stage_c: already trained" in capsys.readouterr().err
+    log = capsys.readouterr().err
+    assert "stage_c: already trained" in log and "it was trained with" not in log  # the same recipe: nothing to say
     assert before == {
         s: (out / f).stat().st_mtime_ns for s, f in (("c", "stage_c.safetensors"), ("b", "stage_b.safetensors"))
     }
     # A finished stage keeps no checkpoint (training it again starts from scratch), and a command that trains
     # nothing leaves the recorded recipe as it was.
     assert not any((out / "checkpoints" / s).exists() for s in STAGES)
-    assert train(["stage-a", "--out", str(out), *FEW_STEPS, "--images", "999"]) == 0
+    assert train(["stage-a", "--out", str(out), *FEW_STEPS, "--images", "999", "--stage-a-steps", "5"]) == 0
     assert json.loads((out / "family.json").read_text())["recipe"]["images"] == 96
+    # ... and says what the skipped stage was trained with that differs from what is asked now.
+    assert "stage_a: already trained" in (log := capsys.readouterr().err)
+    assert (
+        "it was trained with images 96 (now 999), stage_a.steps 3 (now 5): delete it to train it with the settings"
+        in log
+    )
 
 
 def test_a_checkpoint_made_from_other_data_or_inputs_is_not_resumed(tmp_path, capsys):
@@ -121,13 +128,29 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
         ('{"stage_c": {"steps": "10"}}', "recipe: stage_c: steps: '10' is not allowed; use a number"),
         ("{not json", "--recipe: not JSON"),
         ('{"size": 48}', "recipe: size: 48 is not supported; use a multiple of 16 from 64 to 256"),
+        ('{"stage_a": {"steps": -2}}', "recipe: stage_a: steps: -2 is not allowed; use 1 or more"),
     ]:
         (tmp_path / "recipe.json").write_text(text)
         assert train(["stage-a", "--out", str(tmp_path), "--recipe", str(tmp_path / "recipe.json")]) == 2
         assert message in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")
-    assert train(["stage-a", "--out", str(tmp_path / "a-file"), *FEW_STEPS]) == 2
-    assert "File exists" in capsys.readouterr().err
+    assert train(["all", "--out", str(tmp_path), "--stage-c-steps", "0"]) == 2
+    assert "--stage-c-steps: 0 is not allowed; use 1 or more" in capsys.readouterr().err
+    # --out of the wrong kind: named before any work (the LoRA trainer used to fail only when saving, after training).
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for argv, message in [
+        (["stage-a", "--out", str(blocker), *FEW_STEPS], f"--out: {blocker} is a file; give a folder"),
+        (["eval", "--out", str(blocker)], f"--out: {blocker} is a file; give a folder"),
+        (["stage-a", "--out", str(blocker / "x")], f"--out: {blocker / 'x'} cannot be written: {blocker} is a file"),
+        (["lora", "--out", str(tmp_path)], f"--out: {tmp_path} is a folder; give the LoRA's file name"),
+        (["lora", "--out", str(tmp_path / "z.bin")], "--out: 'z.bin': a LoRA is written as safetensors"),
+        # eval and lora judge shapes at the family's size: the official architecture's 1024 px is refused by name.
+        (["eval", "--model", "tiny"], "--model: tiny renders 1024 px by default; eval is for families trained on"),
+        (["lora", "--model", "tiny", "--out", str(tmp_path / "z.safetensors")], "lora is for families trained on"),
+    ]:
+        assert train(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
     assert train(["lora", "--samples", "-1"]) == 2
     assert "--samples: -1 is not allowed; use 0 or more" in capsys.readouterr().err
 

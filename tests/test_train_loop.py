@@ -63,18 +63,18 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_checkpoint_whole(tm
     run = RunConfig(steps=6, batch_size=8, lr=1e-2, warmup=2, checkpoint_every=2, ema_beta=0.9)
     net, step = small_task()
     straight = fit({"net": net}, step, run, tmp_path / "a", AdaptiveLossWeight(), progress=False)
-    real = loop.save_file
+    real = loop.save_safetensors
 
     def stopped_after_one_file(tensors, path):
         real(tensors, path)
         if ".step4." in str(path):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "save_file", stopped_after_one_file)
+    monkeypatch.setattr(loop, "save_safetensors", stopped_after_one_file)
     net, step = small_task()
     with pytest.raises(KeyboardInterrupt):
         fit({"net": net}, step, run, tmp_path / "b", AdaptiveLossWeight(), progress=False)
-    monkeypatch.setattr(loop, "save_file", real)
+    monkeypatch.setattr(loop, "save_safetensors", real)
     calls = []
     net, step = small_task(calls)
     resumed = fit({"net": net}, step, run, tmp_path / "b", AdaptiveLossWeight(), progress=False)

@@ -1,6 +1,8 @@
 """Loading the official layouts: diffusers folders written by diffusers itself, Stability single files, errors."""
 
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -123,6 +125,19 @@ def test_our_files_carry_their_configuration(tmp_path):
         assert loaded.config == STAGE_B_TINY
         for k, v in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_saved_files_get_the_mode_open_gives_them(tmp_path):
+    # safetensors 0.8 makes its files 0o600 (safetensors #782): weights, LoRAs and checkpoints the other users of
+    # shared storage could not read.
+    model = randomize(StageB(STAGE_B_TINY))
+    old = os.umask(0o022)
+    try:
+        paths = [save_stage(model, tmp_path / "b.safetensors"), save_stage(model, tmp_path / "b", layout="diffusers")]
+    finally:
+        os.umask(old)
+    for path in (paths[0], paths[1] / "diffusion_pytorch_model.safetensors"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
 def write_sparse(path, state):

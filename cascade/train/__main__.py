@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cascade.train", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("all", *(s.replace("_", "-") for s in STAGES)):
-        s = sub.add_parser(name, help="every stage in order" if name == "all" else f"train {name} only")
+        what = "every stage not yet trained, as their inputs are ready (--jobs at once)"
+        s = sub.add_parser(name, help=what if name == "all" else f"train {name} only")
         s.add_argument("--out", type=Path, default=Path("runs/demo"), help="the family folder (default runs/demo)")
         s.add_argument("--recipe", type=Path, help="a recipe JSON (as family.json's 'recipe'); default the built-in")
         s.add_argument("--images", type=int, help="training images (default 8000)")
@@ -103,13 +104,33 @@ def _recipe(args) -> Recipe:
     for stage in STAGES:
         steps = getattr(args, f"{stage}_steps")
         if steps is not None:
+            if steps < 1:
+                raise ValueError(f"--{stage.replace('_', '-')}-steps: {steps} is not allowed; use 1 or more")
             recipe = recipe.with_steps(stage, steps)
     return recipe
+
+
+def _check_out(args) -> None:
+    """--out, checked before any work: a folder (a family's, an evaluation's) or a LoRA's .safetensors file."""
+    out = args.out
+    if out is None:
+        return
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--out: {out} cannot be written: {blocking} is a file, not a folder")
+    if args.command != "lora":
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out: {out} is a file; give a folder")
+    elif out.is_dir():
+        raise ValueError(f"--out: {out} is a folder; give the LoRA's file name, e.g. {out / 'zorp.safetensors'}")
+    elif out.suffix != ".safetensors":  # what --lora and the job read
+        raise ValueError(f"--out: {out.name!r}: a LoRA is written as safetensors; give a name ending in .safetensors")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _check_out(args)
         if args.command == "eval":
             from ..family import BUILTIN_MODELS
             from .evaluate import evaluate
@@ -164,7 +185,7 @@ def _lora(args) -> int:
 
     from ..family import load_family
     from ..request import sampling_defaults
-    from .evaluate import contact_sheet
+    from .evaluate import contact_sheet, shapes_size
     from .loop import RunConfig
     from .lora import lora_report, train_lora, with_regular, word_data
 
@@ -174,6 +195,8 @@ def _lora(args) -> int:
     for name in ("decoder_rank", "regular", "samples"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 0 or more")
+
+    shapes_size(args.model, "lora")  # before any load
 
     def load():  # with the semantic encoder: training encodes the images, the report reads Stage C's latents
         return load_family(args.model, dtype=torch.float32, with_effnet=True)

@@ -39,7 +39,7 @@ from ..stage_a import StageA, StageAConfig
 from ..stage_b import StageBConfig
 from ..stage_c import StageCConfig
 from ..text import TINY_TEXT_CONFIG, build_text_encoder, load_text_encoder
-from ..weights import load_stage, save_stage
+from ..weights import load_stage, readable, save_stage
 from .loop import RunConfig, Trained
 from .schedule import train_side_by_side
 from .semantic import train_semantic
@@ -155,7 +155,12 @@ class Recipe:
                 if not isinstance(data[stage], dict):
                     raise ValueError(f"recipe: {stage}: {data[stage]!r} is not allowed; use a mapping of its settings")
                 _check_fields(f"recipe: {stage}", data[stage], RunConfig)
-        runs = {s: RunConfig(**data[s]) for s in STAGES if s in data}
+        runs = {}
+        for s in (s for s in STAGES if s in data):
+            try:
+                runs[s] = RunConfig(**data[s])
+            except ValueError as e:
+                raise ValueError(f"recipe: {s}: {e}") from None
         plain = {k: v for k, v in data.items() if k not in STAGES}
         # A recipe recorded before general images existed (every stage's run written out, no general_images) had
         # none. A partial recipe someone writes by hand takes the defaults for what it leaves out, these included.
@@ -233,6 +238,7 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
             encoder.model.load_state_dict(trained.ema["text_encoder"].state_dict())
             extra["heldout_retrieval"] = heldout_retrieval(encoder, trained.ema["image_head"], semantic, recipe.size)
             encoder.model.save_pretrained(out / "text_encoder")
+            readable(out / "text_encoder" / "model.safetensors")  # (written by safetensors too)
         else:
             text_encoder = load_text_encoder(out / "text_encoder", dtype=torch.float32)
             text = encode_captions(text_encoder, data.captions)
@@ -295,6 +301,23 @@ def _record(
         tmp.replace(path)  # a reader never sees half a file
 
 
+def _recipe_changes(out: Path, recipe: Recipe, stage: str) -> list[str]:
+    """What `recipe` sets for `stage` (its own run, and the data every stage reads) otherwise than the recipe
+    family.json recorded for the stages trained before: ["stage_a.steps 4 (now 6)", ...]."""
+    try:
+        before = json.loads((out / "family.json").read_text())["recipe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    now = json.loads(json.dumps(asdict(recipe)))  # as recorded (tuples as lists)
+    changes = []
+    for key, value in now.items():
+        if key in STAGES and key == stage and isinstance(before.get(key), dict):
+            changes += [f"{key}.{k} {before[key][k]} (now {v})" for k, v in value.items() if before[key].get(k, v) != v]
+        elif key not in STAGES and before.get(key, value) != value:
+            changes.append(f"{key} {before[key]} (now {value})")
+    return changes
+
+
 def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = True, log=print, jobs: int = 1) -> dict:
     """Train the stages not yet done, in order, or with `jobs` > 1 that many at once, each in its own process as its
     inputs are ready (`schedule.train_side_by_side`); returns {stage: summary} for those trained now."""
@@ -302,7 +325,12 @@ def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = 
     todo = []
     for stage in stages:
         if _output(out, stage).is_file():
-            log(f"{stage}: already trained ({_output(out, stage)}); skipped")
+            message = f"{stage}: already trained ({_output(out, stage)}); skipped"
+            if changes := _recipe_changes(out, recipe, stage):
+                message += (
+                    f"; it was trained with {', '.join(changes)}: delete it to train it with the settings asked now"
+                )
+            log(message)
         else:
             todo.append(stage)
     if todo:  # the recipe of what is trained now (a command that trains nothing leaves family.json as it is)

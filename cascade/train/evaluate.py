@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..family import load_family
+from ..family import BUILTIN_MODELS, load_family
+from ..geometry import family_geometry
 from ..pipeline import generate, to_tensor
 from ..request import Request, sampling_defaults
+from ..weights import save_safetensors
 from .checker import HEADS, Checker, judge, train_checker
 from .shapes import render, sample_attributes
 
@@ -46,7 +48,7 @@ def checker_for(folder: Path, size: int, steps: int, seed: int = 0) -> Checker:
             return checker.eval()
     checker = train_checker(size=size, steps=steps, seed=seed)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in checker.state_dict().items()}, str(folder / name))
+    save_safetensors({k: v.contiguous() for k, v in checker.state_dict().items()}, folder / name)
     return checker
 
 
@@ -63,6 +65,22 @@ def contact_sheet(images: list[Image.Image], labels: list[str], columns: int = 8
         for k, line in enumerate(textwrap.wrap(label, width=cell // 6)[:lines]):
             draw.text((x + 2, y + cell + 2 + 11 * k), line, fill=(0, 0, 0))
     return sheet
+
+
+MAX_SIZE = 256  # the largest size of the shapes families (cascade.train.demo.GEOMETRY)
+
+
+def shapes_size(model: Path | str, command: str) -> int:
+    """The default size of `model`, a family trained here on the shapes data, which `command` renders and judges at
+    that size; ValueError for a model beyond the shapes families' sizes (the official architecture's 1024 px: the
+    judge and its data would take many GB, and its prompts are not the shapes' captions)."""
+    size = family_geometry(model).default_size
+    if size > MAX_SIZE and (str(model) in BUILTIN_MODELS or Path(model).is_dir()):  # (a missing folder: load says)
+        raise ValueError(
+            f"--model: {model} renders {size} px by default; {command} is for families trained on the shapes data "
+            f"(python -m cascade.train, at most {MAX_SIZE} px), such as demo"
+        )
+    return size
 
 
 def evaluate(
@@ -86,6 +104,7 @@ def evaluate(
     shipped one by default) whatever `seed` is, so evaluations at several seeds read with one instrument."""
     if samples < 1:
         raise ValueError(f"samples: {samples} is not allowed; use 1 or more")
+    shapes_size(model, "eval")
     started = time.perf_counter()
     models = load_family(model, dtype=torch.float32)
     size = models.geometry.default_size

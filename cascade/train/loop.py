@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ..weights import save_safetensors
 from .objective import EMA, AdaptiveLossWeight
 
 LOG_EVERY = 100  # steps between the plain progress lines printed when there is no progress bar
@@ -66,7 +67,7 @@ def _save(checkpoint: Path, modules, emas, optimizer, step, generator, loss_weig
     for name, module in modules.items():
         for suffix, weights in (("", module.state_dict()), (".ema", emas[name].model.state_dict())):
             tensors = {k: v.detach().contiguous() for k, v in weights.items()}
-            save_file(tensors, checkpoint / f"{name}{suffix}.step{step}.safetensors")
+            save_safetensors(tensors, checkpoint / f"{name}{suffix}.step{step}.safetensors")
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
