@@ -85,6 +85,8 @@ def split(gpus: int, prior_s: float, decoder_s: float, max_per_gpu: int = 4) -> 
 
 def measured_seconds(table) -> tuple[float, float]:
     """The median per-image seconds of each pool's actors over a run's ok rows (manifest columns prior_s, decoder_s)."""
+    if not {"status", "prior_s", "decoder_s"} <= set(table.column_names):
+        raise ValueError("the run's manifests hold no stage timings (prior_s, decoder_s)")
     ok = table.filter(pc.equal(table.column("status"), "ok"))
     if ok.num_rows == 0:
         raise ValueError("the run has no rendered images to measure")
@@ -107,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         "GPUs only)",
     )
     args = p.parse_args(argv)
+    for name in ("gpus", "max_per_gpu"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 1 or more")
     from jobs.manifest import read_manifests, read_success
     from workers.storage import StorageError, open_storage
 

@@ -198,15 +198,23 @@ def table(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny", help="a built-in model (tiny) or an official-layout weights folder")
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="a built-in model (tiny, random-big, random-lite, demo) or a weights folder (official layout or a family)",
+    )
     p.add_argument("--size", type=int, default=None, help="image width and height (default: the family's size)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
-    p.add_argument("--prior-steps", type=int, default=20)
-    p.add_argument("--decoder-steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes to measure")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--prior-steps", type=int, default=20, help="Stage C sampling steps")
+    p.add_argument("--decoder-steps", type=int, default=10, help="Stage B sampling steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before each timing")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs, of which the median counts")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument(
         "--peak-tflops",
@@ -233,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fp8",
         action="store_true",
-        help="Stage C's and Stage B's token linear layers as float8 products (cascade.float8; Ada/Hopper GPUs); "
-        "MFU stays against the bf16 matmul rate",
+        help="Stage C's and Stage B's token linear layers as float8 products (cascade.float8; Ada/Hopper GPUs; on a "
+        "CPU the same arithmetic, slowly); MFU stays against the matmul rate of the model's dtype",
     )
     p.add_argument(
         "--graphs",
@@ -244,13 +252,81 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def positive(text: str) -> int:
+    """argparse type for counts (batch sizes, repeats, rows): an integer of 1 or more."""
+    value = int(text)  # (a ValueError: argparse says "invalid positive value")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; use 1 or more")
+    return value
+
+
+def official_size(text: str) -> int:
+    """argparse type for image sizes of the official architecture (multiples of 32 from 256 to 2048)."""
+    from cascade.geometry import OFFICIAL
+
+    value = int(text)
+    try:
+        OFFICIAL.check_size("size", value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None  # (argparse names the flag)
+    return value
+
+
+def cpu_name() -> str:
+    """The CPU's model name (platform.processor() is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def check_arguments(args) -> str | None:
+    """What is wrong with the arguments that need no model (the message), or None: checked before the model loads
+    (the full-size ones take minutes)."""
+    from .bench_ray import min_prompts
+
+    for name, least in (("batch", 1), ("prior_steps", 1), ("decoder_steps", 1), ("repeats", 1), ("warmup", 0)):
+        for value in getattr(args, name) if name == "batch" else [getattr(args, name)]:
+            if value < least:
+                return f"--{name.replace('_', '-')}: {value} is not allowed; use {least} or more"
+    if args.size is not None and args.size < 1:
+        return f"--size: {args.size} is not allowed; use a size the model supports (omit it for the family's own)"
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        return f"--peak-tflops: {args.peak_tflops} is not allowed; use a rate above 0 (omit it to measure one)"
+    least = min_prompts(max(args.batch))
+    if args.ray_prompts and args.ray_prompts < least:
+        return (
+            f"--ray-prompts: {args.ray_prompts} leaves no steady state to time at batch {max(args.batch)}; "
+            f"use 0 (no Ray part) or at least {least} (two blocks)"
+        )
+    if args.json is not None:
+        if args.json.is_dir():
+            return f"--json: {args.json} is a folder; give a file name"
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"--json: {args.json} cannot be written: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = check_arguments(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from cascade.family import BUILTIN_MODELS, load_models
     from workers.models import device, torch_dtype
 
     on = device()
     dtype = torch_dtype(args.dtype, on)
+    if args.graphs and on.type != "cuda":
+        print("error: --graphs needs a CUDA device", file=sys.stderr)
+        return 2
     if args.model in BUILTIN_MODELS:
         models = BUILTIN_MODELS[args.model](device=on, dtype=dtype)
     else:
@@ -261,20 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         except WeightsError as e:  # as the job: a weights folder that cannot be used is exit 3, named
             print(f"error: {e}", file=sys.stderr)
             return 3
-    args.size = args.size or models.geometry.default_size
+    args.size = models.geometry.default_size if args.size is None else args.size
     try:
         models.geometry.check_size("--size", args.size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if min(args.batch) < 1 or args.warmup < 0 or args.repeats < 1:
-        print("error: --batch and --repeats must be 1 or more, --warmup 0 or more", file=sys.stderr)
-        return 2
-    if args.ray_prompts and args.ray_prompts < 2 * max(args.batch):
-        print(f"error: --ray-prompts {args.ray_prompts}: use 0 or at least twice the largest batch", file=sys.stderr)
-        return 2
-    if args.graphs and on.type != "cuda":
-        print("error: --graphs needs a CUDA device", file=sys.stderr)
         return 2
     if args.fp8:
         from cascade.float8 import float8_supported
@@ -309,11 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.flops import forward_flops, matmul_rate, sampling_flops
 
     flops = sampling_flops(forward_flops(models, args.size), args.prior_steps, args.decoder_steps)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_rate(on, dtype)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops is not None else matmul_rate(on, dtype)
     print(
         f"[bench] model TFLOP per image: {sum(flops.values()) / 1e12:.4g} "
         f"({', '.join(f'{s} {f / 1e12:.3g}' for s, f in flops.items())}); "
-        f"MFU against {peak / 1e12:.1f} TFLOP/s ({'given' if args.peak_tflops else 'measured dense matmul'})",
+        f"MFU against {peak / 1e12:.3g} TFLOP/s ({'given' if args.peak_tflops else 'measured dense matmul'})",
         file=sys.stderr,
     )
     rows: list[dict] = []
@@ -322,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {
-                "device": torch.cuda.get_device_name(on) if on.type == "cuda" else platform.processor() or "cpu",
+                "device": torch.cuda.get_device_name(on) if on.type == "cuda" else cpu_name(),
                 "cpus": torch.get_num_threads(),
                 "torch": torch.__version__,
             },

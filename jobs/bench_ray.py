@@ -1,8 +1,10 @@
 """The Ray pipeline part of `jobs.bench`: the real job (`jobs.generate`) on a local Ray, timed from its manifests.
 
 The job renders `prompts` prompts into a temporary folder with both pools at the benchmark's batch size. Its rate is
-taken in the steady state: images written between the first write and the last, over that time, so the actors'
-start (model loading) is left out. It is compared with its bound on this machine:
+taken in the steady state: the images written after the first block (a pool's block carries whole batches and at
+least 4 images, `jobs.generate.block_rows`, and its images are written together), over the time from that block's
+last write to the last write, so the actors' start (model loading) is left out. It is compared with its bound on
+this machine:
 - pools on devices of their own (two or more GPUs: `gpus: auto` gives each pool's actor one): the bottleneck pool's
   work done alone, text encoder + Stage C for the Stage C pool, Stage B + Stage A for the Stage B/A pool;
 - pools sharing one device (one GPU, half each, or the CPU's cores): that device doing every stage's work, one after
@@ -23,6 +25,7 @@ def ray_pipeline(args, batch: int, stage_seconds: dict[str, float], devices: int
 
     from workers.storage import LocalStorage
 
+    from .generate import block_rows
     from .generate import main as generate
     from .manifest import read_manifests
 
@@ -39,7 +42,7 @@ def ray_pipeline(args, batch: int, stage_seconds: dict[str, float], devices: int
         if code != 0:
             raise RuntimeError(f"the Ray pipeline's job failed with exit code {code}")
         ends = sorted(read_manifests(LocalStorage(work / "out"), ["write_end"]).column("write_end").to_pylist())
-    steady = (len(ends) - batch) / (ends[-1] - ends[0]) if ends[-1] > ends[0] else float("nan")
+    steady = steady_rate(ends, block_rows(batch))
     pools = pool_seconds(stage_seconds)
     bottleneck, bound, bound_s = ray_bound(pools, devices)
     return {
@@ -50,6 +53,20 @@ def ray_pipeline(args, batch: int, stage_seconds: dict[str, float], devices: int
         "ray_bound_images_per_s": batch / bound_s,
         "ray_vs_bound": steady * bound_s / batch,
     }
+
+
+def steady_rate(ends: list[float], first: int) -> float:
+    """Images per second after the first block of `first` images, from the sorted write times: that block's images
+    are written together, so counting them as made after the first write would overstate the rate."""
+    start = ends[first - 1]
+    return (len(ends) - first) / (ends[-1] - start) if ends[-1] > start else float("nan")
+
+
+def min_prompts(batch: int) -> int:
+    """The fewest prompts that leave a steady state to time: two blocks."""
+    from .generate import block_rows
+
+    return 2 * block_rows(batch)
 
 
 def pool_seconds(stage_seconds: dict[str, float]) -> dict[str, float]:

@@ -80,11 +80,16 @@ def manifest_keys(storage: Storage) -> list[str]:
 
 
 def read_part(storage: Storage, key: str, columns: list[str] | None = None) -> pa.Table:
-    """One manifest part, reading only `columns` (those it has) when given."""
-    pf = pq.ParquetFile(io.BytesIO(storage.get(key)))
-    if columns is None:
-        return pf.read()
-    return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
+    """One manifest part, reading only `columns` (those it has) when given. A part that is not Parquet (copied in
+    half, edited by hand: the job writes each in one atomic PUT) is a StorageError naming it."""
+    try:
+        pf = pq.ParquetFile(io.BytesIO(storage.get(key)))
+        return pf.read(columns=None if columns is None else [c for c in columns if c in pf.schema_arrow.names])
+    except pa.ArrowException as e:
+        raise StorageError(
+            f"{storage.location(key)}: not a readable manifest part ({e}); move it out of the manifests and run "
+            "again: the images it recorded are then rendered (or found stored) again"
+        ) from None
 
 
 def read_manifests(storage: Storage, columns: list[str] | None = None, run_id: str | None = None) -> pa.Table | None:

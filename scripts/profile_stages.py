@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from jobs.bench import official_size, positive
+
 KINDS = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "cublas", "sm90_", "wgmma")),
@@ -154,10 +156,10 @@ def profile(models, stage: str, batch: int, size: int, top: int, variant: str = 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="random-big")
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--model", default="random-big", choices=("random-big", "random-lite", "tiny"))
+    p.add_argument("--size", type=official_size, default=1024)
+    p.add_argument("--batch", type=positive, nargs="+", default=[1, 4])
+    p.add_argument("--top", type=positive, default=12)
     p.add_argument("--json", type=Path)
     p.add_argument(
         "--variants",
@@ -171,6 +173,8 @@ def main(argv=None) -> int:
         "error against ours; diffusers: its UNet, same weights",
     )
     args = p.parse_args(argv)
+    if args.json:  # written after each row: a missing folder would lose the first one's work
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     from cascade.family import BUILTIN_MODELS
 
     if torch.cuda.is_available():

@@ -15,6 +15,8 @@ import argparse
 import os
 import time
 
+from jobs.bench import positive
+
 
 def cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
@@ -26,9 +28,9 @@ def cpu_times() -> tuple[int, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=1000)
-    parser.add_argument("--block", type=int, default=1, help="rows per block (the pools' batch size)")
-    parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--rows", type=positive, default=1000)
+    parser.add_argument("--block", type=positive, default=1, help="rows per block (the pools' batch size)")
+    parser.add_argument("--cpus", type=positive, default=os.cpu_count())
     args = parser.parse_args(argv)
 
     import pyarrow as pa

@@ -7,7 +7,8 @@ measures that model: for each k it starts k processes on the one GPU, each holdi
 Stage A, PNG-ready images) in a loop; they load and warm up, wait for each other, then count the images they finish
 in `--seconds`. It prints the images/s of all k together and their ratio to one process alone: 1.0 means packing
 loses nothing, above 1.0 means the processes fill each other's idle gaps, below means switching costs time.
-`--json` writes the figures. On a machine without CUDA it runs on the CPU (to try the script only).
+One process alone is always measured first, the ratios' baseline. `--json` writes the figures. On a machine without
+CUDA it runs on the CPU (to try the script only), each process on one thread.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def child(args) -> int:
     from cascade.family import BUILTIN_MODELS
 
     cuda = torch.cuda.is_available()
+    if not cuda:  # k processes on k cores, as k packed actors on a GPU: not k x torch's default threads on each
+        torch.set_num_threads(1)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     models = BUILTIN_MODELS[args.model](device=device, dtype=dtype, parts=(args.part,))  # one pool's stages
@@ -84,7 +87,7 @@ def run_shared(args, k: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="random-big", help="a built-in model (random-big, random-lite, tiny)")
+    p.add_argument("--model", default="random-big", choices=("random-big", "random-lite", "tiny", "demo"))
     p.add_argument("--part", choices=sorted(PARTS), default="decoder", help="which pool's work each process does")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--size", type=int, default=1024)
@@ -103,12 +106,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    for name in ("batch", "size", "steps", "procs", "seconds"):
+        for value in getattr(args, name) if name == "procs" else [getattr(args, name)]:
+            if not value > 0:
+                p.error(f"--{name}: {value} is not allowed; use a number above 0")
+    args.procs = [1, *(k for k in args.procs if k != 1)]  # one alone first: what the others are compared with
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
     print(f"[share-gpu] {PARTS[args.part]}, {args.model}, batch {args.batch}, {args.size} px, {args.steps} steps, "
           f"{args.seconds:g} s per run", flush=True)  # fmt: skip
     rows = []
     for k in args.procs:
         row = run_shared(args, k)
-        row["vs_one"] = row["images_per_s"] / rows[0]["images_per_s"] if rows else 1.0
+        row["vs_one"] = row["images_per_s"] / rows[0]["images_per_s"] if rows else 1.0  # (rows[0]: one alone)
         rows.append(row)
         print(f"  {k} process(es): {row['images_per_s']:.3f} images/s together ({row['images']} images), "
               f"{row['vs_one']:.2f}x one alone", flush=True)  # fmt: skip

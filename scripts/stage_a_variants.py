@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from jobs.bench import positive
+
 
 def before_forward(self, x):
     """cascade.stage_a.ResBlock.forward before 2026-11-29: the reference's expression, term by term."""
@@ -51,11 +53,13 @@ def memory_bound_bytes(model_config, size: int) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--size", type=positive, default=1024, help="pixels (Stage A's latent is a quarter of it)")
+    p.add_argument("--batch", type=positive, default=1)
+    p.add_argument("--repeats", type=positive, default=5)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if args.json:  # written after each row: a missing folder would lose the first one's work
+        args.json.parent.mkdir(parents=True, exist_ok=True)
 
     from cascade.stage_a import STAGE_A, ResBlock, StageA
     from jobs.bench import synchronize

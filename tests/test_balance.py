@@ -65,3 +65,13 @@ def test_the_command_reads_a_runs_manifests(tmp_path, capsys):
     assert "resources: {stage_c: 0.5}" in out  # 2 GPUs for 0.5 s + 1.5 s: packed, so pinned pools ask for a share
     assert main(["--run", str(tmp_path / "empty"), "--gpus", "4"]) == 2
     assert "no manifests found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--run", str(tmp_path), "--gpus", "0"])
+    assert exit_.value.code == 2 and "--gpus: 0 is not allowed; use 1 or more" in capsys.readouterr().err
+    # Manifests without stage timings, or a part that is not Parquet: said so, with the part named.
+    pq.write_table(pa.table({"status": ["ok"]}), tmp_path / MANIFEST_DIR / "part-a.parquet")
+    assert main(["--run", str(tmp_path), "--gpus", "2"]) == 2
+    assert "hold no stage timings (prior_s, decoder_s)" in capsys.readouterr().err
+    (tmp_path / MANIFEST_DIR / "part-a.parquet").write_bytes(b"PAR1 not really")
+    assert main(["--run", str(tmp_path), "--gpus", "2"]) == 2
+    assert "part-a.parquet: not a readable manifest part" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from jobs.bench import STAGES, main
 def test_bench_reports_each_stage_and_the_pipeline(tmp_path, capsys):
     # One batch size: each one costs a Ray pipeline run (about 13 s of start-up here), and the rows are one loop.
     args = ["--size", "256", "--batch", "2", "--prior-steps", "2", "--decoder-steps", "2", "--repeats", "1"]
-    args += ["--ray-prompts", "6"]
+    args += ["--ray-prompts", "8"]  # two blocks of 4 (jobs.generate.block_rows)
     assert main([*args, "--json", str(tmp_path / "bench.json")]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("batch | text img/s") and "pipeline MFU" in out.splitlines()[0]
@@ -32,13 +32,37 @@ def test_bench_reports_each_stage_and_the_pipeline(tmp_path, capsys):
     assert "vs diffusers" in out.splitlines()[0] and "Ray pipeline img/s" in out.splitlines()[0]
 
 
-def test_bench_refuses_an_unsupported_size_and_too_few_prompts(capsys):
+def test_bench_refuses_an_unsupported_size_and_too_few_prompts(capsys, tmp_path, monkeypatch):
     assert main(["--size", "100", "--batch", "1"]) == 2
     assert "--size: 100 is not supported" in capsys.readouterr().err
-    assert main(["--size", "256", "--batch", "4", "--ray-prompts", "5"]) == 2
-    assert "--ray-prompts 5: use 0 or at least twice the largest batch" in capsys.readouterr().err
+    # What needs no model is checked before it loads (a full-size one takes minutes), one flag at a time.
+    from cascade.family import BUILTIN_MODELS
+
+    monkeypatch.setitem(BUILTIN_MODELS, "tiny", lambda **kw: pytest.fail("the model loaded before the check"))
+    (tmp_path / "a-file").write_text("")
+    for argv, message in [
+        (["--batch", "4", "--ray-prompts", "5"], "--ray-prompts: 5 leaves no steady state to time at batch 4; use 0"),
+        (["--batch", "1", "--ray-prompts", "6"], "use 0 (no Ray part) or at least 8 (two blocks)"),
+        (["--batch", "1", "0"], "--batch: 0 is not allowed; use 1 or more"),
+        (["--prior-steps", "0"], "--prior-steps: 0 is not allowed; use 1 or more"),
+        (["--warmup", "-1"], "--warmup: -1 is not allowed; use 0 or more"),
+        (["--size", "0"], "--size: 0 is not allowed"),
+        (["--peak-tflops", "0"], "--peak-tflops: 0.0 is not allowed; use a rate above 0"),
+        (["--json", str(tmp_path)], f"--json: {tmp_path} is a folder; give a file name"),
+        (["--json", str(tmp_path / "a-file" / "b.json")], "--json: "),
+    ]:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
     assert main(["--model", "/nonexistent/weights"]) == 3  # as the job: exit 3, the folder named
     assert "error: /nonexistent/weights: weights folder not found" in capsys.readouterr().err
+
+
+def test_the_ray_pipeline_s_steady_rate_leaves_out_the_first_block():
+    from jobs.bench_ray import steady_rate
+
+    # A block of 4 written together at t = 10 s, then one image a second: 4 images in 4 s, not 7 in 4 s.
+    ends = [10.0, 10.02, 10.04, 10.06, 11.06, 12.06, 13.06, 14.06]
+    assert steady_rate(ends, 4) == pytest.approx(1.0, rel=1e-3)
 
 
 def test_the_ray_pipeline_s_bound_is_the_shared_device_or_the_bottleneck_pool_on_its_own_gpus():

@@ -22,7 +22,7 @@ from jobs.manifest import (
 )
 from tests.helpers import load_script
 from tests.jobhelpers import tar_bytes
-from workers.storage import LocalStorage, sha256_hex
+from workers.storage import LocalStorage, StorageError, sha256_hex
 
 
 def _part(storage, name: str, rows: list[dict]) -> str:
@@ -82,6 +82,13 @@ def test_retrying_errors_drops_their_rows(files):
     drop_rows(s, previous.drop)
     assert read_part(s, parts[0]).column("id").to_pylist() == ["a", "other", "b"]
     assert read_part(s, parts[1]).column("id").to_pylist() == ["c"]
+
+
+def test_a_part_that_is_not_parquet_stops_the_plan_naming_it(files):
+    s, parts = files
+    s.put(parts[1], b"PAR1 cut short")  # e.g. copied in half (the job writes each part in one PUT)
+    with pytest.raises(StorageError, match=re.escape(parts[1]) + ": not a readable manifest part .*; move it out"):
+        previous_work(s, _hashes("a", "b"), retry_errors=False)
 
 
 def test_verify_redoes_an_image_whose_bytes_changed_at_the_same_size(files):
