@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -133,6 +134,7 @@ def main() -> None:
             row["both_busy_fraction"] = round(stats["both_busy_s"] / stats["wall_s"], 3) if stats["wall_s"] else 0
         results.append(row)
         print(json.dumps(row), flush=True)
+        shutil.rmtree(work, ignore_errors=True)  # (about 10 KB per image)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
