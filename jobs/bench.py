@@ -197,11 +197,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, where its help does not say it already (no default, or a flag)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        return action.help if default is None or isinstance(default, bool) else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jobs.bench",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument(
         "--model",
@@ -297,10 +305,11 @@ def check_arguments(args) -> str | None:
         return f"--size: {args.size} is not allowed; use a size the model supports (omit it for the family's own)"
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         return f"--peak-tflops: {args.peak_tflops} is not allowed; use a rate above 0 (omit it to measure one)"
-    least = min_prompts(max(args.batch))
-    if args.ray_prompts and args.ray_prompts < least:
+    least = min_prompts(args.batch)
+    if args.ray_prompts and not args.ray_prompts >= least:
+        batches = ", ".join(map(str, args.batch))
         return (
-            f"--ray-prompts: {args.ray_prompts} leaves no steady state to time at batch {max(args.batch)}; "
+            f"--ray-prompts: {args.ray_prompts} leaves no steady state to time at batch {batches}; "
             f"use 0 (no Ray part) or at least {least} (two blocks)"
         )
     if args.json is not None:

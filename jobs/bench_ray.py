@@ -62,11 +62,11 @@ def steady_rate(ends: list[float], first: int) -> float:
     return (len(ends) - first) / (ends[-1] - start) if ends[-1] > start else float("nan")
 
 
-def min_prompts(batch: int) -> int:
-    """The fewest prompts that leave a steady state to time: two blocks."""
+def min_prompts(batches: list[int]) -> int:
+    """The fewest prompts that leave a steady state to time at each batch size: two blocks of the largest."""
     from .generate import block_rows
 
-    return 2 * block_rows(batch)
+    return 2 * max(block_rows(b) for b in batches)
 
 
 def pool_seconds(stage_seconds: dict[str, float]) -> dict[str, float]:

@@ -82,12 +82,14 @@ def manifest_keys(storage: Storage) -> list[str]:
 def read_part(storage: Storage, key: str, columns: list[str] | None = None) -> pa.Table:
     """One manifest part, reading only `columns` (those it has) when given. A part that is not Parquet (copied in
     half, edited by hand: the job writes each in one atomic PUT) is a StorageError naming it."""
+    data = storage.get(key)  # (its errors are the storage's, as they are)
     try:
-        pf = pq.ParquetFile(io.BytesIO(storage.get(key)))
+        pf = pq.ParquetFile(io.BytesIO(data))
         return pf.read(columns=None if columns is None else [c for c in columns if c in pf.schema_arrow.names])
-    except pa.ArrowException as e:
+    except (pa.ArrowInvalid, OSError) as e:  # cut short, or a damaged page or footer (pyarrow's ArrowIOError)
+        why = " ".join(str(e).split())  # (pyarrow's messages can end in a newline)
         raise StorageError(
-            f"{storage.location(key)}: not a readable manifest part ({e}); move it out of the manifests and run "
+            f"{storage.location(key)}: not a readable manifest part ({why}); move it out of the manifests and run "
             "again: the images it recorded are then rendered (or found stored) again"
         ) from None
 

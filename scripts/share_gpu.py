@@ -87,7 +87,7 @@ def run_shared(args, k: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="random-big", choices=("random-big", "random-lite", "tiny", "demo"))
+    p.add_argument("--model", default="random-big", choices=("random-big", "random-lite", "tiny"))
     p.add_argument("--part", choices=sorted(PARTS), default="decoder", help="which pool's work each process does")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--size", type=int, default=1024)

@@ -86,9 +86,14 @@ def test_retrying_errors_drops_their_rows(files):
 
 def test_a_part_that_is_not_parquet_stops_the_plan_naming_it(files):
     s, parts = files
-    s.put(parts[1], b"PAR1 cut short")  # e.g. copied in half (the job writes each part in one PUT)
-    with pytest.raises(StorageError, match=re.escape(parts[1]) + ": not a readable manifest part .*; move it out"):
-        previous_work(s, _hashes("a", "b"), retry_errors=False)
+    whole = s.get(parts[1])
+    damaged = bytearray(whole)
+    damaged[len(whole) // 3 : len(whole) // 2] = bytes(len(whole) // 2 - len(whole) // 3)  # a page zeroed
+    # Copied in half (the job writes each part in one PUT), or damaged inside (pyarrow raises OSError for that).
+    for data in (b"PAR1 cut short", bytes(damaged)):
+        s.put(parts[1], data)
+        with pytest.raises(StorageError, match=re.escape(parts[1]) + ": not a readable manifest part .*; move it"):
+            previous_work(s, _hashes("a", "b"), retry_errors=False)
 
 
 def test_verify_redoes_an_image_whose_bytes_changed_at_the_same_size(files):

@@ -85,6 +85,14 @@ def test_train_all_writes_a_family_that_generates_and_resumes(tmp_path, capsys):
         "it was trained with images 96 (now 999), stage_a.steps 3 (now 5): delete it to train it with the settings"
         in log
     )
+    # The comparison is with what each stage was trained with (recorded with it), not with the recipe of the last
+    # command that trained something: Stage C trained again under a recipe that says 7 Stage A steps ...
+    (out / "stage_c.safetensors").unlink()
+    assert train(["stage-c", "--out", str(out), *FEW_STEPS, "--stage-a-steps", "7"]) == 0
+    assert json.loads((out / "family.json").read_text())["recipe"]["stage_a"]["steps"] == 7
+    capsys.readouterr()
+    assert train(["stage-a", "--out", str(out), *FEW_STEPS]) == 0  # ... and Stage A asked as it was trained: no word
+    assert "stage_a: already trained" in (log := capsys.readouterr().err) and "it was trained with" not in log
 
 
 def test_a_checkpoint_made_from_other_data_or_inputs_is_not_resumed(tmp_path, capsys):

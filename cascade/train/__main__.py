@@ -123,7 +123,7 @@ def _check_out(args) -> None:
             raise ValueError(f"--out: {out} is a file; give a folder")
     elif out.is_dir():
         raise ValueError(f"--out: {out} is a folder; give the LoRA's file name, e.g. {out / 'zorp.safetensors'}")
-    elif out.suffix != ".safetensors":  # what --lora and the job read
+    elif out.suffix != ".safetensors":  # the format it is written in, so that its name says it
         raise ValueError(f"--out: {out.name!r}: a LoRA is written as safetensors; give a name ending in .safetensors")
 
 

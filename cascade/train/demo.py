@@ -255,7 +255,7 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
                     general = (batched(stage_a.encode, general[0]), batched(semantic.encode, general[0]))
                 trained = train_stage_b(stage_a_latents, latents, text, STAGE_B, run, checkpoint, progress, general)
             save_stage(trained.ema[stage], _output(out, stage))
-    summary = _summary(trained) | extra
+    summary = _summary(trained) | extra | {"settings": _settings(recipe, stage)}
     _record(out, recipe, stage, summary)
     shutil.rmtree(checkpoint, ignore_errors=True)  # done: training the stage again starts from scratch
     return summary
@@ -301,19 +301,27 @@ def _record(
         tmp.replace(path)  # a reader never sees half a file
 
 
+def _settings(recipe: Recipe, stage: str) -> dict:
+    """The recipe's settings a stage is trained with, as family.json records them with the stage: the data's and
+    its own run's (family.json's "recipe" is the last command's, which may not be the one that trained it)."""
+    data = {k: v for k, v in asdict(recipe).items() if k not in STAGES}
+    return json.loads(json.dumps({**data, stage: asdict(recipe.run(stage))}))  # tuples as lists: as it reads back
+
+
 def _recipe_changes(out: Path, recipe: Recipe, stage: str) -> list[str]:
-    """What `recipe` sets for `stage` (its own run, and the data every stage reads) otherwise than the recipe
-    family.json recorded for the stages trained before: ["stage_a.steps 4 (now 6)", ...]."""
+    """What `recipe` sets for a trained `stage` otherwise than it was trained with (family.json's record of the
+    stage; none for stages trained before it recorded them): ["stage_a.steps 4 (now 6)", ...]."""
     try:
-        before = json.loads((out / "family.json").read_text())["recipe"]
+        before = json.loads((out / "family.json").read_text())["trained"][stage]["settings"]
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    now = json.loads(json.dumps(asdict(recipe)))  # as recorded (tuples as lists)
+    if not isinstance(before, dict):
+        return []
     changes = []
-    for key, value in now.items():
-        if key in STAGES and key == stage and isinstance(before.get(key), dict):
+    for key, value in _settings(recipe, stage).items():
+        if key == stage and isinstance(before.get(key), dict):
             changes += [f"{key}.{k} {before[key][k]} (now {v})" for k, v in value.items() if before[key].get(k, v) != v]
-        elif key not in STAGES and before.get(key, value) != value:
+        elif key != stage and key in before and before[key] != value:
             changes.append(f"{key} {before[key]} (now {value})")
     return changes
 
