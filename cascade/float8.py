@@ -18,7 +18,8 @@ blocks (`cascade.speed.compile_blocks`), which fuse the passes into the kernels 
 more. Apply it after loading and any LoRA merge, before compiling. The swapped
 modules hold the weights in float8: a model converted is for sampling, not for saving or training.
 
-On a CPU, `torch._scaled_mm` runs the same arithmetic (slowly): the tests check the numerics there.
+On a CPU (torch 2.13 or later), `torch._scaled_mm` runs the same arithmetic (slowly): the tests check the numerics
+there.
 """
 
 from __future__ import annotations
@@ -33,20 +34,43 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite e4m3fn value
 MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90): float8 tensor cores
 ALIGN = 16  # _scaled_mm wants both dimensions of each operand to be multiples of 16
+# The torch releases whose _scaled_mm takes one scale per row (as used here) on each device: Hopper from 2.5 (the
+# project's floor), Ada from 2.7 (pytorch #144348), the CPU from 2.13 (pytorch #176266; 2.12 untested).
+MIN_TORCH = {"cpu": (2, 13), "ada": (2, 7)}
+
+
+def torch_version(version: str | None = None) -> tuple[int, int]:
+    """(major, minor) of torch's version string ("2.13.0+cpu" -> (2, 13))."""
+    major, minor = (version or torch.__version__).split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def float8_supported(
-    device: torch.device, dtype: torch.dtype = torch.bfloat16, capability: tuple[int, int] | None = None
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    capability: tuple[int, int] | None = None,
+    version: str | None = None,
 ) -> str | None:
-    """None where a model in `dtype` on `device` can run float8 products, else why not (for the error message)."""
-    if device.type == "cpu":
-        return None  # reference arithmetic, slow: for tests
+    """None where a model in `dtype` on `device` can run float8 products, else why not (for the error message).
+    version: torch's (default: this one's)."""
+    have_torch = torch_version(version)
+
+    def too_old(where: str, need: tuple[int, int]) -> str:
+        return (
+            f"float8 products on {where} need torch {'.'.join(map(str, need))} or later (row-wise scaled products); "
+            f"this is torch {version or torch.__version__}"
+        )
+
+    if device.type == "cpu":  # reference arithmetic, slow: for tests
+        return too_old("a CPU", MIN_TORCH["cpu"]) if have_torch < MIN_TORCH["cpu"] else None
     if device.type != "cuda":
         return f"float8 products need an NVIDIA GPU; this device is {device.type}"
     capability = capability or torch.cuda.get_device_capability(device)
     if tuple(capability) < MIN_CAPABILITY:
         have, need = ".".join(map(str, capability)), ".".join(map(str, MIN_CAPABILITY))
         return f"float8 products need a GPU of compute capability {need} or later (Ada, Hopper); this one is {have}"
+    if tuple(capability) == (8, 9) and have_torch < MIN_TORCH["ada"]:
+        return too_old("an Ada GPU", MIN_TORCH["ada"])
     if dtype != torch.bfloat16:  # the GPU's row-wise scaled products return bfloat16 only
         return f"float8 products on a GPU need the model in bfloat16; this one is in {dtype}"
     return None

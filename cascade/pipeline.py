@@ -189,7 +189,9 @@ def decode_latents(models: CascadeModels, latents: torch.Tensor, autocast: bool 
     if autocast is None:
         generators = models.stage_b if models.stage_b is not None else models.stage_c
         autocast = latents.is_cuda and next(generators.parameters()).dtype == torch.bfloat16
-    with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=autocast):
+    if not autocast:  # (autocast is not entered at all: some torch releases refuse devices such as mps even disabled)
+        return stage_a.decode(latents).float()
+    with torch.autocast(latents.device.type, dtype=torch.bfloat16):
         return stage_a.decode(latents).float()
 
 

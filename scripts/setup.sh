@@ -14,7 +14,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 if [ -z "${TORCH_SPEC:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    TORCH_SPEC="torch>=2.4"
+    TORCH_SPEC="torch>=2.5"
   else
     TORCH_SPEC="torch==2.13.0"
   fi
