@@ -47,5 +47,5 @@ part compiled "${T5:-115}" env NAME=compiled COMPILE=1 FP8=1 DIFFUSERS=0 BATCHES
   bash scripts/gpu_check.sh
 part share "${T6:-60}" "$PY" scripts/share_gpu.py --model "$MODEL" --size "$SIZE" --part decoder --batch 1 \
   --procs 1 2 --seconds 12 --json "$OUT/share.json"
-part gputests "${T7:-75}" "$PY" -m pytest -p no:cacheprovider -v -rfE -m gpu tests/test_float8.py tests/test_gdf.py \
+part gputests "${T7:-75}" "$PY" -m pytest -p no:cacheprovider -v -rfE -m gpu tests/test_float8_gpu.py tests/test_float8.py tests/test_gdf.py \
   tests/test_real_weights.py tests/test_stages_oom.py tests/test_speed.py

@@ -31,3 +31,16 @@ def randomize(model: nn.Module, seed: int = 0, scale: float = 0.1) -> nn.Module:
             else:
                 t.copy_(torch.randn(t.shape, generator=g) * scale)
     return model.eval()
+
+
+def float8_reference(layer, x):
+    """What a cascade.float8.Float8Linear computes, emulated in float32 without torch._scaled_mm: the input's rows
+    scaled to e4m3 as the layer scales them, times the layer's e4m3 weight, each undone by its scales, plus the bias."""
+    import torch
+
+    from cascade.float8 import scale_rows
+
+    q, scale = scale_rows(x)
+    weight = layer.weight.float() * layer.weight_scale.t()  # (out, in): row i times its scale
+    y = (q.float() * scale) @ weight.t()
+    return (y if layer.bias is None else y + layer.bias.float()).to(torch.bfloat16)
