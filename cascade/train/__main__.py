@@ -185,7 +185,7 @@ def _lora(args) -> int:
 
     from ..family import load_family
     from ..request import sampling_defaults
-    from .evaluate import contact_sheet, shapes_size
+    from .evaluate import check_shapes_family, contact_sheet
     from .loop import RunConfig
     from .lora import lora_report, train_lora, with_regular, word_data
 
@@ -196,7 +196,7 @@ def _lora(args) -> int:
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 0 or more")
 
-    shapes_size(args.model, "lora")  # before any load
+    check_shapes_family(args.model, "lora")  # before any load
 
     def load():  # with the semantic encoder: training encodes the images, the report reads Stage C's latents
         return load_family(args.model, dtype=torch.float32, with_effnet=True)

@@ -308,13 +308,20 @@ def _settings(recipe: Recipe, stage: str) -> dict:
     return json.loads(json.dumps({**data, stage: asdict(recipe.run(stage))}))  # tuples as lists: as it reads back
 
 
-def _recipe_changes(out: Path, recipe: Recipe, stage: str) -> list[str]:
-    """What `recipe` sets for a trained `stage` otherwise than it was trained with (family.json's record of the
-    stage; none for stages trained before it recorded them): ["stage_a.steps 4 (now 6)", ...]."""
+def _trained(out: Path) -> dict:
+    """family.json's record of the stages trained in `out` ({} where there is none, or it cannot be read)."""
     try:
-        before = json.loads((out / "family.json").read_text())["trained"][stage]["settings"]
+        trained = json.loads((out / "family.json").read_text())["trained"]
     except (OSError, ValueError, KeyError, TypeError):
-        return []
+        return {}
+    return trained if isinstance(trained, dict) else {}
+
+
+def _recipe_changes(trained: dict, recipe: Recipe, stage: str) -> list[str]:
+    """What `recipe` sets for a trained `stage` otherwise than it was trained with (`_trained`'s record of the stage;
+    none for stages trained before it recorded them): ["stage_a.steps 4 (now 6)", ...]."""
+    record = trained.get(stage)
+    before = record.get("settings") if isinstance(record, dict) else None
     if not isinstance(before, dict):
         return []
     changes = []
@@ -330,11 +337,11 @@ def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = 
     """Train the stages not yet done, in order, or with `jobs` > 1 that many at once, each in its own process as its
     inputs are ready (`schedule.train_side_by_side`); returns {stage: summary} for those trained now."""
     out.mkdir(parents=True, exist_ok=True)
-    todo = []
+    todo, trained = [], _trained(out)
     for stage in stages:
         if _output(out, stage).is_file():
             message = f"{stage}: already trained ({_output(out, stage)}); skipped"
-            if changes := _recipe_changes(out, recipe, stage):
+            if changes := _recipe_changes(trained, recipe, stage):
                 message += (
                     f"; it was trained with {', '.join(changes)}: delete it to train it with the settings asked now"
                 )

@@ -70,17 +70,16 @@ def contact_sheet(images: list[Image.Image], labels: list[str], columns: int = 8
 MAX_SIZE = 256  # the largest size of the shapes families (cascade.train.demo.GEOMETRY)
 
 
-def shapes_size(model: Path | str, command: str) -> int:
-    """The default size of `model`, a family trained here on the shapes data, which `command` renders and judges at
-    that size; ValueError for a model beyond the shapes families' sizes (the official architecture's 1024 px: the
-    judge and its data would take many GB, and its prompts are not the shapes' captions)."""
+def check_shapes_family(model: Path | str, command: str) -> None:
+    """ValueError for a `model` beyond the shapes families' sizes, which `command` renders and judges at its default
+    size (the official architecture's 1024 px: the judge and its data would take many GB, and its prompts are not the
+    shapes' captions)."""
     size = family_geometry(model).default_size
     if size > MAX_SIZE and (str(model) in BUILTIN_MODELS or Path(model).is_dir()):  # (a missing folder: load says)
         raise ValueError(
             f"--model: {model} renders {size} px by default; {command} is for families trained on the shapes data "
             f"(python -m cascade.train, at most {MAX_SIZE} px), such as demo"
         )
-    return size
 
 
 def evaluate(
@@ -104,7 +103,7 @@ def evaluate(
     shipped one by default) whatever `seed` is, so evaluations at several seeds read with one instrument."""
     if samples < 1:
         raise ValueError(f"samples: {samples} is not allowed; use 1 or more")
-    shapes_size(model, "eval")
+    check_shapes_family(model, "eval")
     started = time.perf_counter()
     models = load_family(model, dtype=torch.float32)
     size = models.geometry.default_size
