@@ -51,12 +51,13 @@ def s3_bucket(seaweed, monkeypatch, request):
 
 
 @pytest.fixture(scope="session")
-def local_ray():
+def local_ray(seaweed):
     """An in-process local Ray with two fake GPUs: actors asking for one GPU get scheduled and see
     CUDA_VISIBLE_DEVICES, while torch finds no CUDA and runs on the CPU. One for the whole session: starting and
     stopping a Ray costs about 10 s. Its workers get the standard AWS variables of the test S3 server (as a user's
     cluster nodes have their own credentials), so a job on this Ray can read and write the server's buckets; this
-    process does not (the `s3_bucket` fixture sets them per test)."""
+    process does not (the `s3_bucket` fixture sets them per test). The server starts first, so the ports it was
+    given are held before Ray picks its own."""
     from unittest import mock
 
     import ray

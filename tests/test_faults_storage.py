@@ -15,13 +15,13 @@ import pytest
 
 from tests.faultproxy import FAULTS, FaultProxy
 from tests.jobhelpers import FAST, check_output, parquet_bytes, prompts_table
-from tests.servers import S3_HOST, S3_PORT, S3_SECRET_KEY
+from tests.servers import S3_HOST, S3_SECRET_KEY, s3_port
 from workers.storage import open_storage
 
 
 @pytest.fixture
 def proxy(seaweed):
-    p = FaultProxy((S3_HOST, S3_PORT), slow_seconds=1.0)
+    p = FaultProxy((S3_HOST, s3_port()), slow_seconds=1.0)
     yield p
     p.stop()
 
