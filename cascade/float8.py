@@ -25,7 +25,6 @@ there.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks import Attention2D, ResBlock
@@ -33,7 +32,9 @@ from .blocks import Attention2D, ResBlock
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite e4m3fn value
 MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90): float8 tensor cores
-ALIGN = 16  # _scaled_mm wants both dimensions of each operand to be multiples of 16
+# _scaled_mm wants the inner dimension and the weight's rows in multiples of 16; the number of input rows is free (its
+# CUDA checks in ATen and the row-wise kernel's, and its shape checks under torch.compile, ask nothing of it)
+ALIGN = 16
 # The torch releases whose _scaled_mm takes one scale per row (as used here) on each device: Hopper from 2.5 (the
 # project's floor), Ada from 2.7 (pytorch #144348), the CPU from 2.13 (pytorch #176266; 2.12 untested).
 MIN_TORCH = {"cpu": (2, 13), "ada": (2, 7)}
@@ -111,14 +112,10 @@ class Float8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale = scale_rows(x)  # on x as it is laid out: no copy of a permuted input first
         q, scale = q.view(-1, self.in_features), scale.reshape(-1, 1).contiguous()  # (M, 1): as _scaled_mm wants
-        m = q.shape[0]
-        if m % ALIGN:  # a few zero rows (they come out as the bias, and are dropped); padded as bytes
-            pad = (0, 0, 0, ALIGN - m % ALIGN)
-            q, scale = F.pad(q.view(torch.uint8), pad).view(E4M3), F.pad(scale, pad, value=1.0)
         y = torch._scaled_mm(
             q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, bias=self.bias, out_dtype=self.dtype
         )
-        return y[:m].reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 row-wise"
