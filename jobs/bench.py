@@ -141,9 +141,18 @@ def pipeline_call(models, batch: int, size: int, prior_steps: int, decoder_steps
     return call
 
 
-def measure(models, batch: int, args, twin=None, flops: dict | None = None, peak: float | None = None) -> dict:
+def measure(
+    models,
+    batch: int,
+    args,
+    twin=None,
+    flops: dict | None = None,
+    peak: float | None = None,
+    progress: Callable[[dict, str], None] = lambda row, figure: None,
+) -> dict:
     """One batch size's figures. flops: model FLOPs per image per stage (cascade.flops.sampling_flops); peak: the
-    FLOP/s that MFU divides by."""
+    FLOP/s that MFU divides by; progress(row so far, figure): called as each figure is measured (a stage, "pipeline",
+    "diffusers", "ray"), so that a run stopped part-way keeps what it has."""
     calls = stage_calls(models, batch, args.size, args.prior_steps, args.decoder_steps)
     device = models.device
     row: dict = {"batch": batch}
@@ -154,23 +163,35 @@ def measure(models, batch: int, args, twin=None, flops: dict | None = None, peak
         row[f"{stage}_images_per_s"] = batch / seconds
         if flops:
             row[f"{stage}_mfu"] = mfu(flops[stage], batch / seconds)
+        progress(row, stage)
     call = pipeline_call(models, batch, args.size, args.prior_steps, args.decoder_steps)
     row["pipeline_s"] = median_seconds(call, device, args.warmup, args.repeats)
     row["pipeline_images_per_s"] = batch / row["pipeline_s"]
     if flops:
         row["pipeline_mfu"] = mfu(sum(flops.values()), row["pipeline_images_per_s"])
+    progress(row, "pipeline")
     if twin is not None:
-        call = twin.call(batch, args.size, args.prior_steps, args.decoder_steps)
-        row["diffusers_s"] = median_seconds(call, device, args.warmup, args.repeats)
-        row["diffusers_images_per_s"] = batch / row["diffusers_s"]
-        row["speedup_vs_diffusers"] = row["diffusers_s"] / row["pipeline_s"]
-        if flops:
-            row["diffusers_mfu"] = mfu(sum(flops.values()), row["diffusers_images_per_s"])
+        try:
+            call = twin.call(batch, args.size, args.prior_steps, args.decoder_steps)
+            row["diffusers_s"] = median_seconds(call, device, args.warmup, args.repeats)
+        except Exception as e:  # the baseline's own failure (diffusers' releases change) costs only its column
+            row["diffusers_error"] = f"{type(e).__name__}: {e}"
+            print(
+                f"[bench] batch {batch}: diffusers failed, no baseline figure: {row['diffusers_error']}",
+                file=sys.stderr,
+            )
+        else:
+            row["diffusers_images_per_s"] = batch / row["diffusers_s"]
+            row["speedup_vs_diffusers"] = row["diffusers_s"] / row["pipeline_s"]
+            if flops:
+                row["diffusers_mfu"] = mfu(sum(flops.values()), row["diffusers_images_per_s"])
+            progress(row, "diffusers")
     if args.ray_prompts:
         from .bench_ray import ray_pipeline
 
         devices = torch.cuda.device_count() if device.type == "cuda" else 0
         row.update(ray_pipeline(args, batch, {s: row[f"{s}_s"] for s in STAGES}, devices))
+        progress(row, "ray")
     slowest = max(STAGES, key=lambda s: row[f"{s}_s"])
     row["slowest_stage"] = slowest
     # In one process the stages run one after another: the pipeline's time is their sum plus the glue between them.
@@ -179,7 +200,7 @@ def measure(models, batch: int, args, twin=None, flops: dict | None = None, peak
 
 
 def table(rows: list[dict]) -> str:
-    baseline = "diffusers_s" in rows[0]
+    baseline = all("diffusers_s" in r for r in rows)
     head = ["batch", *[f"{s} img/s" for s in STAGES], "pipeline img/s", "pipeline MFU", "slowest", "stages/pipeline"]
     head += ["diffusers img/s", "vs diffusers"] if baseline else []
     ray = "ray_images_per_s" in rows[0]
@@ -363,10 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.diffusers:  # first: the baseline copies our weights as loaded, in the dtype the run uses
         from .bench_diffusers import DiffusersTwin, available
 
-        if available():
-            twin = DiffusersTwin(models)
-        else:
+        if not available():
             print("[bench] diffusers is not installed: no baseline (pip install diffusers)", file=sys.stderr)
+        else:
+            try:
+                twin = DiffusersTwin(models)
+            except Exception as e:  # a diffusers that imports but cannot build its pipelines: our figures still count
+                print(
+                    f"[bench] diffusers failed to build its pipelines, no baseline: {type(e).__name__}: {e}",
+                    file=sys.stderr,
+                )
     if args.fp8:
         from cascade.float8 import float8_linears
 
@@ -394,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[dict] = []
 
-    def write_json() -> None:
+    def write_json(partial: dict | None = None) -> None:
         report = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {
@@ -407,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
             "flops_per_image": flops,
             "mfu_peak_flops_per_s": peak,
             "mfu_peak_source": "given" if args.peak_tflops else "measured dense matmul",
-            "rows": rows,
+            "rows": rows if partial is None else [*rows, {**partial, "partial": True}],
         }
         if args.graphs:  # None where every forward pass ran as a graph, else why capture failed
             report["graphs_failed"] = {
@@ -416,10 +443,16 @@ def main(argv: list[str] | None = None) -> int:
             }
         args.json.write_text(json.dumps(report, indent=2))
 
+    def progress(row: dict, figure: str) -> None:  # each figure as it comes: a run stopped part-way keeps them
+        rate, mfu = row[f"{figure}_images_per_s"], row.get(f"{figure}_mfu")
+        line = f"[bench] batch {row['batch']}: {figure} {rate:.4g} images/s"
+        print(line + (f", MFU {mfu:.1%}" if mfu is not None else ""), file=sys.stderr)
+        if args.json:
+            write_json(partial=row)
+
     for batch in args.batch:
-        rows.append(measure(models, batch, args, twin, flops, peak))
-        print(f"[bench] batch {batch}: pipeline {rows[-1]['pipeline_images_per_s']:.3f} images/s", file=sys.stderr)
-        if args.json:  # after every batch size, so that a run stopped part-way keeps what it measured
+        rows.append(measure(models, batch, args, twin, flops, peak, progress))
+        if args.json:
             write_json()
     print(table(rows))
     return 0

@@ -186,10 +186,13 @@ def main(argv=None) -> int:
     if "diffusers" in args.variants:
         from jobs.bench_diffusers import DiffusersTwin, available
 
-        if available():
-            twin = DiffusersTwin(models)
-        else:  # the other variants still run
-            print("[profile] diffusers is not installed: no diffusers variant", file=sys.stderr)
+        try:
+            twin = DiffusersTwin(models) if available() else None
+            why = "diffusers is not installed"
+        except Exception as e:  # a diffusers that imports but cannot build its pipelines
+            why = f"diffusers failed to build its pipelines: {type(e).__name__}: {e}"
+        if twin is None:  # the other variants still run
+            print(f"[profile] {why}: no diffusers variant", file=sys.stderr)
             args.variants = [v for v in args.variants if v != "diffusers"]
     from cascade.blocks import AttnBlock, GlobalResponseNorm
 

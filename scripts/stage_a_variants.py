@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=positive, default=5)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    if args.json:  # written after each row: a missing folder would lose the first one's work
+    if args.json:  # written after each round of timings: a missing folder would lose the first one's work
         args.json.parent.mkdir(parents=True, exist_ok=True)
 
     from cascade.stage_a import STAGE_A, ResBlock, StageA
@@ -83,6 +83,22 @@ def main(argv=None) -> int:
         variants["autocast"] = (ours_forward, ours_decode, True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     images, moved = {}, {}
+
+    def summary() -> dict:  # from the rounds timed so far
+        base = statistics.median(times["before"])
+        report = {"device": str(device), "size": args.size, "batch": args.batch, "rounds": len(times["before"])}
+        report["variants"] = {}
+        for name in variants:
+            seconds = statistics.median(times[name])
+            diff = (images[name] - images["before"]).abs().max().item()
+            report["variants"][name] = {
+                "ms_per_image": seconds * 1e3 / args.batch,
+                "vs_before": seconds / base,
+                "max_abs_diff": diff,
+                "memory_bound_gb_per_image": moved[name] / 1e9,
+            }
+        return report
+
     try:
         with torch.inference_mode():
             for name, (forward, decode, mixed) in variants.items():  # warm-up, each variant's image and bytes
@@ -99,19 +115,14 @@ def main(argv=None) -> int:
                         model.decode(latents)
                     synchronize(device)
                     times[name].append(time.perf_counter() - start)
+                if args.json:  # each round: a run stopped part-way (a GPU session's time limit) keeps what it timed
+                    args.json.write_text(json.dumps(summary(), indent=2))
     finally:
         ResBlock.forward, StageA.decode = ours_forward, ours_decode
-    base = statistics.median(times["before"])
-    report = {"device": str(device), "size": args.size, "batch": args.batch, "variants": {}}
-    for name in variants:
-        seconds = statistics.median(times[name])
-        diff = (images[name] - images["before"]).abs().max().item()
-        report["variants"][name] = {"ms_per_image": seconds * 1e3 / args.batch, "vs_before": seconds / base,
-                                    "max_abs_diff": diff, "memory_bound_gb_per_image": moved[name] / 1e9}  # fmt: skip
-        ms, gb = seconds * 1e3 / args.batch, moved[name] / 1e9
-        print(f"{name:7s} {ms:9.1f} ms per image  {seconds / base:5.3f}x  max |diff| {diff:.2g}  {gb:.1f} GB moved")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    report = summary()
+    for name, v in report["variants"].items():
+        ms, ratio, diff, gb = v["ms_per_image"], v["vs_before"], v["max_abs_diff"], v["memory_bound_gb_per_image"]
+        print(f"{name:7s} {ms:9.1f} ms per image  {ratio:5.3f}x  max |diff| {diff:.2g}  {gb:.1f} GB moved")
     scale = max(images["before"].abs().max().item(), 1.0)
     # float32 variants agree to rounding; bfloat16 has 8 bits of mantissa, through 13 blocks.
     if any(v["max_abs_diff"] > (0.1 if name == "autocast" else 1e-2) * scale for name, v in report["variants"].items()):

@@ -57,6 +57,54 @@ def test_bench_refuses_an_unsupported_size_and_too_few_prompts(capsys, tmp_path,
     assert "error: /nonexistent/weights: weights folder not found" in capsys.readouterr().err
 
 
+QUICK = ["--size", "256", "--batch", "1", "--prior-steps", "1", "--decoder-steps", "1", "--repeats", "1"]
+QUICK += ["--warmup", "0", "--ray-prompts", "0"]
+
+
+def test_a_bench_stopped_part_way_keeps_the_figures_it_measured(tmp_path, capsys, monkeypatch):
+    """Each figure is printed and written as it comes: a GPU session's part that runs out of time (compiling can take
+    minutes) still leaves the stages it timed, marked as a partial row."""
+    import jobs.bench
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # what a timeout's signal amounts to, after the four stages
+
+    monkeypatch.setattr(jobs.bench, "pipeline_call", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main([*QUICK, "--no-diffusers", "--json", str(tmp_path / "bench.json")])
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert row["partial"] is True and all(row[f"{s}_images_per_s"] > 0 for s in STAGES)
+    assert "pipeline_s" not in row
+    err = capsys.readouterr().err
+    assert all(f"[bench] batch 1: {s} " in err for s in STAGES) and "images/s, MFU " in err
+
+
+def test_a_diffusers_baseline_that_fails_costs_only_its_column(tmp_path, capsys, monkeypatch):
+    import jobs.bench_diffusers
+
+    def broken(self, *args):
+        raise RuntimeError("Failed to import diffusers.pipelines.stable_cascade (an example)")
+
+    monkeypatch.setattr(jobs.bench_diffusers.DiffusersTwin, "call", broken)
+    assert main([*QUICK, "--json", str(tmp_path / "bench.json")]) == 0
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert row["pipeline_images_per_s"] > 0 and "partial" not in row
+    assert row["diffusers_error"] == "RuntimeError: Failed to import diffusers.pipelines.stable_cascade (an example)"
+    captured = capsys.readouterr()
+    assert "diffusers failed, no baseline figure: RuntimeError" in captured.err
+    assert "vs diffusers" not in captured.out.splitlines()[0]
+
+    def unbuildable(self, models):
+        raise RuntimeError("no such pipeline")
+
+    monkeypatch.setattr(jobs.bench_diffusers.DiffusersTwin, "__init__", unbuildable)
+    assert main(QUICK) == 0
+    assert (
+        "diffusers failed to build its pipelines, no baseline: RuntimeError: no such pipeline"
+        in capsys.readouterr().err
+    )
+
+
 def test_the_ray_pipeline_s_steady_rate_leaves_out_the_first_block():
     from jobs.bench_ray import steady_rate
 
