@@ -206,7 +206,7 @@ class Progress:
 
 def run(config) -> int:
     from cascade.weights import WeightsError
-    from workers.storage import StorageError, open_storage
+    from workers.storage import StorageError, StorageRefused, open_storage
 
     from . import heap, inputs, manifest
 
@@ -237,6 +237,9 @@ def run(config) -> int:
             out.delete(previous.stale_keys)
         manifest.drop_rows(out, previous.drop)
         heap.trim()  # the planning's listing and rows, freed, go back to the system before the models load
+    except StorageRefused as e:  # before any work: a configuration error, which a rerun as it is would meet again
+        log(f"error: --out: {e}: {REFUSED_HINT}")
+        return EXIT_INPUT
     except StorageError as e:
         log(f"error: {e}")
         log(resume_hint(config))
@@ -340,10 +343,16 @@ def raised(e: BaseException, kind: type) -> str | None:
     return found[-1] if found else None
 
 
+REFUSED_HINT = "the storage refused it; check the bucket, the endpoint, the region and the credentials"
+
+
 def failure(e: BaseException) -> str:
     """One clear line for a storage failure, wherever it happened; Ray's full report for anything else."""
-    from workers.storage import StorageError
+    from workers.storage import StorageError, StorageRefused
 
+    message = raised(e, StorageRefused)
+    if message is not None:  # not retried: no outage, a setting to fix (credentials can expire during a long job)
+        return f"{message}: {REFUSED_HINT}"
     message = raised(e, StorageError)
     if message is not None:
         return f"{message} (after the retries set by storage_attempts)"

@@ -223,6 +223,39 @@ def test_dry_run_moves_full_size_data_through_every_stage(tmp_path):
     assert 16 * 24 * 24 * 2 + 2 * 1280 * 2 <= per_image < 16 * 24 * 24 * 2 + 2 * 1280 * 2 + 2000
 
 
+def test_an_output_the_storage_refuses_is_a_configuration_error(s3_bucket, tmp_path, monkeypatch, capsys):
+    """A missing output bucket or refused credentials stop the job before any work with exit 2 and what to check, not
+    exit 1 and advice to rerun (which would meet the same refusal)."""
+    pq.write_table(prompts_table(2), tmp_path / "p.parquet")
+    assert run_job(tmp_path / "p.parquet", "s3://no-such-bucket-here/out") == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: --out: listing s3://no-such-bucket-here/out/manifests failed: NoSuchBucket (HTTP 404): the storage "
+        in err
+    )
+    assert "check the bucket, the endpoint, the region and the credentials" in err and "rerun" not in err
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    assert run_job(tmp_path / "p.parquet", f"s3://{s3_bucket}/out") == 2
+    err = capsys.readouterr().err
+    assert "failed: SignatureDoesNotMatch (HTTP 403): the storage refused it" in err and "rerun" not in err
+
+
+def test_a_refusal_during_the_run_says_what_to_fix():
+    """Inside Ray the error arrives as the text of Ray's report (jobs.generate.raised)."""
+    from jobs.generate import failure
+
+    report = RuntimeError(
+        "ray.exceptions.RayTaskError(UserCodeException): ray::Write()\n"
+        "workers.storage.StorageRefused: writing s3://b/out/images/x.png failed: ExpiredToken (HTTP 400)"
+    )
+    assert failure(report) == (
+        "writing s3://b/out/images/x.png failed: ExpiredToken (HTTP 400): the storage refused it; check the bucket, "
+        "the endpoint, the region and the credentials"
+    )
+    outage = RuntimeError("workers.storage.StorageError: writing s3://b/out/x.png failed: InternalError (HTTP 500)")
+    assert failure(outage).endswith("InternalError (HTTP 500) (after the retries set by storage_attempts)")
+
+
 def test_mixed_sizes_and_steps_run_in_full_batches_of_one_bucket(tmp_path):
     # Rows interleave three buckets (size, steps): each pool's batch must still be one bucket and full, not three
     # small batches (a block of 4 rows holding 3 buckets runs 3 model batches).

@@ -92,6 +92,29 @@ def test_s3_errors_name_the_location_not_the_secret(s3_bucket, monkeypatch):
     assert S3_SECRET_KEY not in str(e.value)
 
 
+def test_s3_refusals_are_told_from_outages(s3_bucket, monkeypatch):
+    """A missing bucket or refused credentials: StorageRefused (a setting to fix, which no rerun changes); a server
+    error after the retries: a plain StorageError (an outage, which a rerun may outlast)."""
+    from botocore.exceptions import ClientError
+
+    from workers.storage import StorageRefused
+
+    with pytest.raises(StorageRefused, match="NoSuchBucket"):
+        list(S3Storage("s3://no-such-bucket-here/x", max_attempts=1).list())
+    storage = S3Storage(f"s3://{s3_bucket}/p", max_attempts=1)
+    storage.put("a.txt", b"x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    for call in (lambda s: s.put("b.txt", b"y"), lambda s: list(s.list()), lambda s: s.head("a.txt")):
+        with pytest.raises(StorageRefused):
+            call(S3Storage(f"s3://{s3_bucket}/p", max_attempts=1))  # a new client: the new credentials
+    unwell = ClientError({"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}}, "PutObject")
+    error = storage._fail("writing", "a.txt", unwell)
+    assert (
+        type(error) is StorageError
+        and str(error) == f"writing s3://{s3_bucket}/p/a.txt failed: InternalError (HTTP 500)"
+    )
+
+
 def test_s3_url_checks():
     with pytest.raises(ValueError, match="at least 3"):
         S3Storage("s3://ab/x")

@@ -31,6 +31,21 @@ class StorageError(RuntimeError):
     """A storage operation failed for good (after retries); the message names the location, never a credential."""
 
 
+class StorageRefused(StorageError):
+    """The server refused the request for a reason no retry or rerun changes: the bucket does not exist, the
+    credentials are missing, wrong or expired, or they lack the permission (a configuration error, not an outage)."""
+
+
+# The error codes of S3 (and of the S3-compatible servers, which use its codes) that say the request itself is wrong,
+# not that the server is unwell: a missing bucket, a wrong region or endpoint, credentials refused. Any HTTP 403 too
+# (a HEAD's answer has no code). Throttling and 5xx stay plain StorageErrors: retried, then "rerun to resume".
+REFUSED_CODES = {
+    "NoSuchBucket", "InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed", "InvalidAccessKeyId",
+    "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AccountProblem", "AllAccessDisabled", "AccessDenied",
+    "RequestTimeTooSkewed",
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Stored:
     key: str
@@ -231,7 +246,9 @@ class S3Storage(Storage):
     def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
         code, status = _error_code(exc)
         detail = f"{code} (HTTP {status})" if code else type(exc).__name__
-        return StorageError(f"{what} {self.location(key)} failed: {detail}")
+        refused = status == 403 or code in REFUSED_CODES
+        refused = refused or type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError")
+        return (StorageRefused if refused else StorageError)(f"{what} {self.location(key)} failed: {detail}")
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False, content_type: str = "") -> Stored:
         from botocore.exceptions import BotoCoreError, ClientError
