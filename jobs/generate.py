@@ -396,6 +396,14 @@ def block_rows(batch_size: int) -> int:
     return batch_size * -(-MIN_BLOCK_ROWS // batch_size)
 
 
+def model_label(config) -> str:
+    """What the images' embedded parameters and the manifests' `model` column name: the model, and the LoRA merged
+    into it (as `python -m cascade` writes it: demo+zorp.safetensors); the digest pins the exact files."""
+    if config.dry_run:
+        return "dry-run"
+    return config.model + (f"+{Path(config.lora).name}" if config.lora else "")
+
+
 def job_digest(config, prior_gpus: float, decoder_gpus: float) -> str:
     """The manifests' model_digest: the files the pools' actors load, given the GPUs each gets (with dtype auto, a
     folder holding both fp32 and bf16 files is read in bf16 on a GPU and in fp32 on a CPU)."""
@@ -525,7 +533,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
                 "storage": out,
                 "image_format": config.image_format,
                 "quality": config.quality,
-                "model": "dry-run" if config.dry_run else config.model,
+                "model": model_label(config),
                 "digest": digest,
                 "overwrite": config.overwrite,
             },

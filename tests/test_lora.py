@@ -159,6 +159,9 @@ def test_a_job_merges_the_lora_in_its_stage_c_and_stage_b_actors(family, tmp_pat
     manifest = read_manifests(LocalStorage(tmp_path / "out")).to_pylist()[0]
     assert manifest["model_digest"] == model_digest(str(family), False, "auto", lora=str(lora))
     assert manifest["model_digest"] != model_digest(str(family), False, "auto")
+    # The image's parameters and the manifest name the LoRA, as `python -m cascade` does.
+    assert manifest["model"] == f"{family}+l.safetensors"
+    assert f"model={family}+l.safetensors " in Image.open(tmp_path / "out" / manifest["key"]).text["parameters"]
 
     # The actor's image is the in-process pipeline's with the LoRA merged, and not the base model's.
     # Sampled as the job does: the family's own defaults (its family.json's sampling) where the user sets none.
