@@ -129,22 +129,32 @@ def main(argv: list[str] | None = None) -> int:
         f"# measured per image on one actor: Stage C {prior_s:.3g} s, Stage B/A {decoder_s:.3g} s "
         f"({table.num_rows} manifest rows); expected {plan.images_per_s:.3g} images/s on {args.gpus} GPUs"
     )
-    shared = shared_pools(read_success(storage))
+    summary = read_success(storage)
+    if summary is not None and summary.get("actor_gpus") and not any(summary["actor_gpus"].values()):
+        print("# note: the measured run's actors had no GPU (a CPU run): these are CPU times, not a GPU's")
+    shared, maybe = shared_pools(summary)
     if shared:
         print(
-            f"# note: in the measured run {shared} shared GPUs (or may have: gpus auto on a cluster with fewer GPUs "
-            "than actors), so its times read slower than one actor alone; measure a run with gpus: 1 per actor"
+            f"# note: in the measured run {shared} shared GPUs"
+            + (" (or may have: gpus auto, on fewer GPUs than actors)" if maybe else "")
+            + ", so its times read slower than one actor alone; measure a run with gpus: 1 per actor"
         )
     print(plan.yaml(), end="")
     return 0
 
 
-def shared_pools(summary: dict | None) -> str:
-    """The pools of a run (its _SUCCESS summary's settings) whose actors did not have a GPU each: '' if none."""
-    config = (summary or {}).get("config", {})
+def shared_pools(summary: dict | None) -> tuple[str, bool]:
+    """The pools of a run whose actors had part of a GPU each ('' if none), and whether that is a guess. From the
+    GPUs its actors had, which its _SUCCESS summary records since 2026-11-29; for earlier runs, from its settings,
+    where `gpus: auto` may or may not have shared."""
     names = {"prior_pool": "the Stage C pool", "decoder_pool": "the Stage B/A pool"}
-    shared = [title for key, title in names.items() if config.get(key, {}).get("gpus", 1) not in (1, 1.0)]
-    return " and ".join(shared)
+    had = (summary or {}).get("actor_gpus")
+    if had:
+        return " and ".join(title for key, title in names.items() if 0 < had.get(key, 1) < 1), False
+    config = (summary or {}).get("config", {})
+    gpus = {key: config.get(key, {}).get("gpus", 1) for key in names}
+    shared = [title for key, title in names.items() if gpus[key] == "auto" or 0 < gpus[key] < 1]
+    return " and ".join(shared), "auto" in gpus.values()
 
 
 if __name__ == "__main__":

@@ -268,10 +268,10 @@ def run(config) -> int:
         out, run_id, config.manifest_rows, config.manifest_seconds, settings=config.image_settings()
     )
     progress = Progress(todo, config.progress_seconds)
-    queue_bytes, digest = 0, None
+    queue_bytes, digest, actor_gpus = 0, None, None
     if todo:
         try:
-            queue_bytes, digest = stream(config, plan, previous, out, writer, progress, geometry)
+            queue_bytes, digest, actor_gpus = stream(config, plan, previous, out, writer, progress, geometry)
         except KeyboardInterrupt:
             writer.flush()
             log(f"interrupted: {resume_hint(config)}")
@@ -314,6 +314,7 @@ def run(config) -> int:
         "images_per_s": round(rendered / (finished - started), 4) if rendered else 0.0,
         "latent_queue_bytes_per_image": round(queue_bytes / rendered, 1) if rendered else None,
         "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "actor_gpus": actor_gpus,  # per actor of each pool, as run (gpus: auto resolved); None if nothing rendered
         "model": config.model,
         "model_digest": digest or earlier_digests(out),
         "manifests": writer.parts,
@@ -445,9 +446,9 @@ def no_progress_timeout(node_wait_seconds: float, ray_default: float) -> float:
 NO_PROGRESS_MARGIN_S = 1800  # beyond node_wait_seconds: a model load and a first batch on a slow node
 
 
-def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int, str]:
-    """Build the Ray Data pipeline and consume its manifest rows as they arrive; return the latent queue's bytes and
-    the weights digest written in the manifests."""
+def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int, str, dict]:
+    """Build the Ray Data pipeline and consume its manifest rows as they arrive; return the latent queue's bytes, the
+    weights digest written in the manifests and the GPUs each pool's actors had (`gpus: auto` resolved)."""
     init_ray()
     import ray
     import ray.data
@@ -572,7 +573,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     finally:
         if watch is not None:
             watch.stop()
-    return queue_bytes, digest
+    return queue_bytes, digest, {"prior_pool": gpus[0], "decoder_pool": gpus[1]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,21 @@ def test_the_command_reads_a_runs_manifests(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "in the measured run the Stage C pool shared GPUs" in out
     assert "resources: {stage_c: 0.5}" in out  # 2 GPUs for 0.5 s + 1.5 s: packed, so pinned pools ask for a share
+    assert "(or may have" not in out  # a set fraction shares for sure
+    # Runs since the summary records the GPUs the actors had: gpus auto resolved, no guessing from the settings.
+    auto = {"prior_pool": {"gpus": "auto"}, "decoder_pool": {"gpus": "auto"}}
+    for had, note in [
+        ({"prior_pool": 0.5, "decoder_pool": 0.5}, "the Stage C pool and the Stage B/A pool shared GPUs, so"),
+        ({"prior_pool": 1, "decoder_pool": 1}, None),
+        ({"prior_pool": 0, "decoder_pool": 0}, "# note: the measured run's actors had no GPU (a CPU run)"),
+    ]:
+        (tmp_path / "_SUCCESS").write_text(json.dumps({"config": auto, "actor_gpus": had}))
+        assert main(["--run", str(tmp_path), "--gpus", "2"]) == 0
+        out = capsys.readouterr().out
+        assert (note in out) if note else ("# note" not in out), (had, out)
+    (tmp_path / "_SUCCESS").write_text(json.dumps({"config": auto}))  # before: the settings say auto, maybe shared
+    assert main(["--run", str(tmp_path), "--gpus", "2"]) == 0
+    assert "the Stage C pool and the Stage B/A pool shared GPUs (or may have: gpus auto" in capsys.readouterr().out
     assert main(["--run", str(tmp_path / "empty"), "--gpus", "4"]) == 2
     assert "no manifests found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:

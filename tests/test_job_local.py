@@ -71,6 +71,7 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
     summary = json.loads(out.get(SUCCESS))
     assert (summary["ok"], summary["errors"], summary["rendered_this_run"]) == (5, 2, 7)
     assert summary["latent_queue_bytes_per_image"] > 0 and summary["config"]["width"] == 256
+    assert summary["actor_gpus"] == {"prior_pool": 1, "decoder_pool": 1}  # gpus auto on this Ray's two (fake) GPUs
     made_by = summary["versions"]  # what made the images, read without importing transformers in the driver
     assert made_by["transformers"] == version("transformers") and made_by["torch"] == torch.__version__
     report = out.get("report.html").decode()
