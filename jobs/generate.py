@@ -11,7 +11,7 @@ Runs on a laptop (a local Ray is started for the job) or on a cluster (`RAY_ADDR
 
 Exit codes: 0 complete (`_SUCCESS` written; rows that failed are in the manifest with their error); 1 incomplete
 (no `_SUCCESS`: rerun the same command, less any --overwrite, to resume); 2 bad configuration or input; 3 the model
-cannot be loaded; 130 interrupted.
+cannot be loaded; 130 interrupted (Ctrl-C, or SIGTERM as `ray job stop` sends).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import math
 import os
 import platform
 import resource
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_INCOMPLETE, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130  # 130: Ctrl-C or SIGTERM
 
 
 def log(message: str) -> None:
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jobs.generate",
         description="Render every prompt of a Parquet data set with Stable Cascade on a Ray cluster.",
         epilog="Exit codes: 0 complete; 1 incomplete (rerun, without --overwrite, to resume); 2 bad configuration or "
-        "input; 3 model not loadable; 130 interrupted. Credentials come from the standard AWS chain only.",
+        "input; 3 model not loadable; 130 interrupted (Ctrl-C or SIGTERM). Credentials come from the standard AWS chain only.",
     )
     add_arguments(parser)
     return parser
@@ -587,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     from workers.storage import StorageError
 
+    previous = stop_on_sigterm()
     try:
         return run(config)
     except KeyboardInterrupt:
@@ -596,6 +599,23 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {e}")
         log(resume_hint(config))
         return EXIT_INCOMPLETE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def stop_on_sigterm():
+    """Stop on SIGTERM as on Ctrl-C: `ray job stop`, a batch scheduler or a container's shutdown sends it, and the
+    job then writes the manifest rows of the images it has stored, says how to resume and exits 130, instead of
+    dying at once (a rerun would render those images again to adopt them). Returns the handler it replaced (None
+    off the main thread, where Python cannot set one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def test_a_bench_stopped_part_way_keeps_the_figures_it_measured(tmp_path, capsys
     import jobs.bench
 
     def stopped(*args, **kwargs):
-        raise KeyboardInterrupt  # what a timeout's signal amounts to, after the four stages
+        raise KeyboardInterrupt  # stopped after the four stages (a time limit's SIGTERM ends it at any point)
 
     monkeypatch.setattr(jobs.bench, "pipeline_call", stopped)
     with pytest.raises(KeyboardInterrupt):

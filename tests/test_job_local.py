@@ -71,7 +71,7 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
     summary = json.loads(out.get(SUCCESS))
     assert (summary["ok"], summary["errors"], summary["rendered_this_run"]) == (5, 2, 7)
     assert summary["latent_queue_bytes_per_image"] > 0 and summary["config"]["width"] == 256
-    assert summary["actor_gpus"] == {"prior_pool": 1, "decoder_pool": 1}  # gpus auto on this Ray's two (fake) GPUs
+    assert summary["actor_gpus"] == {"prior_pool": 1, "decoder_pool": 1}  # the GPUs each actor had
     made_by = summary["versions"]  # what made the images, read without importing transformers in the driver
     assert made_by["transformers"] == version("transformers") and made_by["torch"] == torch.__version__
     report = out.get("report.html").decode()
@@ -139,6 +139,49 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
     assert run_job(tmp_path / "prompts.parquet", out.root) == 0
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 1 and len(out.get(key)) > 100
     check_output(out, 7)
+
+
+def test_sigterm_stops_the_job_as_ctrl_c_does(tmp_path, capsys, monkeypatch):
+    """`ray job stop`, a scheduler or a container's shutdown sends SIGTERM: the job writes the manifest rows it has
+    received (here fewer than a part holds, so none were written before), says how to resume and exits 130; the
+    rerun renders only the rest."""
+    import os
+    import signal
+    import threading
+
+    from jobs.manifest import ManifestWriter
+
+    pq.write_table(prompts_table(24), tmp_path / "p.parquet")
+    out = LocalStorage(tmp_path / "out")
+    arrived, add = threading.Event(), ManifestWriter.add
+
+    def add_and_tell(self, batch):
+        add(self, batch)
+        arrived.set()
+
+    monkeypatch.setattr(ManifestWriter, "add", add_and_tell)
+    received = []
+    before = signal.signal(signal.SIGTERM, lambda *a: received.append("late"))  # the job's replaces it meanwhile
+
+    def stop_once_rows_arrive():
+        if arrived.wait(300):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_once_rows_arrive, daemon=True)
+    stopper.start()
+    try:
+        code = run_job(tmp_path / "p.parquet", out.root, "--manifest-rows", "1000")
+        stopper.join(60)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 130 and not received, (code, received)
+    assert "interrupted: rerun the same command to resume" in capsys.readouterr().err
+    written = read_manifests(out)
+    assert written is not None and 0 < written.num_rows < 24  # the rows it had, written on the way out
+    monkeypatch.setattr(ManifestWriter, "add", add)
+    assert run_job(tmp_path / "p.parquet", out.root) == 0
+    assert f"resuming: {written.num_rows} images done" in capsys.readouterr().err
+    check_output(out, 24)
 
 
 def test_job_on_s3_in_and_out_leaks_no_secret(s3_bucket, tmp_path, capfd):
