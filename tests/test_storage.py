@@ -67,6 +67,22 @@ def test_local_keys_cannot_escape(tmp_path):
     assert not (tmp_path / "outside.txt").exists()
 
 
+def test_local_delete_removes_the_folders_it_empties_and_keeps_the_rest(tmp_path):
+    storage = LocalStorage(tmp_path / "out")
+    for key in ("images/ab/1.png", "images/ab/2.png", "images/cd/3.png", "manifests/part-a.parquet"):
+        storage.put(key, b"x")
+    storage.delete(["images/ab/1.png", "images/ab/2.png", "manifests/part-a.parquet"])
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")) == [
+        "images",
+        "images/cd",
+        "images/cd/3.png",
+    ]
+    storage.delete(["images/cd/3.png"])
+    assert (tmp_path / "out").is_dir() and not any((tmp_path / "out").iterdir())  # the root stays
+    storage.put("images/ab/1.png", b"y")  # and a folder removed is made again
+    assert storage.get("images/ab/1.png") == b"y"
+
+
 def test_local_files_get_the_mode_open_gives_them(tmp_path):
     # Not mkstemp's 0o600: a shared output folder's images are for its other users too.
     old = os.umask(0o027)

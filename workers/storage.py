@@ -13,6 +13,7 @@ it needs a HEAD, not a download.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -123,7 +124,11 @@ class LocalStorage(Storage):
         # a reader never sees a partial file. Made as open() makes a file (0o666 less the umask), not as mkstemp
         # does (0o600): the images of a render farm's shared folder are for its other users too.
         tmp = str(path.parent / f".tmp-{uuid.uuid4().hex}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileNotFoundError:  # the folder, empty, was removed by a delete in between (delete prunes them)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -172,8 +177,16 @@ class LocalStorage(Storage):
                 yield path.relative_to(self.root).as_posix(), path.stat().st_size
 
     def delete(self, keys: list[str]) -> None:
+        """Remove the files, then the folders they leave empty (up to the root, which stays), as S3 has no folders
+        to leave behind: --overwrite of a files-layout output used to leave 256 empty images/xx/ folders."""
+        parents = set()
         for key in keys:
-            self._path(key).unlink(missing_ok=True)
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            parents.update(p for p in path.parents if self.root in p.parents)
+        for folder in sorted(parents, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty (or gone): kept
+                folder.rmdir()
 
     def open_input(self, key: str):
         try:
