@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = read_success(storage)
     if summary is not None and summary.get("actor_gpus") and not any(summary["actor_gpus"].values()):
-        print("# note: the measured run's actors had no GPU (a CPU run): these are CPU times, not a GPU's")
+        print("# note: the last run on this output had no GPU (a CPU run): these are CPU times, not a GPU's")
     shared, maybe = shared_pools(summary)
     if shared:
         print(
-            f"# note: in the measured run {shared} shared GPUs"
+            f"# note: in the last run on this output {shared} shared GPUs"
             + (" (or may have: gpus auto, on fewer GPUs than actors)" if maybe else "")
             + ", so its times read slower than one actor alone; measure a run with gpus: 1 per actor"
         )
@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def shared_pools(summary: dict | None) -> tuple[str, bool]:
-    """The pools of a run whose actors had part of a GPU each ('' if none), and whether that is a guess. From the
-    GPUs its actors had, which its _SUCCESS summary records since 2026-11-29; for earlier runs, from its settings,
-    where `gpus: auto` may or may not have shared."""
+    """The pools of the last run on an output (the one that wrote its _SUCCESS; the manifests' timings are every
+    run's) whose actors had part of a GPU each ('' if none), and whether that is a guess. From the GPUs its actors
+    had, which the summary records since 2026-11-29; for earlier runs, from its settings, where `gpus: auto` may or
+    may not have shared."""
     names = {"prior_pool": "the Stage C pool", "decoder_pool": "the Stage B/A pool"}
     had = (summary or {}).get("actor_gpus")
     if had:

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jobs.generate",
         description="Render every prompt of a Parquet data set with Stable Cascade on a Ray cluster.",
         epilog="Exit codes: 0 complete; 1 incomplete (rerun, without --overwrite, to resume); 2 bad configuration or "
-        "input; 3 model not loadable; 130 interrupted (Ctrl-C or SIGTERM). Credentials come from the standard AWS chain only.",
+        "input; 3 model not loadable; 130 interrupted (Ctrl-C or SIGTERM). Credentials come from the standard AWS "
+        "chain only.",
     )
     add_arguments(parser)
     return parser
@@ -98,6 +99,7 @@ def init_ray():
         # A private local Ray for this job (even if another local cluster runs: set RAY_ADDRESS to use that one),
         # dashboard off.
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    interrupt_on_sigterm()  # again: ray.init() sets its own SIGTERM handler (a bare sys.exit)
     return ray
 
 
@@ -589,33 +591,37 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     from workers.storage import StorageError
 
-    previous = stop_on_sigterm()
+    previous = interrupt_on_sigterm()
     try:
         return run(config)
     except KeyboardInterrupt:
         log(f"interrupted: {resume_hint(config)}")
         return EXIT_INTERRUPTED
     except StorageError as e:  # the output's bookkeeping (manifests, report, _SUCCESS): the work done is kept
-        log(f"error: {e}")
+        log(f"error: {failure(e)}")
         log(resume_hint(config))
         return EXIT_INCOMPLETE
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if previous is not NOT_SET:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def stop_on_sigterm():
+NOT_SET = object()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm():
     """Stop on SIGTERM as on Ctrl-C: `ray job stop`, a batch scheduler or a container's shutdown sends it, and the
-    job then writes the manifest rows of the images it has stored, says how to resume and exits 130, instead of
-    dying at once (a rerun would render those images again to adopt them). Returns the handler it replaced (None
-    off the main thread, where Python cannot set one)."""
+    job then writes the manifest rows it holds, says how to resume and exits 130, instead of dying at once (a rerun
+    would render the images of those rows again to adopt them). Set by main() and again after ray.init(), which sets
+    its own. Returns the handler it replaced (None where that was set outside Python), or NOT_SET off the main
+    thread, where Python cannot set one."""
     if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, interrupt)
+        return NOT_SET
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_the_command_reads_a_runs_manifests(tmp_path, capsys):
     (tmp_path / "_SUCCESS").write_text(json.dumps(summary))
     assert main(["--run", str(tmp_path), "--gpus", "2"]) == 0
     out = capsys.readouterr().out
-    assert "in the measured run the Stage C pool shared GPUs" in out
+    assert "in the last run on this output the Stage C pool shared GPUs" in out
     assert "resources: {stage_c: 0.5}" in out  # 2 GPUs for 0.5 s + 1.5 s: packed, so pinned pools ask for a share
     assert "(or may have" not in out  # a set fraction shares for sure
     # Runs since the summary records the GPUs the actors had: gpus auto resolved, no guessing from the settings.
@@ -69,7 +69,7 @@ def test_the_command_reads_a_runs_manifests(tmp_path, capsys):
     for had, note in [
         ({"prior_pool": 0.5, "decoder_pool": 0.5}, "the Stage C pool and the Stage B/A pool shared GPUs, so"),
         ({"prior_pool": 1, "decoder_pool": 1}, None),
-        ({"prior_pool": 0, "decoder_pool": 0}, "# note: the measured run's actors had no GPU (a CPU run)"),
+        ({"prior_pool": 0, "decoder_pool": 0}, "# note: the last run on this output had no GPU (a CPU run)"),
     ]:
         (tmp_path / "_SUCCESS").write_text(json.dumps({"config": auto, "actor_gpus": had}))
         assert main(["--run", str(tmp_path), "--gpus", "2"]) == 0

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workers.storage import LocalStorage, S3Storage, StorageError, open_storage, sha256_hex
+from workers.storage import LocalStorage, S3Storage, StorageError, StorageRefused, open_storage, sha256_hex
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -113,8 +113,6 @@ def test_s3_refusals_are_told_from_outages(s3_bucket, monkeypatch):
     error after the retries: a plain StorageError (an outage, which a rerun may outlast)."""
     from botocore.exceptions import ClientError
 
-    from workers.storage import StorageRefused
-
     with pytest.raises(StorageRefused, match="NoSuchBucket"):
         list(S3Storage("s3://no-such-bucket-here/x", max_attempts=1).list())
     storage = S3Storage(f"s3://{s3_bucket}/p", max_attempts=1)
@@ -123,6 +121,9 @@ def test_s3_refusals_are_told_from_outages(s3_bucket, monkeypatch):
     for call in (lambda s: s.put("b.txt", b"y"), lambda s: list(s.list()), lambda s: s.head("a.txt")):
         with pytest.raises(StorageRefused):
             call(S3Storage(f"s3://{s3_bucket}/p", max_attempts=1))  # a new client: the new credentials
+    # A HEAD's answer has no body: its code is its status; 400 there is an expired or malformed token.
+    expired = ClientError({"Error": {"Code": "400"}, "ResponseMetadata": {"HTTPStatusCode": 400}}, "HeadObject")
+    assert type(storage._fail("checking", "a.txt", expired)) is StorageRefused
     unwell = ClientError({"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}}, "PutObject")
     error = storage._fail("writing", "a.txt", unwell)
     assert (
@@ -163,8 +164,8 @@ def test_s3_keys_a_delete_reports_as_failed_are_tried_again_then_named(monkeypat
 
         for _ in range(3):
             stub.add_response("delete_objects", {"Errors": [denied]})
-        with pytest.raises(StorageError, match=r"deleting s3://bucket/run/_SUCCESS failed: AccessDenied \(1 of"):
-            storage.delete(["_SUCCESS"])
+        with pytest.raises(StorageRefused, match=r"deleting s3://bucket/run/_SUCCESS failed: AccessDenied \(1 of"):
+            storage.delete(["_SUCCESS"])  # a policy without s3:DeleteObject: refused, not an outage
 
 
 def test_s3_conditional_writes_that_meet_another_write_are_tried_again(monkeypatch):

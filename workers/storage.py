@@ -259,7 +259,9 @@ class S3Storage(Storage):
     def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
         code, status = _error_code(exc)
         detail = f"{code} (HTTP {status})" if code else type(exc).__name__
-        refused = status == 403 or code in REFUSED_CODES
+        # A HEAD's answer has no body, so its code is its status: 400 is then an expired or malformed token, 301
+        # another region's bucket.
+        refused = status == 403 or code in REFUSED_CODES or (code == str(status) and status in (301, 400))
         refused = refused or type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError")
         return (StorageRefused if refused else StorageError)(f"{what} {self.location(key)} failed: {detail}")
 
@@ -378,7 +380,8 @@ class S3Storage(Storage):
                     time.sleep(0.2 * 2**attempt)
             else:
                 first, strip = errors[0], len(self.prefix) + 1 if self.prefix else 0
-                raise StorageError(
+                refused = first.get("Code") in REFUSED_CODES  # a policy without s3:DeleteObject: AccessDenied
+                raise (StorageRefused if refused else StorageError)(
                     f"deleting {self.location(first['Key'][strip:])} failed: {first.get('Code', 'an error')} "
                     f"({len(errors)} of the keys were not deleted after {DELETE_KEY_ATTEMPTS} attempts)"
                 )
