@@ -289,6 +289,14 @@ def positive(text: str) -> int:
     return value
 
 
+def rate(text: str) -> float:
+    """argparse type for rates and bandwidths: a number above 0."""
+    value = float(text)
+    if not value > 0:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; use a number above 0")
+    return value
+
+
 def official_size(text: str) -> int:
     """argparse type for image sizes of the official architecture (multiples of 32 from 256 to 2048)."""
     from cascade.geometry import OFFICIAL

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cascade.family import load_family  # noqa: E402
+from cascade.family import BUILTIN_MODELS, load_family  # noqa: E402
 from cascade.float8 import float8_linears  # noqa: E402
 from cascade.geometry import family_file, family_geometry  # noqa: E402
 from cascade.pipeline import generate, to_tensor  # noqa: E402
@@ -30,6 +30,7 @@ from cascade.request import Request, sampling_defaults  # noqa: E402
 from cascade.train.checker import HEADS, judge  # noqa: E402
 from cascade.train.evaluate import SPLITS, checker_for  # noqa: E402
 from cascade.train.shapes import sample_attributes  # noqa: E402
+from jobs.bench import positive  # noqa: E402
 
 WAYS = ("fp32", "bf16", "bf16+fp8")
 
@@ -53,12 +54,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="demo", help="a family folder or a built-in model (default demo)")
-    p.add_argument("--samples", type=int, default=200, help="requests per split (held-out, training combinations)")
+    p.add_argument("--samples", type=positive, default=200, help="requests per split (held-out, training combinations)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=positive, default=16)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model not in BUILTIN_MODELS and not Path(args.model).is_dir():
+        p.error(f"--model: {args.model} is neither a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) nor a folder")
     size = family_geometry(args.model).default_size
     sampling = sampling_defaults(args.model)
     trained_here = "recipe" in family_file(args.model)[1]  # by cascade.train, on the shapes data set: judge it

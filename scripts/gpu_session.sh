@@ -17,10 +17,12 @@
 #   7. gputests: the GPU tests (-m gpu), float8's first, each named as it passes or fails (a module that cannot be
 #      collected on that image costs only its own tests).
 # The limits add up to more than TOTAL on purpose: each is a cap for a part that hangs, and the parts before usually
-# finish well inside theirs (the check about 155 s of its 220 on an H200), leaving the rest to the later ones.
+# finish well inside theirs, leaving the rest to the later ones. The check took 3.7 minutes on an H200 with these
+# batches (2026-11-27, the wheel install included, before the attention fix made our side faster); every part saves
+# its figures as they come, so one stopped at its limit keeps what it measured.
 # Usage: OUT=dir bash scripts/gpu_session.sh (about 9.5 minutes on an H200: give it a device call of 10).
 # Settings (environment): OUT (bench/), PYTHON (python3), MODEL (random-big), SIZE (1024), TOTAL (570 s for all),
-# T1..T7, each part's limit in seconds, in the order above (220, 90, 60, 30, 150, 60, 75). A part still running
+# T1..T7, each part's limit in seconds, in the order above (240, 90, 60, 30, 150, 60, 75). A part still running
 # at its limit gets SIGTERM, and SIGKILL 10 s later. On a CPU, MODEL=tiny
 # SIZE=256 T4=60 proves the script (the profile, stagea and share parts then run on the CPU in fp32, and the GPU tests
 # skip).
@@ -34,13 +36,13 @@ part() {  # part NAME LIMIT COMMAND...: run one part (within what TOTAL leaves),
   local name=$1 limit=$2 left=$((TOTAL - SECONDS))
   shift 2
   [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 10 ]; then echo "== $name: skipped (${left}s left of ${TOTAL}s)"; return; fi
+  if [ "$limit" -lt 10 ]; then echo "== $name: skipped (limit ${limit}s: ${left}s left of ${TOTAL}s)"; return; fi
   timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "== $name: exit $? (limit ${limit}s, at ${SECONDS}s)"
   tail -n 8 "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "(no nvidia-smi)"
-part check "${T1:-220}" env BATCHES="1 4 8" PYTHON="$PY" bash scripts/gpu_check.sh
+part check "${T1:-240}" env BATCHES="1 4 8" PYTHON="$PY" bash scripts/gpu_check.sh
 part profile "${T2:-90}" "$PY" scripts/profile_stages.py --model "$MODEL" --size "$SIZE" \
   --batch 4 --top 6 --variants ours raw squares cl mha diffusers fp8 --json "$OUT/profile.json"
 part fp8 "${T3:-60}" env NAME=fp8 FP8=1 DIFFUSERS=0 BATCHES=4 PYTHON="$PY" bash scripts/gpu_check.sh

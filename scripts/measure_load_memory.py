@@ -342,6 +342,11 @@ def main(argv=None) -> int:
         return 0
     if not (args.generate or args.load):
         ap.error("nothing to do: pass --generate PATH and/or --load PATH")
+    if args.load and not args.generate and not args.load.is_file():
+        ap.error(f"--load: {args.load} is not a file (--generate PATH writes one)")
+    bad = [d for d in args.dtypes.split(",") if d not in ("bf16", "fp32")]
+    if bad:
+        ap.error(f"--dtypes: {', '.join(bad)} not allowed; use bf16 and/or fp32, comma-separated")
     if args.generate:
         generate(args.generate, args.seed)
     results: list[dict] = []

@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs.bench import positive  # noqa: E402 (after the path above)
+
 
 def rss() -> int:
     """This process's resident set size in bytes (Linux)."""
@@ -52,14 +54,14 @@ def seconds_per_1000(table) -> list[float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompts", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--prompts", type=positive, nargs="+", default=[1000, 10000])
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--prior-steps", type=int, default=2)
-    p.add_argument("--decoder-steps", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--manifest-rows", type=int, default=5000)
-    p.add_argument("--segment-rows", type=int, help="the job's segment_rows (default: the job's own)")
+    p.add_argument("--size", type=positive, default=256, help="pixels (the job checks it against the tiny model's)")
+    p.add_argument("--prior-steps", type=positive, default=2)
+    p.add_argument("--decoder-steps", type=positive, default=2)
+    p.add_argument("--batch-size", type=positive, default=8)
+    p.add_argument("--manifest-rows", type=positive, default=5000)
+    p.add_argument("--segment-rows", type=positive, help="the job's segment_rows (default: the job's own)")
     p.add_argument("--no-trim", action="store_true", help="skip the job's heap trims between segments (jobs/heap.py)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -110,6 +112,9 @@ def main() -> None:
         wall = time.perf_counter() - start
         stop.set()
         thread.join()
+        if code != 0:  # no figure for a job that did not finish (its own message says why)
+            shutil.rmtree(work, ignore_errors=True)
+            sys.exit(f"the job exited {code} at {n} prompts: no figures")
         out = LocalStorage(work / "out")
         summary = read_success(out) or {}
         table = read_manifests(out, STAT_COLUMNS)

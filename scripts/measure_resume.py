@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs.bench import positive  # noqa: E402
 from jobs.inputs import hashes, image_key  # noqa: E402
 from jobs.manifest import MANIFEST_DIR, previous_work  # noqa: E402
 from workers.storage import Storage, StorageError, Stored  # noqa: E402
@@ -88,9 +89,11 @@ def rss() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1_000_000)
-    parser.add_argument("--parts", type=int, default=100)
+    parser.add_argument("--images", type=positive, default=1_000_000)
+    parser.add_argument("--parts", type=positive, default=100)
     args = parser.parse_args()
+    if args.parts > args.images:
+        parser.error(f"--parts: {args.parts} is more than --images {args.images}")
     storage, expected = build(args.images, args.parts)
     start, peak, running = rss(), [0], [True]
 

@@ -28,7 +28,7 @@ from cascade.request import latent_sizes
 from cascade.stage_b import STAGE_B_3B, STAGE_B_700M, STAGE_B_TINY, StageB
 from cascade.stage_c import STAGE_C_1B, STAGE_C_3B, STAGE_C_TINY, StageC
 from cascade.text import MAX_LENGTH
-from jobs.bench import official_size, positive
+from jobs.bench import official_size, positive, rate
 
 FAMILIES = {"big": (STAGE_C_3B, STAGE_B_3B), "lite": (STAGE_C_1B, STAGE_B_700M), "tiny": (STAGE_C_TINY, STAGE_B_TINY)}
 COMPUTE = {"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "scaled_dot_product_attention", "_scaled_mm"}
@@ -102,8 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=official_size, default=1024)
     p.add_argument("--batch", type=positive, default=4, help="images per pass (the pass runs 2 x batch: guidance)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--bandwidth", type=float, default=4.8, help="memory bandwidth in TB/s for the time (H200: 4.8)")
-    p.add_argument("--top", type=int, default=6)
+    p.add_argument("--bandwidth", type=rate, default=4.8, help="memory bandwidth in TB/s for the time (H200: 4.8)")
+    p.add_argument("--top", type=positive, default=6)
     p.add_argument("--raw", action="store_true", help="the conditions computed in the pass (before 2026-11-29)")
     p.add_argument("--fp8", action="store_true", help="with float8 linear layers (cascade.float8): their scaling")
     args = p.parse_args(argv)

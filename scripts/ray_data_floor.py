@@ -29,9 +29,14 @@ def cpu_times() -> tuple[int, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=positive, default=1000)
-    parser.add_argument("--block", type=positive, default=1, help="rows per block (the pools' batch size)")
+    parser.add_argument(
+        "--block", type=positive, default=1, help="rows per block (the job's: at least 4, jobs.generate.block_rows)"
+    )
     parser.add_argument("--cpus", type=positive, default=os.cpu_count())
     args = parser.parse_args(argv)
+    if args.rows < 2 * args.block:  # the rate is taken after the first block
+        parser.error(f"--rows: {args.rows} leaves no steady state to time with --block {args.block}; use at least "
+                     f"{2 * args.block}")  # fmt: skip
 
     import pyarrow as pa
     import ray

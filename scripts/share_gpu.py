@@ -110,6 +110,12 @@ def main(argv=None) -> int:
         for value in getattr(args, name) if name == "procs" else [getattr(args, name)]:
             if not value > 0:
                 p.error(f"--{name}: {value} is not allowed; use a number above 0")
+    from cascade.geometry import family_geometry
+
+    try:  # before any process starts: a size the model cannot take fails in each child
+        family_geometry(args.model).check_size("--size", args.size)
+    except ValueError as e:
+        p.error(str(e))
     args.procs = [1, *(k for k in args.procs if k != 1)]  # one alone first: what the others are compared with
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

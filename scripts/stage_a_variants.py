@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.bench import positive
+from jobs.bench import official_size, positive
 
 
 def before_forward(self, x):
@@ -53,7 +53,7 @@ def memory_bound_bytes(model_config, size: int) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=positive, default=1024, help="pixels (Stage A's latent is a quarter of it)")
+    p.add_argument("--size", type=official_size, default=1024, help="pixels (Stage A's latent is a quarter of it)")
     p.add_argument("--batch", type=positive, default=1)
     p.add_argument("--repeats", type=positive, default=5)
     p.add_argument("--json", type=Path)
