@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"# measured per image on one actor: Stage C {prior_s:.3g} s, Stage B/A {decoder_s:.3g} s "
-        f"({table.num_rows} manifest rows); expected {plan.images_per_s:.3g} images/s on {args.gpus} GPU{'s' if args.gpus > 1 else ''}"
+        f"({table.num_rows} manifest rows); expected {plan.images_per_s:.3g} images/s on {args.gpus} "
+        + ("GPUs" if args.gpus > 1 else "GPU")
     )
     summary = read_success(storage)
     if summary is not None and summary.get("actor_gpus") and not any(summary["actor_gpus"].values()):

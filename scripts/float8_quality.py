@@ -30,7 +30,7 @@ from cascade.request import Request, sampling_defaults  # noqa: E402
 from cascade.train.checker import HEADS, judge  # noqa: E402
 from cascade.train.evaluate import SPLITS, checker_for  # noqa: E402
 from cascade.train.shapes import sample_attributes  # noqa: E402
-from jobs.bench import positive  # noqa: E402
+from jobs.argtypes import positive  # noqa: E402
 
 WAYS = ("fp32", "bf16", "bf16+fp8")
 

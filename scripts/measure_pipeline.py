@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.bench import positive  # noqa: E402 (after the path above)
+from jobs.argtypes import positive  # noqa: E402 (after the path above)
 
 
 def rss() -> int:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.bench import positive  # noqa: E402
+from jobs.argtypes import positive  # noqa: E402
 from jobs.inputs import hashes, image_key  # noqa: E402
 from jobs.manifest import MANIFEST_DIR, previous_work  # noqa: E402
 from workers.storage import Storage, StorageError, Stored  # noqa: E402

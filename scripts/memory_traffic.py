@@ -28,7 +28,7 @@ from cascade.request import latent_sizes
 from cascade.stage_b import STAGE_B_3B, STAGE_B_700M, STAGE_B_TINY, StageB
 from cascade.stage_c import STAGE_C_1B, STAGE_C_3B, STAGE_C_TINY, StageC
 from cascade.text import MAX_LENGTH
-from jobs.bench import official_size, positive, rate
+from jobs.argtypes import official_size, positive, rate
 
 FAMILIES = {"big": (STAGE_C_3B, STAGE_B_3B), "lite": (STAGE_C_1B, STAGE_B_700M), "tiny": (STAGE_C_TINY, STAGE_B_TINY)}
 COMPUTE = {"linear", "addmm", "mm", "bmm", "matmul", "baddbmm", "scaled_dot_product_attention", "_scaled_mm"}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.bench import official_size, positive
+from jobs.argtypes import official_size, positive
 
 KINDS = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),

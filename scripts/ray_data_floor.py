@@ -15,7 +15,7 @@ import argparse
 import os
 import time
 
-from jobs.bench import positive
+from jobs.argtypes import positive
 
 
 def cpu_times() -> tuple[int, int]:

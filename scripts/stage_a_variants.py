@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.bench import official_size, positive
+from jobs.argtypes import official_size, positive
 
 
 def before_forward(self, x):
