@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from jobs.argtypes import official_size, positive
+from jobs.argtypes import positive
 
 
 def before_forward(self, x):
@@ -53,11 +53,13 @@ def memory_bound_bytes(model_config, size: int) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=official_size, default=1024, help="pixels (Stage A's latent is a quarter of it)")
+    p.add_argument("--size", type=positive, default=1024, help="pixels, a multiple of 4 (its latent: a quarter)")
     p.add_argument("--batch", type=positive, default=1)
     p.add_argument("--repeats", type=positive, default=5)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    if args.size % 4:
+        p.error(f"--size: {args.size} is not a multiple of 4 (Stage A decodes a latent of a quarter of the size)")
     if args.json:  # written after each round of timings: a missing folder would lose the first one's work
         args.json.parent.mkdir(parents=True, exist_ok=True)
 
