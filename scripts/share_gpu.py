@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.argtypes import positive, rate
+
 PARTS = {"decoder": "Stage B + Stage A (run_decoder)", "prior": "text encoder + Stage C (run_prior)"}
 
 
@@ -89,16 +91,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="random-big", choices=("random-big", "random-lite", "tiny"))
     p.add_argument("--part", choices=sorted(PARTS), default="decoder", help="which pool's work each process does")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--batch", type=positive, default=1)
+    p.add_argument("--size", type=positive, default=1024)
     p.add_argument(
         "--steps",
-        type=int,
+        type=positive,
         default=10,
         help="sampling steps of the part's stage (the job's defaults: Stage C 20, Stage B 10)",
     )
-    p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="how many processes share the GPU, each run")
-    p.add_argument("--seconds", type=float, default=15.0, help="how long each process counts images")
+    p.add_argument("--procs", type=positive, nargs="+", default=[1, 2], help="processes sharing the GPU, each run")
+    p.add_argument("--seconds", type=rate, default=15.0, help="how long each process counts images")
     p.add_argument("--json", type=Path)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sync", help=argparse.SUPPRESS)
@@ -106,10 +108,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return child(args)
-    for name in ("batch", "size", "steps", "procs", "seconds"):
-        for value in getattr(args, name) if name == "procs" else [getattr(args, name)]:
-            if not value > 0:
-                p.error(f"--{name}: {value} is not allowed; use a number above 0")
     from cascade.geometry import family_geometry
 
     try:  # before any process starts: a size the model cannot take fails in each child
