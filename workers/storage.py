@@ -47,6 +47,13 @@ REFUSED_CODES = {
 }  # fmt: skip
 
 
+def refused(code: str, status: int = 0) -> bool:
+    """Whether an S3 error (its code, and its HTTP status where there is one) is a refusal, not an outage. A HEAD's
+    answer has no body, so its code is its status: 400 is then an expired or malformed token, 301 another region's
+    bucket."""
+    return status == 403 or code in REFUSED_CODES or (code == str(status) and status in (301, 400))
+
+
 @dataclass(frozen=True)
 class Stored:
     key: str
@@ -259,11 +266,9 @@ class S3Storage(Storage):
     def _fail(self, what: str, key: str, exc: Exception) -> StorageError:
         code, status = _error_code(exc)
         detail = f"{code} (HTTP {status})" if code else type(exc).__name__
-        # A HEAD's answer has no body, so its code is its status: 400 is then an expired or malformed token, 301
-        # another region's bucket.
-        refused = status == 403 or code in REFUSED_CODES or (code == str(status) and status in (301, 400))
-        refused = refused or type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError")
-        return (StorageRefused if refused else StorageError)(f"{what} {self.location(key)} failed: {detail}")
+        no_credentials = type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError")
+        kind = StorageRefused if refused(code, status) or no_credentials else StorageError
+        return kind(f"{what} {self.location(key)} failed: {detail}")
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False, content_type: str = "") -> Stored:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -380,8 +385,8 @@ class S3Storage(Storage):
                     time.sleep(0.2 * 2**attempt)
             else:
                 first, strip = errors[0], len(self.prefix) + 1 if self.prefix else 0
-                refused = first.get("Code") in REFUSED_CODES  # a policy without s3:DeleteObject: AccessDenied
-                raise (StorageRefused if refused else StorageError)(
+                kind = StorageRefused if refused(first.get("Code", "")) else StorageError  # AccessDenied: no s3:Delete
+                raise kind(
                     f"deleting {self.location(first['Key'][strip:])} failed: {first.get('Code', 'an error')} "
                     f"({len(errors)} of the keys were not deleted after {DELETE_KEY_ATTEMPTS} attempts)"
                 )
