@@ -19,6 +19,7 @@ from .family import BUILTIN_MODELS, load_models
 from .geometry import DEFAULT_MODEL, family_geometry
 from .imagefile import encode
 from .lora import apply_lora_file, lora_info
+from .paths import blocked_by_a_file
 from .pipeline import Result, generate
 from .request import MAX_SEED, Request, sampling_defaults, validate, validate_strength
 from .weights import WeightsError
@@ -110,9 +111,9 @@ def check_arguments(args) -> str | None:
         )
     if args.out.is_dir():
         return f"--out: {args.out} is a folder; give a file name, e.g. {args.out / 'image.png'}"
-    blocking = next((p for p in args.out.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        return f"--out: {args.out} cannot be written: {blocking} is a file, not a folder"
+    blocked = blocked_by_a_file(args.out)
+    if blocked is not None:
+        return blocked
     if args.out.suffix and args.out.suffix.lower() not in SUFFIXES:
         return f"--out: {args.out.suffix!r} is not an image format this writes; use .png, .webp or .jpg"
     try:

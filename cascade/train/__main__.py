@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..paths import blocked_by_a_file
 from .demo import STAGES, Recipe, train
 from .lora import NEW_SHAPE
 from .schedule import StageFailed
@@ -115,9 +116,9 @@ def _check_out(args) -> None:
     out = args.out
     if out is None:
         return
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise ValueError(f"--out: {out} cannot be written: {blocking} is a file, not a folder")
+    blocked = blocked_by_a_file(out)
+    if blocked is not None:
+        raise ValueError(blocked)
     if args.command != "lora":
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out: {out} is a file; give a folder")
