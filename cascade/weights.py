@@ -60,11 +60,18 @@ KINDS = {
         StageKind(
             "stage_a", StageA, StageAConfig, {"big": STAGE_A}, ("vquantizer.codebook.weight", "in_block.1.weight")
         ),
+        # The official effnet_encoder.safetensors carries no kind in its metadata; its signature is a key of the
+        # EfficientNetV2 blocks, which a semantic encoder (same backbone/mapper names) never has, and it is matched
+        # before the semantic kind, whose keys it also holds.
+        StageKind(
+            "effnet",
+            EfficientNetEncoder,
+            EfficientNetEncoderConfig,
+            {"big": EFFNET_ENCODER},
+            ("backbone.1.0.block.0.0.weight", "mapper.0.weight"),
+        ),
         # A family of our own trains its semantic encoder (no official file; always saved with its configuration).
         StageKind("semantic", SemanticEncoder, SemanticEncoderConfig, {}, ("backbone.0.0.weight", "mapper.0.weight")),
-        StageKind(
-            "effnet", EfficientNetEncoder, EfficientNetEncoderConfig, {"big": EFFNET_ENCODER}, ("mapper.0.weight",)
-        ),
         StageKind("previewer", Previewer, PreviewerConfig, {"big": PREVIEWER}, ("blocks.0.weight",)),
     )
 }
@@ -193,6 +200,13 @@ def _diffusers_folder(path: Path, variant: str | None, prefer: str | None) -> tu
             config = unet_config_from_diffusers(cfg)
         elif class_name == "PaellaVQModel":
             kind, config = KINDS["stage_a"], stage_a_from_diffusers_config(cfg)
+        elif class_name == "StableCascadeUnet":
+            # The repos' first upload (February 2024, for a pre-release diffusers) named the class so and its fields
+            # as the reference does; released diffusers cannot read it either.
+            raise WeightsError(
+                f"{cfg_path}: a pre-release diffusers configuration ({cfg.get('_diffusers_version', 'unknown')}, "
+                "class StableCascadeUnet); download the repository's current revision, or use Stability's single files"
+            )
         else:
             raise WeightsError(
                 f"{cfg_path}: _class_name {class_name!r} is not a Stable Cascade stage "

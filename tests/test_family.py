@@ -52,6 +52,22 @@ def test_family_prefers_bf16_files_for_bf16(tmp_path, tiny):
     assert next(models.stage_a.parameters()).dtype == torch.float32  # Stage A stays fp32 as in the reference
 
 
+def test_official_effnet_file_loads_for_img2img(tmp_path, tiny):
+    """Stability's effnet_encoder.safetensors has no metadata of ours: it is told from the semantic encoder (same
+    backbone/mapper key names) by its EfficientNetV2 blocks' keys, and loads for --init-image."""
+    from safetensors.torch import save_file
+
+    from cascade.effnet import EFFNET_ENCODER, EfficientNetEncoder
+
+    folder = write_family(tiny, tmp_path / "weights", "stability")
+    effnet = EfficientNetEncoder(EFFNET_ENCODER).eval()
+    save_file(effnet.state_dict(), str(folder / "effnet_encoder.safetensors"), metadata={"format": "pt"})
+    models = load_models(folder, dtype=torch.float32, parts=("decoder",), with_effnet=True)
+    assert isinstance(models.effnet, EfficientNetEncoder)
+    loaded = models.effnet.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in effnet.state_dict().items())
+
+
 def test_missing_stage_names_what_was_expected(tmp_path, tiny):
     folder = write_family(tiny, tmp_path / "weights", "stability")
     (folder / "stage_b.safetensors").unlink()

@@ -12,6 +12,8 @@ from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
 from safetensors.torch import save_file
 
 from cascade.convert import unet_config_to_diffusers
+from cascade.effnet import EFFNET_ENCODER, EfficientNetEncoder
+from cascade.previewer import PREVIEWER, Previewer
 from cascade.stage_a import STAGE_A, STAGE_A_TINY, StageA, stage_a_diffusers_config
 from cascade.stage_b import STAGE_B_3B, STAGE_B_700M, STAGE_B_TINY, StageB
 from cascade.stage_c import STAGE_C_1B, STAGE_C_3B, STAGE_C_TINY, StageC
@@ -174,8 +176,10 @@ def write_sparse_official(path, model_cls, config):
         (StageB, STAGE_B_3B, "stage_b"),
         (StageB, STAGE_B_700M, "stage_b"),
         (StageA, STAGE_A, "stage_a"),
+        (EfficientNetEncoder, EFFNET_ENCODER, "effnet"),
+        (Previewer, PREVIEWER, "previewer"),
     ],
-    ids=["c", "c_lite", "b", "b_lite", "a"],
+    ids=["c", "c_lite", "b", "b_lite", "a", "effnet", "previewer"],
 )
 def test_official_variant_detected_from_shapes(tmp_path, cls, config, kind):
     path = write_sparse_official(tmp_path / "official.safetensors", cls, config)
@@ -253,6 +257,16 @@ def test_folder_without_config_or_weights(tmp_path):
     )
     with pytest.raises(WeightsError, match="no diffusion_pytorch_model.safetensors"):
         load_stage(tmp_path / "prior")
+
+
+def test_pre_release_diffusers_config_is_named(tmp_path):
+    """The official repos' first upload (February 2024) wrote a config a released diffusers cannot read either."""
+    folder = tmp_path / "decoder"
+    folder.mkdir()
+    first_upload = {"_class_name": "StableCascadeUnet", "_diffusers_version": "0.26.0.dev0", "c_in": 4, "c_effnet": 16}
+    (folder / "config.json").write_text(json.dumps(first_upload))
+    with pytest.raises(WeightsError, match=r"pre-release diffusers configuration \(0.26.0.dev0.*current revision"):
+        load_stage(folder)
 
 
 def test_official_shapes_that_match_no_preset_need_a_config(tmp_path):
