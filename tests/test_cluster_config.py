@@ -35,7 +35,20 @@ def test_cluster_yaml_and_job_settings_agree():
     # The dashboard and job server stay on the head's loopback; setup installs the project.
     assert all("--dashboard-host=127.0.0.1" in c for c in cluster["head_start_ray_commands"] if "--head" in c)
     assert any("pip install -e" in c and "pipeline" in c for c in cluster["setup_commands"])
-    assert cluster["file_mounts"]["~/cascade-batch"] == "."
+    # Only what installing the project needs is mounted: ray up hashes every file of a mounted folder, ignored ones
+    # included (.venv, a local weights/, outputs), and re-runs setup on every node when the hash changes.
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import pytest
+
+        tomllib = pytest.importorskip("tomli")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    needed = {"pyproject.toml", project["project"]["readme"], *packages}
+    mounts = cluster["file_mounts"]
+    assert mounts == {f"~/cascade-batch/{name}": f"./{name}" for name in needed}
+    assert all((ROOT / local).exists() for local in mounts.values())
     # The weights reach every node (the head too: the driver checks and hashes them) at the job's model path, and a
     # local weights/ folder is never shipped with the project (ray up honours .gitignore, as ray job submit does).
     assert any(job.model in c and "aws s3 sync" in c for c in cluster["setup_commands"])
