@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import io
 import json
 import math
 import numbers
@@ -333,6 +334,27 @@ def _sampling(model: str) -> dict:
         return dict(REFERENCE_SAMPLING)
 
 
+def _unique_key_loader():
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one, silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key if isinstance(key, str) else id(key_node))
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str | Path) -> dict:
     """Parse a YAML configuration file with the safe loader."""
     import yaml
@@ -343,7 +365,9 @@ def load_yaml(path: str | Path) -> dict:
     except OSError as e:
         raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        stream = io.StringIO(text)
+        stream.name = str(path)  # what YAML's error marks name, in place of "<unicode string>"
+        data = yaml.load(stream, Loader=_unique_key_loader())
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
     if data is None:

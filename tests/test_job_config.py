@@ -114,6 +114,23 @@ def test_yaml_errors(tmp_path):
         load_yaml(evil)
 
 
+def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path):
+    """Plain YAML keeps the last of two equal keys, so a pool would silently lose one of its settings."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("prior_pool:\n  resources: {stage_c: 1}\n  actors: 2\n  resources: {stage_b: 1}\n")
+    where = r"(?s)twice.yaml is not valid YAML: .*'resources' is given twice.*twice.yaml\", line 4"
+    with pytest.raises(ConfigError, match=where):
+        load_yaml(twice)
+    top = tmp_path / "top.yaml"
+    top.write_text("steps: 10\nprior_pool: {actors: 1, resources: {stage_c: 1}}\nsteps: 20\n")
+    with pytest.raises(ConfigError, match="'steps' is given twice"):
+        load_yaml(top)
+    # The same key in two different mappings, and YAML's merge key, are fine.
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("base: &b {actors: 2}\nprior_pool: {<<: *b, gpus: 1}\ndecoder_pool: {<<: *b, actors: 3}\n")
+    assert load_yaml(fine)["decoder_pool"] == {"actors": 3}
+
+
 def test_public_config_round_trips():
     config = from_mapping({"prompts": "p", "out": "o", "prior_pool": {"actors": 2}})
     again = from_mapping(config.public())
