@@ -456,8 +456,10 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     init_ray()
     import ray
     import ray.data
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as on_node
 
     from workers.stages import DecoderStage, PriorStage
+    from workers.storage import LocalStorage
     from workers.writer import write_images, write_shard
 
     from . import heap
@@ -500,6 +502,23 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
             "actors wait until an autoscaler adds GPU nodes"
         )
 
+    # A local folder is the disk of the machine the driver runs on: on a cluster of several machines, the tasks that
+    # read local prompts or write a local --out run there, or the images would land on whichever node wrote them.
+    node_id = ray.get_runtime_context().get_node_id()
+    here = {"scheduling_strategy": on_node(node_id, soft=False)}
+    read_args = here if any(isinstance(s.storage, LocalStorage) for s in plan.sources) else {}
+    write_args = here if isinstance(out, LocalStorage) else {}
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n.get("Alive")}
+    if (read_args or write_args) and len(nodes) > 1:
+        tasks = (("read the prompts", read_args), ("write the images", write_args))
+        pinned = " and ".join(what for what, args in tasks if args)
+        log(
+            f"local paths on a cluster of {len(nodes)} nodes: the tasks that {pinned} run on this node, "
+            "the driver's (s3:// spreads them over the cluster)"
+        )
+        if write_args and nodes.get(node_id, {}).get("CPU", 0) < config.writer_cpus:
+            log(f"warning: this node has fewer CPUs than writer_cpus ({config.writer_cpus:g}): no image can be written")
+
     def pipeline(items: list[dict]):
         """One segment's Ray Data pipeline: read -> Stage C pool -> Stage B/A pool -> writers."""
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -507,6 +526,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
             read_fragments,
             batch_size=1,
             batch_format="pyarrow",
+            **read_args,
             fn_kwargs={
                 "sources": plan.sources,
                 "config": config,
@@ -534,6 +554,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
             batch_size=config.shard_size if webdataset else block_rows(decoder.batch_size),
             batch_format="pyarrow",
             num_cpus=config.writer_cpus,
+            **write_args,
             fn_kwargs={
                 "storage": out,
                 "image_format": config.image_format,

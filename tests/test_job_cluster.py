@@ -1,6 +1,7 @@
 """The job on a real two-node local Ray cluster: its driver killed mid-run, then resumed with `ray job submit`, each
 pool on its own node and every image exactly once; the decoder's node lost mid-run, then finished on what remains."""
 
+import json
 import os
 import signal
 import subprocess
@@ -70,6 +71,25 @@ def test_driver_killed_mid_run_then_ray_job_submit_resumes_with_each_pool_on_its
     decoder_nodes = {a.rsplit("/", 1)[1] for a in manifest.column("decoder_actor").to_pylist()}
     assert prior_nodes == {nodes["stage_c"][:12]} and decoder_nodes == {nodes["stage_b"][:12]}
     assert len(set(manifest.column("run_id").to_pylist())) == 2  # part from the killed run, the rest from the rerun
+    # The prompts and --out are local folders: on a cluster of machines each is the driver's machine's disk, so the
+    # tasks that read and write them ran on the driver's node (the head), both times, though the second node had
+    # CPUs for them.
+    assert "local paths on a cluster of 2 nodes: the tasks that read the prompts and write the images" in rerun.stdout
+    assert task_nodes(two_node_cluster, ("read_fragments", "write_images")) == {nodes["stage_c"]}
+
+
+def task_nodes(cluster, names: tuple[str, ...]) -> set[str]:
+    """The nodes that ran the cluster's tasks whose names hold one of `names` (asked from a separate process)."""
+    script = (
+        "import json, ray; from ray.util.state import list_tasks;"
+        f"tasks = list_tasks(address={cluster.address!r}, limit=10000, raise_on_missing_output=False);"
+        f"print(json.dumps([[t.name, t.node_id] for t in tasks if any(n in t.name for n in {list(names)!r})]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tasks = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {n for n in names if any(n in name for name, _ in tasks)} == set(names), tasks  # each name seen
+    return {node for _, node in tasks}
 
 
 def test_losing_the_decoder_node_stops_the_job_clearly_and_a_rerun_completes(two_node_cluster, tmp_path):
