@@ -41,8 +41,11 @@ def unplaceable(needs: dict[str, dict[str, float]], nodes: list[dict[str, float]
 def short_of(needs: dict[str, dict[str, float]], nodes: list[dict[str, float]]) -> str:
     """'' when the live nodes together hold one actor of every pool at once; else what is short, e.g. 'GPU 2 (Stage
     C pool 1, Stage B/A pool 1) against 1 on the live nodes'. Each pool's actor may fit some node while the two cannot
-    run at the same time (gpus 1 for each pool on a 1-GPU machine): then one pool never starts and the job stalls.
-    More actors than fit now is not a stall (the pools run with those that do, while an autoscaler adds nodes)."""
+    run at the same time (gpus 1 for each pool on a 1-GPU machine): then the second pool starts only when the first
+    has done its whole segment and let its actors go, so the pools take turns, nothing is written for a segment's
+    worth of Stage C time (hours at the official size), and a job stopped meanwhile keeps nothing; the watch stops
+    such a job after node_wait_seconds, naming what is short, instead of letting it run so. More actors than fit now
+    is not that (the pools run with those that do, while an autoscaler adds nodes)."""
     return _shortage(needs, _over(needs, nodes))
 
 
