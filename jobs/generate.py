@@ -22,11 +22,11 @@ import math
 import os
 import platform
 import resource
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
+
+from cascade.signals import interrupt_on_sigterm, sigterm_interrupts
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_INPUT, EXIT_MODEL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130  # 130: Ctrl-C or SIGTERM
 
@@ -612,9 +612,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     from workers.storage import StorageError
 
-    previous = interrupt_on_sigterm()
+    # SIGTERM (`ray job stop`, a scheduler) stops the job as Ctrl-C does: it writes the manifest rows it holds, says
+    # how to resume and exits 130, instead of dying at once (a rerun would render those rows' images again to adopt
+    # them). Set again after ray.init(), which sets its own (init_ray).
     try:
-        return run(config)
+        with sigterm_interrupts():
+            return run(config)
     except KeyboardInterrupt:
         log(f"interrupted: {resume_hint(config)}")
         return EXIT_INTERRUPTED
@@ -622,27 +625,6 @@ def main(argv: list[str] | None = None) -> int:
         log(f"error: {failure(e)}")
         log(resume_hint(config))
         return EXIT_INCOMPLETE
-    finally:
-        if previous is not NOT_SET:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-NOT_SET = object()
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def interrupt_on_sigterm():
-    """Stop on SIGTERM as on Ctrl-C: `ray job stop`, a batch scheduler or a container's shutdown sends it, and the
-    job then writes the manifest rows it holds, says how to resume and exits 130, instead of dying at once (a rerun
-    would render the images of those rows again to adopt them). Set by main() and again after ray.init(), which sets
-    its own. Returns the handler it replaced (None where that was set outside Python), or NOT_SET off the main
-    thread, where Python cannot set one."""
-    if threading.current_thread() is not threading.main_thread():
-        return NOT_SET
-    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 if __name__ == "__main__":

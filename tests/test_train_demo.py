@@ -137,6 +137,9 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
         ("{not json", "--recipe: not JSON"),
         ('{"size": 48}', "recipe: size: 48 is not supported; use a multiple of 16 from 64 to 256"),
         ('{"stage_a": {"steps": -2}}', "recipe: stage_a: steps: -2 is not allowed; use 1 or more"),
+        ('{"stage_c": {"lr": -1}}', "recipe: stage_c: lr: -1 is not allowed; use a number above 0"),
+        ('{"semantic": {"ema_beta": 2}}', "recipe: semantic: ema_beta: 2 is not allowed; use a number from 0 up to"),
+        ('{"stage_b": {"warmup": -3}}', "recipe: stage_b: warmup: -3 is not allowed; use 0 or more"),
     ]:
         (tmp_path / "recipe.json").write_text(text)
         assert train(["stage-a", "--out", str(tmp_path), "--recipe", str(tmp_path / "recipe.json")]) == 2
@@ -161,6 +164,88 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
         assert message in capsys.readouterr().err, argv
     assert train(["lora", "--samples", "-1"]) == 2
     assert "--samples: -1 is not allowed; use 0 or more" in capsys.readouterr().err
+    # Numbers torch would refuse only after loading, in its own words, or take (a learning rate of 0).
+    for argv, message in [
+        (["lora", "--lr", "-1"], "--lr: -1.0 is not allowed; use a number above 0"),
+        (["lora", "--lr", "0"], "--lr: 0.0 is not allowed; use a number above 0"),
+        (["eval", "--checker-steps", "0"], "--checker-steps: 0 is not allowed; use 1 or more"),
+        (["eval", "--samples", "0"], "--samples: 0 is not allowed; use 1 or more"),
+        (["eval", "--prior-steps", "0"], "--prior-steps: 0 is not allowed; use an integer from 1 to 1000"),
+        (["eval", "--decoder-cfg", "nan"], "--decoder-cfg: nan is not allowed; use a number from 0 to 100"),
+        (["stage-a", "--recipe", str(tmp_path / "none.json")], f"--recipe: cannot read {tmp_path / 'none.json'}: No "),
+        (["stage-a", "--recipe", str(tmp_path)], f"--recipe: cannot read {tmp_path}: Is a directory"),
+    ]:
+        assert train(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    # A stage refused for a missing input leaves no folder behind.
+    assert train(["stage-c", "--out", str(tmp_path / "new"), *FEW_STEPS]) == 2
+    assert "semantic_encoder.safetensors not found" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_partial_recipe_keeps_the_recipes_own_settings_for_what_it_leaves_out():
+    """{"stage_c": {"checkpoint_every": 100}} changes that one setting, not Stage C's batch size and warm-up too
+    (they used to fall back to RunConfig's generic values)."""
+    recipe = Recipe.from_dict({"stage_c": {"checkpoint_every": 100}, "semantic": {"steps": 3}})
+    assert recipe.stage_c == replace(Recipe().stage_c, checkpoint_every=100)
+    assert recipe.semantic == replace(Recipe().semantic, steps=3)
+    assert recipe.text_encoder == Recipe().text_encoder and Recipe().stage_c.batch_size != RunConfig().batch_size
+
+
+def test_a_stage_is_trained_by_one_process_at_a_time(tmp_path):
+    """Two processes training the same stage of a folder would share its checkpoint and both write its weights."""
+    import fcntl
+    import os
+
+    from cascade.train.schedule import StageFailed
+
+    for stage in ("stage_a", "semantic"):
+        with open(tmp_path / f".{stage}.lock", "a+") as held:  # another process's lock (flock: per open file)
+            fcntl.flock(held, fcntl.LOCK_EX)
+            held.write("4242\n")
+            held.flush()
+            with pytest.raises(StageFailed, match=f"{stage}: another process \\(pid 4242\\) is training it in"):
+                demo.train_stage(stage, tmp_path, Recipe())
+    assert not (tmp_path / "checkpoints").exists()  # refused before any work
+    # Free again once the other process is gone: this one takes the lock and records its own pid.
+    with demo._alone(tmp_path, "stage_a"):
+        assert (tmp_path / ".stage_a.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_sigterm_stops_all_and_the_stages_it_started(tmp_path):
+    """`kill` (SIGTERM) on `all` stops it as Ctrl-C does: its stage processes stop too (they used to train on,
+    orphaned), and it exits 130 with the resume hint."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"images": 96, "general_images": 0, "stage_a": {"steps": 100000}}))
+    argv = [sys.executable, "-m", "cascade.train", "all", "--out", str(tmp_path / "f"), "--recipe", str(recipe)]
+    log = tmp_path / "log"
+    with open(log, "w") as err:
+        parent = subprocess.Popen([*argv, "--jobs", "2", "--no-progress"], stderr=err, stdout=err)
+        try:
+            deadline = time.monotonic() + 120
+            while "stage_a: started (process" not in log.read_text():
+                assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            time.sleep(3)  # the stage processes are past their imports and training
+            parent.send_signal(signal.SIGTERM)
+            assert parent.wait(timeout=60) == 130, log.read_text()
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+            children = [int(p.split(",")[0]) for p in log.read_text().split(": started (process ")[1:]]
+            alive = []
+            for child in children:  # the stage processes are gone (the parent waited for them); a failure cleans up
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+                    alive.append(child)
+    assert len(children) == 2 and not alive, (children, alive)
+    assert "interrupted: run the same command again to resume" in log.read_text()
 
 
 def test_recipes_name_where_general_images_go(tmp_path, capsys):

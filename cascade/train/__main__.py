@@ -6,7 +6,7 @@
     python -m cascade.train lora --model runs/demo --out zorp.safetensors   # teach "[zorp]", a new shape (8 min)
 
 Each stage resumes from its checkpoint when interrupted; a finished stage is skipped by `all`. Exit codes: 0 done,
-1 failed, 2 bad arguments, 130 interrupted.
+1 failed, 2 bad arguments, 130 interrupted (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..paths import blocked_by_a_file
+from ..signals import sigterm_interrupts
 from .demo import STAGES, Recipe, train
 from .lora import NEW_SHAPE
 from .schedule import StageFailed
@@ -93,7 +94,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args) -> Recipe:
-    recipe = Recipe.from_dict(json.loads(args.recipe.read_text())) if args.recipe else Recipe()
+    try:
+        text = args.recipe.read_text() if args.recipe else None
+    except OSError as e:
+        raise ValueError(f"--recipe: cannot read {args.recipe}: {e.strerror or e}") from None
+    recipe = Recipe.from_dict(json.loads(text)) if text is not None else Recipe()
     if args.images is not None:
         if args.images < 1:
             raise ValueError(f"--images: {args.images} is not allowed; use 1 or more")
@@ -109,6 +114,25 @@ def _recipe(args) -> Recipe:
                 raise ValueError(f"--{stage.replace('_', '-')}-steps: {steps} is not allowed; use 1 or more")
             recipe = recipe.with_steps(stage, steps)
     return recipe
+
+
+def _check_eval(args) -> None:
+    """eval's numbers, checked before the family loads."""
+    from ..request import MAX_STEPS
+
+    for name in ("samples", "checker_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 1 or more")
+    for name in ("prior_steps", "decoder_steps"):
+        steps = getattr(args, name)
+        if steps is not None and not 1 <= steps <= MAX_STEPS:
+            raise ValueError(
+                f"--{name.replace('_', '-')}: {steps} is not allowed; use an integer from 1 to {MAX_STEPS}"
+            )
+    for name in ("prior_cfg", "decoder_cfg"):
+        cfg = getattr(args, name)
+        if cfg is not None and not 0 <= cfg <= 100:  # (NaN fails too)
+            raise ValueError(f"--{name.replace('_', '-')}: {cfg} is not allowed; use a number from 0 to 100")
 
 
 def _check_out(args) -> None:
@@ -130,11 +154,18 @@ def _check_out(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    with sigterm_interrupts():  # `kill`, a scheduler: stop as on Ctrl-C (the stages `all` started stop too)
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         _check_out(args)
         if args.command == "eval":
             from ..family import BUILTIN_MODELS
             from .evaluate import evaluate
+
+            _check_eval(args)
 
             default_out = Path(f"runs/eval-{args.model}") if args.model in BUILTIN_MODELS else Path(args.model) / "eval"
             report = evaluate(
@@ -151,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(json.dumps(report["accuracy"], indent=2))
             return 0
-        if args.command == "lora":
-            return _lora(args)
-        recipe = _recipe(args)
-        if args.no_progress:  # logs only: transformers' bars too (loading and saving the text encoder)
+        if getattr(args, "no_progress", False):  # logs only: transformers' bars too (loading, saving)
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()
+        if args.command == "lora":
+            return _lora(args)
+        recipe = _recipe(args)
         stages = STAGES if args.command == "all" else (args.command.replace("-", "_"),)
         jobs = getattr(args, "jobs", 1)
         if jobs < 1:
@@ -196,6 +227,8 @@ def _lora(args) -> int:
     for name in ("decoder_rank", "regular", "samples"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 0 or more")
+    if not args.lr > 0:
+        raise ValueError(f"--lr: {args.lr} is not allowed; use a number above 0")
 
     check_shapes_family(args.model, "lora")  # before any load
 

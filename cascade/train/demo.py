@@ -19,14 +19,17 @@ A stage whose output file exists is skipped, so `train` after an interruption pi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fcntl
 import functools
 import hashlib
 import json
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,7 +44,7 @@ from ..stage_c import StageCConfig
 from ..text import TINY_TEXT_CONFIG, build_text_encoder, load_text_encoder
 from ..weights import load_stage, readable, save_stage
 from .loop import RunConfig, Trained
-from .schedule import train_side_by_side
+from .schedule import StageFailed, train_side_by_side
 from .semantic import train_semantic
 from .shapes import UNNAMED_SHAPES, ShapesData, colourless_captions, make_dataset, make_general
 from .stage_a import latent_scale, train_stage_a, with_scale
@@ -155,10 +158,10 @@ class Recipe:
                 if not isinstance(data[stage], dict):
                     raise ValueError(f"recipe: {stage}: {data[stage]!r} is not allowed; use a mapping of its settings")
                 _check_fields(f"recipe: {stage}", data[stage], RunConfig)
-        runs = {}
+        runs, defaults = {}, Recipe()
         for s in (s for s in STAGES if s in data):
-            try:
-                runs[s] = RunConfig(**data[s])
+            try:  # what a stage's entry leaves out keeps this recipe's value for that stage, not RunConfig's
+                runs[s] = dataclasses.replace(defaults.run(s), **data[s])
             except ValueError as e:
                 raise ValueError(f"recipe: {s}: {e}") from None
         plain = {k: v for k, v in data.items() if k not in STAGES}
@@ -207,14 +210,45 @@ def _summary(trained: Trained) -> dict:
     return {"steps": trained.steps, "seconds": round(trained.seconds, 1), "final_loss": sum(tail) / max(len(tail), 1)}
 
 
+def _check_inputs(out: Path, stage: str, trained_now=()) -> None:
+    """The stages `stage` trains on are in `out` (or among those `trained_now`, before it)."""
+    for before in NEEDS.get(stage, ()):
+        if before not in trained_now and not _output(out, before).is_file():
+            raise FileNotFoundError(f"{_output(out, before)} not found: train {before} first (it is {stage}'s input)")
+
+
 def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, data: ShapesData | None = None) -> dict:
     """Train one stage of the family in `out` (its inputs from earlier stages must be there); returns its summary."""
     if stage not in STAGES:
         raise ValueError(f"stage: {stage!r} is not known; use one of {', '.join(STAGES)}")
     out.mkdir(parents=True, exist_ok=True)
-    for before in NEEDS[stage]:
-        if not _output(out, before).is_file():
-            raise FileNotFoundError(f"{_output(out, before)} not found: train {before} first (it is {stage}'s input)")
+    _check_inputs(out, stage)
+    with _alone(out, stage):
+        return _train_stage(stage, out, recipe, progress, data)
+
+
+@contextlib.contextmanager
+def _alone(out: Path, stage: str) -> Iterator[None]:
+    """One process at a time trains a stage of a folder: two would share its checkpoint folder and both write its
+    weights (a second `all` started while a stopped one's stage process still ran did). The lock goes with the
+    process, however it ends."""
+    with open(out / f".{stage}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read().strip() or "unknown"
+            raise StageFailed(
+                f"{stage}: another process (pid {pid}) is training it in {out}; wait for it to end, or stop it"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
+
+
+def _train_stage(stage: str, out: Path, recipe: Recipe, progress: bool, data: ShapesData | None) -> dict:
     run, checkpoint = recipe.run(stage), out / "checkpoints" / stage
     _claim_checkpoint(checkpoint, _identity(out, recipe, stage))
     data = data if data is not None else data_of(recipe)
@@ -336,6 +370,8 @@ def _recipe_changes(trained: dict, recipe: Recipe, stage: str) -> list[str]:
 def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = True, log=print, jobs: int = 1) -> dict:
     """Train the stages not yet done, in order, or with `jobs` > 1 that many at once, each in its own process as its
     inputs are ready (`schedule.train_side_by_side`); returns {stage: summary} for those trained now."""
+    for stage in stages:  # before anything is written: a stage whose input neither exists nor is trained now
+        _check_inputs(out, stage, trained_now=stages)
     out.mkdir(parents=True, exist_ok=True)
     todo, trained = [], _trained(out)
     for stage in stages:
