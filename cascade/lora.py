@@ -162,8 +162,13 @@ class Adapter:
         save_safetensors(tensors, path, metadata={"cascade.kind": "lora", _METADATA: json.dumps(info)})
 
 
-def _attach_layers(model: nn.Module, rank: int, alpha: float, filters) -> tuple[list, list[LoRA]]:
+def _attach_layers(model: nn.Module, rank: int, alpha: float, filters, name: str) -> tuple[list, list[LoRA]]:
     layers = adapted_layers(model, filters)
+    narrowest = min((min(getattr(module, param).shape) for _, module, param in layers), default=rank)
+    if rank > narrowest:  # up @ down has rank at most the layer's width: more only adds parameters
+        raise ValueError(
+            f"{name}: {rank} is not allowed: the narrowest layer it adapts is {narrowest} wide; use 1 to {narrowest}"
+        )
     loras = []
     for _, module, param in layers:
         lora = LoRA(getattr(module, param), rank, alpha)
@@ -191,12 +196,12 @@ def attach(
     token_init = embedding.weight[ids].detach().clone()
     retoken = ReToken(ids, embedding.weight.shape[1], embedding.weight.dtype, embedding.weight.device)
     parametrize.register_parametrization(embedding, "weight", retoken)
-    layers, loras = _attach_layers(models.stage_c, rank, alpha, filters)
+    layers, loras = _attach_layers(models.stage_c, rank, alpha, filters, "rank")
     decoder_layers, decoder_loras = [], []
     if decoder_rank > 0:
         if models.stage_b is None:
             raise ValueError("decoder_rank > 0 adapts Stage B: load the decoder half too")
-        decoder_layers, decoder_loras = _attach_layers(models.stage_b, decoder_rank, alpha, filters)
+        decoder_layers, decoder_loras = _attach_layers(models.stage_b, decoder_rank, alpha, filters, "decoder_rank")
     return Adapter(
         layers, loras, retoken, words, token_init, rank, alpha, tuple(filters), decoder_layers, decoder_loras,
         decoder_rank,

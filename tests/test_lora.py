@@ -301,3 +301,19 @@ def test_lora_layers_are_numbered_as_the_reference_checkpoint():
     reference = [m.name for m in model.modules() if isinstance(m, Marker)]
     assert ours == reference and len(ours) > 2
     assert ours[0].endswith("attn.out_proj.weight") and ours[1].endswith("attn.in_proj_weight")
+
+
+def test_a_rank_above_the_layers_width_is_refused_naming_it(family):
+    """up @ down has rank at most the layer's width: a larger rank only adds parameters (a walkthrough's --rank
+    100000 wrote a 3.7 GB file for 128-wide layers)."""
+    from cascade.lora import attach
+
+    models = load_models(family, dtype=torch.float32)
+    width = models.stage_c.config.c_hidden[0]  # the attention's in_proj is (3 c, c), its out_proj (c, c)
+    with pytest.raises(ValueError, match=f"rank: {width + 1} is not allowed: the narrowest layer it adapts is {width}"):
+        attach(models, [WORD], ["shape"], rank=width + 1)
+    models = load_models(family, dtype=torch.float32)
+    width_b = min(models.stage_b.config.c_hidden[i] for i, h in enumerate(models.stage_b.config.nhead) if h > 0)
+    with pytest.raises(ValueError, match=f"decoder_rank: {width_b + 1} is not allowed"):
+        attach(models, [WORD], ["shape"], rank=4, decoder_rank=width_b + 1)
+    assert attach(load_models(family, dtype=torch.float32), [WORD], ["shape"], rank=width).rank == width
