@@ -7,7 +7,11 @@ second, so the split of G GPUs that maximises the job's rate, min(n_C / t_C, n_B
 G t_C / (t_C + t_B) for Stage C. With one GPU both pools share it (fractional GPUs, in the same proportion); with a
 few GPUs whose whole split leaves one pool idle, several actors share each GPU (`split`).
 
+On a cluster whose node types each serve one pool (cluster.yaml: `stage_c_gpu` and `stage_b_gpu` nodes), GPUs come
+in whole nodes: `--node-gpus N` splits the nodes instead (`split_nodes`), one actor per GPU.
+
     python -m jobs.balance --run s3://bucket/renders/run-1 --gpus 8     # prints the pool settings to use
+    python -m jobs.balance --run s3://bucket/renders/run-1 --gpus 24 --node-gpus 8   # 3 nodes of 8 GPUs
 """
 
 from __future__ import annotations
@@ -29,10 +33,18 @@ class Split:
     prior_gpus: float  # per actor
     decoder_gpus: float
     images_per_s: float  # the job's expected rate: the slower pool's
+    nodes: tuple[int, int, int] | None = None  # split_nodes: (Stage C nodes, Stage B/A nodes, GPUs per node)
 
     def yaml(self) -> str:
         """The pools' actors and GPUs, to merge into a job's settings (its batch sizes and resources stay)."""
-        text = (
+        text = ""
+        if self.nodes is not None:
+            prior, decoder, per_node = self.nodes
+            text = (
+                f"# nodes: {prior} for the Stage C pool and {decoder} for the Stage B/A pool, {per_node} GPUs each "
+                "(in cluster.yaml: the node types' min_workers)\n"
+            )
+        text += (
             "# merge into your job's prior_pool / decoder_pool (keep their batch_size and resources)\n"
             f"prior_pool:\n  actors: {self.prior_actors}\n  gpus: {self.prior_gpus:g}\n"
             f"decoder_pool:\n  actors: {self.decoder_actors}\n  gpus: {self.decoder_gpus:g}\n"
@@ -83,6 +95,23 @@ def split(gpus: int, prior_s: float, decoder_s: float, max_per_gpu: int = 4) -> 
     return plan
 
 
+def split_nodes(gpus: int, node_gpus: int, prior_s: float, decoder_s: float) -> Split:
+    """The split of `gpus` GPUs in nodes of `node_gpus`, each node serving one pool (a node type per pool, pinned by
+    a custom resource): the Stage C share of the nodes that maximises the slower pool's rate, one actor per GPU.
+    Packing does not help here: a pool's nodes are its own whatever their actors' shares."""
+    if node_gpus < 1 or gpus % node_gpus or gpus < 2 * node_gpus:
+        raise ValueError(
+            f"gpus {gpus}, node_gpus {node_gpus}: the GPUs must be whole nodes, at least one per pool "
+            f"(a multiple of {node_gpus}, from {2 * node_gpus})"
+        )
+    nodes = gpus // node_gpus
+    prior_nodes, rate = _whole_split(nodes, prior_s / node_gpus, decoder_s / node_gpus)
+    decoder_nodes = nodes - prior_nodes
+    return Split(
+        prior_nodes * node_gpus, decoder_nodes * node_gpus, 1.0, 1.0, rate, (prior_nodes, decoder_nodes, node_gpus)
+    )
+
+
 def measured_seconds(table) -> tuple[float, float]:
     """The median per-image seconds of each pool's actors over a run's ok rows (manifest columns prior_s, decoder_s)."""
     if not {"status", "prior_s", "decoder_s"} <= set(table.column_names):
@@ -108,10 +137,23 @@ def main(argv: list[str] | None = None) -> int:
         help="at most this many actors on one GPU when packing them balances the pools better (default 4; 1: whole "
         "GPUs only)",
     )
+    p.add_argument(
+        "--node-gpus",
+        type=int,
+        metavar="N",
+        help="GPUs per node, where each node type serves one pool (cluster.yaml): split whole nodes, --gpus of them "
+        "in all",
+    )
     args = p.parse_args(argv)
-    for name in ("gpus", "max_per_gpu"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 1 or more")
+    for name in ("gpus", "max_per_gpu", "node_gpus"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')}: {value} is not allowed; use 1 or more")
+    if args.node_gpus is not None and (args.gpus % args.node_gpus or args.gpus < 2 * args.node_gpus):
+        p.error(
+            f"--gpus: {args.gpus} is not allowed with --node-gpus {args.node_gpus}: give whole nodes, at least one "
+            f"per pool (a multiple of {args.node_gpus}, from {2 * args.node_gpus})"
+        )
     from jobs.manifest import read_manifests, read_success
     from workers.storage import StorageError, open_storage
 
@@ -121,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         if table is None:
             raise ValueError(f"{args.run}: no manifests found")
         prior_s, decoder_s = measured_seconds(table)
-        plan = split(args.gpus, prior_s, decoder_s, args.max_per_gpu)
+        if args.node_gpus is None:
+            plan = split(args.gpus, prior_s, decoder_s, args.max_per_gpu)
+        else:
+            plan = split_nodes(args.gpus, args.node_gpus, prior_s, decoder_s)
     except (ValueError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

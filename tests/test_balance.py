@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.balance import main, split
+from jobs.balance import main, split, split_nodes
 from jobs.manifest import MANIFEST_DIR
 
 
@@ -47,6 +47,19 @@ def test_one_gpu_is_shared_in_proportion():
         split(0, 1.0, 1.0)
 
 
+def test_nodes_that_each_serve_one_pool_are_split_whole():
+    """cluster.yaml's node types: a node's GPUs all go to one pool, so the split is in nodes (one actor per GPU)."""
+    plan = split_nodes(24, 8, prior_s=1.0, decoder_s=0.75)  # 3 nodes: 2 + 1 gives min(16, 10.7); 1 + 2 min(8, 21.3)
+    assert (plan.prior_actors, plan.decoder_actors, plan.prior_gpus, plan.decoder_gpus) == (16, 8, 1.0, 1.0)
+    assert plan.nodes == (2, 1, 8) and plan.images_per_s == pytest.approx(8 / 0.75)
+    assert "# nodes: 2 for the Stage C pool and 1 for the Stage B/A pool, 8 GPUs each" in plan.yaml()
+    assert "packed" not in plan.yaml()
+    assert split_nodes(16, 8, 1.0, 100.0).nodes == (1, 1, 8)  # each pool keeps a node, however lopsided
+    for gpus in (8, 12):  # one node only; not whole nodes
+        with pytest.raises(ValueError, match="the GPUs must be whole nodes, at least one per pool"):
+            split_nodes(gpus, 8, 1.0, 1.0)
+
+
 def test_the_command_reads_a_runs_manifests(tmp_path, capsys):
     rows = {"status": ["ok", "ok", "ok", "error"], "prior_s": [0.5, 0.6, 0.4, None], "decoder_s": [1.5, 1.4, 1.6, None]}
     (tmp_path / MANIFEST_DIR).mkdir(parents=True)
@@ -78,6 +91,15 @@ def test_the_command_reads_a_runs_manifests(tmp_path, capsys):
     (tmp_path / "_SUCCESS").write_text(json.dumps({"config": auto}))  # before: the settings say auto, maybe shared
     assert main(["--run", str(tmp_path), "--gpus", "2"]) == 0
     assert "the Stage C pool and the Stage B/A pool shared GPUs (or may have: gpus auto" in capsys.readouterr().out
+    # Nodes of 4 GPUs, each serving one pool: 0.5 s + 1.5 s per image on 3 nodes gives Stage C one, Stage B/A two.
+    assert main(["--run", str(tmp_path), "--gpus", "12", "--node-gpus", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "# nodes: 1 for the Stage C pool and 2 for the Stage B/A pool, 4 GPUs each" in out
+    assert "prior_pool:\n  actors: 4\n  gpus: 1\n" in out and "decoder_pool:\n  actors: 8\n  gpus: 1\n" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["--run", str(tmp_path), "--gpus", "10", "--node-gpus", "4"])
+    assert exit_.value.code == 2
+    assert "--gpus: 10 is not allowed with --node-gpus 4: give whole nodes" in capsys.readouterr().err
     assert main(["--run", str(tmp_path / "empty"), "--gpus", "4"]) == 2
     assert "no manifests found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
