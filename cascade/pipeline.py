@@ -127,7 +127,8 @@ def run_prior(
     """Text encoder + Stage C for one bucket of requests.
 
     With `init_images` (img2img, one per request), Stage C starts from the images' EfficientNet latents noised to
-    t = strength (at shift 1, as the reference notebook) and denoises from there (t_start = strength). A request
+    t = strength (at shift 1) and denoises from there (t_start = strength) in int(prior_steps * strength) steps (at
+    least 1), as the reference notebook: the same step size as a whole run of prior_steps. A request
     that is not valid for the family (`validate`) raises ValueError naming it, before any work.
     """
     if not requests:
@@ -143,7 +144,7 @@ def run_prior(
     pooled = text.clip_text_pooled
     shape_c, _ = latent_sizes(first.width, first.height, models.geometry)
     generators = [stage_generator(r.seed, "stage_c") for r in requests]
-    x_init, t_start = None, 1.0
+    x_init, t_start, steps = None, 1.0, first.prior_steps
     if init_images is not None:
         validate_strength(strength)
         if len(init_images) != n:
@@ -151,11 +152,12 @@ def run_prior(
         x0 = effnet_latents(models, init_images, shape_c[1:])
         x_init = gdf.diffuse(x0, strength, gdf.randn(shape_c, generators, device), shift=1.0)
         t_start = float(strength)
+        steps = max(1, int(first.prior_steps * strength))  # the notebook's int(20 * noise_level)
     latents = gdf.sample(
         gdf.guided_denoiser(models.stage_c, cond, uncond, first.prior_cfg),
         generators,
         shape_c,
-        steps=first.prior_steps,
+        steps=steps,
         shift=PRIOR_SHIFT,
         t_start=t_start,
         sampler=first.sampler,

@@ -24,7 +24,9 @@ def test_stage_c_starts_from_the_noised_image_latent(models):
     hook = models.stage_c.register_forward_pre_hook(
         lambda module, args: seen.append((args[0].clone(), args[1].clone()))
     )
-    request = Request("a red circle", seed=4, prior_cfg=1.0, **SMALL)  # cfg 1: one model call per step
+    # cfg 1: one model call per step; 10 steps asked at strength 0.6 run 6, from t = 0.6 (the reference's
+    # int(steps * noise_level): the step size of a whole 10-step run)
+    request = Request("a red circle", seed=4, prior_cfg=1.0, **{**SMALL, "prior_steps": 10})
     try:
         run_prior(models, [request], [picture("red")], strength=0.6)
     finally:
@@ -37,7 +39,18 @@ def test_stage_c_starts_from_the_noised_image_latent(models):
     # ...and the noise level r of t_start = 0.6 on Stage C's shifted schedule, not r(1).
     expected_r = gdf.noise_cond(gdf.log_snr(torch.tensor([0.6]), PRIOR_SHIFT))
     torch.testing.assert_close(r_first, expected_r)
-    assert len(seen) == 3
+    assert len(seen) == 6
+    steps_t = torch.linspace(0.6, 0.0, 7)[:-1]  # t of each step: 0.6, 0.5, ... 0.1
+    expected = gdf.noise_cond(gdf.log_snr(steps_t, PRIOR_SHIFT))
+    torch.testing.assert_close(torch.cat([r for _, r in seen]), expected)
+    # A strength whose share of the steps rounds to none still runs one.
+    seen.clear()
+    hook = models.stage_c.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    try:
+        run_prior(models, [request], [picture("red")], strength=0.05)
+    finally:
+        hook.remove()
+    assert len(seen) == 1
 
 
 def test_the_init_image_matters_and_results_are_deterministic(models):
