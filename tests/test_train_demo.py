@@ -137,9 +137,11 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
         ("{not json", "--recipe: not JSON"),
         ('{"size": 48}', "recipe: size: 48 is not supported; use a multiple of 16 from 64 to 256"),
         ('{"stage_a": {"steps": -2}}', "recipe: stage_a: steps: -2 is not allowed; use 1 or more"),
-        ('{"stage_c": {"lr": -1}}', "recipe: stage_c: lr: -1 is not allowed; use a number above 0"),
+        ('{"stage_c": {"lr": -1}}', "recipe: stage_c: lr: -1 is not allowed; use a finite number above 0"),
         ('{"semantic": {"ema_beta": 2}}', "recipe: semantic: ema_beta: 2 is not allowed; use a number from 0 up to"),
         ('{"stage_b": {"warmup": -3}}', "recipe: stage_b: warmup: -3 is not allowed; use 0 or more"),
+        ('{"stage_b": {"weight_decay": NaN}}', "recipe: stage_b: weight_decay: nan is not allowed; use 0 or more"),
+        ('{"stage_b": {"grad_clip": Infinity}}', "recipe: stage_b: grad_clip: inf is not allowed; use a finite"),
     ]:
         (tmp_path / "recipe.json").write_text(text)
         assert train(["stage-a", "--out", str(tmp_path), "--recipe", str(tmp_path / "recipe.json")]) == 2
@@ -166,8 +168,9 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
     assert "--samples: -1 is not allowed; use 0 or more" in capsys.readouterr().err
     # Numbers torch would refuse only after loading, in its own words, or take (a learning rate of 0).
     for argv, message in [
-        (["lora", "--lr", "-1"], "--lr: -1.0 is not allowed; use a number above 0"),
-        (["lora", "--lr", "0"], "--lr: 0.0 is not allowed; use a number above 0"),
+        (["lora", "--lr", "-1"], "--lr: -1.0 is not allowed; use a finite number above 0"),
+        (["lora", "--lr", "0"], "--lr: 0.0 is not allowed; use a finite number above 0"),
+        (["lora", "--lr", "inf"], "--lr: inf is not allowed; use a finite number above 0"),
         (["eval", "--checker-steps", "0"], "--checker-steps: 0 is not allowed; use 1 or more"),
         (["eval", "--samples", "0"], "--samples: 0 is not allowed; use 1 or more"),
         (["eval", "--prior-steps", "0"], "--prior-steps: 0 is not allowed; use an integer from 1 to 1000"),
@@ -191,29 +194,42 @@ def test_a_partial_recipe_keeps_the_recipes_own_settings_for_what_it_leaves_out(
     assert recipe.text_encoder == Recipe().text_encoder and Recipe().stage_c.batch_size != RunConfig().batch_size
 
 
-def test_a_stage_is_trained_by_one_process_at_a_time(tmp_path):
-    """Two processes training the same stage of a folder would share its checkpoint and both write its weights."""
+def test_one_training_command_at_a_time_in_a_folder(tmp_path, monkeypatch):
+    """A second command in a folder being trained is refused before it writes anything: it would rewrite the first's
+    recipe (which the first's later stages read) and could train the same stage beside it."""
     import fcntl
     import os
 
-    from cascade.train.schedule import StageFailed
+    from cascade.train.schedule import LOCK_FD_ENV, StageFailed
 
-    for stage in ("stage_a", "semantic"):
-        with open(tmp_path / f".{stage}.lock", "a+") as held:  # another process's lock (flock: per open file)
-            fcntl.flock(held, fcntl.LOCK_EX)
-            held.write("4242\n")
-            held.flush()
-            with pytest.raises(StageFailed, match=f"{stage}: another process \\(pid 4242\\) is training it in"):
-                demo.train_stage(stage, tmp_path, Recipe())
-    assert not (tmp_path / "checkpoints").exists()  # refused before any work
-    # Free again once the other process is gone: this one takes the lock and records its own pid.
-    with demo._alone(tmp_path, "stage_a"):
-        assert (tmp_path / ".stage_a.lock").read_text() == f"{os.getpid()}\n"
+    out = tmp_path / "f"
+    out.mkdir()
+    (out / "family.json").write_text('{"recipe": "the first command\'s"}')
+    with open(out / ".training.lock", "a+") as held:  # the first command's lock (flock: per open file)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(StageFailed, match="another training command \\(pid 4242, or the stage processes it"):
+            demo.train(out, Recipe(), ("stage_a",), progress=False)
+        assert (out / "family.json").read_text() == '{"recipe": "the first command\'s"}'
+        assert not (out / "checkpoints").exists()
+        # A stage process of that command holds the same lock through the descriptor it inherited: it goes on.
+        monkeypatch.setenv(LOCK_FD_ENV, str(held.fileno()))
+        with demo.folder_lock(out) as fd:
+            assert fd == held.fileno()
+        monkeypatch.setenv(LOCK_FD_ENV, "99999")  # a stale value (not an open descriptor on the lock): refused
+        with pytest.raises(StageFailed), demo.folder_lock(out):
+            pass
+    monkeypatch.delenv(LOCK_FD_ENV)
+    with demo.folder_lock(out):  # free once the first is gone; this command records its own pid
+        assert (out / ".training.lock").read_text() == f"{os.getpid()}\n"
 
 
-def test_sigterm_stops_all_and_the_stages_it_started(tmp_path):
-    """`kill` (SIGTERM) on `all` stops it as Ctrl-C does: its stage processes stop too (they used to train on,
-    orphaned), and it exits 130 with the resume hint."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_all_stopped_by_a_signal(tmp_path, stop):
+    """SIGTERM (`kill`) on `all` stops it as Ctrl-C does: its stage processes stop too (they used to train on,
+    orphaned), and it exits 130 with the resume hint. SIGKILL leaves them running (nothing can stop them then), but
+    they keep the folder locked, so another command cannot train beside them."""
     import contextlib
     import os
     import signal
@@ -221,10 +237,14 @@ def test_sigterm_stops_all_and_the_stages_it_started(tmp_path):
     import sys
     import time
 
+    from cascade.train.schedule import StageFailed
+
+    out = tmp_path / "f"
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"images": 96, "general_images": 0, "stage_a": {"steps": 100000}}))
-    argv = [sys.executable, "-m", "cascade.train", "all", "--out", str(tmp_path / "f"), "--recipe", str(recipe)]
+    argv = [sys.executable, "-m", "cascade.train", "all", "--out", str(out), "--recipe", str(recipe)]
     log = tmp_path / "log"
+    children, alive = [], []
     with open(log, "w") as err:
         parent = subprocess.Popen([*argv, "--jobs", "2", "--no-progress"], stderr=err, stdout=err)
         try:
@@ -232,20 +252,29 @@ def test_sigterm_stops_all_and_the_stages_it_started(tmp_path):
             while "stage_a: started (process" not in log.read_text():
                 assert parent.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.2)
+            children = [int(p.split(",")[0]) for p in log.read_text().split(": started (process ")[1:]]
             time.sleep(3)  # the stage processes are past their imports and training
-            parent.send_signal(signal.SIGTERM)
-            assert parent.wait(timeout=60) == 130, log.read_text()
+            parent.send_signal(getattr(signal, stop))
+            code = parent.wait(timeout=60)
+            if stop == "SIGKILL":
+                with pytest.raises(StageFailed, match="another training command"), demo.folder_lock(out):
+                    pass
         finally:
             if parent.poll() is None:
                 parent.kill()
-            children = [int(p.split(",")[0]) for p in log.read_text().split(": started (process ")[1:]]
-            alive = []
-            for child in children:  # the stage processes are gone (the parent waited for them); a failure cleans up
+            for child in children:  # SIGTERM: gone already (the parent waited for them); else stopped here
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
                     alive.append(child)
-    assert len(children) == 2 and not alive, (children, alive)
-    assert "interrupted: run the same command again to resume" in log.read_text()
+    assert len(children) == 2, log.read_text()
+    if stop == "SIGTERM":
+        assert code == 130 and not alive, (code, alive, log.read_text())
+        assert "interrupted: run the same command again to resume" in log.read_text()
+    else:
+        assert sorted(alive) == sorted(children)
+        time.sleep(1)  # the killed processes are reaped by init; their inherited descriptors close
+        with demo.folder_lock(out):  # the last of them gone: free
+            pass
 
 
 def test_recipes_name_where_general_images_go(tmp_path, capsys):

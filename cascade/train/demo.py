@@ -44,7 +44,7 @@ from ..stage_c import StageCConfig
 from ..text import TINY_TEXT_CONFIG, build_text_encoder, load_text_encoder
 from ..weights import load_stage, readable, save_stage
 from .loop import RunConfig, Trained
-from .schedule import StageFailed, train_side_by_side
+from .schedule import LOCK_FD_ENV, StageFailed, train_side_by_side
 from .semantic import train_semantic
 from .shapes import UNNAMED_SHAPES, ShapesData, colourless_captions, make_dataset, make_general
 from .stage_a import latent_scale, train_stage_a, with_scale
@@ -221,31 +221,46 @@ def train_stage(stage: str, out: Path, recipe: Recipe, progress: bool = True, da
     """Train one stage of the family in `out` (its inputs from earlier stages must be there); returns its summary."""
     if stage not in STAGES:
         raise ValueError(f"stage: {stage!r} is not known; use one of {', '.join(STAGES)}")
-    out.mkdir(parents=True, exist_ok=True)
     _check_inputs(out, stage)
-    with _alone(out, stage):
-        return _train_stage(stage, out, recipe, progress, data)
+    out.mkdir(parents=True, exist_ok=True)
+    return _train_stage(stage, out, recipe, progress, data)
 
 
 @contextlib.contextmanager
-def _alone(out: Path, stage: str) -> Iterator[None]:
-    """One process at a time trains a stage of a folder: two would share its checkpoint folder and both write its
-    weights (a second `all` started while a stopped one's stage process still ran did). The lock goes with the
-    process, however it ends."""
-    with open(out / f".{stage}.lock", "a+") as lock:
+def folder_lock(out: Path) -> Iterator[int]:
+    """One training command at a time in a family folder, held from before it writes anything until it ends;
+    yields the lock's file descriptor. Two commands would rewrite each other's recipe and train the same stage side
+    by side, sharing its checkpoint. The stage processes `all` starts inherit the descriptor (`LOCK_FD_ENV`), so the
+    folder stays locked while any of them lives, even if `all` itself was killed; the lock ends with the last."""
+    path = out / ".training.lock"
+    inherited = os.environ.get(LOCK_FD_ENV)
+    if inherited is not None and _is_open_on(int(inherited), path):
+        yield int(inherited)
+        return
+    with open(path, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             pid = lock.read().strip() or "unknown"
             raise StageFailed(
-                f"{stage}: another process (pid {pid}) is training it in {out}; wait for it to end, or stop it"
+                f"{out}: another training command (pid {pid}, or the stage processes it started) is training in this "
+                "folder; wait for it to end, or stop it"
             ) from None
         lock.seek(0)
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        yield
+        yield lock.fileno()
+
+
+def _is_open_on(fd: int, path: Path) -> bool:
+    """Whether the descriptor `fd` of this process is open on the file at `path`."""
+    try:
+        mine, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _train_stage(stage: str, out: Path, recipe: Recipe, progress: bool, data: ShapesData | None) -> dict:
@@ -373,32 +388,33 @@ def train(out: Path, recipe: Recipe = Recipe(), stages=STAGES, progress: bool = 
     for stage in stages:  # before anything is written: a stage whose input neither exists nor is trained now
         _check_inputs(out, stage, trained_now=stages)
     out.mkdir(parents=True, exist_ok=True)
-    todo, trained = [], _trained(out)
-    for stage in stages:
-        if _output(out, stage).is_file():
-            message = f"{stage}: already trained ({_output(out, stage)}); skipped"
-            if changes := _recipe_changes(trained, recipe, stage):
-                message += (
-                    f"; it was trained with {', '.join(changes)}: delete it to train it with the settings asked now"
-                )
-            log(message)
+    with folder_lock(out) as lock_fd:  # outputs are looked at under the lock: none appears meanwhile
+        todo, trained = [], _trained(out)
+        for stage in stages:
+            if _output(out, stage).is_file():
+                message = f"{stage}: already trained ({_output(out, stage)}); skipped"
+                if changes := _recipe_changes(trained, recipe, stage):
+                    message += (
+                        f"; it was trained with {', '.join(changes)}: delete it to train it with the settings asked now"
+                    )
+                log(message)
+            else:
+                todo.append(stage)
+        if todo:  # the recipe of what is trained now (a command that trains nothing leaves family.json as it is)
+            _record(out, recipe)
+        started = time.perf_counter()
+        if jobs > 1:
+            done = train_side_by_side(out, recipe, todo, NEEDS, _output, jobs, log, lock_fd)
         else:
-            todo.append(stage)
-    if todo:  # the recipe of what is trained now (a command that trains nothing leaves family.json as it is)
-        _record(out, recipe)
-    started = time.perf_counter()
-    if jobs > 1:
-        done = train_side_by_side(out, recipe, todo, NEEDS, _output, jobs, log)
-    else:
-        done, data = {}, None
-        for stage in todo:
-            begun = time.perf_counter()
-            data = data if data is not None else data_of(recipe)  # rendered once for every stage of this run
-            done[stage] = train_stage(stage, out, recipe, progress, data)
-            log(f"{stage}: {done[stage]['steps']} steps, final loss {done[stage]['final_loss']:.4f}, "
-                f"{time.perf_counter() - begun:.0f} s")  # fmt: skip
-    if done:  # the recipe's wall time (the issue's "fits in about an hour") is this, not the stages' sum
-        seconds = round(time.perf_counter() - started, 1)
-        _record(out, recipe, wall={"stages": list(done), "jobs": jobs, "seconds": seconds})
-        log(f"trained {', '.join(done)} in {seconds:.0f} s ({seconds / 60:.0f} min), {jobs} at a time")
+            done, data = {}, None
+            for stage in todo:
+                begun = time.perf_counter()
+                data = data if data is not None else data_of(recipe)  # rendered once for every stage of this run
+                done[stage] = train_stage(stage, out, recipe, progress, data)
+                log(f"{stage}: {done[stage]['steps']} steps, final loss {done[stage]['final_loss']:.4f}, "
+                    f"{time.perf_counter() - begun:.0f} s")  # fmt: skip
+        if done:  # the recipe's wall time (the issue's "fits in about an hour") is this, not the stages' sum
+            seconds = round(time.perf_counter() - started, 1)
+            _record(out, recipe, wall={"stages": list(done), "jobs": jobs, "seconds": seconds})
+            log(f"trained {', '.join(done)} in {seconds:.0f} s ({seconds / 60:.0f} min), {jobs} at a time")
     return done

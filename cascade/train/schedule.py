@@ -22,6 +22,8 @@ from pathlib import Path
 
 # Which ready stage starts first when there are more than free slots: the critical path (semantic encoder -> text
 # encoder -> Stage C, the longest stage) before the rest.
+LOCK_FD_ENV = "CASCADE_TRAIN_LOCK_FD"  # the folder lock's descriptor, inherited by a stage's process (demo.folder_lock)
+
 PRIORITY = ("semantic", "text_encoder", "stage_c", "stage_a", "stage_b")
 
 
@@ -33,10 +35,13 @@ def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def train_side_by_side(out: Path, recipe, stages, needs, output_of, jobs: int, log=print) -> dict:
+def train_side_by_side(
+    out: Path, recipe, stages, needs, output_of, jobs: int, log=print, lock_fd: int | None = None
+) -> dict:
     """Train `stages` (not yet trained), at most `jobs` at once, each on cpu_count // jobs threads, as `needs[stage]`
     have their outputs (`output_of(out, stage)`); returns {stage: summary}. A stage that fails stops the rest (they
-    resume from their checkpoints when the command is run again) and raises StageFailed naming it."""
+    resume from their checkpoints when the command is run again) and raises StageFailed naming it. `lock_fd`: the
+    folder's training lock (demo.folder_lock), which each stage's process inherits."""
     todo = sorted(stages, key=PRIORITY.index)
     recipe_file = out / "checkpoints" / "recipe.json"  # what every stage's process reads
     recipe_file.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +50,9 @@ def train_side_by_side(out: Path, recipe, stages, needs, output_of, jobs: int, l
     package_root = str(Path(__file__).resolve().parents[2])  # `-m cascade.train` finds this copy from any folder
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": path}
+    inherited = () if lock_fd is None else (lock_fd,)
+    if lock_fd is not None:
+        env[LOCK_FD_ENV] = str(lock_fd)
     running: dict[str, subprocess.Popen] = {}
     done: dict[str, dict] = {}
     try:
@@ -54,7 +62,7 @@ def train_side_by_side(out: Path, recipe, stages, needs, output_of, jobs: int, l
                     break
                 command = [sys.executable, "-m", "cascade.train", stage.replace("_", "-"), "--out", str(out)]
                 command += ["--recipe", str(recipe_file), "--no-progress"]
-                running[stage] = subprocess.Popen(command, env=env)
+                running[stage] = subprocess.Popen(command, env=env, pass_fds=inherited)
                 todo.remove(stage)
                 log(f"{stage}: started (process {running[stage].pid}, {threads} thread{'s' * (threads > 1)})")
             if not running:  # nothing can start and nothing runs: a stage's input is missing and will not come
