@@ -162,13 +162,18 @@ class Adapter:
         save_safetensors(tensors, path, metadata={"cascade.kind": "lora", _METADATA: json.dumps(info)})
 
 
-def _attach_layers(model: nn.Module, rank: int, alpha: float, filters, name: str) -> tuple[list, list[LoRA]]:
+def _check_rank(model: nn.Module, rank: int, filters, name: str) -> None:
+    """up @ down has rank at most the layer's width: a larger rank only adds parameters."""
     layers = adapted_layers(model, filters)
     narrowest = min((min(getattr(module, param).shape) for _, module, param in layers), default=rank)
-    if rank > narrowest:  # up @ down has rank at most the layer's width: more only adds parameters
+    if rank > narrowest:
         raise ValueError(
             f"{name}: {rank} is not allowed: the narrowest layer it adapts is {narrowest} wide; use 1 to {narrowest}"
         )
+
+
+def _attach_layers(model: nn.Module, rank: int, alpha: float, filters) -> tuple[list, list[LoRA]]:
+    layers = adapted_layers(model, filters)
     loras = []
     for _, module, param in layers:
         lora = LoRA(getattr(module, param), rank, alpha)
@@ -188,6 +193,11 @@ def attach(
 ) -> Adapter:
     """Register a fresh LoRA on `models` (text encoder + Stage C, and Stage B's attention when `decoder_rank` > 0)
     for training; everything else is frozen."""
+    _check_rank(models.stage_c, rank, filters, "rank")  # before any change to the models
+    if decoder_rank > 0:
+        if models.stage_b is None:
+            raise ValueError("decoder_rank > 0 adapts Stage B: load the decoder half too")
+        _check_rank(models.stage_b, decoder_rank, filters, "decoder_rank")
     for model in (models.text_encoder.model, models.stage_c, models.stage_b, models.stage_a, models.effnet):
         if model is not None:
             model.requires_grad_(False)
@@ -196,12 +206,10 @@ def attach(
     token_init = embedding.weight[ids].detach().clone()
     retoken = ReToken(ids, embedding.weight.shape[1], embedding.weight.dtype, embedding.weight.device)
     parametrize.register_parametrization(embedding, "weight", retoken)
-    layers, loras = _attach_layers(models.stage_c, rank, alpha, filters, "rank")
+    layers, loras = _attach_layers(models.stage_c, rank, alpha, filters)
     decoder_layers, decoder_loras = [], []
     if decoder_rank > 0:
-        if models.stage_b is None:
-            raise ValueError("decoder_rank > 0 adapts Stage B: load the decoder half too")
-        decoder_layers, decoder_loras = _attach_layers(models.stage_b, decoder_rank, alpha, filters, "decoder_rank")
+        decoder_layers, decoder_loras = _attach_layers(models.stage_b, decoder_rank, alpha, filters)
     return Adapter(
         layers, loras, retoken, words, token_init, rank, alpha, tuple(filters), decoder_layers, decoder_loras,
         decoder_rank,

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from torch.nn.utils import parametrize
 
 from cascade.family import demo_models, load_models, tiny_models
 from cascade.geometry import DEMO_FOLDER
@@ -316,4 +317,7 @@ def test_a_rank_above_the_layers_width_is_refused_naming_it(family):
     width_b = min(models.stage_b.config.c_hidden[i] for i, h in enumerate(models.stage_b.config.nhead) if h > 0)
     with pytest.raises(ValueError, match=f"decoder_rank: {width_b + 1} is not allowed"):
         attach(models, [WORD], ["shape"], rank=4, decoder_rank=width_b + 1)
+    # Refused before any change: no new word, no parametrisation (the models stay usable as they were).
+    assert WORD not in models.text_encoder.tokenizer.get_vocab()
+    assert not any(parametrize.is_parametrized(m) for m in models.stage_c.modules())
     assert attach(load_models(family, dtype=torch.float32), [WORD], ["shape"], rank=width).rank == width

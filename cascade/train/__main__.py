@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -227,8 +228,8 @@ def _lora(args) -> int:
     for name in ("decoder_rank", "regular", "samples"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 0 or more")
-    if not args.lr > 0:
-        raise ValueError(f"--lr: {args.lr} is not allowed; use a number above 0")
+    if not 0 < args.lr < math.inf:
+        raise ValueError(f"--lr: {args.lr} is not allowed; use a finite number above 0")
 
     check_shapes_family(args.model, "lora")  # before any load
 

@@ -44,12 +44,12 @@ class RunConfig:
         for name in ("steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)} is not allowed; use 1 or more")
-        for name in ("warmup", "weight_decay"):
-            if getattr(self, name) < 0:
+        for name in ("warmup", "weight_decay"):  # (written so that NaN fails too)
+            if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name}: {getattr(self, name)} is not allowed; use 0 or more")
         for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: {getattr(self, name)} is not allowed; use a number above 0")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}: {getattr(self, name)} is not allowed; use a finite number above 0")
         if not 0 <= self.ema_beta < 1:
             raise ValueError(f"ema_beta: {self.ema_beta} is not allowed; use a number from 0 up to (not including) 1")
 
