@@ -335,22 +335,37 @@ def _sampling(model: str) -> dict:
 
 
 def _unique_key_loader():
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one, silently)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one, silently).
+
+    The check reads the composed document before anything is constructed: constructing merges (`<<: *base`) flattens
+    the merged mappings in place, after which a mapping would seem to hold the keys it overrides twice."""
     import yaml
 
+    merge = "tag:yaml.org,2002:merge"
+
     class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+        def construct_document(self, node):
+            seen, todo = set(), [node]
+            while todo:
+                part = todo.pop()
+                if id(part) in seen:  # an alias's node, checked once
                     continue
-                key = self.construct_object(key_node, deep=deep)
-                if isinstance(key, str) and key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"the key {key!r} is given twice", key_node.start_mark
-                    )
-                seen.add(key if isinstance(key, str) else id(key_node))
-            return super().construct_mapping(node, deep=deep)
+                seen.add(id(part))
+                if isinstance(part, yaml.MappingNode):
+                    keys = set()
+                    for key_node, value_node in part.value:
+                        todo.append(value_node)
+                        if key_node.tag == merge or not isinstance(key_node, yaml.ScalarNode):
+                            continue
+                        key = self.construct_object(key_node)  # (1, 01 and 0x1 are one key, as are on and true)
+                        if key in keys:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"the key {key!r} is given twice", key_node.start_mark
+                            )
+                        keys.add(key)
+                elif isinstance(part, yaml.SequenceNode):
+                    todo.extend(part.value)
+            return super().construct_document(node)
 
     return UniqueKeyLoader
 

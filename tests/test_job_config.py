@@ -129,6 +129,19 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path):
     fine = tmp_path / "fine.yaml"
     fine.write_text("base: &b {actors: 2}\nprior_pool: {<<: *b, gpus: 1}\ndecoder_pool: {<<: *b, actors: 3}\n")
     assert load_yaml(fine)["decoder_pool"] == {"actors": 3}
+    # A merged mapping that overrides a key of its own merge, merged again elsewhere (constructing merges flattens
+    # them in place: a check made while constructing saw that key twice).
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(
+        "prior_pool:\n  resources: &r {<<: {stage_c: 1}, stage_c: 2}\ndecoder_pool: {resources: {<<: *r}}\n"
+    )
+    assert load_yaml(nested)["decoder_pool"] == {"resources": {"stage_c": 2}}
+    # Keys YAML reads as one value, written two ways, are one key given twice.
+    for text, key in [("steps: 1\n1: a\n01: b\n", "1"), ("on: 1\ntrue: 2\n", "True"), ("~: 1\nnull: 2\n", "None")]:
+        other = tmp_path / "other.yaml"
+        other.write_text(text)
+        with pytest.raises(ConfigError, match=f"the key {key} is given twice"):
+            load_yaml(other)
 
 
 def test_public_config_round_trips():
