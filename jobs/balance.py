@@ -99,6 +99,8 @@ def split_nodes(gpus: int, node_gpus: int, prior_s: float, decoder_s: float) -> 
     """The split of `gpus` GPUs in nodes of `node_gpus`, each node serving one pool (a node type per pool, pinned by
     a custom resource): the Stage C share of the nodes that maximises the slower pool's rate, one actor per GPU.
     Packing does not help here: a pool's nodes are its own whatever their actors' shares."""
+    if prior_s <= 0 or decoder_s <= 0:
+        raise ValueError(f"prior_s {prior_s}, decoder_s {decoder_s}: both must be positive")
     if node_gpus < 1 or gpus % node_gpus or gpus < 2 * node_gpus:
         raise ValueError(
             f"gpus {gpus}, node_gpus {node_gpus}: the GPUs must be whole nodes, at least one per pool "
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         metavar="N",
         help="GPUs per node, where each node type serves one pool (cluster.yaml): split whole nodes, --gpus of them "
-        "in all",
+        "in all, one actor per GPU (--max-per-gpu does not apply)",
     )
     args = p.parse_args(argv)
     for name in ("gpus", "max_per_gpu", "node_gpus"):

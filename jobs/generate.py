@@ -208,6 +208,10 @@ class Progress:
         return f"{self.done}/{self.total} images ({pct:.1f}%), {rate:.2f} images/s, ETA {eta}, {self.errors} errors"
 
 
+class LocalPathError(Exception):
+    """Local --prompts or --out whose tasks cannot run on the driver's node (they must: a local path is its disk)."""
+
+
 def run(config) -> int:
     from cascade.weights import WeightsError
     from workers.storage import StorageError, StorageRefused, open_storage
@@ -280,6 +284,9 @@ def run(config) -> int:
             writer.flush()
             log(f"interrupted: {resume_hint(config)}")
             return EXIT_INTERRUPTED
+        except LocalPathError as e:  # before any work
+            log(f"error: {e}")
+            return EXIT_INPUT
         except Exception as e:  # Ray, storage: keep what is done, say how to go on
             with contextlib.suppress(Exception):  # storage may be what failed
                 writer.flush()
@@ -509,15 +516,21 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     read_args = here if any(isinstance(s.storage, LocalStorage) for s in plan.sources) else {}
     write_args = here if isinstance(out, LocalStorage) else {}
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n.get("Alive")}
-    if (read_args or write_args) and len(nodes) > 1:
-        tasks = (("read the prompts", read_args), ("write the images", write_args))
-        pinned = " and ".join(what for what, args in tasks if args)
+    tasks = (("read the prompts", read_args, 1), ("write the images", write_args, config.writer_cpus))
+    pinned = " and ".join(what for what, args, _ in tasks if args)
+    need = max((cpus for _, args, cpus in tasks if args), default=0)  # a read task takes 1 CPU, Ray Data's default
+    have = nodes.get(node_id, {}).get("CPU", 0)
+    if need > have:  # (a head started with 0 CPUs, as Ray advises for big clusters) they could never run
+        raise LocalPathError(
+            f"local paths: the tasks that {pinned} must run on the driver's node, which has {have:g} CPUs; they need "
+            f"{need:g} (writer_cpus for the writers, 1 for a read): use s3:// paths, lower writer_cpus, or run the "
+            "driver on a node with CPUs"
+        )
+    if pinned and len(nodes) > 1:
         log(
             f"local paths on a cluster of {len(nodes)} nodes: the tasks that {pinned} run on this node, "
             "the driver's (s3:// spreads them over the cluster)"
         )
-        if write_args and nodes.get(node_id, {}).get("CPU", 0) < config.writer_cpus:
-            log(f"warning: this node has fewer CPUs than writer_cpus ({config.writer_cpus:g}): no image can be written")
 
     def pipeline(items: list[dict]):
         """One segment's Ray Data pipeline: read -> Stage C pool -> Stage B/A pool -> writers."""

@@ -55,6 +55,8 @@ def test_nodes_that_each_serve_one_pool_are_split_whole():
     assert "# nodes: 2 for the Stage C pool and 1 for the Stage B/A pool, 8 GPUs each" in plan.yaml()
     assert "packed" not in plan.yaml()
     assert split_nodes(16, 8, 1.0, 100.0).nodes == (1, 1, 8)  # each pool keeps a node, however lopsided
+    with pytest.raises(ValueError, match="both must be positive"):
+        split_nodes(16, 8, 0.0, 1.0)
     for gpus in (8, 12):  # one node only; not whole nodes
         with pytest.raises(ValueError, match="the GPUs must be whole nodes, at least one per pool"):
             split_nodes(gpus, 8, 1.0, 1.0)

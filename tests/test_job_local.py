@@ -236,14 +236,21 @@ def test_a_model_that_fails_to_load_on_a_node_exits_3_naming_it(tmp_path, capsys
     assert "error: the model cannot be loaded on a node: " in err and "text encoder could not be loaded" in err
 
 
-def test_writers_that_no_node_can_run_stop_the_job_naming_writer_cpus(tmp_path, capsys):
+def test_writers_that_no_node_can_run_stop_the_job_naming_writer_cpus(s3_bucket, tmp_path, capsys):
     """The writer tasks need `writer_cpus` beside the actors; asking for more than any node has would leave the
-    stream stopped at its last stage. The node watch says so and stops the job (exit 1) after node_wait_seconds."""
+    stream stopped at its last stage. The node watch says so and stops the job (exit 1) after node_wait_seconds.
+    With a local --out the writers must run on the driver's node: more than it has is refused at once (exit 2)."""
     pq.write_table(prompts_table(2), tmp_path / "ok.parquet")
     flags = ["--writer-cpus", "64", "--node-wait-seconds", "3", "--no-report"]
-    assert run_job(tmp_path / "ok.parquet", tmp_path / "out", *flags) == 1
+    assert run_job(tmp_path / "ok.parquet", f"s3://{s3_bucket}/out", *flags) == 1
     err = capsys.readouterr().err
     assert "no live node can run the writer tasks (one task needs CPU 64) for 3 s" in err and "writer_cpus" in err
+    assert run_job(tmp_path / "ok.parquet", tmp_path / "out", *flags) == 2
+    err = capsys.readouterr().err
+    assert (
+        "local paths: the tasks that read the prompts and write the images must run on the driver's node, which "
+        "has 2 CPUs; they need 64 (writer_cpus for the writers, 1 for a read): use s3:// paths"
+    ) in err
 
 
 def test_dry_run_moves_full_size_data_through_every_stage(tmp_path):
