@@ -20,7 +20,7 @@ from .geometry import DEFAULT_MODEL, family_geometry
 from .imagefile import encode
 from .lora import apply_lora_file, lora_info
 from .paths import blocked_by_a_file
-from .pipeline import Result, generate
+from .pipeline import Result, generate, img2img_steps
 from .request import MAX_SEED, Request, sampling_defaults, validate, validate_strength
 from .weights import WeightsError
 
@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     print(f"loaded {models.name} on {device} ({dtype}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     r = requests[0]
+    prior_steps = r.prior_steps if args.init_image is None else img2img_steps(r.prior_steps, strength)
     print(
-        f"{r.width}x{r.height}, {r.prior_steps} Stage C steps at cfg {r.prior_cfg}, {r.decoder_steps} Stage B steps "
+        f"{r.width}x{r.height}, {prior_steps} Stage C steps at cfg {r.prior_cfg}, {r.decoder_steps} Stage B steps "
         f"at cfg {r.decoder_cfg}",
         file=sys.stderr,
     )

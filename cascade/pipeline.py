@@ -118,6 +118,11 @@ def prior_conditions(models: CascadeModels, text, n: int) -> tuple[dict, dict]:
     return cond, uncond
 
 
+def img2img_steps(prior_steps: int, strength: float) -> int:
+    """Stage C's steps from t = strength: the reference notebook's int(20 * noise_level), at least 1."""
+    return max(1, int(prior_steps * strength))
+
+
 def run_prior(
     models: CascadeModels,
     requests: Sequence[Request],
@@ -152,7 +157,7 @@ def run_prior(
         x0 = effnet_latents(models, init_images, shape_c[1:])
         x_init = gdf.diffuse(x0, strength, gdf.randn(shape_c, generators, device), shift=1.0)
         t_start = float(strength)
-        steps = max(1, int(first.prior_steps * strength))  # the notebook's int(20 * noise_level)
+        steps = img2img_steps(first.prior_steps, strength)
     latents = gdf.sample(
         gdf.guided_denoiser(models.stage_c, cond, uncond, first.prior_cfg),
         generators,

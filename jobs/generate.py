@@ -212,6 +212,42 @@ class LocalPathError(Exception):
     """Local --prompts or --out whose tasks cannot run on the driver's node (they must: a local path is its disk)."""
 
 
+def local_path_tasks(config, plan, out, say: bool = False) -> tuple[dict, dict]:
+    """Ray's arguments for the read tasks and the writer tasks: a local folder is the disk of the machine the driver
+    runs on, so on a cluster of several machines the tasks that read local prompts or write a local --out run there
+    (or the images would land on whichever node wrote them). Raises LocalPathError when that node lacks the CPUs
+    they need (a head started with 0 CPUs, as Ray advises for big clusters): they could never run. `say`: log where
+    they run, on a cluster of several nodes."""
+    from workers.storage import LocalStorage
+
+    ray = init_ray()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_id = ray.get_runtime_context().get_node_id()
+    here = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+    read_args = here if any(isinstance(s.storage, LocalStorage) for s in plan.sources) else {}
+    write_args = here if isinstance(out, LocalStorage) else {}
+    tasks = (("read the prompts", read_args, 1), ("write the images", write_args, config.writer_cpus))
+    pinned = " and ".join(what for what, args, _ in tasks if args)
+    if not pinned:
+        return read_args, write_args
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n.get("Alive")}
+    need = max(cpus for _, args, cpus in tasks if args)  # a read task takes 1 CPU, Ray Data's default
+    have = nodes.get(node_id, {}).get("CPU", 0)
+    if need > have:
+        raise LocalPathError(
+            f"local paths: the tasks that {pinned} must run on the driver's node, which has {have:g} CPUs; they need "
+            f"{need:g} (writer_cpus for the writers, 1 for a read): use s3:// paths, lower writer_cpus, or run the "
+            "driver on a node with CPUs"
+        )
+    if say and len(nodes) > 1:
+        log(
+            f"local paths on a cluster of {len(nodes)} nodes: the tasks that {pinned} run on this node, "
+            "the driver's (s3:// spreads them over the cluster)"
+        )
+    return read_args, write_args
+
+
 def run(config) -> int:
     from cascade.weights import WeightsError
     from workers.storage import StorageError, StorageRefused, open_storage
@@ -233,6 +269,12 @@ def run(config) -> int:
     log(f"{plan.rows} prompts in {len(plan.sources)} file(s): {plan.images} images")
 
     out = open_storage(config.out, config.storage_attempts)
+    if config.overwrite:  # a job refused for its local paths must not have deleted the output first
+        try:
+            local_path_tasks(config, plan, out)
+        except LocalPathError as e:
+            log(f"error: {e}")
+            return EXIT_INPUT
     try:
         if config.overwrite:
             log(f"--overwrite: removed {manifest.clear_outputs(out)} earlier output files")
@@ -463,10 +505,8 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     init_ray()
     import ray
     import ray.data
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as on_node
 
     from workers.stages import DecoderStage, PriorStage
-    from workers.storage import LocalStorage
     from workers.writer import write_images, write_shard
 
     from . import heap
@@ -509,28 +549,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
             "actors wait until an autoscaler adds GPU nodes"
         )
 
-    # A local folder is the disk of the machine the driver runs on: on a cluster of several machines, the tasks that
-    # read local prompts or write a local --out run there, or the images would land on whichever node wrote them.
-    node_id = ray.get_runtime_context().get_node_id()
-    here = {"scheduling_strategy": on_node(node_id, soft=False)}
-    read_args = here if any(isinstance(s.storage, LocalStorage) for s in plan.sources) else {}
-    write_args = here if isinstance(out, LocalStorage) else {}
-    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n.get("Alive")}
-    tasks = (("read the prompts", read_args, 1), ("write the images", write_args, config.writer_cpus))
-    pinned = " and ".join(what for what, args, _ in tasks if args)
-    need = max((cpus for _, args, cpus in tasks if args), default=0)  # a read task takes 1 CPU, Ray Data's default
-    have = nodes.get(node_id, {}).get("CPU", 0)
-    if need > have:  # (a head started with 0 CPUs, as Ray advises for big clusters) they could never run
-        raise LocalPathError(
-            f"local paths: the tasks that {pinned} must run on the driver's node, which has {have:g} CPUs; they need "
-            f"{need:g} (writer_cpus for the writers, 1 for a read): use s3:// paths, lower writer_cpus, or run the "
-            "driver on a node with CPUs"
-        )
-    if pinned and len(nodes) > 1:
-        log(
-            f"local paths on a cluster of {len(nodes)} nodes: the tasks that {pinned} run on this node, "
-            "the driver's (s3:// spreads them over the cluster)"
-        )
+    read_args, write_args = local_path_tasks(config, plan, out, say=True)
 
     def pipeline(items: list[dict]):
         """One segment's Ray Data pipeline: read -> Stage C pool -> Stage B/A pool -> writers."""

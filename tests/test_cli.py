@@ -76,7 +76,8 @@ def test_cli_img2img(tmp_path, capsys):
     Image.new("RGB", (64, 48), "red").save(tmp_path / "init.png")
     out = tmp_path / "o.png"
     args = ["x", "--out", str(out), "--init-image", str(tmp_path / "init.png"), "--strength", "0.5", *FAST]
-    assert main(args) == 0 and out.is_file()
+    assert main([*args, "--prior-steps", "10"]) == 0 and out.is_file()
+    assert "10 Stage C steps" not in (err := capsys.readouterr().err) and "5 Stage C steps" in err  # from t = 0.5
     # The parameters say what the image started from, so that it can be made again.
     digest = hashlib.sha256((tmp_path / "init.png").read_bytes()).hexdigest()
     assert f"strength=0.5 init_image_sha256={digest}" in Image.open(out).text["parameters"]

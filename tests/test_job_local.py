@@ -251,6 +251,12 @@ def test_writers_that_no_node_can_run_stop_the_job_naming_writer_cpus(s3_bucket,
         "local paths: the tasks that read the prompts and write the images must run on the driver's node, which "
         "has 2 CPUs; they need 64 (writer_cpus for the writers, 1 for a read): use s3:// paths"
     ) in err
+    # ... before --overwrite deletes an earlier output.
+    assert run_job(tmp_path / "ok.parquet", tmp_path / "out", "--no-report", "--dry-run") == 0
+    stored = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert run_job(tmp_path / "ok.parquet", tmp_path / "out", *flags, "--dry-run", "--overwrite") == 2
+    assert "must run on the driver's node" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out").rglob("*") if p.is_file()) == stored
 
 
 def test_dry_run_moves_full_size_data_through_every_stage(tmp_path):

@@ -217,9 +217,12 @@ def test_one_training_command_at_a_time_in_a_folder(tmp_path, monkeypatch):
         monkeypatch.setenv(LOCK_FD_ENV, str(held.fileno()))
         with demo.folder_lock(out) as fd:
             assert fd == held.fileno()
-        monkeypatch.setenv(LOCK_FD_ENV, "99999")  # a stale value (not an open descriptor on the lock): refused
-        with pytest.raises(StageFailed), demo.folder_lock(out):
-            pass
+        # Not ours: a stale value, not a number, or the file opened without holding its lock.
+        with open(out / ".training.lock") as other:
+            for value in ("99999", "", str(other.fileno())):
+                monkeypatch.setenv(LOCK_FD_ENV, value)
+                with pytest.raises(StageFailed), demo.folder_lock(out):
+                    pass
     monkeypatch.delenv(LOCK_FD_ENV)
     with demo.folder_lock(out):  # free once the first is gone; this command records its own pid
         assert (out / ".training.lock").read_text() == f"{os.getpid()}\n"
@@ -272,9 +275,14 @@ def test_all_stopped_by_a_signal(tmp_path, stop):
         assert "interrupted: run the same command again to resume" in log.read_text()
     else:
         assert sorted(alive) == sorted(children)
-        time.sleep(1)  # the killed processes are reaped by init; their inherited descriptors close
-        with demo.folder_lock(out):  # the last of them gone: free
-            pass
+        deadline = time.monotonic() + 30  # the killed processes' descriptors close as they exit
+        while True:
+            try:
+                with demo.folder_lock(out):  # the last of them gone: free
+                    break
+            except StageFailed:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
 
 
 def test_recipes_name_where_general_images_go(tmp_path, capsys):

@@ -233,9 +233,9 @@ def folder_lock(out: Path) -> Iterator[int]:
     by side, sharing its checkpoint. The stage processes `all` starts inherit the descriptor (`LOCK_FD_ENV`), so the
     folder stays locked while any of them lives, even if `all` itself was killed; the lock ends with the last."""
     path = out / ".training.lock"
-    inherited = os.environ.get(LOCK_FD_ENV)
-    if inherited is not None and _is_open_on(int(inherited), path):
-        yield int(inherited)
+    inherited = _inherited_lock(path)
+    if inherited is not None:
+        yield inherited
         return
     with open(path, "a+") as lock:
         try:
@@ -254,13 +254,18 @@ def folder_lock(out: Path) -> Iterator[int]:
         yield lock.fileno()
 
 
-def _is_open_on(fd: int, path: Path) -> bool:
-    """Whether the descriptor `fd` of this process is open on the file at `path`."""
+def _inherited_lock(path: Path) -> int | None:
+    """The descriptor named by LOCK_FD_ENV if it is open on `path` and holds its lock (flock on the same open file
+    succeeds at once; on another open of the file it would be refused), else None."""
     try:
+        fd = int(os.environ.get(LOCK_FD_ENV, ""))
         mine, there = os.fstat(fd), os.stat(path)
-    except OSError:
-        return False
-    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+        if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (ValueError, OSError):  # unset, not a number, not open, or another open of the file: not ours
+        return None
+    return fd
 
 
 def _train_stage(stage: str, out: Path, recipe: Recipe, progress: bool, data: ShapesData | None) -> dict:
