@@ -221,10 +221,10 @@ def local_path_tasks(config, plan, out, say: bool = False) -> tuple[dict, dict]:
     from workers.storage import LocalStorage
 
     ray = init_ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     node_id = ray.get_runtime_context().get_node_id()
-    here = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+    # Every node carries its id as a label. (A scheduling_strategy would do the same, but Ray Data takes it only
+    # in the ray_remote_args it deprecates, due to go in Ray 2.64.)
+    here = {"label_selector": {"ray.io/node-id": node_id}}
     read_args = here if any(isinstance(s.storage, LocalStorage) for s in plan.sources) else {}
     write_args = here if isinstance(out, LocalStorage) else {}
     tasks = (("read the prompts", read_args, 1), ("write the images", write_args, config.writer_cpus))
