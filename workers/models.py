@@ -30,6 +30,11 @@ def torch_dtype(dtype: str, on: torch.device) -> torch.dtype:
 def load_part(model: str, lite: bool, dtype: str, part: str):
     """The prior ("prior") or decoder ("decoder") half of a built-in model or an official-layout weights folder."""
     on = device()
+    if part == "prior":  # (the decoder half loads no transformers) the job logs its own progress, in images: a
+        # loading bar from every Stage C actor in the driver's log is noise
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     if model in BUILTIN_MODELS:
         return BUILTIN_MODELS[model](device=on, dtype=torch_dtype(dtype, on), parts=(part,))
     return load_models(model, lite=lite, dtype=torch_dtype(dtype, on), device=on, parts=(part,))
