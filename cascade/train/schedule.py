@@ -20,10 +20,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-# Which ready stage starts first when there are more than free slots: the critical path (semantic encoder -> text
-# encoder -> Stage C, the longest stage) before the rest.
 LOCK_FD_ENV = "CASCADE_TRAIN_LOCK_FD"  # the folder lock's descriptor, inherited by a stage's process (demo.folder_lock)
 
+# Which ready stage starts first when there are more than free slots: the critical path (semantic encoder -> text
+# encoder -> Stage C, the longest stage) before the rest.
 PRIORITY = ("semantic", "text_encoder", "stage_c", "stage_a", "stage_b")
 
 
