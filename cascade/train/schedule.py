@@ -50,9 +50,9 @@ def train_side_by_side(
     package_root = str(Path(__file__).resolve().parents[2])  # `-m cascade.train` finds this copy from any folder
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": path}
-    inherited = () if lock_fd is None else (lock_fd,)
-    if lock_fd is not None:
-        env[LOCK_FD_ENV] = str(lock_fd)
+    inherited = ()
+    if lock_fd is not None:  # the stage processes hold the folder's lock too (demo.folder_lock)
+        inherited, env[LOCK_FD_ENV] = (lock_fd,), str(lock_fd)
     running: dict[str, subprocess.Popen] = {}
     done: dict[str, dict] = {}
     try:
