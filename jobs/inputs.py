@@ -327,17 +327,19 @@ def _report_duplicate(sources: list[Source], default: int) -> None:
 # --- keys ------------------------------------------------------------------------------------------------------------
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_HASHED = re.compile(r"-[0-9a-f]{16}$")  # how a name that had to change ends
 
 
 def image_key(id_: str, image_index: int, ext: str) -> str:
     """`images/{2 hex}/{name}-{i}.{ext}`: inside the output prefix whatever the id holds (no `/` survives), short
     enough for S3, spread over 256 prefixes. An id that had to change gets a hash of the original, so two different
-    ids never share a key."""
+    ids never share a key; so does an id that already ends as such a name does (`cat_71-9d41d0b745506c75` would
+    otherwise be the key of `cat/71`)."""
     digest = hashlib.blake2b(id_.encode(), digest_size=8).hexdigest()
     name = _UNSAFE.sub("_", id_)
     if name.startswith("."):
         name = "_" + name[1:]
-    if name != id_ or len(name) > KEY_NAME_MAX or not name:
+    if name != id_ or len(name) > KEY_NAME_MAX or not name or _HASHED.search(name):
         name = f"{name[: KEY_NAME_MAX - 17]}-{digest}"
     return f"images/{digest[:2]}/{name}-{image_index}.{ext}"
 

@@ -200,6 +200,11 @@ def test_different_ids_never_share_a_key():
     ids = ["a/b", "a_b", "a:b", "x" * 1000, "x" * 999 + "y", "A", "a"]
     keys = {image_key(i, 0, "png") for i in ids}
     assert len(keys) == len(ids)
+    # An id that reads as another's changed name: the same 2-hex folder, so without the hash added it is the same key.
+    changed = image_key("cat/71", 0, "png")
+    lookalike = changed.split("/")[2].removesuffix("-0.png")
+    assert lookalike == "cat_71-9d41d0b745506c75" and image_key(lookalike, 0, "png").startswith("images/9d/")
+    assert image_key(lookalike, 0, "png") != changed
 
 
 def test_read_fragments_skips_done_images_and_carries_extra_columns(tmp_path):
