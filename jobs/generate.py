@@ -645,8 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     from workers.storage import StorageError
 
     # SIGTERM (`ray job stop`, a scheduler) stops the job as Ctrl-C does: it writes the manifest rows it holds, says
-    # how to resume and exits 130, instead of dying at once (a rerun would render those rows' images again to adopt
-    # them). Set again after ray.init(), which sets its own (init_ray).
+    # how to resume and exits 130, instead of dying at once (a rerun would render those rows' images again). Set
+    # again after ray.init(), which sets its own (init_ray).
     try:
         with sigterm_interrupts():
             return run(config)

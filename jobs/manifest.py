@@ -161,24 +161,24 @@ class _Rows:
     ok: np.ndarray  # bool: status is ok
     image: np.ndarray  # bool: an image object (no shard member), which must have its recorded size
     bytes: np.ndarray  # int64: the recorded size (-1 if none)
-    key: pa.ChunkedArray  # the object the row names (null for an error)
+    at: np.ndarray  # int64: where the object the row names is in the listing (-1: not there, or an error row)
     checks: pa.Table | None  # with verify: key, member and sha256, for the rows that are ok
 
 
 _NUMBERS = {"part": np.int32, "index": np.int32, "hash": np.uint64, "ok": bool, "image": bool, "bytes": np.int64}
 
 
-def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, verify: bool, shards: pa.Array):
-    """This input's rows of every part (rows of other inputs are left as they are), the shards that any row of any
-    input names, and the image settings recorded by the parts that hold this input's rows."""
+def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, verify: bool, listed: pa.Array):
+    """This input's rows of every part (rows of other inputs are left as they are), which `listed` objects any row of
+    any input names (a bool per object, and one more, never set), and the image settings recorded by the parts that
+    hold this input's rows."""
     columns = ["id", "image_index", "status", "key", "bytes", "member"] + (["sha256"] if verify else [])
-    got: dict[str, list] = {f: [] for f in ("part", "index", "hash", "ok", "image", "bytes", "key", "checks")}
-    named, settings = [], set()
+    got: dict[str, list] = {f: [] for f in ("part", "index", "hash", "ok", "image", "bytes", "checks", "mine")}
+    all_keys, settings = [], set()
     for p, part in enumerate(parts):
         table = read_part(storage, part, columns)
         keys = _column(table, "key", KEY)
-        if len(shards):
-            named.append(pc.unique(keys.filter(pc.is_in(keys, value_set=shards))))
+        all_keys.extend(keys.chunks)
         h = hashes(zip(table.column("id").to_pylist(), table.column("image_index").to_pylist()))
         mine = contained(expected, h)
         if mine.any() and SETTINGS in (table.schema.metadata or {}):
@@ -191,7 +191,7 @@ def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, ver
         got["ok"].append(ok)
         got["image"].append(pc.is_null(member).to_numpy())
         got["bytes"].append(_column(table, "bytes", pa.int64()).fill_null(-1).to_numpy()[mine])
-        got["key"].extend(my_keys.chunks)
+        got["mine"].append(mine)
         if verify:
             checks = pa.table(
                 {
@@ -201,12 +201,17 @@ def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, ver
                 }
             )
             got["checks"].append(checks.filter(pa.array(ok)))
+    # Every row's key looked up in the listing at once (one hash table of the listing, not one per part); the keys
+    # themselves are not needed after this.
+    at = pc.index_in(pa.chunked_array(all_keys, KEY), value_set=listed).fill_null(-1).to_numpy()
+    named = np.zeros(len(listed) + 1, dtype=bool)
+    named[at] = True  # (at -1 sets the last, which stands for "not listed")
     rows = _Rows(
         **{f: np.concatenate(got[f]) if got[f] else np.zeros(0, t) for f, t in _NUMBERS.items()},
-        key=pa.chunked_array(got["key"], KEY),
+        at=at[np.concatenate(got["mine"])] if got["mine"] else np.zeros(0, np.int64),
         checks=pa.concat_tables(got["checks"]) if got["checks"] else None,
     )
-    return rows, pa.concat_arrays(named) if named else pa.array([], KEY), [json.loads(s) for s in sorted(settings)]
+    return rows, named, [json.loads(s) for s in sorted(settings)]
 
 
 def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, verify: bool = False) -> Previous:
@@ -214,16 +219,12 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     sha256 of their bytes)."""
     previous = Previous(np.zeros(0, np.uint64), 0, 0, 0, [], {})
     parts = manifest_keys(storage)
-    strays: list[str] = []  # shards no manifest row can name: orphans, as below
-    stored_shards = listing(storage, "shards", unnamed=strays)
-    shards = stored_shards.column("key").combine_chunks()
-    if not parts and not len(shards) and not strays:
+    strays: list[str] = []  # objects no manifest row can name (not UTF-8): orphans, as below
+    listed = pa.concat_tables([listing(storage, d, unnamed=strays) for d in ("images", "shards")]).combine_chunks()
+    if not parts and not listed.num_rows and not strays:
         return previous
-    listed = pa.concat_tables([listing(storage, "images"), stored_shards]).combine_chunks()
-    rows, named, previous.settings = _manifest_rows(storage, parts, expected, verify, shards)
-    # Where each row's key is in the listing (-1: not there); the keys themselves are not needed after this.
-    at = pc.index_in(rows.key, value_set=listed.column("key")).fill_null(-1).to_numpy()
-    rows.key = None
+    rows, named, previous.settings = _manifest_rows(storage, parts, expected, verify, listed.column("key"))
+    at = rows.at
     there = at >= 0
     sizes = np.append(listed.column("size").to_numpy(), -1)[at]  # (at -1 reads the -1 put after the listing)
     # An image object must have its recorded size; a shard only has to be there (its rows give member sizes).
@@ -247,14 +248,14 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     for p, these in zip(dropped_parts[starts], np.split(dropped_rows, starts[1:])):
         previous.drop[parts[p]] = these.tolist()
     previous.done = np.unique(rows.hash[good if retry_errors else good | failed])
-    # A bad object still stored is removed before it is written again. So is a shard no row names: stored by a run
-    # that stopped before its rows reached a manifest part. Its images are rendered again into a shard whose key
-    # depends on the batch they fall in, which need not be the same, so the old one would stay forever, unreferenced,
-    # duplicating them.
-    orphans = shards.filter(pc.invert(pc.is_in(shards, value_set=named)))
-    previous.stale_keys = sorted(
-        set(listed.column("key").filter(pa.array(bad[:-1])).to_pylist()) | set(orphans.to_pylist()) | set(strays)
-    )
+    # A bad object still stored is removed before it is written again. So is an object no row names (an orphan):
+    # stored by a run that stopped before its rows reached a manifest part (at most manifest_seconds of work), or by
+    # a run with another layout or format. Nothing records the settings it was made with, and this run's may differ
+    # (a new seed, size or prompt), so it is rendered again, not adopted: adopted, its row would describe this run's
+    # request beside another run's pixels. A shard's images would also go into a shard of another key (it depends on
+    # the batch they fall in), leaving the old one unreferenced, duplicating them.
+    stale = bad[:-1] | ~named[:-1]
+    previous.stale_keys = sorted(set(listed.column("key").filter(pa.array(stale)).to_pylist()) | set(strays))
     return previous
 
 

@@ -140,8 +140,7 @@ class NodeWatch(threading.Thread):
         bytecodes) does not. It is sent again every `resend` seconds, and the process ends itself after `grace`
         seconds, because the interrupt can be held back: Ray defers SIGINT while the main thread is inside some of
         its calls (`DeferSigint`), and after a node is lost such a call can wait for good (seen in full test runs).
-        The hard exit loses only manifest rows not yet written: a rerun adopts their stored images by the sha256 in
-        each image's metadata."""
+        The hard exit loses only manifest rows not yet written: a rerun renders their stored images again."""
         deadline = time.monotonic() + self.grace
         while not self._done.is_set():
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)

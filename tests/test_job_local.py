@@ -140,6 +140,18 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 1 and len(out.get(key)) > 100
     check_output(out, 7)
 
+    # A run that stopped before any manifest part (images stored, no rows), then a rerun with another seed: the
+    # images nothing describes are rendered again, not adopted with rows stating the new seed beside the old pixels.
+    # An image of a format no longer written (a stray no row names) goes too.
+    out.delete(manifest_keys(out) + [SUCCESS])
+    out.put("images/00/p0-0.webp", b"an earlier run's")
+    assert run_job(tmp_path / "prompts.parquet", out.root, "--seed", "7") == 0
+    manifest = check_output(out, 7)  # no image that no row describes, none twice
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 7
+    for row in manifest.to_pylist():
+        if row["status"] == "ok":
+            assert Image.open(io.BytesIO(out.get(row["key"]))).text["seed"] == str(row["seed"])
+
 
 def test_sigterm_stops_the_job_as_ctrl_c_does(tmp_path, capsys):
     """`ray job stop`, a scheduler or a container's shutdown sends the driver SIGTERM: the job writes the manifest

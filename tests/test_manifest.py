@@ -160,7 +160,7 @@ def test_only_an_orphan_shard_is_removed(tmp_path):
     assert (previous.ok, previous.stale_keys) == (0, ["shards/orphan.tar"])
 
 
-def test_a_file_name_that_is_not_utf8_is_passed_over_and_such_a_shard_is_an_orphan(files):
+def test_a_file_name_that_is_not_utf8_is_passed_over_and_such_a_file_is_an_orphan(files):
     s, _ = files
     for folder in ("images/aa", "shards"):
         (s.root / folder).mkdir(exist_ok=True)
@@ -168,9 +168,26 @@ def test_a_file_name_that_is_not_utf8_is_passed_over_and_such_a_shard_is_an_orph
             f.write(b"x")
     previous = previous_work(s, _hashes("a", "b", "c", "lost", "resized", "err"), retry_errors=False)
     assert (previous.ok, previous.errors, previous.missing) == (3, 1, 2)
-    assert previous.stale_keys == ["images/aa/resized-0.png", "shards/stray\udcff.png"]
+    assert previous.stale_keys == [
+        "images/aa/resized-0.png", "images/aa/stray\udcff.png", "shards/stray\udcff.png"
+    ]  # fmt: skip
     s.delete(previous.stale_keys)
     assert [k for k, _ in s.list("shards")] == []
+    assert not [k for k, _ in s.list("images") if "stray" in k]
+
+
+def test_an_image_no_row_names_is_removed_to_be_rendered_again_not_adopted(files):
+    """An image stored by a run that stopped before its row reached a manifest part may have been made with other
+    settings than this run's (nothing records them), or in another format: it goes. An image that only another
+    input's row names stays."""
+    s, _ = files
+    s.put("images/bb/new-0.png", b"n" * 10)  # this input's, no row: the crashed run's
+    s.put("images/cc/new-0.webp", b"w" * 10)  # the same image in a format the rerun no longer writes
+    s.put("images/aa/other-0.png", b"o" * 10)  # named by the other input's row (its size no longer matters)
+    previous = previous_work(s, _hashes("a", "b", "c", "lost", "resized", "err", "new"), retry_errors=False)
+    assert (previous.ok, previous.errors, previous.missing) == (3, 1, 2)
+    np.testing.assert_array_equal(previous.done, _hashes("a", "b", "c", "err"))  # "new" is to render
+    assert previous.stale_keys == ["images/aa/resized-0.png", "images/bb/new-0.png", "images/cc/new-0.webp"]
 
 
 def test_a_listing_is_built_in_chunks_and_keeps_every_key(tmp_path):

@@ -6,9 +6,9 @@ most S3-compatible servers want) and botocore's retries with exponential backoff
 connection errors.
 
 `put(..., if_absent=True)` is the exactly-once primitive: it writes only when the key does not exist yet (S3
-`If-None-Match: *`, a hard link on a local disk) and otherwise reports what is already there, so a retried or resumed
-writer adopts the first copy instead of overwriting it. Each object carries its sha256 in its metadata, so adopting
-it needs a HEAD, not a download.
+`If-None-Match: *`, a hard link on a local disk) and otherwise reports what is already there, so a retried writer (a
+lost reply, a re-run task) adopts the first copy instead of overwriting it. Each object carries its sha256 in its
+metadata, so adopting it needs a HEAD, not a download.
 """
 
 from __future__ import annotations

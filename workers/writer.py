@@ -4,9 +4,9 @@ Two layouts: `files` (one object per image under images/) and `webdataset` (tar 
 batch, img2dataset-compatible: per sample an image, a `.txt` caption and a `.json` of its metadata).
 
 Runs as Ray Data tasks on CPUs, so PNG encoding and uploads never hold a GPU. A row is emitted only after its image is
-stored, which is what lets the driver write manifests after their images. A retried or resumed write of a key that
-exists adopts the stored object (its sha256 comes from its metadata), so every image is in storage exactly once and
-its manifest row describes the bytes that are there. With `overwrite` the write replaces what is there.
+stored, which is what lets the driver write manifests after their images. A retried write of a key that exists
+adopts the stored object (its sha256 comes from its metadata), so every image is in storage exactly once and its
+manifest row describes the bytes that are there. With `overwrite` the write replaces what is there.
 """
 
 from __future__ import annotations
