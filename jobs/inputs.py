@@ -122,8 +122,20 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile(out + r"\Z")
 
 
-def find_files(prompts: str) -> tuple[Storage, list[tuple[str, str]]]:
-    """(storage, [(key, name)]) for a file, a folder, a glob or an s3:// URI of any of those."""
+def _listed(name: str) -> bool:
+    """Whether a file found below a folder or prefix is input: not one whose path below it has a part that starts
+    with `.` or `_` (`.ipynb_checkpoints/`, Spark's `_temporary/`, `_SUCCESS`: the convention pyarrow's datasets
+    and Spark follow)."""
+    return not any(part.startswith((".", "_")) for part in name.split("/"))
+
+
+def _inside(location: str, folder: str) -> bool:
+    return location == folder or location.startswith(folder.rstrip("/") + "/")
+
+
+def find_files(prompts: str, out: str | None = None) -> tuple[Storage, list[tuple[str, str]]]:
+    """(storage, [(key, name)]) for a file, a folder, a glob or an s3:// URI of any of those. Files found under `out`
+    (the job's output, whose manifests are Parquet too) are not input; a file named as the input is."""
     if is_s3(prompts):
         bucket, _, path = prompts[len("s3://") :].partition("/")
         storage = S3Storage(f"s3://{bucket}")
@@ -131,19 +143,26 @@ def find_files(prompts: str) -> tuple[Storage, list[tuple[str, str]]]:
             base, keys = path.rpartition("/")[0], [path]
         elif _has_glob(path):
             base, regex = _glob_base(path), _glob_regex(path)
-            keys = [k for k, _ in storage.list(base) if regex.match(k)]
+            # As a local glob matches: no hidden name unless the pattern asks for one.
+            hidden = "/." in "/" + path
+            keys = [k for k, _ in storage.list(base) if regex.match(k) and (hidden or "/." not in "/" + k)]
         else:
             base = path.strip("/")
-            keys = [k for k, _ in storage.list(base) if k.endswith(".parquet")]
+            keys = [k for k, _ in storage.list(base) if k.endswith(".parquet") and _listed(k[len(base) :])]
         strip = len(base) + 1 if base else 0
         found = [(k, k[strip:]) for k in sorted(keys)]
+        if out and is_s3(out) and keys != [path]:
+            found = [(k, n) for k, n in found if not _inside(storage.location(k), out)]
     else:
         pattern = os.path.expanduser(prompts)
         path = Path(pattern)
         if path.is_file():  # an existing path first: a name may hold [ or * itself
             base, files = path.parent, [path]
         elif path.is_dir():
-            base, files = path, sorted(p for p in path.rglob("*.parquet") if p.is_file())
+            base = path
+            files = sorted(
+                p for p in path.rglob("*.parquet") if p.is_file() and _listed(p.relative_to(base).as_posix())
+            )
         elif _has_glob(pattern):
             base = Path(_glob_base(pattern) or ".")
             files = [Path(f) for f in sorted(glob.glob(pattern, recursive=True)) if Path(f).is_file()]
@@ -154,6 +173,9 @@ def find_files(prompts: str) -> tuple[Storage, list[tuple[str, str]]]:
         root = os.path.abspath(base)
         storage = LocalStorage(root)
         found = [(Path(os.path.relpath(os.path.abspath(f), root)).as_posix(),) * 2 for f in files]
+        if out and not is_s3(out) and not path.is_file():
+            mine = os.path.abspath(os.path.expanduser(out))
+            found = [(k, n) for k, n in found if not _inside(os.path.join(root, k), mine)]
     if not found:
         raise InputError(f"prompts: {prompts}: no Parquet files found")
     return storage, found
@@ -211,7 +233,7 @@ def image_count(value, default: int) -> int:
 def plan(config: JobConfig) -> Plan:
     """Find and check the inputs, and count the images: everything that can fail before a model loads."""
     try:
-        storage, files = find_files(config.prompts)
+        storage, files = find_files(config.prompts, config.out)
     except StorageError as e:
         raise InputError(f"prompts: {e}") from None
     sources, extra_fields = [], {}

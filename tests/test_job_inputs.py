@@ -55,6 +55,21 @@ def test_find_files_local(tmp_path):
         find_files(str(tmp_path / "in/*.csv"))
 
 
+def test_a_folder_leaves_out_hidden_and_underscore_files_and_the_jobs_own_output(tmp_path):
+    """A notebook's checkpoint copy, Spark's `_temporary/`, a hidden file, and the manifests of an output placed inside
+    the prompts folder would each be read as prompts (without ids: rendered again under new ids; with them: a
+    duplicate id that refuses every rerun)."""
+    for name in ("a.parquet", ".ipynb_checkpoints/a-checkpoint.parquet", "_temporary/0/part.parquet", ".b.parquet",
+                 "out/manifests/part-r1-000000.parquet", "outer/c.parquet"):  # fmt: skip
+        write(tmp_path / "in" / name, prompt=["x"])
+    _, found = find_files(str(tmp_path / "in"), out=str(tmp_path / "in/out"))
+    assert [name for _, name in found] == ["a.parquet", "outer/c.parquet"]
+    _, found = find_files(str(tmp_path / "in"), out=str(tmp_path / "in/out/"))
+    assert [name for _, name in found] == ["a.parquet", "outer/c.parquet"]
+    manifest = "in/out/manifests/part-r1-000000.parquet"  # named as the input, a file is read wherever it is
+    assert find_files(str(tmp_path / manifest), out=str(tmp_path / "in/out"))[1] == [("part-r1-000000.parquet",) * 2]
+
+
 def test_find_files_reads_links_where_they_appear_expands_home_in_globs_and_takes_existing_names_literally(
     tmp_path, monkeypatch
 ):
@@ -86,17 +101,18 @@ def test_find_files_and_plan_on_s3(s3_bucket, tmp_path):
 
     storage = open_storage(f"s3://{s3_bucket}")
     files = [("run/a.parquet", ["x", "y"]), ("run/b/c.parquet", ["z"]), ("other/d.parquet", ["w"])]
-    for key, prompts in files + [("v[2]/e.parquet", ["v"])]:
+    left_out = [("run/_temporary/f.parquet", ["t"]), ("run/.g.parquet", ["h"]), ("run/out/manifests/p.parquet", ["m"])]
+    for key, prompts in files + left_out + [("v[2]/e.parquet", ["v"])]:
         buf = io.BytesIO()
         pq.write_table(pa.table({"prompt": prompts}), buf)
         storage.put(key, buf.getvalue())
-    _, found = find_files(f"s3://{s3_bucket}/run")
-    assert [name for _, name in found] == ["a.parquet", "b/c.parquet"]
+    _, found = find_files(f"s3://{s3_bucket}/run", out=f"s3://{s3_bucket}/run/out/")
+    assert [name for _, name in found] == ["a.parquet", "b/c.parquet"]  # no hidden files, none of the output's
     _, found = find_files(f"s3://{s3_bucket}/run/*.parquet")
     assert [name for _, name in found] == ["a.parquet"]
     _, found = find_files(f"s3://{s3_bucket}/v[2]/e.parquet")  # an existing key is taken as it is, not as a glob
     assert found == [("v[2]/e.parquet", "e.parquet")]
-    p = plan(config(f"s3://{s3_bucket}/run/"))
+    p = plan(config(f"s3://{s3_bucket}/run/", out=f"s3://{s3_bucket}/run/out"))
     assert (p.rows, p.images) == (3, 3)
     with pytest.raises(InputError, match="no Parquet files"):
         plan(config(f"s3://{s3_bucket}/nothing-here"))
