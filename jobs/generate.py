@@ -336,6 +336,10 @@ def run(config) -> int:
             if unusable is not None:  # a rerun would fail the same way: exit 3, as when the driver's check finds it
                 log(f"error: the model cannot be loaded on a node: {unusable}")
                 return EXIT_MODEL
+            damaged = raised(e, inputs.InputError)
+            if damaged is not None:  # a damaged input file, found as it is read: so would a rerun be, until replaced
+                log(f"error: {damaged}; the images stored so far are kept: after that, rerun the same command")
+                return EXIT_INPUT
             log(f"error: the job stopped: {failure(e)}")
             log(resume_hint(config))
             return EXIT_INCOMPLETE
@@ -391,10 +395,12 @@ def raised(e: BaseException, kind: type) -> str | None:
     the text of Ray's report. None when there is none."""
     import re
 
-    if isinstance(e, kind):
-        return str(e)
+    # Ray's error can also be an instance of `kind` (a RayTaskError subclasses the task's error) whose text is the
+    # whole report: the line that names the error first.
     found = re.findall(rf"^{kind.__module__}\.{kind.__name__}: (.+)$", str(e), flags=re.MULTILINE)
-    return found[-1] if found else None
+    if found:
+        return found[-1]
+    return str(e) if isinstance(e, kind) else None
 
 
 REFUSED_HINT = "the storage refused it; check the bucket, the endpoint, the region and the credentials"

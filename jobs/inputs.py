@@ -250,7 +250,12 @@ def plan(config: JobConfig) -> Plan:
             groups.append((first, n))
             first += n
         sources.append(Source(storage, key, name, tuple(groups)))
-        ids, counts = _ids_and_counts(pf, name, first, config.num_images)
+        try:
+            ids, counts = _ids_and_counts(pf, name, first, config.num_images)
+        except UnicodeDecodeError:
+            raise InputError(f"prompts: {where}: {_not_text(pf.read(columns=['id']), 'id')}") from None
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"prompts: {where}: {unreadable(e)}") from None
         image_ids.append(hashes((i, k) for i, c in zip(ids, counts) for k in range(c)))
         rows += first
         images += sum(counts)
@@ -314,6 +319,52 @@ def _carried_type(t: pa.DataType) -> pa.DataType:
 
 
 ID_COLUMNS = ("id", "num_images")
+
+
+def unreadable(e: BaseException) -> str:
+    said = " ".join(str(e).split())  # one line: pyarrow's messages can hold several
+    return f"the file cannot be read ({type(e).__name__}: {said}); it is damaged: replace it"
+
+
+class NotText(bytes):
+    """A text value whose bytes are not UTF-8 (web-scraped captions can hold such): its row becomes an error row,
+    where decoding would have refused the whole table it came in."""
+
+
+def _values(column: pa.ChunkedArray) -> list:
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:  # one value at a time, only for a column that holds such a value
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            raw = column.cast(pa.large_binary()).to_pylist()  # the same bytes, not checked
+            return [None if v is None else _text(v) for v in raw]
+        return [_scalar(column, i) for i in range(len(column))]
+
+
+def _text(data: bytes) -> str | NotText:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return NotText(data)
+
+
+def _scalar(column: pa.ChunkedArray, i: int):
+    try:
+        return column[i].as_py()
+    except UnicodeDecodeError:
+        return NotText(b"")
+
+
+def table_rows(table: pa.Table) -> list[dict]:
+    """`table.to_pylist()`, with a `NotText` for each text value that is not UTF-8 (to_pylist refuses the table)."""
+    columns = [_values(c) for c in table.columns]
+    return [dict(zip(table.column_names, values)) for values in zip(*columns)]
+
+
+def _not_text(table: pa.Table, column: str) -> str:
+    """The message for a column whose values are not all UTF-8: which row is the first such."""
+    row = next(r for r, v in enumerate(_values(table.column(column))) if isinstance(v, NotText))
+    return f"column {column!r}, row {row}: not UTF-8 text; ids must be text"
 
 
 def _ids_and_counts(pf: pq.ParquetFile, name: str, rows: int, default: int) -> tuple[list[str], list[int]]:
@@ -418,6 +469,9 @@ def expand_row(row: dict, source: str, index: int, config: JobConfig, geometry: 
     raw_count = row.get("num_images")
     count = image_count(raw_count, config.num_images)
     try:
+        for name, value in row.items():
+            if isinstance(value, NotText):
+                raise ValueError(f"{name}: not UTF-8 text")
         prompt = row.get("prompt")
         if prompt is None:
             raise ValueError("prompt: missing (null)")
@@ -436,7 +490,10 @@ def expand_row(row: dict, source: str, index: int, config: JobConfig, geometry: 
         if row_seed is not None and not 0 <= row_seed <= MAX_SEED:
             raise ValueError(f"seed: {row_seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
     except (ValueError, TypeError, OverflowError) as e:
-        return [{**base, "image_index": k, "prompt": row.get("prompt"), "error": str(e)} for k in range(count)]
+        prompt = row.get("prompt")
+        if isinstance(prompt, NotText):
+            prompt = None
+        return [{**base, "image_index": k, "prompt": prompt, "error": str(e)} for k in range(count)]
     images = []
     for k in range(count):
         seed = image_seed(row_seed, config.seed, id_, k)
@@ -500,13 +557,19 @@ def read_fragments(
     def images() -> Iterator[dict]:
         for item in items.to_pylist():
             source = sources[item["source"]]
-            table = read_rows(source.open(), item["row_group"], item["start"], item["stop"])
-            for offset, row in enumerate(table.to_pylist()):
+            try:
+                table = read_rows(source.open(), item["row_group"], item["start"], item["stop"])
+            except (pa.ArrowException, OSError) as e:  # a damaged page, found only now: the plan reads footers
+                first = item["first_row"]
+                where = f"{source.storage.location(source.key)} rows {first} to {first + item['stop'] - item['start']}"
+                raise InputError(f"prompts: {where}: {unreadable(e)}") from None
+            for offset, row in enumerate(table_rows(table)):
                 for image in expand_row(row, source.name, item["first_row"] + offset, config, geometry):
                     if contains(done, image_hash(image["id"], image["image_index"])):
                         continue
                     for out_name, in_name in carried:
-                        image[out_name] = row.get(in_name)
+                        value = row.get(in_name)
+                        image[out_name] = None if isinstance(value, NotText) else value
                     yield image
 
     unit = batch_unit(config.prior_pool.batch_size, config.decoder_pool.batch_size)

@@ -250,6 +250,55 @@ def test_read_fragments_skips_done_images_and_carries_extra_columns(tmp_path):
     assert segments(p.sources, 100) == [[{"source": 0, "row_group": 0, "first_row": 0, "start": 0, "stop": 3}]]
 
 
+def _not_utf8(*values: bytes) -> pa.Array:
+    """A string array holding these bytes as they are (pyarrow checks UTF-8 only as it decodes)."""
+    offsets = np.cumsum([0, *map(len, values)]).astype(np.int32)
+    return pa.Array.from_buffers(
+        pa.string(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))]
+    )
+
+
+def test_text_that_is_not_utf8_is_an_error_row_of_its_own_and_an_id_so_refuses_the_file(tmp_path):
+    """Web-scraped captions can hold bytes that are not UTF-8: decoding refused the reader's whole chunk, and the job
+    stopped with a traceback at every rerun."""
+    table = pa.table(
+        {
+            "prompt": _not_utf8(b"a cat", b"caf\xe9 au lait", b"a dog"),
+            "id": ["i0", "i1", "i2"],
+            "caption": _not_utf8(b"ok", b"ok", b"\xff"),  # an extra column, carried
+        }
+    )
+    pq.write_table(table, tmp_path / "p.parquet")
+    c = config(tmp_path / "p.parquet")
+    p = plan(c)
+    chunk = pa.Table.from_pylist(segments(p.sources, 100)[0])
+    rows = pa.concat_tables(read_fragments(chunk, p.sources, c, p.extra, np.zeros(0, np.uint64))).to_pylist()
+    assert [(r["id"], r["error"], r["prompt"], r["caption"]) for r in rows] == [
+        ("i0", None, "a cat", "ok"),
+        ("i1", "prompt: not UTF-8 text", None, "ok"),
+        ("i2", "caption: not UTF-8 text", "a dog", None),
+    ]
+    pq.write_table(pa.table({"prompt": ["a", "b"], "id": _not_utf8(b"i0", b"\xc3(")}), tmp_path / "p.parquet")
+    with pytest.raises(InputError, match=r"p.parquet: column 'id', row 1: not UTF-8 text; ids must be text"):
+        plan(c)
+
+
+def test_a_damaged_page_is_named_as_it_is_read(tmp_path):
+    """The plan reads footers and ids; a damaged prompt page is found by the reader, which names the file and rows
+    (the job then exits 2, tests/test_job_local.py)."""
+    write(tmp_path / "p.parquet", prompt=[f"a red circle {i} " * 5 for i in range(50)], id=[f"d{i}" for i in range(50)])
+    data = bytearray((tmp_path / "p.parquet").read_bytes())
+    chunk = pq.ParquetFile(tmp_path / "p.parquet").metadata.row_group(0).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data[start : start + 12] = b"\xff" * 12  # the prompt column's first page header
+    (tmp_path / "p.parquet").write_bytes(bytes(data))
+    c = config(tmp_path / "p.parquet")
+    p = plan(c)
+    items = pa.Table.from_pylist(segments(p.sources, 100)[0])
+    with pytest.raises(InputError, match=r"p.parquet rows 0 to 50: the file cannot be read \(OSError: .*damaged"):
+        list(read_fragments(items, p.sources, c, p.extra, np.zeros(0, np.uint64)))
+
+
 def test_missing_bucket_and_empty_file_are_named(s3_bucket, tmp_path):
     with pytest.raises(InputError, match="s3://no-such-bucket-here"):
         plan(config("s3://no-such-bucket-here/prompts.parquet"))

@@ -248,6 +248,29 @@ def test_a_model_that_fails_to_load_on_a_node_exits_3_naming_it(tmp_path, capsys
     assert "error: the model cannot be loaded on a node: " in err and "text encoder could not be loaded" in err
 
 
+def test_a_damaged_input_file_found_as_it_is_read_exits_2_naming_it_and_a_rerun_after_replacing_it_resumes(
+    tmp_path, capsys
+):
+    """The plan reads footers and ids only, so a damaged prompt page is found by a read task, mid-job: exit 2 with
+    the file and rows named (not 1 and "rerun to resume", which would meet it again); what was stored is kept."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(prompts_table(2, id=["a0", "a1"]), tmp_path / "in/a.parquet")
+    table = prompts_table(40, id=[f"b{i}" for i in range(40)])
+    pq.write_table(table, tmp_path / "in/b.parquet")
+    data = bytearray((tmp_path / "in/b.parquet").read_bytes())
+    chunk = pq.ParquetFile(tmp_path / "in/b.parquet").metadata.row_group(0).column(0)  # the prompts
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data[start : start + 12] = b"\xff" * 12
+    (tmp_path / "in/b.parquet").write_bytes(bytes(data))
+    assert run_job(tmp_path / "in", tmp_path / "out", "--no-report") == 2
+    err = capsys.readouterr().err
+    assert f"error: prompts: {tmp_path / 'in/b.parquet'} rows 0 to 40: the file cannot be read (OSError: " in err
+    assert "it is damaged: replace it; the images stored so far are kept" in err
+    pq.write_table(table, tmp_path / "in/b.parquet")
+    assert run_job(tmp_path / "in", tmp_path / "out", "--no-report") == 0
+    check_output(LocalStorage(tmp_path / "out"), 42)
+
+
 def test_writers_that_no_node_can_run_stop_the_job_naming_writer_cpus(s3_bucket, tmp_path, capsys):
     """The writer tasks need `writer_cpus` beside the actors; asking for more than any node has would leave the
     stream stopped at its last stage. The node watch says so and stops the job (exit 1) after node_wait_seconds.
