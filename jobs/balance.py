@@ -129,7 +129,7 @@ def measured_seconds(table) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.balance", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jobs.balance", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--run", required=True, help="a run's output (local folder or s3:// prefix) with its manifests")
     p.add_argument("--gpus", type=int, required=True, help="the GPUs the pools will share")
     p.add_argument(

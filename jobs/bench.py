@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m jobs.bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=_Help,
+        allow_abbrev=False,  # a prefix (--prior-step) is refused, not taken for a flag
     )
     p.add_argument(
         "--model",

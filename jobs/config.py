@@ -194,6 +194,10 @@ REQUIRED_HELP = {
     "prompts": "a Parquet file, a folder of them, a glob or an s3:// URI (required)",
     "out": "where images and manifests go: a local folder or an s3://bucket/prefix (required)",
 }
+EMPTY_HELP = {  # settings whose default is "" (none)
+    "lora": "a LoRA file (python -m cascade.train lora) merged into the models (default: none)",
+    "negative_prompt": "the negative prompt of every row without its own (default: empty)",
+}
 
 
 def validate(c: JobConfig) -> None:
@@ -393,7 +397,11 @@ def load_yaml(path: str | Path) -> dict:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with the nearest known flag suggested for one it does not know (`--prior-stepz`)."""
+    """argparse, with the nearest known flag suggested for one it does not know (`--prior-stepz`), and no flag taken
+    from a prefix of it (argparse would read `--prompt x` as `--prompts x`, and `--seed` as a future `--seed-...`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
         prefix = "unrecognized arguments: "
@@ -415,6 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a YAML file of settings (flags override it)")
     for f in fields(JobConfig):
         if f.name in ("prior_pool", "decoder_pool"):
+            pool = getattr(defaults, f.name)
             for pf in fields(PoolConfig):
                 flag = f"--{f.name}-{pf.name}".replace("_", "-")
                 kind = (
@@ -422,9 +431,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     if pf.name == "resources"
                     else (int if pf.name in POOL_COUNTS else _gpus if pf.name == "gpus" else float)
                 )
-                parser.add_argument(
-                    flag, dest=f"{f.name}.{pf.name}", type=kind, default=None, help=f"{f.name}: {pf.name}"
-                )
+                default = getattr(pool, pf.name)
+                text = f"{f.name}: {pf.name} (default {default!r})" if default != {} else f"{f.name}: {pf.name}"
+                parser.add_argument(flag, dest=f"{f.name}.{pf.name}", type=kind, default=None, help=text)
             continue
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
@@ -436,7 +445,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if default is None:  # the family's choice
                 kind, text = FAMILY_DEFAULTS[f.name], "(default: the model family's)"
             else:
-                kind, text = type(default), f"(default {default!r})" if default != "" else REQUIRED_HELP.get(f.name)
+                kind = type(default)
+                text = f"(default {default!r})" if default != "" else REQUIRED_HELP.get(f.name, EMPTY_HELP.get(f.name))
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
 
 

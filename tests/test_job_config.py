@@ -40,6 +40,9 @@ def test_pool_resources_flag_takes_json():
         ("--prior-stepz", "3", "unrecognized arguments: --prior-stepz (did you mean --prior-steps?) 3"),
         ("--decoder-pool-batchsize", "2", "--decoder-pool-batchsize (did you mean --decoder-pool-batch-size?) 2"),
         ("--bogus", "2", "unrecognized arguments: --bogus 2\n"),  # nothing near: no guess
+        # A prefix of a flag is not taken for it (argparse's default): it would silently set a setting not named.
+        ("--prior-step", "3", "unrecognized arguments: --prior-step (did you mean --prior-steps?) 3"),
+        ("--negative", "x", "unrecognized arguments: --negative (did you mean --negative-prompt?) x"),
     ],
 )
 def test_flags_that_do_not_parse_say_what_is_allowed(flag, value, message, capsys):

@@ -34,11 +34,14 @@ class _WithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cascade.train", description=__doc__.split("\n\n")[0])
+    # No flag taken from a prefix of it (argparse's default): `--step 5` would set --steps, say, unasked.
+    p = argparse.ArgumentParser(
+        prog="python -m cascade.train", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("all", *(s.replace("_", "-") for s in STAGES)):
         what = "every stage not yet trained, as their inputs are ready (--jobs at once)"
-        s = sub.add_parser(name, help=what if name == "all" else f"train {name} only")
+        s = sub.add_parser(name, help=what if name == "all" else f"train {name} only", allow_abbrev=False)
         s.add_argument("--out", type=Path, default=Path("runs/demo"), help="the family folder (default runs/demo)")
         s.add_argument("--recipe", type=Path, help="a recipe JSON (as family.json's 'recipe'); default the built-in")
         s.add_argument("--images", type=int, help="training images (default 8000)")
@@ -57,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="stages trained at once, each in its own process on cores/N threads as its inputs "
                            "are ready (default 2 where there are 2 cores or more; 1: one after another)")  # fmt: skip
     defaults = _WithDefaults
-    e = sub.add_parser("eval", help="judge a trained family with the independent checker", formatter_class=defaults)
+    e = sub.add_parser(
+        "eval", help="judge a trained family with the independent checker", formatter_class=defaults, allow_abbrev=False
+    )
     e.add_argument("--model", default="runs/demo", help="a family folder, or a built-in model (demo)")
     e.add_argument("--out", type=Path, help="where eval.json and the contact sheet go (default MODEL/eval, or "
                    "runs/eval-NAME for a built-in model)")  # fmt: skip
@@ -68,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="which prompts and image noise (each seed its own)")
     e.add_argument("--checker-seed", type=int, default=0, help="the judge's training seed (0: the shipped judge)")
     what = 'train a LoRA that teaches "[zorp]" (a new shape) to a family, and measure it'
-    lo = sub.add_parser("lora", help=what, formatter_class=defaults)
+    lo = sub.add_parser("lora", help=what, formatter_class=defaults, allow_abbrev=False)
     lo.add_argument("--model", default="runs/demo", help="a family folder, or a built-in model")
     lo.add_argument("--out", type=Path, default=Path("runs/zorp.safetensors"), help="the LoRA file to write")
     lo.add_argument("--steps", type=int, default=2000, help="training steps")
