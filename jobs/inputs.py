@@ -49,6 +49,7 @@ PARAMETERS = {
     "prior_cfg": NUMBER,
     "decoder_steps": INTEGER,
     "decoder_cfg": NUMBER,
+    "sampler": STRING,
 }
 # Every column the pipeline itself sets on a row, in the manifest or on the way to it (the stages' latents and pixels);
 # an input column of the same name is renamed input_<name>, so that it neither overwrites nor is overwritten.
@@ -481,10 +482,11 @@ def expand_row(row: dict, source: str, index: int, config: JobConfig, geometry: 
         if given and count == 1 and raw_count != 1:
             raise ValueError(f"num_images: {raw_count!r} is not allowed; use an integer from 1 to {MAX_NUM_IMAGES}")
         negative = row.get("negative_prompt")
+        sampler = config.sampler if row.get("sampler") is None else row["sampler"]
         values = {
             name: _number(name, row.get(name), getattr(config, name), kind == INTEGER)
             for name, kind in PARAMETERS.items()
-            if name not in ("negative_prompt", "seed", "num_images")
+            if kind != STRING and name not in ("seed", "num_images")
         }
         row_seed = _number("seed", row.get("seed"), None, True)
         if row_seed is not None and not 0 <= row_seed <= MAX_SEED:
@@ -501,7 +503,7 @@ def expand_row(row: dict, source: str, index: int, config: JobConfig, geometry: 
             prompt=prompt,
             negative_prompt=config.negative_prompt if negative is None else negative,
             seed=seed,
-            sampler=config.sampler,
+            sampler=sampler,
             **values,
         )
         image = {**base, **request.__dict__, "image_index": k, "key": None, "error": None}

@@ -163,6 +163,8 @@ def test_expand_row_ids_seeds_and_defaults():
         (101, 512, 256, None),
     ]
     assert given[0]["key"] == image_key("cat", 0, "png") == "images/" + given[0]["key"].split("/", 1)[1]
+    assert given[0]["sampler"] == "ddpm"  # the job's
+    assert expand_row({"prompt": "a", "sampler": "ddim"}, "p", 0, c)[0]["sampler"] == "ddim"  # the row's own
 
 
 @pytest.mark.parametrize(
@@ -180,6 +182,7 @@ def test_expand_row_ids_seeds_and_defaults():
         ({"prompt": "a", "num_images": 0}, "num_images: 0 is not allowed"),
         ({"prompt": "a", "num_images": 10**9}, "num_images: 1000000000 is not allowed"),
         ({"prompt": "a", "width": 256.5}, "width: 256.5 is not allowed; use an integer"),
+        ({"prompt": "a", "sampler": "euler"}, "sampler: 'euler' is not known; allowed are ['ddim', 'ddpm']"),
     ],
 )
 def test_bad_rows_become_an_error_row_per_image_they_ask_for(row, message):
