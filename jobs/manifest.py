@@ -110,6 +110,7 @@ class Previous:
     stale_keys: list[str]  # objects to remove before rendering again: bad ones (size, sha256), shards no row names
     drop: dict[str, list[int]]  # manifest part -> rows to remove, because their image is rendered again
     settings: list[dict] = field(default_factory=list)  # the image settings of the runs that made this input's rows
+    repeated: int = 0  # rows dropped as an image's second row (two runs wrote the output at once)
 
 
 # Resume plans on the driver over every stored image (millions, for a dataset), so it works on arrays: per image a
@@ -169,9 +170,9 @@ _NUMBERS = {"part": np.int32, "index": np.int32, "hash": np.uint64, "ok": bool, 
 
 
 def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, verify: bool, listed: pa.Array):
-    """This input's rows of every part (rows of other inputs are left as they are), which `listed` objects any row of
-    any input names (a bool per object, and one more, never set), and the image settings recorded by the parts that
-    hold this input's rows."""
+    """This input's rows of every part (rows of other inputs are left as they are), where in `listed` the objects
+    the other inputs' rows name are (-1: none), and the image settings recorded by the parts that hold this input's
+    rows."""
     columns = ["id", "image_index", "status", "key", "bytes", "member"] + (["sha256"] if verify else [])
     got: dict[str, list] = {f: [] for f in ("part", "index", "hash", "ok", "image", "bytes", "checks", "mine")}
     all_keys, settings = [], set()
@@ -204,14 +205,23 @@ def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, ver
     # Every row's key looked up in the listing at once (one hash table of the listing, not one per part); the keys
     # themselves are not needed after this.
     at = pc.index_in(pa.chunked_array(all_keys, KEY), value_set=listed).fill_null(-1).to_numpy()
-    named = np.zeros(len(listed) + 1, dtype=bool)
-    named[at] = True  # (at -1 sets the last, which stands for "not listed")
+    mine = np.concatenate(got["mine"]) if got["mine"] else np.zeros(0, bool)
     rows = _Rows(
         **{f: np.concatenate(got[f]) if got[f] else np.zeros(0, t) for f, t in _NUMBERS.items()},
-        at=at[np.concatenate(got["mine"])] if got["mine"] else np.zeros(0, np.int64),
+        at=at[mine],
         checks=pa.concat_tables(got["checks"]) if got["checks"] else None,
     )
-    return rows, named, [json.loads(s) for s in sorted(settings)]
+    return rows, at[~mine], [json.loads(s) for s in sorted(settings)]
+
+
+def _repeated(hashes_: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """A bool per row: a second (or later) row of one image, of the lowest `rank` first. Two runs writing one output
+    at once (unsupported, but a double submit happens) each write a row for every image."""
+    order = np.lexsort((rank, hashes_))
+    sorted_ = hashes_[order]
+    repeated = np.zeros(len(hashes_), dtype=bool)
+    repeated[order[1:][sorted_[1:] == sorted_[:-1]]] = True
+    return repeated
 
 
 def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, verify: bool = False) -> Previous:
@@ -223,7 +233,7 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     listed = pa.concat_tables([listing(storage, d, unnamed=strays) for d in ("images", "shards")]).combine_chunks()
     if not parts and not listed.num_rows and not strays:
         return previous
-    rows, named, previous.settings = _manifest_rows(storage, parts, expected, verify, listed.column("key"))
+    rows, others, previous.settings = _manifest_rows(storage, parts, expected, verify, listed.column("key"))
     at = rows.at
     there = at >= 0
     sizes = np.append(listed.column("size").to_numpy(), -1)[at]  # (at -1 reads the -1 put after the listing)
@@ -237,11 +247,15 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
         bad[pc.index_in(pa.array(list(found), KEY), value_set=listed.column("key")).fill_null(-1).to_numpy()] = True
     # Every row of a bad key is rendered again: a shard with one bad member goes whole.
     redo = rows.ok & (~there | bad[at])
-    good = rows.ok & ~redo
-    failed = ~rows.ok
+    # One row per image is kept, a good one where there is one: the others are dropped.
+    repeated = _repeated(rows.hash, np.where(redo, 2, np.where(rows.ok, 0, 1)))
+    redo &= ~repeated
+    good = rows.ok & ~redo & ~repeated
+    failed = ~rows.ok & ~repeated
+    previous.repeated = int(repeated.sum())
     previous.ok, previous.missing = int(good.sum()), int(redo.sum())
     previous.errors = 0 if retry_errors else int(failed.sum())
-    drop = redo | failed if retry_errors else redo
+    drop = (redo | failed if retry_errors else redo) | repeated
     order = np.argsort(rows.part[drop], kind="stable")  # by part, each part's rows in their order
     dropped_parts, dropped_rows = rows.part[drop][order], rows.index[drop][order]
     starts = np.flatnonzero(np.diff(dropped_parts, prepend=-1))
@@ -254,6 +268,9 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     # (a new seed, size or prompt), so it is rendered again, not adopted: adopted, its row would describe this run's
     # request beside another run's pixels. A shard's images would also go into a shard of another key (it depends on
     # the batch they fall in), leaving the old one unreferenced, duplicating them.
+    named = np.zeros(listed.num_rows + 1, dtype=bool)
+    named[others] = True  # (at -1 sets the last, which stands for "not listed")
+    named[at[~repeated]] = True
     stale = bad[:-1] | ~named[:-1]
     previous.stale_keys = sorted(set(listed.column("key").filter(pa.array(stale)).to_pylist()) | set(strays))
     return previous

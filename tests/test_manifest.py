@@ -139,6 +139,27 @@ def test_a_shard_goes_whole_when_any_member_is_bad_and_orphan_shards_are_removed
     assert verified.stale_keys == ["shards/orphan.tar", "shards/tampered.tar"]
 
 
+def test_an_image_with_two_rows_keeps_one_and_a_shard_only_dropped_rows_name_goes(tmp_path):
+    """Two runs on one output at once each write a row per image (and, with shards, each its own shard): the resume
+    keeps one row per image, a good one where there is one, and deletes what only the dropped rows named."""
+    s = LocalStorage(tmp_path)
+    first = _shard(s, "first", {"a.png": b"aa", "b.png": b"bb"}, ["a", "b"])
+    second = _shard(s, "second", {"a.png": b"aa", "b.png": b"bb"}, ["a", "b"])
+    error, c = _image(s, "c", b"", "error"), _image(s, "c", b"cc")  # an error row beside an ok one
+    lost = _image(s, "d", b"dd")
+    s.delete([lost["key"]])
+    parts = [_part(s, "r1-000000", [*first, error, lost]), _part(s, "r2-000000", [*second, c, lost])]
+    previous = previous_work(s, _hashes("a", "b", "c", "d"), retry_errors=False)
+    assert (previous.ok, previous.errors, previous.missing, previous.repeated) == (3, 0, 1, 4)
+    np.testing.assert_array_equal(previous.done, _hashes("a", "b", "c"))
+    assert previous.drop == {parts[0]: [2, 3], parts[1]: [0, 1, 3]}  # the first shard's rows stay, and c's ok row
+    assert previous.stale_keys == ["shards/second.tar"]
+    drop_rows(s, previous.drop)
+    s.delete(previous.stale_keys)
+    again = previous_work(s, _hashes("a", "b", "c", "d"), retry_errors=False)
+    assert (again.ok, again.missing, again.repeated, again.drop, again.stale_keys) == (3, 0, 0, {}, [])
+
+
 def test_a_truncated_shard_fails_verification(tmp_path):
     s = LocalStorage(tmp_path)
     rows = _shard(s, "cut", {"a.png": b"a" * 2000, "b.png": b"b" * 2000}, ["a", "b"])
