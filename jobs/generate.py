@@ -252,7 +252,7 @@ def run(config) -> int:
     from cascade.weights import WeightsError
     from workers.storage import StorageError, StorageRefused, open_storage
 
-    from . import heap, inputs, manifest
+    from . import inputs, lease, manifest
 
     started = time.time()
     made_by = versions()  # at the start: nothing at the end of a long job should depend on the environment
@@ -275,6 +275,32 @@ def run(config) -> int:
         except LocalPathError as e:
             log(f"error: {e}")
             return EXIT_INPUT
+    run_id = manifest.new_run_id()
+    try:  # before anything in the output changes: one run at a time per output
+        # A read first: some S3-compatible servers (SeaweedFS) create a missing bucket on a write, where it must be
+        # refused as a configuration error.
+        manifest.manifest_keys(out)
+        held = lease.take(out, run_id, log)
+    except lease.LeaseHeld as e:
+        log(f"error: --out: {e}")
+        return EXIT_INPUT
+    except StorageRefused as e:  # before any work: a configuration error, which a rerun as it is would meet again
+        log(f"error: --out: {e}: {REFUSED_HINT}")
+        return EXIT_INPUT
+    except StorageError as e:
+        log(f"error: {e}")
+        log(resume_hint(config))
+        return EXIT_INCOMPLETE
+    with held:
+        return render(config, plan, geometry, out, run_id, started, made_by)
+
+
+def render(config, plan, geometry, out, run_id: str, started: float, made_by: dict) -> int:
+    """The run, once it holds the output's lease: resume planning, the stream, the manifests and _SUCCESS."""
+    from workers.storage import StorageError, StorageRefused
+
+    from . import heap, inputs, manifest
+
     try:
         if config.overwrite:
             log(f"--overwrite: removed {manifest.clear_outputs(out)} earlier output files")
@@ -300,6 +326,11 @@ def run(config) -> int:
             f"resuming: {previous.ok} images done and {previous.errors} errors recorded by earlier runs; "
             f"{previous.missing} recorded images missing from storage (or changed) will be rendered again"
         )
+    if previous.repeated:
+        log(
+            f"warning: removed {previous.repeated} manifest rows that were an image's second row, one row kept per "
+            "image: two runs wrote this output at once? Run one job per output (they would render each image twice)"
+        )
     changes = manifest.settings_changes(previous.settings, config.image_settings())
     if changes:
         log(
@@ -313,7 +344,6 @@ def run(config) -> int:
 
     if config.dry_run:
         log("dry run: no model maths; zero latents and grey images of the requested sizes")
-    run_id = manifest.new_run_id()
     writer = manifest.ManifestWriter(
         out, run_id, config.manifest_rows, config.manifest_seconds, settings=config.image_settings()
     )

@@ -229,6 +229,21 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, capsys):
     assert read_manifests(LocalStorage(tmp_path / "out")) is None
 
 
+def test_a_second_run_on_an_output_a_run_is_writing_stops_before_changing_it(tmp_path, capsys):
+    from jobs.lease import take
+
+    pq.write_table(prompts_table(2), tmp_path / "p.parquet")
+    out = LocalStorage(tmp_path / "out")
+    with take(out, "20261129T000000Z-abcdef", print):  # the first run, alive in this process
+        assert run_job(tmp_path / "p.parquet", out.root, "--overwrite") == 2
+        assert [k for k, _ in out.list()] == ["_LEASE"]  # nothing else written, nothing deleted
+    err = capsys.readouterr().err
+    assert "error: --out: another run is writing to this output: run 20261129T000000Z-abcdef (host " in err
+    assert run_job(tmp_path / "p.parquet", out.root, "--no-report") == 0  # the lease went with the first run
+    assert not out.exists("_LEASE")
+    check_output(out, 2)
+
+
 def test_a_model_that_fails_to_load_on_a_node_exits_3_naming_it(tmp_path, capsys):
     """The driver checks the stages' files and that a text encoder is there before Ray starts; one whose weights are
     gone is found only by the Stage C actor loading it. The job says so and exits 3 (a rerun would fail alike), not

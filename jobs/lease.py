@@ -1,0 +1,187 @@
+"""One run at a time per output: a lease object (`_LEASE`) that the running job renews and deletes at its end.
+
+Two runs on one output (a double `ray job submit`, a retried pipeline step) would each render every image, and each
+end with a `_SUCCESS` over manifests that hold two rows per image (the next resume keeps one, but the work was done
+twice). So a run takes the lease before it changes anything in the output, renews it every `renew` seconds while it
+runs, and deletes it at the end, whatever the ending. A lease whose run was killed goes stale: at once when it names
+a process of this host that no longer exists (a rerun on the same machine, or the same head node, after a crash),
+else when it has not been renewed for `stale` seconds (the two hosts' clocks are compared; NTP keeps them far
+closer than that). A run that finds a lease waits to see whether it is renewed: if it is, another run is writing and
+this one stops (exit 2); if not, it takes the lease over.
+
+The lease is created with a conditional write, so of two runs that start together one gets it. Taking over a stale
+lease is a plain write, then a second read after `settle` seconds: of two runs taking it over together, the one whose
+write did not last sees the other's and waits again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from workers.storage import Storage, StorageError
+
+LEASE = "_LEASE"
+RENEW_SECONDS = 15.0
+STALE_SECONDS = 60.0
+
+
+class LeaseHeld(RuntimeError):
+    """Another run is writing to the output."""
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a pid reused by another process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]  # state, then starttime (the stat fields 3 and 22)
+
+
+def _gone_here(holder: dict) -> bool:
+    """Whether the lease names a process of this host that no longer runs (or has become another process)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process: it runs
+        pass
+    if os.path.exists("/proc/self/stat"):
+        return _process_start(holder["pid"]) != holder.get("process_start")
+    return False
+
+
+def describe(holder: dict) -> str:
+    where = f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
+    return f"run {holder.get('run_id')} ({where})"
+
+
+class Lease:
+    """The lease this run holds; a context manager that renews it in a thread and deletes it on exit."""
+
+    def __init__(self, storage: Storage, body: dict, renew: float, log: Callable[[str], None]):
+        self.storage, self.body, self.renew, self.log = storage, body, renew, log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renewing, name="output-lease", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            if (read(self.storage) or {}).get("run_id") == self.body["run_id"]:
+                self.storage.delete([LEASE])
+        except StorageError as e:  # it goes stale by itself
+            self.log(f"warning: the output's lease could not be deleted ({e}); the next run waits for it to go stale")
+
+    def _renewing(self) -> None:
+        warned = False
+        while not self._stop.wait(self.renew):
+            try:
+                holder = read(self.storage)
+                if holder is not None and holder.get("run_id") != self.body["run_id"]:
+                    if not warned:  # this run went unrenewed past `stale` (a paused process) and was taken over
+                        self.log(f"warning: the output's lease was taken over by {describe(holder)}")
+                        warned = True
+                    continue
+                self.body["renewed"] = time.time()
+                write(self.storage, self.body)
+            except StorageError:  # an outage: the next renewal tries again; the job's own writes will say more
+                pass
+
+
+def read(storage: Storage) -> dict | None:
+    """The lease's holder; None when there is no lease. An unreadable lease reads as one renewed long ago."""
+    try:
+        data = storage.get(LEASE)
+    except StorageError:
+        if storage.exists(LEASE):
+            raise
+        return None
+    try:
+        holder = json.loads(data)
+        float(holder["renewed"])
+        return holder
+    except (ValueError, KeyError, TypeError):
+        return {"run_id": None, "renewed": 0.0}
+
+
+def write(storage: Storage, body: dict, if_absent: bool = False) -> bool:
+    """Store the lease; with if_absent, only where there is none (False when there was)."""
+    data = json.dumps(body, sort_keys=True).encode()
+    return not storage.put(LEASE, data, if_absent=if_absent, content_type="application/json").existed
+
+
+def take(
+    storage: Storage,
+    run_id: str,
+    log: Callable[[str], None],
+    renew: float = RENEW_SECONDS,
+    stale: float = STALE_SECONDS,
+    settle: float = 2.0,
+) -> Lease:
+    """The output's lease for this run, waiting for a lease that may be stale; LeaseHeld if another run renews its."""
+    body = {
+        "run_id": run_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "process_start": _process_start(os.getpid()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "renewed": time.time(),
+        "renew_seconds": renew,
+    }
+    while True:
+        if write(storage, body, if_absent=True):
+            return Lease(storage, body, renew, log)
+        holder = read(storage)
+        if holder is None:  # released in between
+            continue
+        if not _gone_here(holder):
+            if holder.get("host") == socket.gethostname():  # its process runs: no need to watch it
+                raise LeaseHeld(_held(holder, stale))
+            holder = _watch(storage, holder, stale, log)
+            if holder is None:
+                continue
+        log(f"the output's lease is stale: {describe(holder)} no longer runs; this run takes it over")
+        body["renewed"] = time.time()
+        write(storage, body)
+        time.sleep(settle)
+        if (read(storage) or {}).get("run_id") == run_id:
+            return Lease(storage, body, renew, log)
+
+
+def _watch(storage: Storage, holder: dict, stale: float, log: Callable[[str], None]) -> dict | None:
+    """Wait until the lease of another host's run is renewed (LeaseHeld), released (None) or stale (its holder)."""
+    age = time.time() - float(holder["renewed"])
+    if age <= stale:
+        log(
+            f"the output's lease is held by {describe(holder)}, renewed {age:.0f} s ago: waiting up to "
+            f"{stale - age:.0f} s to see whether that run still renews it"
+        )
+    while time.time() - float(holder["renewed"]) <= stale:
+        time.sleep(min(5.0, max(0.1, float(holder.get("renew_seconds", RENEW_SECONDS)) / 3)))
+        now = read(storage)
+        if now is None:
+            return None
+        if now.get("run_id") != holder.get("run_id") or now.get("renewed") != holder.get("renewed"):
+            raise LeaseHeld(_held(now, stale))
+    return holder
+
+
+def _held(holder: dict, stale: float) -> str:
+    return (
+        f"another run is writing to this output: {describe(holder)}. Two runs on one output would each render every "
+        f"image; wait for it to end, or stop it (a lease whose run was killed goes stale {stale:.0f} s after its last "
+        f"renewal, or at once for a rerun on its host)"
+    )
