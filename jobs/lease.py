@@ -147,6 +147,8 @@ def take(
         holder = read(storage)
         if holder is None:  # released in between
             continue
+        if holder.get("run_id") == run_id:  # this run's own write, whose reply was lost and retried
+            return Lease(storage, body, renew, log)
         if not _gone_here(holder):
             if holder.get("host") == socket.gethostname():  # its process runs: no need to watch it
                 raise LeaseHeld(_held(holder, stale))

@@ -36,6 +36,21 @@ def test_a_second_run_on_this_host_is_refused_while_the_first_runs_and_the_lease
         assert read(storage)["run_id"] == "r3"
 
 
+def test_a_create_whose_reply_was_lost_finds_its_own_lease_and_keeps_it(storage):
+    """The conditional create retried after its reply was lost (a fault the S3 tests inject) meets its own lease."""
+
+    class LostReply(type(storage)):
+        def put(self, key, data, **kw):
+            super().put(key, data, **kw)  # stored; the reply is lost and botocore sends it again
+            return super().put(key, data, **kw)
+
+    lossy = LostReply.__new__(LostReply)
+    lossy.__dict__.update(storage.__dict__)
+    with take(lossy, "mine", print):
+        assert read(storage)["run_id"] == "mine"
+    assert not storage.exists(LEASE)
+
+
 def test_a_lease_of_a_process_of_this_host_that_is_gone_is_taken_over_at_once(storage):
     with take(storage, "killed", print):
         body = read(storage)
