@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             init_images = [Image.open(args.init_image).convert("RGB")] * len(requests)
             digest = hashlib.sha256(args.init_image.read_bytes()).hexdigest()
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:  # (PIL's refusal of a huge image is no OSError)
             print(f"error: --init-image: cannot read {args.init_image}: {e}", file=sys.stderr)
             return 2
         # The image's parameters name what it started from, so that it can be made again.

@@ -85,6 +85,9 @@ def test_cli_img2img(tmp_path, capsys):
     assert "strength" not in Image.open(out).text["parameters"]
     assert main(["x", "--out", str(out), "--init-image", str(tmp_path / "none.png")]) == 2
     assert "--init-image: cannot read" in capsys.readouterr().err
+    Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # 2e8 pixels: PIL refuses it as a decompression bomb
+    assert main(["x", "--out", str(out), "--init-image", str(tmp_path / "bomb.png")]) == 2
+    assert f"error: --init-image: cannot read {tmp_path / 'bomb.png'}: Image size" in capsys.readouterr().err
 
 
 def test_cli_arguments_that_need_no_model_are_checked_before_any_load(tmp_path, capsys, monkeypatch):
