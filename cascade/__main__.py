@@ -93,6 +93,8 @@ def output_paths(out: Path, n: int) -> list[Path]:
 
 def check_arguments(args) -> str | None:
     """What is wrong with the arguments that need no model (the message), or None: checked before any load."""
+    if not args.prompt.strip():  # as the batch job refuses such a row
+        return "prompt: empty; give the text of the image"
     if args.lite and args.weights is None:
         return (
             "--lite picks the lite files of a --weights folder; the built-in random-lite is the lite architecture "

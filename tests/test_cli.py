@@ -127,3 +127,14 @@ def test_cli_names_the_file_and_embeds_the_parameters_in_each_format(tmp_path):
     assert main(["a red circle", "--model", "tiny", "--out", str(tmp_path / "x.jpg"), "--seed", "4", *FAST]) == 0
     image = Image.open(tmp_path / "x.jpg")
     assert image.format == "JPEG" and json.loads(image.getexif()[EXIF_IMAGE_DESCRIPTION])["seed"] == 4
+
+
+def test_cli_refuses_an_empty_prompt_as_the_batch_job_does(tmp_path, capsys, monkeypatch):
+    def no_load(**kw):
+        raise AssertionError("the model loaded for an empty prompt")
+
+    monkeypatch.setitem(cli.BUILTIN_MODELS, "tiny", no_load)
+    for prompt in ["", " \t\n"]:
+        assert main([prompt, "--model", "tiny", "--out", str(tmp_path / "o.png")]) == 2
+        assert "error: prompt: empty; give the text of the image" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
