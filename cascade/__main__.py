@@ -80,6 +80,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# The Request fields this command line sets from a flag of the same name: validate()'s messages start with the field.
+FLAG_FIELDS = ("negative_prompt", "seed", "width", "height", "prior_steps", "prior_cfg", "decoder_steps", "decoder_cfg")
+
+
+def flag_message(message: str) -> str:
+    """validate()'s message with the field it names as this command line's flag ('width: 250 ...' -> '--width: 250
+    ...'), as the CLI's own messages name them; the batch job keeps the field names (its input's columns)."""
+    field, sep, rest = message.partition(": ")
+    return f"--{field.replace('_', '-')}: {rest}" if sep and field in FLAG_FIELDS else message
+
+
 SUFFIXES = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
 
 
@@ -167,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in requests:
             validate(r, geometry)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {flag_message(str(e))}", file=sys.stderr)
         return 2
     init_images, img2img = None, ""
     if args.init_image is not None:

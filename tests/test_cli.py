@@ -33,7 +33,20 @@ def test_cli_num_images_use_consecutive_seeds(tmp_path):
 
 def test_cli_bad_size_exits_2_with_the_rule(tmp_path, capsys):
     assert main(["x", "--out", str(tmp_path / "o.png"), "--width", "1000", "--model", "tiny"]) == 2
-    assert "width: 1000 is not supported; use a multiple of 32 from 256 to 2048" in capsys.readouterr().err
+    assert "error: --width: 1000 is not supported; use a multiple of 32 from 256 to 2048" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_messages_name_the_flag_not_the_request_field(tmp_path, capsys):
+    for argv, message in [
+        (["--height", "250"], "error: --height: 250 is not supported"),
+        (["--prior-steps", "0"], "error: --prior-steps: 0 is not allowed; use an integer from 1 to 1000"),
+        (["--decoder-steps", "1001"], "error: --decoder-steps: 1001 is not allowed"),
+        (["--prior-cfg", "nan"], "error: --prior-cfg: nan is not allowed; use a finite number from 0 to 100"),
+        (["--decoder-cfg", "-1"], "error: --decoder-cfg: -1.0 is not allowed"),
+    ]:
+        assert main(["x", "--out", str(tmp_path / "o.png"), "--model", "tiny", *argv]) == 2, argv
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
 
 
