@@ -190,10 +190,20 @@ def _load_text(text_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype, d
 
     prefer = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
     variant = next((v for v in dict.fromkeys([prefer, None, "bf16", "fp16"]) if exists(v)), None)
+    # The tokenizer first, on its own: a broken one is named as such (not as the text encoder), before GBs load.
+    tokenizer = None
+    if tokenizer_dir is not None:
+        try:
+            tokenizer = _text().CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        except (OSError, ValueError) as e:  # a bad tokenizer_config.json is a JSONDecodeError, a ValueError
+            raise WeightsError(f"{tokenizer_dir}: the tokenizer could not be loaded: {e}") from e
     try:
-        return _text().load_text_encoder(text_dir, tokenizer_dir, dtype=dtype, device=device, variant=variant)
+        encoder = _text().load_text_encoder(text_dir, None, dtype=dtype, device=device, variant=variant)
     except (OSError, ValueError) as e:  # FileNotFoundError included; transformers raises OSError for bad folders
         raise WeightsError(f"{text_dir}: the text encoder could not be loaded: {e}") from e
+    if tokenizer is not None:
+        encoder.tokenizer = tokenizer
+    return encoder
 
 
 def _liven(model: nn.Module, generator: torch.Generator) -> nn.Module:

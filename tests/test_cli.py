@@ -151,3 +151,22 @@ def test_cli_refuses_an_empty_prompt_as_the_batch_job_does(tmp_path, capsys, mon
         assert main([prompt, "--model", "tiny", "--out", str(tmp_path / "o.png")]) == 2
         assert "error: prompt: empty; give the text of the image" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_names_the_tokenizer_folder_when_the_tokenizer_is_broken(tmp_path, capsys):
+    from cascade import save_stage, tiny_models
+    from cascade.text import save_tokenizer
+
+    tiny, folder = tiny_models(), tmp_path / "weights"
+    tiny.text_encoder.model.save_pretrained(folder / "text_encoder")
+    save_tokenizer(folder / "tokenizer", tiny.text_encoder.tokenizer)
+    for stage in ("stage_c", "stage_b", "stage_a"):
+        save_stage(getattr(tiny, stage), folder / f"{stage}.safetensors")
+    argv = ["a red circle", "--weights", str(folder), "--out", str(tmp_path / "o.png"), *FAST]
+    assert main(argv) == 0  # the folder loads as written
+    capsys.readouterr()
+    (folder / "tokenizer" / "tokenizer_config.json").write_text("{\n")
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert f"error: {folder / 'tokenizer'}: the tokenizer could not be loaded: Expecting property name" in err
+    assert "text_encoder" not in err
