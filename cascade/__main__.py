@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
+    # No transformers 'Loading weights' bar (as the job's actors and cascade.train --no-progress): this command's
+    # progress is its own lines (loaded ..., generated i/N), and the bar covered the text encoder only.
+    from transformers.utils import logging as transformers_logging  # (the text encoder loads it anyway)
+
+    transformers_logging.disable_progress_bar()
     start = time.perf_counter()
     try:
         if args.lora is not None:

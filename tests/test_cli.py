@@ -72,6 +72,20 @@ def test_cli_missing_lora_exits_3_before_any_model_loads(tmp_path, capsys, monke
     assert f"error: {tmp_path}: is a folder, not a file" in capsys.readouterr().err
 
 
+def test_cli_prints_no_transformers_loading_bar(tmp_path, capsys):
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.enable_progress_bar()  # as in a fresh process (another test may have turned it off)
+    try:
+        steps = ["--prior-steps", "2", "--decoder-steps", "2"]
+        assert main(["a red circle", "--out", str(tmp_path / "o.png"), *steps]) == 0  # the demo: a text_encoder/ folder
+    finally:
+        (transformers_logging.enable_progress_bar if was else transformers_logging.disable_progress_bar)()
+    err = capsys.readouterr().err
+    assert f"loaded {DEFAULT_MODEL}" in err and "Loading weights" not in err
+
+
 def test_python_dash_m_entry_point(tmp_path):
     out = tmp_path / "o.png"
     proc = subprocess.run(
