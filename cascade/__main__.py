@@ -1,14 +1,18 @@
 """Generate images on one machine: `python -m cascade "a prompt" --weights DIR --out out.png --seed 7`.
 
-Exit codes: 0 every image written; 1 an image failed (e.g. NaN/Inf, reported on stderr); 2 bad arguments;
-3 the weights could not be loaded.
+Each image is written as soon as it is made. Exit codes: 0 every image written; 1 an image failed (e.g. NaN/Inf) or
+could not be written (reported on stderr); 2 bad arguments; 3 the weights could not be loaded; 130 interrupted (Ctrl-C
+or SIGTERM; the images written are kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,12 +24,14 @@ from .geometry import DEFAULT_MODEL, family_geometry
 from .imagefile import encode
 from .lora import apply_lora_file, lora_info
 from .paths import blocked_by_a_file
-from .pipeline import Result, generate, img2img_steps
+from .pipeline import generate, img2img_steps
 from .request import MAX_SEED, Request, sampling_defaults, validate, validate_strength
+from .signals import sigterm_interrupts
 from .weights import WeightsError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_STRENGTH = 0.8  # img2img: as cascade.pipeline.generate
+EXIT_OK, EXIT_FAILED, EXIT_ARGUMENTS, EXIT_WEIGHTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130  # 130: Ctrl-C or SIGTERM
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -39,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m cascade",
         description="Generate images with Stable Cascade on one machine.",
-        epilog="Exit codes: 0 all images written; 1 an image failed; 2 bad arguments; 3 weights not loadable.",
+        epilog="Exit codes: 0 all images written; 1 an image failed or could not be written; 2 bad arguments; "
+        "3 weights not loadable; 130 interrupted (Ctrl-C or SIGTERM), the images written kept.",
         formatter_class=_Help,
     )
     p.add_argument("prompt", help="the text prompt")
@@ -102,6 +109,41 @@ def output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{suffix}") for i in range(n)]
 
 
+def unwritable(out: Path, n: int) -> str | None:
+    """Why the files a run of `n` images writes to `out` cannot be (a name that is a folder, a folder that takes no
+    new file), or None: found before the models load and the images are made, not when the first is saved."""
+    paths = output_paths(out, n)
+    for path in paths:
+        if path.is_dir():
+            return f"--out: {path} is a folder; this run writes an image file of that name"
+    # The nearest folder that exists (the rest are made): a file made and removed there says whether it takes the
+    # images (os.access does not: root passes it for /proc and for read-only folders on a writable mount).
+    folder = next((p for p in [paths[0].parent, *paths[0].parent.parents] if p.is_dir()), None)
+    if folder is None:
+        return None
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".cascade-probe-")
+    except OSError as e:
+        return f"--out: {paths[0]} cannot be written: {folder} takes no new file ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def write_image(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all (a hidden file beside it, renamed): an interrupt or a full disk leaves no
+    truncated image under an image's name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise
+
+
 def check_arguments(args) -> str | None:
     """What is wrong with the arguments that need no model (the message), or None: checked before any load."""
     if not args.prompt.strip():  # as the batch job refuses such a row
@@ -129,6 +171,9 @@ def check_arguments(args) -> str | None:
         return blocked
     if args.out.suffix and args.out.suffix.lower() not in SUFFIXES:
         return f"--out: {args.out.suffix!r} is not an image format this writes; use .png, .webp or .jpg"
+    problem = unwritable(args.out, args.num_images)  # every name the run writes
+    if problem is not None:
+        return problem
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -145,17 +190,27 @@ def check_arguments(args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    written: list[Path] = []  # the images written so far, kept and counted when interrupted
+    with sigterm_interrupts():  # `kill`, a scheduler: stop as on Ctrl-C
+        try:
+            return _run(args, written)
+        except KeyboardInterrupt:
+            print(f"interrupted: {len(written)} of {args.num_images} image(s) written", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace, written: list[Path]) -> int:
     problem = check_arguments(args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return EXIT_ARGUMENTS
     model = args.weights if args.weights is not None else args.model or DEFAULT_MODEL
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength  # (used with --init-image only)
     try:
         geometry, sampling = family_geometry(model), sampling_defaults(model)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return EXIT_WEIGHTS
     for key, default in sampling.items():  # what the command line does not set
         if getattr(args, key) is None:
             setattr(args, key, default)
@@ -179,22 +234,22 @@ def main(argv: list[str] | None = None) -> int:
             validate(r, geometry)
     except ValueError as e:
         print(f"error: {flag_message(str(e))}", file=sys.stderr)
-        return 2
-    init_images, img2img = None, ""
+        return EXIT_ARGUMENTS
+    init_image, img2img = None, ""
     if args.init_image is not None:
         try:
-            init_images = [Image.open(args.init_image).convert("RGB")] * len(requests)
+            init_image = Image.open(args.init_image).convert("RGB")
             digest = hashlib.sha256(args.init_image.read_bytes()).hexdigest()
         except (OSError, Image.DecompressionBombError) as e:  # (PIL's refusal of a huge image is no OSError)
             print(f"error: --init-image: cannot read {args.init_image}: {e}", file=sys.stderr)
-            return 2
+            return EXIT_ARGUMENTS
         # The image's parameters name what it started from, so that it can be made again.
         img2img = f"strength={strength} init_image_sha256={digest}"
         try:
             validate_strength(strength)
         except ValueError as e:
             print(f"error: --{e}", file=sys.stderr)
-            return 2
+            return EXIT_ARGUMENTS
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -209,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
             lora_info(args.lora)  # a missing or foreign file is named before the models load (GBs for the official)
         if args.weights is not None:
             models = load_models(
-                args.weights, lite=args.lite, dtype=dtype, device=device, with_effnet=init_images is not None
+                args.weights, lite=args.lite, dtype=dtype, device=device, with_effnet=init_image is not None
             )
         else:
             models = BUILTIN_MODELS[args.model or DEFAULT_MODEL](
-                device=device, dtype=dtype, with_effnet=init_images is not None
+                device=device, dtype=dtype, with_effnet=init_image is not None
             )
         if args.lora is not None:
             words = apply_lora_file(models, args.lora)
@@ -221,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"LoRA {args.lora.name} merged; its words: {', '.join(words) or 'none'}", file=sys.stderr)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return EXIT_WEIGHTS
     print(f"loaded {models.name} on {device} ({dtype}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     r = requests[0]
     prior_steps = r.prior_steps if args.init_image is None else img2img_steps(r.prior_steps, strength)
@@ -232,32 +287,40 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     start = time.perf_counter()
-    results: list[Result] = generate(
-        models,
-        requests,
-        batch_size=args.batch_size,
-        progress=lambda done, total: print(f"generated {done}/{total}", file=sys.stderr),
-        init_images=init_images,
-        strength=strength,
-    )
-    failed = 0
-    for result, path in zip(results, output_paths(args.out, len(results))):
-        if result.prompt_truncated:
-            print(
-                f"warning: the prompt has {result.prompt_tokens} tokens; CLIP reads the first 77, the rest was cut",
-                file=sys.stderr,
-            )
-        if result.error:
-            failed += 1
-            print(f"error: seed {result.request.seed}: {result.error}; no image written", file=sys.stderr)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(
-            encode(result.image, result.request, models.name, SUFFIXES[path.suffix.lower()], extra=img2img)
-        )
-        print(path)
-    print(f"{len(results) - failed} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 1 if failed else 0
+    paths, failed, warned = output_paths(args.out, len(requests)), 0, False
+    # A batch at a time, each image written as soon as it is made: an interrupt or a write error keeps those written,
+    # and a long --num-images run holds one batch, not every image. (The requests share one bucket: generate() would
+    # make the same batches.)
+    for first in range(0, len(requests), args.batch_size):
+        batch = requests[first : first + args.batch_size]
+        images = None if init_image is None else [init_image] * len(batch)
+        results = generate(models, batch, batch_size=args.batch_size, init_images=images, strength=strength)
+        print(f"generated {first + len(batch)}/{len(requests)}", file=sys.stderr)
+        for result, path in zip(results, paths[first:]):
+            if result.prompt_truncated and not warned:  # (one prompt: said once)
+                warned = True
+                print(
+                    f"warning: the prompt has {result.prompt_tokens} tokens; CLIP reads the first 77, the rest was cut",
+                    file=sys.stderr,
+                )
+            if result.error:
+                failed += 1
+                print(f"error: seed {result.request.seed}: {result.error}; no image written", file=sys.stderr)
+                continue
+            data = encode(result.image, result.request, models.name, SUFFIXES[path.suffix.lower()], extra=img2img)
+            try:
+                write_image(path, data)
+            except OSError as e:  # (checked before the load; changed since, or a full disk): the rest would fail too
+                print(
+                    f"error: --out: cannot write {path}: {e.strerror or e}; {len(written)} of {len(requests)} "
+                    "image(s) written",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            written.append(path)
+            print(path, flush=True)  # (a pipe reading the names gets each as it is written)
+    print(f"{len(written)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":

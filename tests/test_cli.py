@@ -1,10 +1,14 @@
 """`python -m cascade`: images with their parameters in PNG text chunks, meaningful exit codes."""
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 import cascade.__main__ as cli
@@ -184,3 +188,75 @@ def test_cli_names_the_tokenizer_folder_when_the_tokenizer_is_broken(tmp_path, c
     err = capsys.readouterr().err
     assert f"error: {folder / 'tokenizer'}: the tokenizer could not be loaded: Expecting property name" in err
     assert "text_encoder" not in err
+
+
+def test_cli_output_that_cannot_be_written_is_exit_2_before_any_load(tmp_path, capsys, monkeypatch):
+    def no_load(**kw):
+        raise AssertionError("the model loaded before --out was checked")
+
+    monkeypatch.setitem(cli.BUILTIN_MODELS, "tiny", no_load)
+    (tmp_path / "o" / "k-1.png").mkdir(parents=True)  # the second of three images' names
+    (tmp_path / "o" / "plain.png").mkdir()  # the name `--out o/plain` writes
+    cases = [
+        (["--out", str(tmp_path / "o" / "k.png"), "--num-images", "3"], f"--out: {tmp_path / 'o' / 'k-1.png'} is a"),
+        (["--out", str(tmp_path / "o" / "plain")], f"--out: {tmp_path / 'o' / 'plain.png'} is a folder"),
+    ]
+    if Path("/proc/self").is_dir():  # Linux: /proc takes no new file, even from root
+        cases += [(["--out", "/proc/x.png"], "--out: /proc/x.png cannot be written: /proc takes no new file")]
+        cases += [(["--out", "/proc/new/x.png"], "--out: /proc/new/x.png cannot be written: /proc takes no new file")]
+    for argv, message in cases:
+        assert main(["a red circle", "--model", "tiny", *argv]) == 2, argv
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["k-1.png", "plain.png"]  # nor a probe left
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_cli_read_only_output_folder_is_exit_2(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    assert main(["a red circle", "--model", "tiny", "--out", str(folder / "o.png")]) == 2
+    assert f"--out: {folder / 'o.png'} cannot be written: {folder} takes no new file" in capsys.readouterr().err
+
+
+def test_cli_write_error_is_one_line_and_keeps_the_images_written(tmp_path, capsys, monkeypatch):
+    build = cli.BUILTIN_MODELS["tiny"]
+
+    def build_then_take_a_name(**kw):  # the second image's name becomes a folder after the checks, before its write
+        (tmp_path / "o-1.png").mkdir()
+        return build(**kw)
+
+    monkeypatch.setitem(cli.BUILTIN_MODELS, "tiny", build_then_take_a_name)
+    argv = ["x", "--model", "tiny", "--out", str(tmp_path / "o.png"), "--num-images", "3", "--batch-size", "1"]
+    assert main([*argv, *FAST]) == 1
+    out, err = capsys.readouterr()
+    assert f"error: --out: cannot write {tmp_path / 'o-1.png'}: Is a directory; 1 of 3 image(s) written" in err
+    assert out.split() == [str(tmp_path / "o-0.png")] and Image.open(tmp_path / "o-0.png").text["seed"] == "0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o-0.png", "o-1.png"]  # no partial file left
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_interrupt_keeps_the_images_written_and_exits_130(tmp_path, signum):
+    """Each image is written as it is made; Ctrl-C or SIGTERM prints one line (no traceback) and keeps them."""
+    cmd = [sys.executable, "-m", "cascade", "x", "--model", "tiny", "--out", str(tmp_path / "o.png"), *FAST]
+    proc = subprocess.Popen(
+        [*cmd, "--num-images", "1000", "--batch-size", "1"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "o-0.png").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    written = sorted(tmp_path.iterdir(), key=lambda p: int(p.stem.split("-")[1]))
+    assert 1 <= len(written) < 1000 and [p.name for p in written] == [f"o-{i}.png" for i in range(len(written))]
+    assert err.splitlines()[-1] == f"interrupted: {len(written)} of 1000 image(s) written"
+    assert out.split() == [str(p) for p in written]
+    assert [Image.open(p).text["seed"] for p in written] == [str(i) for i in range(len(written))]
