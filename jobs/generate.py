@@ -305,6 +305,15 @@ def render(config, plan, geometry, out, run_id: str, started: float, made_by: di
         if config.overwrite:
             log(f"--overwrite: removed {manifest.clear_outputs(out)} earlier output files")
         previous = manifest.previous_work(out, plan.image_hashes, config.retry_errors, config.verify)
+        changed = sorted(n for n, d in plan.positional.items() if previous.inputs.get(n, {d}) != {d})
+        if changed:  # before anything changes: a resume would take other prompts' images as theirs
+            log(
+                f"error: prompts: {', '.join(changed)} changed since earlier runs wrote this output, and its rows "
+                "have no id column: a row's id is its position, so the prompts now at positions those runs rendered "
+                "would be taken as done, with other prompts' images. Give the rows an id column, or rerun with "
+                "--overwrite (or write to another --out)"
+            )
+            return EXIT_INPUT
         # Order matters for a crash in between: first _SUCCESS (the output is about to change: it is not complete
         # until we say so), then bad objects, then the rows that point at them.
         if len(previous.done) < plan.images and out.exists(manifest.SUCCESS):
@@ -345,7 +354,12 @@ def render(config, plan, geometry, out, run_id: str, started: float, made_by: di
     if config.dry_run:
         log("dry run: no model maths; zero latents and grey images of the requested sizes")
     writer = manifest.ManifestWriter(
-        out, run_id, config.manifest_rows, config.manifest_seconds, settings=config.image_settings()
+        out,
+        run_id,
+        config.manifest_rows,
+        config.manifest_seconds,
+        settings=config.image_settings(),
+        inputs=plan.positional,
     )
     progress = Progress(todo, config.progress_seconds)
     queue_bytes, digest, actor_gpus = 0, None, None

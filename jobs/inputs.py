@@ -12,6 +12,7 @@ row, which travels to the manifest (status "error"). Bad files do: a missing inp
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import math
@@ -191,6 +192,8 @@ class Plan:
     images: int
     image_hashes: np.ndarray  # sorted uint64, one per image to account for
     extra: pa.Schema  # the input's other columns, carried to the manifest
+    # file name -> prompts_digest, for the files without ids
+    positional: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def image_hash(id_: str, image_index: int) -> int:
@@ -237,7 +240,7 @@ def plan(config: JobConfig) -> Plan:
         storage, files = find_files(config.prompts, config.out)
     except StorageError as e:
         raise InputError(f"prompts: {e}") from None
-    sources, extra_fields = [], {}
+    sources, extra_fields, positional = [], {}, {}
     image_ids: list[np.ndarray] = []
     rows = images = 0
     for key, name in files:
@@ -257,6 +260,11 @@ def plan(config: JobConfig) -> Plan:
             raise InputError(f"prompts: {where}: {_not_text(pf.read(columns=['id']), 'id')}") from None
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"prompts: {where}: {unreadable(e)}") from None
+        if "id" not in schema.names:  # ids are positions: what the resume must see unchanged (jobs.generate)
+            try:
+                positional[name] = prompts_digest(pf)
+            except (pa.ArrowException, OSError) as e:
+                raise InputError(f"prompts: {where}: {unreadable(e)}") from None
         image_ids.append(hashes((i, k) for i, c in zip(ids, counts) for k in range(c)))
         rows += first
         images += sum(counts)
@@ -266,7 +274,24 @@ def plan(config: JobConfig) -> Plan:
     repeated = all_images[1:][all_images[1:] == all_images[:-1]]
     if len(repeated):
         _report_duplicate(sources, config.num_images)
-    return Plan(sources, rows, images, all_images, pa.schema(list(extra_fields.values())))
+    return Plan(sources, rows, images, all_images, pa.schema(list(extra_fields.values())), positional)
+
+
+def prompts_digest(pf: pq.ParquetFile) -> str:
+    """A digest of a file's prompts in their order (their bytes, unchecked, and which are null), read a batch at a
+    time. Rows without an id are known by their position, so a file whose rows were inserted, removed or reordered
+    gives other prompts the ids of images already made: this tells a resume that the file changed. Three streams,
+    each the same however the rows fall into batches: which are null, the lengths, the bytes."""
+    nulls, lengths, data = (hashlib.blake2b(digest_size=8) for _ in range(3))
+    for batch in pf.iter_batches(batch_size=65536, columns=["prompt"]):
+        column = batch.column(0).cast(pa.large_binary())
+        nulls.update(column.is_null().to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
+        column = column.fill_null(b"")
+        offsets = np.frombuffer(column.buffers()[1], np.int64)[column.offset : column.offset + len(column) + 1]
+        lengths.update(np.diff(offsets).tobytes())
+        if column.buffers()[2] is not None and len(column):
+            data.update(memoryview(column.buffers()[2])[offsets[0] : offsets[-1]])
+    return hashlib.blake2b(b"".join(d.digest() for d in (nulls, lengths, data)), digest_size=8).hexdigest()
 
 
 def _open_parquet(storage: Storage, key: str) -> pq.ParquetFile:

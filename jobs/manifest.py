@@ -40,15 +40,26 @@ def new_run_id() -> str:
 
 
 SETTINGS = b"cascade.settings"  # a part's metadata key: the image settings of the run that wrote it (JSON)
+INPUTS = b"cascade.inputs"  # and the prompts_digest of the files without ids that its rows came from (JSON)
 
 
 class ManifestWriter:
     """Buffers manifest rows and writes a part every `rows` rows or `seconds` seconds, whichever comes first. Each
-    part records `settings` (the run's image settings) in its metadata."""
+    part records `settings` (the run's image settings) in its metadata, and the digests of `inputs` (file name ->
+    prompts_digest, for files whose ids are positions) of the files its rows came from."""
 
-    def __init__(self, storage: Storage, run_id: str, rows: int, seconds: float, settings: dict | None = None):
+    def __init__(
+        self,
+        storage: Storage,
+        run_id: str,
+        rows: int,
+        seconds: float,
+        settings: dict | None = None,
+        inputs: dict[str, str] | None = None,
+    ):
         self.storage, self.run_id, self.rows, self.seconds = storage, run_id, rows, seconds
         self.settings = json.dumps(settings or {}, sort_keys=True).encode()
+        self.inputs = inputs or {}
         self.buffer: list[pa.Table] = []
         self.buffered = 0
         self.parts: list[str] = []
@@ -66,7 +77,11 @@ class ManifestWriter:
         if not self.buffer:
             return
         table = pa.concat_tables(self.buffer, promote_options="permissive")
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), SETTINGS: self.settings})
+        metadata = {**(table.schema.metadata or {}), SETTINGS: self.settings}
+        if self.inputs and "source" in table.column_names:
+            names = pc.unique(table.column("source")).drop_null().to_pylist()
+            metadata[INPUTS] = json.dumps({n: self.inputs[n] for n in names if n in self.inputs}, sort_keys=True)
+        table = table.replace_schema_metadata(metadata)
         out = io.BytesIO()
         pq.write_table(table, out, compression="zstd")
         key = f"{MANIFEST_DIR}/part-{self.run_id}-{len(self.parts):06d}.parquet"
@@ -111,6 +126,7 @@ class Previous:
     drop: dict[str, list[int]]  # manifest part -> rows to remove, because their image is rendered again
     settings: list[dict] = field(default_factory=list)  # the image settings of the runs that made this input's rows
     repeated: int = 0  # rows dropped as an image's second row (two runs wrote the output at once)
+    inputs: dict[str, set[str]] = field(default_factory=dict)  # file name -> the prompts_digests its rows were made of
 
 
 # Resume plans on the driver over every stored image (millions, for a dataset), so it works on arrays: per image a
@@ -171,11 +187,11 @@ _NUMBERS = {"part": np.int32, "index": np.int32, "hash": np.uint64, "ok": bool, 
 
 def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, verify: bool, listed: pa.Array):
     """This input's rows of every part (rows of other inputs are left as they are), where in `listed` the objects
-    the other inputs' rows name are (-1: none), and the image settings recorded by the parts that hold this input's
-    rows."""
+    the other inputs' rows name are (-1: none), and the image settings and input digests recorded by the parts that
+    hold this input's rows."""
     columns = ["id", "image_index", "status", "key", "bytes", "member"] + (["sha256"] if verify else [])
     got: dict[str, list] = {f: [] for f in ("part", "index", "hash", "ok", "image", "bytes", "checks", "mine")}
-    all_keys, settings = [], set()
+    all_keys, settings, inputs = [], set(), {}
     for p, part in enumerate(parts):
         table = read_part(storage, part, columns)
         keys = _column(table, "key", KEY)
@@ -184,6 +200,9 @@ def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, ver
         mine = contained(expected, h)
         if mine.any() and SETTINGS in (table.schema.metadata or {}):
             settings.add(table.schema.metadata[SETTINGS])
+        if mine.any() and INPUTS in (table.schema.metadata or {}):
+            for name, digest in json.loads(table.schema.metadata[INPUTS]).items():
+                inputs.setdefault(name, set()).add(digest)
         ok = pc.equal(_column(table, "status", pa.string()), "ok").fill_null(False).to_numpy()[mine]
         my_keys, member = keys.filter(mine), _column(table, "member", pa.string()).filter(mine)
         got["part"].append(np.full(int(mine.sum()), p, np.int32))
@@ -211,7 +230,7 @@ def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, ver
         at=at[mine],
         checks=pa.concat_tables(got["checks"]) if got["checks"] else None,
     )
-    return rows, at[~mine], [json.loads(s) for s in sorted(settings)]
+    return rows, at[~mine], [json.loads(s) for s in sorted(settings)], inputs
 
 
 def _repeated(hashes_: np.ndarray, rank: np.ndarray) -> np.ndarray:
@@ -233,7 +252,9 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     listed = pa.concat_tables([listing(storage, d, unnamed=strays) for d in ("images", "shards")]).combine_chunks()
     if not parts and not listed.num_rows and not strays:
         return previous
-    rows, others, previous.settings = _manifest_rows(storage, parts, expected, verify, listed.column("key"))
+    rows, others, previous.settings, previous.inputs = _manifest_rows(
+        storage, parts, expected, verify, listed.column("key")
+    )
     at = rows.at
     there = at >= 0
     sizes = np.append(listed.column("size").to_numpy(), -1)[at]  # (at -1 reads the -1 put after the listing)
