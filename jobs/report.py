@@ -32,30 +32,19 @@ POOLS = (("prior", "Stage C pool", "#4878d0"), ("decoder", "Stage B/A pool", "#e
 SHEET_IMAGES, THUMB = 24, 160
 
 
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[list[float]] = []
-    for start, end in sorted(intervals):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    return [(a, b) for a, b in merged]
+def _merge(starts: np.ndarray, ends: np.ndarray, gap: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The union of the intervals [starts[i], ends[i]] as two sorted arrays of disjoint intervals. Intervals that
+    touch, or are at most `gap` apart, become one."""
+    if len(starts) == 0:
+        return starts, ends
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])  # ends[i]: the furthest end so far
+    first = np.flatnonzero(np.concatenate(([True], starts[1:] - ends[:-1] > gap)))  # where a merged interval begins
+    return starts[first], ends[np.append(first[1:] - 1, len(starts) - 1)]
 
 
-def _length(intervals) -> float:
-    return sum(b - a for a, b in intervals)
-
-
-def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    total, i, j = 0.0, 0, 0
-    while i < len(a) and j < len(b):
-        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        total += max(0.0, hi - lo)
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
+def _length(starts: np.ndarray, ends: np.ndarray) -> float:
+    return float(np.sum(ends - starts))
 
 
 STAT_COLUMNS = [f"{pool}_{x}" for pool, _, _ in POOLS for x in ("actor", "start", "end", "batch")]
@@ -75,35 +64,48 @@ def images_per_batch(table: pa.Table, pool: str) -> float | None:
 
 
 def pool_stats(table: pa.Table) -> dict:
-    """Per pool: actors, batches as (actor, start, end), busy fraction, images per model batch; and the time both
-    pools were busy.
+    """Per pool: actors, the number of batches, each actor's batches, busy fraction, images per model batch;
+    and the time both pools were busy.
 
-    Works on Arrow columns: a batch is one distinct (actor, start, end), so only batches, not rows, become Python."""
+    A batch is one distinct (actor, start, end) of the rows. Everything is Arrow and NumPy arrays, a few numbers per
+    row: a run of a million images has hundreds of thousands of batches, which as Python tuples took about 1 KB each."""
     stats, busy = {}, {}
     for pool, _, _ in POOLS:
         names = [f"{pool}_actor", f"{pool}_start", f"{pool}_end"]
-        batches = []
+        code = np.zeros(0, np.int32)
         if set(names) <= set(table.column_names):
-            unique = table.select(names).drop_null().group_by(names).aggregate([])
-            batches = sorted(zip(*(unique.column(n).to_pylist() for n in names)), key=lambda b: b[1])
-        if not batches:
-            stats[pool] = {"actors": 0, "batches": [], "busy_fraction": 0.0, "span_s": 0.0, "images_per_batch": None}
-            busy[pool] = []
+            actor = pc.cast(table.column(names[0]), pa.string())  # (a part whose rows all lack one has type null)
+            actors = pc.unique(actor).drop_null().sort()  # (the order Python sorts str in)
+            code = pc.index_in(actor, value_set=actors).fill_null(-1).to_numpy()
+            starts, ends = (table.column(n).to_numpy(zero_copy_only=False).astype(float, copy=False) for n in names[1:])
+            known = (code >= 0) & ~np.isnan(starts) & ~np.isnan(ends)  # (a null reads as NaN)
+            code, starts, ends = code[known], starts[known], ends[known]
+        if len(code) == 0:
+            stats[pool] = {"actors": 0, "batches": 0, "actor_batches": [], "busy_fraction": 0.0, "span_s": 0.0}
+            stats[pool]["images_per_batch"] = None
+            busy[pool] = (np.zeros(0), np.zeros(0))
             continue
-        actors = sorted({a for a, _, _ in batches})
-        span = (min(s for _, s, _ in batches), max(e for _, _, e in batches))
-        per_actor = [_union([(s, e) for a, s, e in batches if a == actor]) for actor in actors]
-        busy_s = sum(_length(iv) for iv in per_actor)
+        order = np.lexsort((ends, starts, code))  # by actor, then start: each batch's rows side by side
+        code, starts, ends = code[order], starts[order], ends[order]
+        first = np.concatenate(([True], (np.diff(code) != 0) | (np.diff(starts) != 0) | (np.diff(ends) != 0)))
+        code, starts, ends = code[first], starts[first], ends[first]  # one per batch
+        cut = np.flatnonzero(np.diff(code)) + 1
+        per_actor = list(zip(np.split(starts, cut), np.split(ends, cut)))
+        busy_s = sum(_length(*_merge(s, e)) for s, e in per_actor)
+        span = (float(starts.min()), float(ends.max()))
         stats[pool] = {
-            "actors": len(actors),
-            "batches": batches,
-            "busy_fraction": busy_s / (len(actors) * (span[1] - span[0])) if span[1] > span[0] else 1.0,
+            "actors": len(per_actor),
+            "batches": len(starts),
+            "actor_batches": per_actor,  # per actor, in the order of their names: its batches' starts and ends
+            "busy_fraction": busy_s / (len(per_actor) * (span[1] - span[0])) if span[1] > span[0] else 1.0,
             "span_s": span[1] - span[0],
             "span": span,
             "images_per_batch": images_per_batch(table, pool),
         }
-        busy[pool] = _union([(s, e) for _, s, e in batches])
-    both = _intersect(busy["prior"], busy["decoder"])
+        busy[pool] = _merge(starts, ends)
+    # |A and B| = |A| + |B| - |A or B|, each a union of disjoint intervals.
+    either = _merge(*(np.concatenate(x) for x in zip(busy["prior"], busy["decoder"])))
+    both = max(0.0, _length(*busy["prior"]) + _length(*busy["decoder"]) - _length(*either))
     starts = [s["span"][0] for s in stats.values() if s.get("span")]
     ends = [s["span"][1] for s in stats.values() if s.get("span")]
     if "write_end" in table.column_names and table.column("write_end").null_count < table.num_rows:
@@ -149,19 +151,22 @@ def _svg_throughput(table: pa.Table, t0: float, wall: float) -> str:
 
 
 def _svg_timeline(stats: dict) -> str:
+    """One lane per actor, a bar per batch (1 px at least), drawn at the page's resolution: bars that overlap or are
+    under half a pixel apart are drawn as one, which looks the same, so a lane has at most one bar per 1.5 px whatever
+    the number of batches (a rect per batch made a 32 MB page of a million images, most of them in one strip)."""
     rows_svg, y, width, pad, lane = [], 10, 720, 140, 16
     t0, wall = stats["t0"], max(stats["wall_s"], 1e-6)
+    scale = (width - pad - 10) / wall  # px per second
     for pool, label, color in POOLS:
-        batches = stats["pools"][pool]["batches"]
-        actors = sorted({a for a, _, _ in batches})
-        for actor in actors:
-            name = f"{label} {actors.index(actor)}"
-            rows_svg.append(f'<text x="0" y="{y + 11}" font-size="11">{html.escape(name)}</text>')
-            for a, s, e in batches:
-                if a == actor:
-                    x = pad + (s - t0) / wall * (width - pad - 10)
-                    w = max(1.0, (e - s) / wall * (width - pad - 10))
-                    rows_svg.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{lane - 4}" fill="{color}"/>')
+        for k, (starts, ends) in enumerate(stats["pools"][pool]["actor_batches"]):
+            rows_svg.append(f'<text x="0" y="{y + 11}" font-size="11">{html.escape(f"{label} {k}")}</text>')
+            x0 = pad + (starts - t0) * scale
+            x0, x1 = _merge(x0, x0 + np.maximum(1.0, (ends - starts) * scale), gap=0.5)
+            bars = "".join(
+                f'<rect x="{a:.1f}" y="{y}" width="{b - a:.1f}" height="{lane - 4}"/>'
+                for a, b in zip(x0.tolist(), x1.tolist())
+            )
+            rows_svg.append(f'<g fill="{color}">{bars}</g>')
             y += lane
     return f'<svg width="{width}" height="{y + 10}" role="img">{"".join(rows_svg)}</svg>'
 
@@ -257,7 +262,7 @@ figcaption{{font-size:11px;overflow-wrap:anywhere}}</style></head><body>
 <p>Both GPU pools busy at once: {overlap:.1%} of the {stats["wall_s"]:.1f} s between the first and last batch.</p>
 <h2>Throughput over time (images/s)</h2>
 {_svg_throughput(table, stats["t0"], stats["wall_s"])}
-<h2>Timeline (each bar is one batch)</h2>
+<h2>Timeline (each actor's batches; those under half a pixel apart are drawn as one bar)</h2>
 {_svg_timeline(stats)}
 <h2>Samples</h2>
 {"".join(cells) or "<p>No images in this run.</p>"}
