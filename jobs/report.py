@@ -26,10 +26,10 @@ from PIL import Image
 
 from workers.storage import Storage
 
-from .manifest import REPORT, read_manifests
+from .manifest import REPORT, manifest_keys, read_manifests, read_part
 
 POOLS = (("prior", "Stage C pool", "#4878d0"), ("decoder", "Stage B/A pool", "#ee854a"))
-SHEET_IMAGES, THUMB = 24, 160
+SHEET_IMAGES, ERRORS_SHOWN, THUMB = 24, 20, 160
 
 
 def _merge(starts: np.ndarray, ends: np.ndarray, gap: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +194,25 @@ def _sample_images(storage: Storage, rows: list[dict]) -> dict[tuple[str, str | 
     return found
 
 
+def _shown_rows(storage: Storage, run_id: str | None, errors: int) -> tuple[list[dict], list[dict]]:
+    """The first ok rows (the contact sheet's) and the first `errors` error rows of the run (of every run: None). Only
+    those become Python, and parts are read one at a time, until both are found: a run's prompts are never all in
+    memory at once (a million of them are hundreds of MB as Arrow)."""
+    columns = ["id", "image_index", "seed", "prompt", "key", "member", "status", "error"]
+    ok: list[dict] = []
+    failed: list[dict] = []
+    for key in manifest_keys(storage):
+        if len(ok) == SHEET_IMAGES and len(failed) >= errors:
+            break
+        if run_id is not None and not key.rpartition("/")[2].startswith(f"part-{run_id}-"):
+            continue
+        part = read_part(storage, key, columns)
+        status = part.column("status")
+        ok += part.filter(pc.equal(status, "ok")).slice(0, SHEET_IMAGES - len(ok)).to_pylist()
+        failed += part.filter(pc.not_equal(status, "ok")).slice(0, max(0, errors - len(failed))).to_pylist()
+    return ok, failed
+
+
 def _thumbnail(data: bytes) -> str:
     image = Image.open(io.BytesIO(data)).convert("RGB")
     image.thumbnail((THUMB, THUMB))
@@ -212,14 +231,8 @@ def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
     if table is None:
         table = pa.table({c: pa.array([], pa.string()) for c in ("status",)})
     stats = pool_stats(table)
-    # Only the rows shown become Python: the first ok images for the contact sheet, the first errors.
-    rows: list[dict] = []
-    columns = ["id", "image_index", "seed", "prompt", "key", "member", "status", "error"]
-    shown = read_manifests(storage, columns, run_id=run_id)
-    if shown is not None:
-        status = shown.column("status")
-        rows = shown.filter(pc.equal(status, "ok")).slice(0, SHEET_IMAGES).to_pylist()
-        rows += shown.filter(pc.not_equal(status, "ok")).slice(0, 20).to_pylist()
+    failed = int(pc.sum(pc.not_equal(table.column("status"), "ok")).as_py() or 0)
+    samples, errors = _shown_rows(storage, run_id, min(failed, ERRORS_SHOWN))
     esc = html.escape
     pool_rows = "".join(
         f"<tr><td>{esc(label)}</td><td>{p['actors']}</td><td>{p['busy_fraction']:.1%}</td><td>{p['span_s']:.1f} s</td>"
@@ -228,7 +241,6 @@ def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
         for p in [stats["pools"][pool]]
     )
     overlap = stats["both_busy_s"] / stats["wall_s"] if stats["wall_s"] else 0.0
-    samples = [r for r in rows if r["status"] == "ok"][:SHEET_IMAGES]
     images = _sample_images(storage, samples)
     cells = []
     for r in samples:
@@ -240,7 +252,6 @@ def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
             f'<figure><img src="data:image/jpeg;base64,{thumb}" alt=""><figcaption>{esc(r["prompt"] or "")}'
             f"<br><small>{esc(r['id'])} #{r['image_index']} seed {r['seed']}</small></figcaption></figure>"
         )
-    errors = [r for r in rows if r["status"] != "ok"][:20]
     error_rows = "".join(
         f"<tr><td>{esc(str(r['id']))}</td><td>{r['image_index']}</td><td>{esc(r['error'] or '')}</td></tr>"
         for r in errors

@@ -245,6 +245,7 @@ def test_the_page_of_200000_images_is_small_and_quick(tmp_path):
     assert len(page.encode()) < 300_000 and seconds < 10, (len(page), seconds)
     lanes = 2 * actors
     assert page.count("<rect") <= lanes * 381  # a bar of 1 px and a gap over half a pixel, in 571 px
+    assert page.count("prompt: too long") == 20 and page.count("data:image/jpeg") == 0  # (no image files here)
     stats = pool_stats(table)
     for pool in ("prior", "decoder"):  # the numbers printed are those of the rows
         p = stats["pools"][pool]
