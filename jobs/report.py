@@ -3,7 +3,7 @@
 - Throughput over time for each pool: images finished per time bin by the Stage C pool, the Stage B/A pool and the
   writers.
 - Each pool's busy fraction: the union of its actors' batch intervals over (actors x the pool's span), and the
-  fraction of the run's wall time during which both GPU pools were busy at once.
+  fraction of the time from the first batch's start to the last image written during which both pools were busy.
 - Each pool's images per model batch (below its batch size: rows of mixed buckets, the input's tail, or batches
   halved after running out of device memory).
 - A timeline of every actor's batches, which shows whether the pools overlap.
@@ -108,10 +108,19 @@ def pool_stats(table: pa.Table) -> dict:
     both = max(0.0, _length(*busy["prior"]) + _length(*busy["decoder"]) - _length(*either))
     starts = [s["span"][0] for s in stats.values() if s.get("span")]
     ends = [s["span"][1] for s in stats.values() if s.get("span")]
-    if "write_end" in table.column_names and table.column("write_end").null_count < table.num_rows:
+    writes = "write_end" in table.column_names and table.column("write_end").null_count < table.num_rows
+    if writes:
         ends.append(pc.max(table.column("write_end")).as_py())
     wall = (max(ends) - min(starts)) if starts else 0.0
-    return {"pools": stats, "both_busy_s": both, "wall_s": wall, "t0": min(starts) if starts else 0.0}
+    # wall_s runs from the first batch's start to the last image written (the last batch's end in manifests that
+    # predate write_end).
+    return {
+        "pools": stats,
+        "both_busy_s": both,
+        "wall_s": wall,
+        "t0": min(starts) if starts else 0.0,
+        "wall_to_write": writes,
+    }
 
 
 def _svg_throughput(table: pa.Table, t0: float, wall: float) -> str:
@@ -240,7 +249,6 @@ def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
         for pool, label, _ in POOLS
         for p in [stats["pools"][pool]]
     )
-    overlap = stats["both_busy_s"] / stats["wall_s"] if stats["wall_s"] else 0.0
     images = _sample_images(storage, samples)
     cells = []
     for r in samples:
@@ -270,7 +278,7 @@ figcaption{{font-size:11px;overflow-wrap:anywhere}}</style></head><body>
 <p>Model {esc(str(summary.get("model")))} (weights digest {esc(str(summary.get("model_digest")))}).</p>
 <h2>Pools</h2>
 <table><tr><th>pool</th><th>actors</th><th>busy</th><th>span</th><th>images per model batch</th></tr>{pool_rows}</table>
-<p>Both GPU pools busy at once: {overlap:.1%} of the {stats["wall_s"]:.1f} s between the first and last batch.</p>
+<p>{_overlap(stats, summary)}</p>
 <h2>Throughput over time (images/s)</h2>
 {_svg_throughput(table, stats["t0"], stats["wall_s"])}
 <h2>Timeline (each actor's batches; those under half a pixel apart are drawn as one bar)</h2>
@@ -281,6 +289,20 @@ figcaption{{font-size:11px;overflow-wrap:anywhere}}</style></head><body>
 <table><tr><th>id</th><th>image</th><th>error</th></tr>{error_rows}</table>
 </body></html>
 """
+
+
+def _overlap(stats: dict, summary: dict) -> str:
+    """The time both pools were busy at once, over what wall_s spans. "GPU" only where the summary says every actor
+    had one (`actor_gpus`, per actor of each pool): the same pools run on the CPU."""
+    overlap = stats["both_busy_s"] / stats["wall_s"] if stats["wall_s"] else 0.0
+    gpus = summary.get("actor_gpus") or {}
+    pools = "GPU pools" if gpus and all(gpus.values()) else "pools"
+    cpu = " (a CPU run: no actor had a GPU)" if gpus and not any(gpus.values()) else ""
+    until = "the last image written" if stats["wall_to_write"] else "the last batch's end"
+    return (
+        f"Both {pools} busy at once: {overlap:.1%} of the {stats['wall_s']:.1f} s from the first batch's start to "
+        f"{until}{cpu}."
+    )
 
 
 def write_report(storage: Storage, run_id: str | None, summary: dict) -> None:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.report import _svg_timeline, build_report, pool_stats
+from jobs.report import _overlap, _svg_timeline, build_report, pool_stats
 from workers.storage import LocalStorage
 
 SUMMARY_KEYS = ("images", "ok", "errors", "rendered_this_run", "resumed", "wall_s", "images_per_s")
@@ -251,3 +251,23 @@ def test_the_page_of_200000_images_is_small_and_quick(tmp_path):
         p = stats["pools"][pool]
         assert p["batches"] > 190_000 and p["actors"] == actors
         assert f"<td>{p['busy_fraction']:.1%}</td><td>{p['span_s']:.1f} s</td><td>1.00</td>" in page
+
+
+@pytest.mark.parametrize(
+    ("gpus", "pools", "cpu"),
+    [
+        ({"prior_pool": 1, "decoder_pool": 0.5}, "GPU pools", ""),
+        ({"prior_pool": 0.0, "decoder_pool": 0.0}, "pools", " (a CPU run: no actor had a GPU)"),
+        ({"prior_pool": 1, "decoder_pool": 0.0}, "pools", ""),
+        (None, "pools", ""),  # unknown: nothing rendered, or a summary from before actor_gpus
+    ],
+)
+def test_the_overlap_sentence_says_what_it_measures(gpus, pools, cpu):
+    """Both pools busy 6 s (see test_pool_stats_from_batch_intervals) of the 10.5 s from the first batch's start,
+    at 0, to the last image written, at 10.5: not "between the first and last batch", which end at 10."""
+    assert _overlap(pool_stats(batches_table()), {"actor_gpus": gpus}) == (
+        f"Both {pools} busy at once: 57.1% of the 10.5 s from the first batch's start to the last image written{cpu}."
+    )
+    older = pool_stats(batches_table().drop_columns(["write_end"]))  # manifests before write_end: to the last batch
+    assert _overlap(older, {"actor_gpus": gpus}).startswith(f"Both {pools} busy at once: 60.0% of the 10.0 s from")
+    assert _overlap(older, {}).endswith("from the first batch's start to the last batch's end.")
