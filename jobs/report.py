@@ -1,5 +1,8 @@
-"""`{out}/report.html`: one self-contained page (no scripts, no external files) built from this run's manifests.
+"""`{out}/report.html`: one self-contained page (no scripts, no external files).
 
+Its head is the summary of _SUCCESS, in two parts: the whole output (every image of the input, whichever run made
+it) and this run. The rest is drawn from this run's manifest rows only (every run's, when the run rendered nothing
+itself), and says so:
 - Throughput over time for each pool: images finished per time bin by the Stage C pool, the Stage B/A pool and the
   writers.
 - Each pool's busy fraction: the union of its actors' batch intervals over (actors x the pool's span), and the
@@ -7,7 +10,8 @@
 - Each pool's images per model batch (below its batch size: rows of mixed buckets, the input's tail, or batches
   halved after running out of device memory).
 - A timeline of every actor's batches, which shows whether the pools overlap.
-- A contact sheet of sample images with their prompts (escaped: a prompt is text, never markup).
+- A contact sheet of sample images with their prompts (escaped: a prompt is text, never markup), and the first
+  errors.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from PIL import Image
 
 from workers.storage import Storage
 
-from .manifest import REPORT, manifest_keys, read_manifests, read_part
+from .manifest import MANIFEST_DIR, REPORT, manifest_keys, read_manifests, read_part
 
 POOLS = (("prior", "Stage C pool", "#4878d0"), ("decoder", "Stage B/A pool", "#ee854a"))
 SHEET_IMAGES, ERRORS_SHOWN, THUMB = 24, 20, 160
@@ -235,7 +239,7 @@ def _per_batch(value: float | None) -> str:
 
 
 def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
-    """The page for one run (run_id), or for every run in the manifests (None)."""
+    """The page for one run (run_id), or for every run in the manifests (None); `summary` is _SUCCESS's."""
     table = read_manifests(storage, STAT_COLUMNS, run_id=run_id)
     if table is None:
         table = pa.table({c: pa.array([], pa.string()) for c in ("status",)})
@@ -264,9 +268,33 @@ def build_report(storage: Storage, run_id: str | None, summary: dict) -> str:
         f"<tr><td>{esc(str(r['id']))}</td><td>{r['image_index']}</td><td>{esc(r['error'] or '')}</td></tr>"
         for r in errors
     )
-    facts = {
-        k: summary[k] for k in ("images", "ok", "errors", "rendered_this_run", "resumed", "wall_s", "images_per_s")
+    # The summary (_SUCCESS) counts the whole output, earlier runs' images included; everything under it is drawn from
+    # the manifest rows of this run (of every run, when the run rendered nothing itself).
+    whole = {k: summary[k] for k in ("images", "ok", "errors", "resumed") if k in summary}
+    this_run = {
+        k: summary[k] for k in ("rendered_this_run", "errors_this_run", "wall_s", "images_per_s") if k in summary
     }
+    here = "this run" if run_id else "all runs"
+    if run_id:
+        scope = (
+            f"From here on, this page covers this run's {table.num_rows:,} images only (manifest rows of run {run_id})"
+        )
+        resumed = summary.get("resumed") or 0
+        scope += f", not the {resumed:,} that earlier runs made." if resumed else "."
+    else:
+        scope = (
+            f"This run rendered nothing itself: from here on, this page covers the manifest rows of every run on this "
+            f"output ({table.num_rows:,} images), and its times span all of those runs and the time between them."
+        )
+    earlier = (summary.get("errors") or 0) - failed if run_id else 0
+    errors_html = (
+        f"<table><tr><th>id</th><th>image</th><th>error</th></tr>{error_rows}</table>" if errors else "<p>None.</p>"
+    )
+    if earlier > 0:
+        errors_html += (
+            f"<p>The output's {earlier:,} other errors were recorded by earlier runs: their rows are in the manifests "
+            f"under {esc(MANIFEST_DIR)}/ (status error, another run_id).</p>"
+        )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cascade-batch report {esc(run_id or "all runs")}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:900px}} table{{border-collapse:collapse}}
@@ -274,19 +302,24 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}
 figure{{display:inline-block;width:{THUMB}px;margin:6px;vertical-align:top}}
 figcaption{{font-size:11px;overflow-wrap:anywhere}}</style></head><body>
 <h1>{esc(f"Run {run_id}" if run_id else "All runs")}</h1>
-<pre>{esc(json.dumps(facts, indent=1))}</pre>
 <p>Model {esc(str(summary.get("model")))} (weights digest {esc(str(summary.get("model_digest")))}).</p>
-<h2>Pools</h2>
+<h2>The whole output</h2>
+<p>Every image of the input, whichever run made it (<code>resumed</code>: those earlier runs had made):</p>
+<pre>{esc(json.dumps(whole, indent=1))}</pre>
+<h2>This run</h2>
+<pre>{esc(json.dumps(this_run, indent=1))}</pre>
+<p><b>{esc(scope)}</b></p>
+<h2>Pools ({here})</h2>
 <table><tr><th>pool</th><th>actors</th><th>busy</th><th>span</th><th>images per model batch</th></tr>{pool_rows}</table>
 <p>{_overlap(stats, summary)}</p>
-<h2>Throughput over time (images/s)</h2>
+<h2>Throughput over time ({here}, images/s)</h2>
 {_svg_throughput(table, stats["t0"], stats["wall_s"])}
-<h2>Timeline (each actor's batches; those under half a pixel apart are drawn as one bar)</h2>
+<h2>Timeline ({here}: each actor's batches; those under half a pixel apart are drawn as one bar)</h2>
 {_svg_timeline(stats)}
-<h2>Samples</h2>
-{"".join(cells) or "<p>No images in this run.</p>"}
-<h2>Errors (first 20)</h2>
-<table><tr><th>id</th><th>image</th><th>error</th></tr>{error_rows}</table>
+<h2>Samples ({here})</h2>
+{"".join(cells) or f"<p>No images in {here}.</p>"}
+<h2>Errors in {here}: {failed:,}{f" (the first {ERRORS_SHOWN})" if failed > ERRORS_SHOWN else ""}</h2>
+{errors_html}
 </body></html>
 """
 

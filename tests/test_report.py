@@ -1,6 +1,9 @@
 """report.html: pool busy fractions and overlap from batch intervals; prompts shown as text, never markup."""
 
+import html
 import io
+import json
+import re
 import time
 
 import numpy as np
@@ -251,6 +254,59 @@ def test_the_page_of_200000_images_is_small_and_quick(tmp_path):
         p = stats["pools"][pool]
         assert p["batches"] > 190_000 and p["actors"] == actors
         assert f"<td>{p['busy_fraction']:.1%}</td><td>{p['span_s']:.1f} s</td><td>1.00</td>" in page
+
+
+def put_part(storage, run: str, ids: list[str], statuses: list[str]) -> None:
+    """A manifest part of `run`: its images' timings as in batches_table, an error message naming each failed id."""
+    table = batches_table().slice(0, len(ids)).drop_columns(["status"])
+    extra = {
+        "id": ids,
+        "image_index": [0] * len(ids),
+        "seed": [1] * len(ids),
+        "prompt": ids,
+        "key": [None] * len(ids),
+        "status": statuses,
+        "error": [None if s == "ok" else f"error of {i}" for i, s in zip(ids, statuses)],
+        "run_id": [run] * len(ids),
+    }
+    for name, values in extra.items():
+        table = table.append_column(name, pa.array(values, pa.string() if name in ("key", "error") else None))
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.put(f"manifests/part-{run}-000000.parquet", buf.getvalue())
+
+
+def test_a_resumed_runs_page_says_what_is_the_whole_outputs_and_what_this_runs(tmp_path):
+    """_SUCCESS counts the whole output; the tables are drawn from this run's rows. An error an earlier run recorded
+    was counted above an empty error table ("errors: 3", then no row); the page now says which part is which."""
+    storage = LocalStorage(tmp_path)
+    put_part(storage, "r0", ["a", "b", "c"], ["error", "error", "ok"])  # the run that stopped
+    put_part(storage, "r1", ["d", "e"], ["error", "ok"])  # the resumed run
+    summary = {"images": 5, "ok": 2, "errors": 3, "resumed": 3, "rendered_this_run": 2, "errors_this_run": 1}
+    summary |= {"wall_s": 12.0, "images_per_s": 0.2}
+    page = build_report(storage, "r1", summary)
+    sections = dict(re.findall(r"<h2>(.*?)</h2>(.*?)(?=<h2>|</body>)", page, re.S))
+    whole, this_run = (
+        json.loads(html.unescape(re.search("<pre>(.*)</pre>", sections[h], re.S)[1])) for h in list(sections)[:2]
+    )
+    assert list(sections)[:2] == ["The whole output", "This run"]
+    assert whole == {"images": 5, "ok": 2, "errors": 3, "resumed": 3}
+    assert this_run == {"rendered_this_run": 2, "errors_this_run": 1, "wall_s": 12.0, "images_per_s": 0.2}
+    text = html.unescape(page)
+    assert (
+        "this page covers this run's 2 images only (manifest rows of run r1), not the 3 that earlier runs made" in text
+    )
+    for section in ("Pools", "Samples"):
+        assert f"<h2>{section} (this run)</h2>" in page
+    assert "<h2>Errors in this run: 1</h2>" in page
+    assert "error of d" in page and "error of a" not in page and "error of b" not in page
+    assert "The output's 2 other errors were recorded by earlier runs" in text
+    # A run that rendered nothing itself (it only wrote _SUCCESS) reports on every run, and says that.
+    summary |= {"resumed": 5, "rendered_this_run": 0, "errors_this_run": 0, "images_per_s": 0.0}
+    page = build_report(storage, None, summary)
+    assert "this page covers the manifest rows of every run on this output (5 images)" in page
+    assert "<h2>Errors in all runs: 3</h2>" in page and all(f"error of {i}" in page for i in "abd")
+    assert "recorded by earlier runs" not in page and "<h2>Pools (all runs)</h2>" in page
 
 
 @pytest.mark.parametrize(
