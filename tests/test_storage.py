@@ -195,3 +195,25 @@ def test_s3_conditional_writes_that_meet_another_write_are_tried_again(monkeypat
             stub.add_client_error("put_object", "ConditionalRequestConflict", http_status_code=409)
         with pytest.raises(StorageError, match=r"run/a.png failed: still in conflict .* after 4 attempts"):
             storage.put("a.png", b"x", if_absent=True)
+
+
+def test_s3_without_conditional_writes_falls_back_to_check_then_write_with_a_warning(monkeypatch):
+    """A server that answers If-None-Match with 501 NotImplemented: the job warns once and checks before it writes,
+    so a retried write still adopts the object stored (its sha256 from the HEAD's metadata)."""
+    from botocore.stub import ANY, Stubber
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    storage = S3Storage("s3://bucket/run", max_attempts=1)
+    plain = {"Bucket": "bucket", "Key": "run/a.png", "Body": ANY, "Metadata": ANY}
+    with Stubber(storage.client) as stub:
+        stub.add_client_error("put_object", "NotImplemented", http_status_code=501)
+        stub.add_client_error("head_object", "404", http_status_code=404)
+        stub.add_response("put_object", {}, plain)  # no IfNoneMatch from here on
+        with pytest.warns(UserWarning, match="does not support conditional writes"):
+            assert not storage.put("a.png", b"x", if_absent=True).existed
+        head = {"ContentLength": 1, "Metadata": {"sha256": sha256_hex(b"x")}}
+        stub.add_response("head_object", head, {"Bucket": "bucket", "Key": "run/a.png"})
+        stored = storage.put("a.png", b"y", if_absent=True)  # taken: adopted, not overwritten
+        assert stored.existed and stored.sha256 == sha256_hex(b"x")
+        stub.assert_no_pending_responses()
