@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -305,8 +306,8 @@ def check_arguments(args) -> str | None:
                 return f"--{name.replace('_', '-')}: {value} is not allowed; use {least} or more"
     if args.size is not None and args.size < 1:
         return f"--size: {args.size} is not allowed; use a size the model supports (omit it for the family's own)"
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        return f"--peak-tflops: {args.peak_tflops} is not allowed; use a rate above 0 (omit it to measure one)"
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
+        return f"--peak-tflops: {args.peak_tflops} is not allowed; use a finite rate above 0 (omit it to measure one)"
     least = min_prompts(args.batch)
     if args.ray_prompts and not args.ray_prompts >= least:
         batches = ", ".join(map(str, args.batch))
@@ -361,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         if reason is not None:
             print(f"error: --fp8: {reason}", file=sys.stderr)
             return 2
+    if (args.fp8 or args.graphs) and args.ray_prompts:  # its bound would come from stages the job does not run so
+        print(
+            "[bench] no Ray pipeline figure with --fp8 or --graphs: the job has neither setting (--ray-prompts 0)",
+            file=sys.stderr,
+        )
+        args.ray_prompts = 0
     twin = None
     if args.diffusers:  # first: the baseline copies our weights as loaded, in the dtype the run uses
         from .bench_diffusers import DiffusersTwin, available

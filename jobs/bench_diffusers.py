@@ -9,6 +9,7 @@ dependency: without it the benchmark reports no baseline and says so.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 
@@ -79,3 +80,7 @@ class DiffusersTwin:
                 ).images
 
         return run
+
+
+if __name__ == "__main__":  # a part of the benchmark, not a command of its own
+    sys.exit("this module is a part of python -m jobs.bench (see docs/PERFORMANCE.md): run that")

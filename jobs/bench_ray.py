@@ -1,6 +1,8 @@
 """The Ray pipeline part of `jobs.bench`: the real job (`jobs.generate`) on a local Ray, timed from its manifests.
 
-The job renders `prompts` prompts into a temporary folder with both pools at the benchmark's batch size. Its rate is
+The job renders `prompts` prompts into a temporary folder with both pools at the benchmark's batch size (and compiled
+blocks with the benchmark's `--compile`; the job has no float8 or CUDA graphs, so with those the benchmark leaves this
+part out). Its rate is
 taken in the steady state: the images written after the first block (a pool's block carries whole batches and at
 least 4 images, `jobs.generate.block_rows`, and its images are written together), over the time from that block's
 last write to the last write, so the actors' start (model loading) is left out. It is compared with its bound on
@@ -14,6 +16,7 @@ this machine:
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,7 +40,7 @@ def ray_pipeline(args, batch: int, stage_seconds: dict[str, float], devices: int
         argv += ["--width", str(args.size), "--height", str(args.size), "--dtype", args.dtype]
         argv += ["--prior-steps", str(args.prior_steps), "--decoder-steps", str(args.decoder_steps)]
         argv += ["--prior-pool-batch-size", str(batch), "--decoder-pool-batch-size", str(batch)]
-        argv += ["--no-report", "--progress-seconds", "3600"]
+        argv += ["--no-report", "--progress-seconds", "3600"] + (["--compile"] if args.compile else [])
         code = generate(argv)
         if code != 0:
             raise RuntimeError(f"the Ray pipeline's job failed with exit code {code}")
@@ -85,3 +88,7 @@ def ray_bound(pools: dict[str, float], devices: int) -> tuple[str, str, float]:
     if devices >= 2:
         return bottleneck, f"{bottleneck} alone", pools[bottleneck]
     return bottleneck, "one device, every stage", sum(pools.values())
+
+
+if __name__ == "__main__":  # a part of the benchmark, not a command of its own
+    sys.exit("this module is a part of python -m jobs.bench (see docs/PERFORMANCE.md): run that")
