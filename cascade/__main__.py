@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="Exit codes: 0 all images written; 1 an image failed or could not be written; 2 bad arguments; "
         "3 weights not loadable; 130 interrupted (Ctrl-C or SIGTERM), the images written kept.",
         formatter_class=_Help,
+        allow_abbrev=False,  # a prefix (--prior-step) is refused, not taken for a flag
     )
     p.add_argument("prompt", help="the text prompt")
     src = p.add_mutually_exclusive_group()

@@ -41,6 +41,13 @@ def test_cli_bad_size_exits_2_with_the_rule(tmp_path, capsys):
     assert not (tmp_path / "o.png").exists()
 
 
+def test_cli_takes_no_prefix_for_a_flag(tmp_path, capsys):
+    """argparse's default took --prior-step 3 as --prior-steps 3: a misspelt flag silently set another."""
+    with pytest.raises(SystemExit) as e:
+        main(["x", "--out", str(tmp_path / "o.png"), "--prior-step", "3"])
+    assert e.value.code == 2 and "unrecognized arguments: --prior-step 3" in capsys.readouterr().err
+
+
 def test_cli_messages_name_the_flag_not_the_request_field(tmp_path, capsys):
     for argv, message in [
         (["--height", "250"], "error: --height: 250 is not supported"),
