@@ -292,20 +292,25 @@ def run(config) -> int:
         log(resume_hint(config))
         return EXIT_INCOMPLETE
     with held:
-        return render(config, plan, geometry, out, run_id, started, made_by)
+        return render(config, plan, geometry, out, held, started, made_by)
 
 
-def render(config, plan, geometry, out, run_id: str, started: float, made_by: dict) -> int:
-    """The run, once it holds the output's lease: resume planning, the stream, the manifests and _SUCCESS."""
+def render(config, plan, geometry, out, held, started: float, made_by: dict) -> int:
+    """The run, once it holds the output's lease (`held`): resume planning, the stream, the manifests and _SUCCESS.
+    Each manifest part, the report and _SUCCESS are written only after `held.check()` finds the lease still this
+    run's."""
     from workers.storage import StorageError, StorageRefused
 
     from . import heap, inputs, manifest
+    from .lease import LeaseLost
+
+    run_id = held.body["run_id"]
 
     try:
         if config.overwrite:
             log(f"--overwrite: removed {manifest.clear_outputs(out)} earlier output files")
         previous = manifest.previous_work(out, plan.image_hashes, config.retry_errors, config.verify)
-        changed = sorted(n for n, d in plan.positional.items() if previous.inputs.get(n, {d}) != {d})
+        changed = inputs.changed_positions(plan, previous.inputs)
         if changed:  # before anything changes: a resume would take other prompts' images as theirs
             log(
                 f"error: prompts: {', '.join(changed)} changed since earlier runs wrote this output, and its rows "
@@ -359,7 +364,8 @@ def render(config, plan, geometry, out, run_id: str, started: float, made_by: di
         config.manifest_rows,
         config.manifest_seconds,
         settings=config.image_settings(),
-        inputs=plan.positional,
+        inputs={s.name: [plan.positional[s.name], s.rows] for s in plan.sources if s.name in plan.positional},
+        guard=held.check,
     )
     progress = Progress(todo, config.progress_seconds)
     queue_bytes, digest, actor_gpus = 0, None, None
@@ -376,6 +382,9 @@ def render(config, plan, geometry, out, run_id: str, started: float, made_by: di
         except Exception as e:  # Ray, storage: keep what is done, say how to go on
             with contextlib.suppress(Exception):  # storage may be what failed
                 writer.flush()
+            if isinstance(e, LeaseLost):  # another run writes the output now: no "rerun" (it is running)
+                log(f"error: {e}")
+                return EXIT_INCOMPLETE
             unusable = model_failure(e)
             if unusable is not None:  # a rerun would fail the same way: exit 3, as when the driver's check finds it
                 log(f"error: the model cannot be loaded on a node: {unusable}")
@@ -422,6 +431,7 @@ def render(config, plan, geometry, out, run_id: str, started: float, made_by: di
         "versions": made_by,
         "config": config.public(),
     }
+    held.check()  # (LeaseLost: another run writes the output now) before the report and _SUCCESS
     if config.report:
         # A run that only finished the bookkeeping (e.g. after a crash just before _SUCCESS) reports on all runs.
         write_report(out, run_id if rendered else None, summary)
@@ -694,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     from workers.storage import StorageError
 
+    from .lease import LeaseLost
+
     # SIGTERM (`ray job stop`, a scheduler) stops the job as Ctrl-C does: it writes the manifest rows it holds, says
     # how to resume and exits 130, instead of dying at once (a rerun would render those rows' images again). Set
     # again after ray.init(), which sets its own (init_ray).
@@ -703,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log(f"interrupted: {resume_hint(config)}")
         return EXIT_INTERRUPTED
+    except LeaseLost as e:  # another run writes the output now: no "rerun" (it is running)
+        log(f"error: {e}")
+        return EXIT_INCOMPLETE
     except StorageError as e:  # the output's bookkeeping (manifests, report, _SUCCESS): the work done is kept
         log(f"error: {failure(e)}")
         log(resume_hint(config))

@@ -131,13 +131,20 @@ def _listed(name: str) -> bool:
     return not any(part.startswith((".", "_")) for part in name.split("/"))
 
 
+def _manifests(out: str) -> str:
+    """Where the job's manifest parts under `out` are: the only Parquet files it writes there."""
+    from .manifest import MANIFEST_DIR
+
+    return out.rstrip("/") + "/" + MANIFEST_DIR
+
+
 def _inside(location: str, folder: str) -> bool:
     return location == folder or location.startswith(folder.rstrip("/") + "/")
 
 
 def find_files(prompts: str, out: str | None = None) -> tuple[Storage, list[tuple[str, str]]]:
-    """(storage, [(key, name)]) for a file, a folder, a glob or an s3:// URI of any of those. Files found under `out`
-    (the job's output, whose manifests are Parquet too) are not input; a file named as the input is."""
+    """(storage, [(key, name)]) for a file, a folder, a glob or an s3:// URI of any of those. The job's own manifest
+    parts (Parquet too), found under `out`, are not input; a file named as the input is."""
     if is_s3(prompts):
         bucket, _, path = prompts[len("s3://") :].partition("/")
         storage = S3Storage(f"s3://{bucket}")
@@ -154,7 +161,7 @@ def find_files(prompts: str, out: str | None = None) -> tuple[Storage, list[tupl
         strip = len(base) + 1 if base else 0
         found = [(k, k[strip:]) for k in sorted(keys)]
         if out and is_s3(out) and keys != [path]:
-            found = [(k, n) for k, n in found if not _inside(storage.location(k), out)]
+            found = [(k, n) for k, n in found if not _inside(storage.location(k), _manifests(out))]
     else:
         pattern = os.path.expanduser(prompts)
         path = Path(pattern)
@@ -177,7 +184,7 @@ def find_files(prompts: str, out: str | None = None) -> tuple[Storage, list[tupl
         found = [(Path(os.path.relpath(os.path.abspath(f), root)).as_posix(),) * 2 for f in files]
         if out and not is_s3(out) and not path.is_file():
             mine = os.path.abspath(os.path.expanduser(out))
-            found = [(k, n) for k, n in found if not _inside(os.path.join(root, k), mine)]
+            found = [(k, n) for k, n in found if not _inside(os.path.join(root, k), _manifests(mine))]
     if not found:
         raise InputError(f"prompts: {prompts}: no Parquet files found")
     return storage, found
@@ -192,7 +199,7 @@ class Plan:
     images: int
     image_hashes: np.ndarray  # sorted uint64, one per image to account for
     extra: pa.Schema  # the input's other columns, carried to the manifest
-    # file name -> prompts_digest, for the files without ids
+    # file name -> prompts_digest, for the files without ids (Source.rows has their rows)
     positional: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -277,14 +284,19 @@ def plan(config: JobConfig) -> Plan:
     return Plan(sources, rows, images, all_images, pa.schema(list(extra_fields.values())), positional)
 
 
-def prompts_digest(pf: pq.ParquetFile) -> str:
-    """A digest of a file's prompts in their order (their bytes, unchecked, and which are null), read a batch at a
-    time. Rows without an id are known by their position, so a file whose rows were inserted, removed or reordered
-    gives other prompts the ids of images already made: this tells a resume that the file changed. Three streams,
-    each the same however the rows fall into batches: which are null, the lengths, the bytes."""
+def prompts_digest(pf: pq.ParquetFile, rows: int | None = None) -> str:
+    """A digest of a file's prompts in their order (of its first `rows` rows; all by default): their bytes,
+    unchecked, and which are null, read a batch at a time. Rows without an id are known by their position, so a file
+    whose rows were inserted, removed or reordered gives other prompts the ids of images already made: this tells a
+    resume that the file changed. Three streams, each the same however the rows fall into batches: which are null,
+    the lengths, the bytes."""
     nulls, lengths, data = (hashlib.blake2b(digest_size=8) for _ in range(3))
+    left = pf.metadata.num_rows if rows is None else rows
     for batch in pf.iter_batches(batch_size=65536, columns=["prompt"]):
-        column = batch.column(0).cast(pa.large_binary())
+        if left <= 0:
+            break
+        column = batch.column(0).slice(0, left).cast(pa.large_binary())
+        left -= len(column)
         nulls.update(column.is_null().to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
         column = column.fill_null(b"")
         offsets = np.frombuffer(column.buffers()[1], np.int64)[column.offset : column.offset + len(column) + 1]
@@ -292,6 +304,22 @@ def prompts_digest(pf: pq.ParquetFile) -> str:
         if column.buffers()[2] is not None and len(column):
             data.update(memoryview(column.buffers()[2])[offsets[0] : offsets[-1]])
     return hashlib.blake2b(b"".join(d.digest() for d in (nulls, lengths, data)), digest_size=8).hexdigest()
+
+
+def changed_positions(plan: Plan, recorded: dict[str, set[tuple[str, int]]]) -> list[str]:
+    """The files without ids whose prompts differ from what earlier runs recorded (`recorded`: file name -> the
+    (prompts_digest, rows) of each run): rows inserted, removed, reordered or edited. Rows appended are no change:
+    the first rows, which those runs rendered, are as they were."""
+    changed = []
+    for source in plan.sources:
+        if source.name not in plan.positional or source.name not in recorded:
+            continue
+        now = (plan.positional[source.name], source.rows)
+        for digest, rows in recorded[source.name]:
+            if (digest, rows) != now and not (rows < source.rows and prompts_digest(source.open(), rows) == digest):
+                changed.append(source.name)
+                break
+    return changed
 
 
 def _open_parquet(storage: Storage, key: str) -> pq.ParquetFile:

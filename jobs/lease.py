@@ -5,13 +5,15 @@ end with a `_SUCCESS` over manifests that hold two rows per image (the next resu
 twice). So a run takes the lease before it changes anything in the output, renews it every `renew` seconds while it
 runs, and deletes it at the end, whatever the ending. A lease whose run was killed goes stale: at once when it names
 a process of this host that no longer exists (a rerun on the same machine, or the same head node, after a crash),
-else when it has not been renewed for `stale` seconds (the two hosts' clocks are compared; NTP keeps them far
-closer than that). A run that finds a lease waits to see whether it is renewed: if it is, another run is writing and
-this one stops (exit 2); if not, it takes the lease over.
+else when this run has watched it go `stale` seconds without a renewal (timed by this run's clock alone: the hosts'
+clocks need not agree). A run that finds such a lease watches it: renewed, another run is writing and this one stops
+(exit 2); not, it takes the lease over.
 
 The lease is created with a conditional write, so of two runs that start together one gets it. Taking over a stale
 lease is a plain write, then a second read after `settle` seconds: of two runs taking it over together, the one whose
-write did not last sees the other's and waits again.
+write did not last sees the other's and waits again. And since a run can lose its lease all the same (a takeover
+write that landed late, a process paused for a minute), the lease is a fence too: `check` reads it before each
+manifest part and `_SUCCESS` is written, and a run that no longer holds it stops (LeaseLost) before it writes them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ STALE_SECONDS = 60.0
 
 class LeaseHeld(RuntimeError):
     """Another run is writing to the output."""
+
+
+class LeaseLost(StorageError):
+    """This run's lease was taken over: another run writes the output now, so this one writes no more of it."""
 
 
 def _process_start(pid: int) -> str | None:
@@ -85,20 +91,29 @@ class Lease:
         except StorageError as e:  # it goes stale by itself
             self.log(f"warning: the output's lease could not be deleted ({e}); the next run waits for it to go stale")
 
+    def check(self) -> None:
+        """Raise LeaseLost unless this run still holds the lease: called before each manifest part and _SUCCESS."""
+        holder = read(self.storage)
+        if holder is not None and holder.get("run_id") != self.body["run_id"]:
+            raise LeaseLost(
+                f"the output's lease was taken over by {describe(holder)}, which writes the output now (this run "
+                "went unrenewed, or lost a race to take it over): this run stops without writing more of it"
+            )
+
     def _renewing(self) -> None:
-        warned = False
+        failing = False
         while not self._stop.wait(self.renew):
             try:
                 holder = read(self.storage)
                 if holder is not None and holder.get("run_id") != self.body["run_id"]:
-                    if not warned:  # this run went unrenewed past `stale` (a paused process) and was taken over
-                        self.log(f"warning: the output's lease was taken over by {describe(holder)}")
-                        warned = True
-                    continue
+                    continue  # taken over: `check` stops the run before it writes a manifest part
                 self.body["renewed"] = time.time()
                 write(self.storage, self.body)
-            except StorageError:  # an outage: the next renewal tries again; the job's own writes will say more
-                pass
+                failing = False
+            except Exception as e:  # an outage, a full disk: the next renewal tries again (never end the thread)
+                if not failing:
+                    self.log(f"warning: renewing the output's lease failed ({type(e).__name__}: {e}); trying again")
+                failing = True
 
 
 def read(storage: Storage) -> dict | None:
@@ -149,13 +164,15 @@ def take(
             continue
         if holder.get("run_id") == run_id:  # this run's own write, whose reply was lost and retried
             return Lease(storage, body, renew, log)
-        if not _gone_here(holder):
-            if holder.get("host") == socket.gethostname():  # its process runs: no need to watch it
-                raise LeaseHeld(_held(holder, stale))
-            holder = _watch(storage, holder, stale, log)
+        if _gone_here(holder):
+            why = "no longer runs"
+        elif holder.get("host") == socket.gethostname():  # its process runs: no need to watch it
+            raise LeaseHeld(_held(holder, stale))
+        else:
+            holder, why = _watch(storage, holder, stale, log), f"went {stale:.0f} s without a renewal"
             if holder is None:
                 continue
-        log(f"the output's lease is stale: {describe(holder)} no longer runs; this run takes it over")
+        log(f"the output's lease is stale: {describe(holder)} {why}; this run takes it over")
         body["renewed"] = time.time()
         write(storage, body)
         time.sleep(settle)
@@ -164,15 +181,15 @@ def take(
 
 
 def _watch(storage: Storage, holder: dict, stale: float, log: Callable[[str], None]) -> dict | None:
-    """Wait until the lease of another host's run is renewed (LeaseHeld), released (None) or stale (its holder)."""
-    age = time.time() - float(holder["renewed"])
-    if age <= stale:
-        log(
-            f"the output's lease is held by {describe(holder)}, renewed {age:.0f} s ago: waiting up to "
-            f"{stale - age:.0f} s to see whether that run still renews it"
-        )
-    while time.time() - float(holder["renewed"]) <= stale:
-        time.sleep(min(5.0, max(0.1, float(holder.get("renew_seconds", RENEW_SECONDS)) / 3)))
+    """Wait until the lease of another host's run is renewed (LeaseHeld), released (None) or has gone `stale`
+    seconds unchanged, by this process's clock (its holder)."""
+    log(
+        f"the output's lease is held by {describe(holder)}: watching it for up to {stale:.0f} s to see whether that "
+        "run still renews it"
+    )
+    deadline = time.monotonic() + stale
+    while time.monotonic() < deadline:
+        time.sleep(min(5.0, max(0.05, stale / 20)))
         now = read(storage)
         if now is None:
             return None
@@ -184,6 +201,6 @@ def _watch(storage: Storage, holder: dict, stale: float, log: Callable[[str], No
 def _held(holder: dict, stale: float) -> str:
     return (
         f"another run is writing to this output: {describe(holder)}. Two runs on one output would each render every "
-        f"image; wait for it to end, or stop it (a lease whose run was killed goes stale {stale:.0f} s after its last "
-        f"renewal, or at once for a rerun on its host)"
+        f"image; wait for it to end, or stop it (a lease whose run was killed is taken over by a rerun: at once on its "
+        f"host, else after {stale:.0f} s without a renewal)"
     )

@@ -18,6 +18,7 @@ import json
 import secrets
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,13 +41,13 @@ def new_run_id() -> str:
 
 
 SETTINGS = b"cascade.settings"  # a part's metadata key: the image settings of the run that wrote it (JSON)
-INPUTS = b"cascade.inputs"  # and the prompts_digest of the files without ids that its rows came from (JSON)
+INPUTS = b"cascade.inputs"  # and [prompts_digest, rows] of the files without ids that its rows came from (JSON)
 
 
 class ManifestWriter:
     """Buffers manifest rows and writes a part every `rows` rows or `seconds` seconds, whichever comes first. Each
-    part records `settings` (the run's image settings) in its metadata, and the digests of `inputs` (file name ->
-    prompts_digest, for files whose ids are positions) of the files its rows came from."""
+    part records `settings` (the run's image settings) in its metadata, and what `inputs` says (file name ->
+    [prompts_digest, rows], for files whose ids are positions) of the files its rows came from."""
 
     def __init__(
         self,
@@ -55,9 +56,11 @@ class ManifestWriter:
         rows: int,
         seconds: float,
         settings: dict | None = None,
-        inputs: dict[str, str] | None = None,
+        inputs: dict[str, list] | None = None,
+        guard: Callable[[], None] | None = None,
     ):
         self.storage, self.run_id, self.rows, self.seconds = storage, run_id, rows, seconds
+        self.guard = guard  # called before each part is written: raises if this run may no longer write (the lease)
         self.settings = json.dumps(settings or {}, sort_keys=True).encode()
         self.inputs = inputs or {}
         self.buffer: list[pa.Table] = []
@@ -82,6 +85,8 @@ class ManifestWriter:
             names = pc.unique(table.column("source")).drop_null().to_pylist()
             metadata[INPUTS] = json.dumps({n: self.inputs[n] for n in names if n in self.inputs}, sort_keys=True)
         table = table.replace_schema_metadata(metadata)
+        if self.guard is not None:
+            self.guard()
         out = io.BytesIO()
         pq.write_table(table, out, compression="zstd")
         key = f"{MANIFEST_DIR}/part-{self.run_id}-{len(self.parts):06d}.parquet"
@@ -126,7 +131,7 @@ class Previous:
     drop: dict[str, list[int]]  # manifest part -> rows to remove, because their image is rendered again
     settings: list[dict] = field(default_factory=list)  # the image settings of the runs that made this input's rows
     repeated: int = 0  # rows dropped as an image's second row (two runs wrote the output at once)
-    inputs: dict[str, set[str]] = field(default_factory=dict)  # file name -> the prompts_digests its rows were made of
+    inputs: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # file name -> (prompts_digest, rows) seen
 
 
 # Resume plans on the driver over every stored image (millions, for a dataset), so it works on arrays: per image a
@@ -201,8 +206,8 @@ def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, ver
         if mine.any() and SETTINGS in (table.schema.metadata or {}):
             settings.add(table.schema.metadata[SETTINGS])
         if mine.any() and INPUTS in (table.schema.metadata or {}):
-            for name, digest in json.loads(table.schema.metadata[INPUTS]).items():
-                inputs.setdefault(name, set()).add(digest)
+            for name, (digest, count) in json.loads(table.schema.metadata[INPUTS]).items():
+                inputs.setdefault(name, set()).add((digest, count))
         ok = pc.equal(_column(table, "status", pa.string()), "ok").fill_null(False).to_numpy()[mine]
         my_keys, member = keys.filter(mine), _column(table, "member", pa.string()).filter(mine)
         got["part"].append(np.full(int(mine.sum()), p, np.int32))

@@ -66,6 +66,9 @@ def test_a_folder_leaves_out_hidden_and_underscore_files_and_the_jobs_own_output
     assert [name for _, name in found] == ["a.parquet", "outer/c.parquet"]
     _, found = find_files(str(tmp_path / "in"), out=str(tmp_path / "in/out/"))
     assert [name for _, name in found] == ["a.parquet", "outer/c.parquet"]
+    # An output that holds the prompts folder (--out .): only its manifests are the job's.
+    _, found = find_files(str(tmp_path / "in"), out=str(tmp_path))
+    assert [name for _, name in found] == ["a.parquet", "out/manifests/part-r1-000000.parquet", "outer/c.parquet"]
     manifest = "in/out/manifests/part-r1-000000.parquet"  # named as the input, a file is read wherever it is
     assert find_files(str(tmp_path / manifest), out=str(tmp_path / "in/out"))[1] == [("part-r1-000000.parquet",) * 2]
 

@@ -232,17 +232,20 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, capsys):
 def test_a_file_without_ids_that_changed_since_the_output_was_made_stops_the_resume(tmp_path, capsys):
     """Rows without an id are known by position: with a row inserted at the top, a resume took the prompts now at
     the rendered positions as done (the new last prompt got the old last one's image) and never rendered the new
-    one. The manifests record each such file's prompts digest; a resume over a changed file stops, exit 2."""
+    one. The manifests record each such file's prompts digest and rows; a resume over a changed file stops, exit 2
+    (one with rows appended goes on)."""
     pq.write_table(prompts_table(3), tmp_path / "p.parquet")
     out = LocalStorage(tmp_path / "out")
     assert run_job(tmp_path / "p.parquet", out.root, "--no-report") == 0
     pq.write_table(prompts_table(3), tmp_path / "p.parquet", row_group_size=1)  # the same prompts, written anew
     assert run_job(tmp_path / "p.parquet", out.root, "--no-report") == 0
     assert "nothing to do" in capsys.readouterr().err
-    rows = prompts_table(3).to_pylist()
-    pq.write_table(
-        prompts_table(0).from_pylist([{"prompt": "a new first row", "style": "n"}, *rows]), tmp_path / "p.parquet"
-    )
+    rows = prompts_table(4).to_pylist()
+    pq.write_table(prompts_table(4), tmp_path / "p.parquet")  # a row appended: the rendered rows are as they were
+    assert run_job(tmp_path / "p.parquet", out.root, "--no-report") == 0
+    assert json.loads(out.get(SUCCESS))["rendered_this_run"] == 1
+    new_first = prompts_table(0).from_pylist([{"prompt": "a new first row", "style": "n"}, *rows])
+    pq.write_table(new_first, tmp_path / "p.parquet")
     parts = manifest_keys(out)
     assert run_job(tmp_path / "p.parquet", out.root, "--no-report") == 2
     assert (
@@ -251,8 +254,8 @@ def test_a_file_without_ids_that_changed_since_the_output_was_made_stops_the_res
     )
     assert manifest_keys(out) == parts and out.exists(SUCCESS)  # nothing changed
     assert run_job(tmp_path / "p.parquet", out.root, "--no-report", "--overwrite") == 0
-    prompts = {r["row"]: r["prompt"] for r in check_output(out, 4).to_pylist()}
-    assert prompts == {0: "a new first row", 1: rows[0]["prompt"], 2: rows[1]["prompt"], 3: rows[2]["prompt"]}
+    prompts = {r["row"]: r["prompt"] for r in check_output(out, 5).to_pylist()}
+    assert prompts == {0: "a new first row", **{i + 1: r["prompt"] for i, r in enumerate(rows)}}
 
 
 def test_a_second_run_on_an_output_a_run_is_writing_stops_before_changing_it(tmp_path, capsys):

@@ -79,15 +79,78 @@ def test_another_hosts_run_that_renews_its_lease_is_waited_for_then_refused(stor
             take(storage, "mine", said.append, stale=5)
     finally:
         stop.set()
-    assert "waiting up to" in said[0] and "whether that run still renews it" in said[0]
+    assert "watching it for up to 5 s to see whether that run still renews it" in said[0]
 
 
-def test_another_hosts_lease_that_is_not_renewed_goes_stale_and_a_garbled_one_at_once(storage):
+def test_a_renewed_lease_is_refused_whatever_the_clock_of_its_host_says(storage):
+    """Another host's clock 100 s behind: its renewals read as 'stale' by this one's clock, yet it runs. The watch
+    times by this process's clock alone and sees the lease change."""
+    stop = threading.Event()
+
+    def renewing():
+        while not stop.wait(0.1):
+            write(storage, _elsewhere("behind", time.time() - 100))
+
+    write(storage, _elsewhere("behind", time.time() - 100))
+    threading.Thread(target=renewing, daemon=True).start()
+    try:
+        with pytest.raises(LeaseHeld, match="run behind"):
+            take(storage, "mine", print, stale=2)
+    finally:
+        stop.set()
+
+
+def test_another_hosts_lease_that_is_not_renewed_goes_stale_and_so_does_a_garbled_one(storage):
     write(storage, _elsewhere("crashed", time.time()))
     said, start = [], time.monotonic()
     with take(storage, "mine", said.append, stale=1.0, settle=0.1):
         assert read(storage)["run_id"] == "mine" and time.monotonic() - start >= 0.5  # it waited
-    assert "waiting up to 1 s" in said[0] and "run crashed (host another-host" in said[1]
+    assert "watching it for up to 1 s" in said[0] and "run crashed (host another-host" in said[1]
+    assert said[1].endswith("went 1 s without a renewal; this run takes it over")
     storage.put(LEASE, b"{not json")
-    with take(storage, "again", said.append, settle=0.1):
+    with take(storage, "again", said.append, stale=0.5, settle=0.1):
         assert json.loads(storage.get(LEASE))["run_id"] == "again"
+
+
+def test_a_run_whose_lease_was_taken_over_writes_no_manifest_part_and_leaves_the_lease_to_the_other(storage):
+    """A run can lose its lease all the same (a process paused past `stale`, a takeover write that landed late): the
+    lease is checked before each manifest part (and the report and _SUCCESS), so the run stops instead of writing a
+    second row for every image."""
+    import pyarrow as pa
+
+    from jobs.lease import LeaseLost
+    from jobs.manifest import ManifestWriter, manifest_keys
+
+    with take(storage, "paused", print, renew=0.05) as held:
+        held.check()  # still its own
+        write(storage, _elsewhere("taker", time.time()))
+        with pytest.raises(LeaseLost, match="lease was taken over by run taker .* this run stops without writing"):
+            held.check()
+        writer = ManifestWriter(storage, "paused", rows=1, seconds=60, guard=held.check)
+        with pytest.raises(LeaseLost):
+            writer.add(pa.table({"id": ["a"], "image_index": [0], "status": ["ok"]}))
+        assert manifest_keys(storage) == []
+        time.sleep(0.2)  # the renewals leave the taker's lease as it is
+    assert read(storage)["run_id"] == "taker"  # and so does the end of the run
+
+
+def test_the_renewals_outlive_an_error_that_is_not_the_storages(storage, monkeypatch):
+    """A full disk under a local output (OSError, not StorageError) ended the renewal thread for good."""
+    said, calls, failed_at = [], [], []
+    real = type(storage).put
+
+    def put(self, key, data, **kw):
+        calls.append(key)
+        if len(calls) == 2:  # the first renewal
+            failed_at.append(time.time())
+            raise OSError(28, "No space left on device")
+        return real(self, key, data, **kw)
+
+    monkeypatch.setattr(type(storage), "put", put)
+    with take(storage, "mine", said.append, renew=0.05):
+        deadline = time.monotonic() + 10
+        while not (failed_at and read(storage)["renewed"] > failed_at[0]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert failed_at and read(storage)["renewed"] > failed_at[0]  # renewed again since
+    assert said == ["warning: renewing the output's lease failed (OSError: [Errno 28] No space left on device); "
+                    "trying again"]  # fmt: skip

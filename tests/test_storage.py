@@ -50,6 +50,22 @@ def test_if_absent_adopts_the_first_copy(storage):
     assert storage.get("k/a.bin") == b"third"
 
 
+def test_a_local_conditional_write_whose_key_goes_before_the_head_writes_again(tmp_path, monkeypatch):
+    """Taken when linked, deleted before the head read it (another run's lease released): written, not an error."""
+    storage = LocalStorage(tmp_path)
+    storage.put("a.bin", b"theirs")
+    real_head = LocalStorage.head
+
+    def head(self, key):
+        self.delete([key])  # gone in between
+        monkeypatch.setattr(LocalStorage, "head", real_head)
+        return real_head(self, key)
+
+    monkeypatch.setattr(LocalStorage, "head", head)
+    stored = storage.put("a.bin", b"mine", if_absent=True)
+    assert not stored.existed and storage.get("a.bin") == b"mine"
+
+
 def test_parquet_reads_through_ranged_gets(storage):
     buf = io.BytesIO()
     pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(1000)]}), buf, row_group_size=100)

@@ -140,12 +140,15 @@ class LocalStorage(Storage):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             if if_absent:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    existing = self.head(key)
-                    assert existing is not None
-                    return Stored(key, existing.sha256, existing.bytes, existed=True)
+                while True:
+                    try:
+                        os.link(tmp, path)
+                        break
+                    except FileExistsError:
+                        existing = self.head(key)
+                        if existing is not None:
+                            return Stored(key, existing.sha256, existing.bytes, existed=True)
+                        # Taken, then gone by the head (deleted meanwhile): link again, as S3's put writes again.
             else:
                 os.replace(tmp, path)
         finally:
