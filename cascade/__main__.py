@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--lora",
         type=Path,
-        help="a LoRA file (python -m cascade.train lora) merged into Stage C (and Stage B if it adapts it)",
+        help="a LoRA file (python -m cascade.train lora) merged into the text encoder and Stage C (and Stage B if "
+        "it adapts it)",
     )
     p.add_argument("--lite", action="store_true", help="use Stage C lite and Stage B lite from --weights")
     p.add_argument(

@@ -93,8 +93,14 @@ def locate_stage(folder: Path, stage: str, lite: bool, dtype: torch.dtype) -> Pa
     if found is None:
         names = [n.format(lite="_lite" if lite else "") for n in _SINGLE_FILES[stage]]
         names += [n.format(lite="_lite" if lite else "") + "/" for n in _DIFFUSERS_FOLDERS.get(stage, ())]
-        variant = ("lite " if lite else "big ") if "{lite}" in _SINGLE_FILES[stage][0] else ""  # (one size only)
-        raise WeightsError(f"{folder}: no {variant}{stage} weights: expected one of {', '.join(names)}")
+        sized = "{lite}" in _SINGLE_FILES[stage][0]  # (else one size only)
+        variant = ("lite " if lite else "big ") if sized else ""
+        hint = ""
+        if sized and find_stage(folder, stage, not lite, dtype) is not None:
+            hint = f"; the folder has the {'big' if lite else 'lite'} one: " + (
+                "leave out --lite (lite: false)" if lite else "add --lite (lite: true in the job's settings)"
+            )
+        raise WeightsError(f"{folder}: no {variant}{stage} weights: expected one of {', '.join(names)}{hint}")
     return found
 
 
@@ -127,26 +133,29 @@ def load_models(
         what = "is a file, not a weights folder" if folder.exists() else "weights folder not found"
         raise WeightsError(f"{folder}: {what}")
     variant = "lite" if lite else "big"
-    need = lambda stage: locate_stage(folder, stage, lite, dtype)
     prior, decoder = "prior" in parts, "decoder" in parts
+    # Every file found before any loads (gigabytes for the official family): a folder without Stage B, or without
+    # the EfficientNet encoder img2img needs, is named at once, not after the text encoder and Stage C have loaded.
+    text_dir = locate_text_encoder(folder) if prior else None
+    wanted = ["stage_c"] * prior + ["stage_b", "stage_a"] * decoder + ["effnet"] * with_effnet
+    paths = {stage: locate_stage(folder, stage, lite, dtype) for stage in wanted + ["previewer"] * with_previewer}
     text_encoder = None
-    if prior:
-        text_dir = locate_text_encoder(folder)
+    if text_dir is not None:
         tokenizer_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None  # else the bundled one
         text_encoder = _load_text(text_dir, tokenizer_dir, dtype, device)
     models = CascadeModels(
         text_encoder=text_encoder,
-        stage_c=load_stage(need("stage_c"), dtype=dtype, device=device, expect="stage_c") if prior else None,
-        stage_b=load_stage(need("stage_b"), dtype=dtype, device=device, expect="stage_b") if decoder else None,
-        stage_a=load_stage(need("stage_a"), dtype=torch.float32, device=device, expect="stage_a") if decoder else None,
+        stage_c=load_stage(paths["stage_c"], dtype=dtype, device=device, expect="stage_c") if prior else None,
+        stage_b=load_stage(paths["stage_b"], dtype=dtype, device=device, expect="stage_b") if decoder else None,
+        stage_a=load_stage(paths["stage_a"], dtype=torch.float32, device=device, expect="stage_a") if decoder else None,
         name=f"{folder.name}:{variant}",
         geometry=family_geometry(folder),
     )
     _check_widths(folder, models)
     if with_effnet:
-        models.effnet = load_stage(need("effnet"), dtype=torch.float32, device=device, expect=("effnet", "semantic"))
+        models.effnet = load_stage(paths["effnet"], dtype=torch.float32, device=device, expect=("effnet", "semantic"))
     if with_previewer:
-        models.previewer = load_stage(need("previewer"), dtype=torch.float32, device=device, expect="previewer")
+        models.previewer = load_stage(paths["previewer"], dtype=torch.float32, device=device, expect="previewer")
     return models
 
 

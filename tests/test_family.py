@@ -77,6 +77,23 @@ def test_missing_stage_names_what_was_expected(tmp_path, tiny):
         load_models(folder, lite=True)
 
 
+def test_every_file_is_found_before_anything_loads_and_the_other_size_is_hinted(tmp_path, tiny, monkeypatch):
+    """A folder without the EfficientNet encoder that img2img needs (or without Stage B) was named only after the
+    text encoder and every stage had loaded: gigabytes for the official family."""
+    import cascade.family as family
+
+    folder = write_family(tiny, tmp_path / "weights", "stability")
+    loaded = []
+    monkeypatch.setattr(family, "_load_text", lambda *a, **k: loaded.append("text"))
+    monkeypatch.setattr(family, "load_stage", lambda *a, **k: loaded.append("stage"))
+    with pytest.raises(WeightsError, match="no effnet weights: expected one of effnet_encoder.safetensors"):
+        load_models(folder, with_effnet=True)
+    assert loaded == []
+    (folder / "stage_c.safetensors").rename(folder / "stage_c_lite.safetensors")
+    with pytest.raises(WeightsError, match="no big stage_c weights: .*; the folder has the lite one: add --lite"):
+        load_models(folder)
+
+
 def test_a_text_encoder_of_another_family_is_refused_naming_both_widths(tmp_path, tiny):
     """The demo's text encoder (64 wide) beside the tiny model's stages (32): refused when loading, not by a matmul
     in the first request."""
