@@ -148,7 +148,8 @@ def find_files(prompts: str, out: str | None = None) -> tuple[Storage, list[tupl
     if is_s3(prompts):
         bucket, _, path = prompts[len("s3://") :].partition("/")
         storage = S3Storage(f"s3://{bucket}")
-        if path.endswith(".parquet") and storage.exists(path):  # first: a key may hold [ or * itself
+        # An existing object first, whatever its name ends with (as a local file): a key may hold [ or * itself.
+        if path and not path.endswith("/") and storage.exists(path):
             base, keys = path.rpartition("/")[0], [path]
         elif _has_glob(path):
             base, regex = _glob_base(path), _glob_regex(path)

@@ -115,6 +115,8 @@ def test_find_files_and_plan_on_s3(s3_bucket, tmp_path):
     assert [name for _, name in found] == ["a.parquet"]
     _, found = find_files(f"s3://{s3_bucket}/v[2]/e.parquet")  # an existing key is taken as it is, not as a glob
     assert found == [("v[2]/e.parquet", "e.parquet")]
+    storage.put("single.pq", storage.get("run/a.parquet"))  # a file is a file, whatever its name ends with
+    assert find_files(f"s3://{s3_bucket}/single.pq")[1] == [("single.pq", "single.pq")]
     p = plan(config(f"s3://{s3_bucket}/run/", out=f"s3://{s3_bucket}/run/out"))
     assert (p.rows, p.images) == (3, 3)
     with pytest.raises(InputError, match="no Parquet files"):
