@@ -250,7 +250,7 @@ def local_path_tasks(config, plan, out, say: bool = False) -> tuple[dict, dict]:
 
 def run(config) -> int:
     from cascade.weights import WeightsError
-    from workers.storage import StorageError, StorageRefused, open_storage
+    from workers.storage import StorageError, open_storage
 
     from . import inputs, lease, manifest
 
@@ -284,22 +284,30 @@ def run(config) -> int:
     except lease.LeaseHeld as e:
         log(f"error: --out: {e}")
         return EXIT_INPUT
-    except StorageRefused as e:  # before any work: a configuration error, which a rerun as it is would meet again
-        log(f"error: --out: {e}: {REFUSED_HINT}")
-        return EXIT_INPUT
     except StorageError as e:
-        log(f"error: {e}")
-        log(resume_hint(config))
-        return EXIT_INCOMPLETE
+        return stopped_before_work(e, config)
     with held:
         return render(config, plan, geometry, out, held, started, made_by)
+
+
+def stopped_before_work(e, config) -> int:
+    """Say why the output's storage stopped the job before any work, and its exit code: a refusal (a missing bucket,
+    credentials) is a configuration error, which a rerun as it is would meet again; anything else, how to resume."""
+    from workers.storage import StorageRefused
+
+    if isinstance(e, StorageRefused):
+        log(f"error: --out: {e}: {REFUSED_HINT}")
+        return EXIT_INPUT
+    log(f"error: {e}")
+    log(resume_hint(config))
+    return EXIT_INCOMPLETE
 
 
 def render(config, plan, geometry, out, held, started: float, made_by: dict) -> int:
     """The run, once it holds the output's lease (`held`): resume planning, the stream, the manifests and _SUCCESS.
     Each manifest part, the report and _SUCCESS are written only after `held.check()` finds the lease still this
     run's."""
-    from workers.storage import StorageError, StorageRefused
+    from workers.storage import StorageError
 
     from . import heap, inputs, manifest
     from .lease import LeaseLost
@@ -327,13 +335,8 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
             out.delete(previous.stale_keys)
         manifest.drop_rows(out, previous.drop)
         heap.trim()  # the planning's listing and rows, freed, go back to the system before the models load
-    except StorageRefused as e:  # before any work: a configuration error, which a rerun as it is would meet again
-        log(f"error: --out: {e}: {REFUSED_HINT}")
-        return EXIT_INPUT
     except StorageError as e:
-        log(f"error: {e}")
-        log(resume_hint(config))
-        return EXIT_INCOMPLETE
+        return stopped_before_work(e, config)
     todo = plan.images - len(previous.done)
     if len(previous.done):
         log(
@@ -435,6 +438,7 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
     if config.report:
         # A run that only finished the bookkeeping (e.g. after a crash just before _SUCCESS) reports on all runs.
         write_report(out, run_id if rendered else None, summary)
+        held.check()  # (again: a report of a large output takes a while)
     manifest.write_success(out, summary)
     log(
         f"done: {ok} images ok, {plan.images - ok} errors, {rendered} rendered in this run in "

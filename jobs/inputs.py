@@ -184,8 +184,8 @@ def find_files(prompts: str, out: str | None = None) -> tuple[Storage, list[tupl
         storage = LocalStorage(root)
         found = [(Path(os.path.relpath(os.path.abspath(f), root)).as_posix(),) * 2 for f in files]
         if out and not is_s3(out) and not path.is_file():
-            mine = os.path.abspath(os.path.expanduser(out))
-            found = [(k, n) for k, n in found if not _inside(os.path.join(root, k), _manifests(mine))]
+            mine = os.path.realpath(os.path.expanduser(out))  # (as LocalStorage resolves it)
+            found = [(k, n) for k, n in found if not _inside(os.path.realpath(os.path.join(root, k)), _manifests(mine))]
     if not found:
         raise InputError(f"prompts: {prompts}: no Parquet files found")
     return storage, found
@@ -317,9 +317,15 @@ def changed_positions(plan: Plan, recorded: dict[str, set[tuple[str, int]]]) -> 
             continue
         now = (plan.positional[source.name], source.rows)
         for digest, rows in recorded[source.name]:
-            if (digest, rows) != now and not (rows < source.rows and prompts_digest(source.open(), rows) == digest):
+            if digest == now[0] and rows in (now[1], None):
+                continue
+            if not (isinstance(rows, int) and rows < source.rows):
                 changed.append(source.name)
                 break
+            with source.open() as pf:  # (rows appended since: the rows that run rendered must be as they were)
+                if prompts_digest(pf, rows) != digest:
+                    changed.append(source.name)
+                    break
     return changed
 
 

@@ -76,6 +76,7 @@ class Lease:
     def __init__(self, storage: Storage, body: dict, renew: float, log: Callable[[str], None]):
         self.storage, self.body, self.renew, self.log = storage, body, renew, log
         self._stop = threading.Event()
+        self._lost: dict | None = None  # the holder found in this run's place (None read as {}), once lost for good
         self._thread = threading.Thread(target=self._renewing, name="output-lease", daemon=True)
 
     def __enter__(self) -> Lease:
@@ -92,21 +93,28 @@ class Lease:
             self.log(f"warning: the output's lease could not be deleted ({e}); the next run waits for it to go stale")
 
     def check(self) -> None:
-        """Raise LeaseLost unless this run still holds the lease: called before each manifest part and _SUCCESS."""
-        holder = read(self.storage)
-        if holder is not None and holder.get("run_id") != self.body["run_id"]:
+        """Raise LeaseLost unless this run still holds the lease: called before each manifest part, the report and
+        _SUCCESS. A lease gone counts as lost too: this run made it before anything else, so another run took it
+        over and, finished, deleted it."""
+        if self._lost is None:
+            holder = read(self.storage)
+            if holder is None or holder.get("run_id") != self.body["run_id"]:
+                self._lost = holder or {}
+        if self._lost is not None:
+            by = f"taken over by {describe(self._lost)}" if self._lost else "taken over, and deleted since"
             raise LeaseLost(
-                f"the output's lease was taken over by {describe(holder)}, which writes the output now (this run "
-                "went unrenewed, or lost a race to take it over): this run stops without writing more of it"
+                f"the output's lease was {by} (this run went unrenewed, or lost a race to take it over): another run "
+                "writes the output, so this run stops without writing more of it"
             )
 
     def _renewing(self) -> None:
         failing = False
-        while not self._stop.wait(self.renew):
+        while self._lost is None and not self._stop.wait(self.renew):
             try:
                 holder = read(self.storage)
-                if holder is not None and holder.get("run_id") != self.body["run_id"]:
-                    continue  # taken over: `check` stops the run before it writes a manifest part
+                if holder is None or holder.get("run_id") != self.body["run_id"]:
+                    self._lost = holder or {}  # never written again: `check` stops the run before its next part
+                    return
                 self.body["renewed"] = time.time()
                 write(self.storage, self.body)
                 failing = False

@@ -206,7 +206,8 @@ def _manifest_rows(storage: Storage, parts: list[str], expected: np.ndarray, ver
         if mine.any() and SETTINGS in (table.schema.metadata or {}):
             settings.add(table.schema.metadata[SETTINGS])
         if mine.any() and INPUTS in (table.schema.metadata or {}):
-            for name, (digest, count) in json.loads(table.schema.metadata[INPUTS]).items():
+            for name, value in json.loads(table.schema.metadata[INPUTS]).items():
+                digest, count = value if isinstance(value, list) else (value, None)  # (a bare digest: rows unknown)
                 inputs.setdefault(name, set()).add((digest, count))
         ok = pc.equal(_column(table, "status", pa.string()), "ok").fill_null(False).to_numpy()[mine]
         my_keys, member = keys.filter(mine), _column(table, "member", pa.string()).filter(mine)

@@ -13,6 +13,7 @@ from jobs.inputs import (
     InputError,
     batch_unit,
     bucket_runs,
+    changed_positions,
     expand_row,
     find_files,
     image_count,
@@ -65,6 +66,9 @@ def test_a_folder_leaves_out_hidden_and_underscore_files_and_the_jobs_own_output
     _, found = find_files(str(tmp_path / "in"), out=str(tmp_path / "in/out"))
     assert [name for _, name in found] == ["a.parquet", "outer/c.parquet"]
     _, found = find_files(str(tmp_path / "in"), out=str(tmp_path / "in/out/"))
+    assert [name for _, name in found] == ["a.parquet", "outer/c.parquet"]
+    (tmp_path / "link").symlink_to(tmp_path / "in")  # the output named through a link: the same folder
+    _, found = find_files(str(tmp_path / "in"), out=str(tmp_path / "link/out"))
     assert [name for _, name in found] == ["a.parquet", "outer/c.parquet"]
     # An output that holds the prompts folder (--out .): only its manifests are the job's.
     _, found = find_files(str(tmp_path / "in"), out=str(tmp_path))
@@ -440,3 +444,21 @@ def test_extra_columns_of_one_family_of_types_join_across_files_and_others_must_
     pq.write_table(pa.table({"prompt": ["c"], "style": [3]}), tmp_path / "c.parquet")
     with pytest.raises(InputError, match="column 'style' has type int64, but string in an earlier file"):
         plan(config(tmp_path))
+
+
+def test_a_file_without_ids_is_changed_unless_the_rows_earlier_runs_rendered_are_as_they_were(tmp_path):
+    write(tmp_path / "p.parquet", prompt=["a", "b", "c"])
+    then = plan(config(tmp_path / "p.parquet"))
+    recorded = {"p.parquet": {(then.positional["p.parquet"], 3)}}
+    assert changed_positions(then, recorded) == []
+    write(tmp_path / "p.parquet", prompt=["a", "b", "c", "d"])  # appended: the first 3 are as they were
+    assert changed_positions(plan(config(tmp_path / "p.parquet")), recorded) == []
+    for prompts in (["x", "a", "b", "c"], ["a", "B", "c", "d"], ["a", "b"], ["a", None, "c"]):  # inserted, edited, cut
+        write(tmp_path / "p.parquet", prompt=prompts)
+        assert changed_positions(plan(config(tmp_path / "p.parquet")), recorded) == ["p.parquet"], prompts
+    # A part written before the rows were recorded holds a bare digest: only the same prompts match it.
+    write(tmp_path / "p.parquet", prompt=["a", "b", "c"])
+    assert changed_positions(then, {"p.parquet": {(then.positional["p.parquet"], None)}}) == []
+    write(tmp_path / "p.parquet", prompt=["a", "b", "c", "d"])
+    now = plan(config(tmp_path / "p.parquet"))
+    assert changed_positions(now, {"p.parquet": {(then.positional["p.parquet"], None)}}) == ["p.parquet"]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from jobs.lease import LEASE, LeaseHeld, read, take, write
-from workers.storage import LocalStorage, open_storage
+from workers.storage import LocalStorage, StorageError, open_storage
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -19,6 +19,16 @@ def storage(request, tmp_path):
     return open_storage(f"s3://{request.getfixturevalue('s3_bucket')}/out")
 
 
+def _eventually(condition, seconds: float = 10.0) -> bool:
+    """Whether `condition()` holds within `seconds` (the machine is shared: timings are not exact)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _elsewhere(run_id: str, renewed: float, renew: float = 0.2) -> dict:
     return {"run_id": run_id, "host": "another-host", "pid": 1, "renewed": renewed, "renew_seconds": renew}
 
@@ -26,9 +36,9 @@ def _elsewhere(run_id: str, renewed: float, renew: float = 0.2) -> dict:
 def test_a_second_run_on_this_host_is_refused_while_the_first_runs_and_the_lease_goes_with_the_first(storage):
     said = []
     with take(storage, "r1", said.append, renew=0.1):
-        assert read(storage)["run_id"] == "r1"
-        time.sleep(0.3)
-        assert read(storage)["renewed"] > time.time() - 0.3  # renewed as it runs
+        first = read(storage)
+        assert first["run_id"] == "r1"
+        assert _eventually(lambda: read(storage)["renewed"] > first["renewed"])  # renewed as it runs
         with pytest.raises(LeaseHeld, match=r"another run is writing to this output: run r1 \(host .*, pid \d+"):
             take(storage, "r2", said.append)  # its process runs here: no waiting
     assert not storage.exists(LEASE) and said == []
@@ -148,9 +158,31 @@ def test_the_renewals_outlive_an_error_that_is_not_the_storages(storage, monkeyp
 
     monkeypatch.setattr(type(storage), "put", put)
     with take(storage, "mine", said.append, renew=0.05):
-        deadline = time.monotonic() + 10
-        while not (failed_at and read(storage)["renewed"] > failed_at[0]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert failed_at and read(storage)["renewed"] > failed_at[0]  # renewed again since
+        assert _eventually(lambda: failed_at and read(storage)["renewed"] > failed_at[0])  # renewed again since
     assert said == ["warning: renewing the output's lease failed (OSError: [Errno 28] No space left on device); "
                     "trying again"]  # fmt: skip
+
+
+def test_a_lease_gone_is_a_lease_lost_and_the_renewals_never_write_it_back(storage):
+    """Taken over while this run was paused, then deleted by the run that took it when it finished: the lease is gone.
+    This run made it before anything else, so gone means lost: it must not write it back, nor pass the fence."""
+    from jobs.lease import LeaseLost
+
+    with take(storage, "paused", print, renew=0.05) as held:
+        storage.delete([LEASE])
+        with pytest.raises(LeaseLost, match="taken over, and deleted since"):
+            held.check()
+        time.sleep(0.3)
+        assert not storage.exists(LEASE)  # the renewals stopped
+        write(storage, _elsewhere("next", time.time()))  # a new run takes the output
+        with pytest.raises(LeaseLost):
+            held.check()
+        time.sleep(0.2)
+    assert read(storage)["run_id"] == "next"
+
+
+def test_a_lease_key_that_is_not_a_file_is_an_error_not_a_hang(tmp_path):
+    storage = LocalStorage(tmp_path)
+    (tmp_path / LEASE).mkdir()
+    with pytest.raises(StorageError, match="_LEASE is in the way: not a file"):
+        take(storage, "mine", print)

@@ -140,7 +140,7 @@ class LocalStorage(Storage):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             if if_absent:
-                while True:
+                for _ in range(WRITE_CONFLICT_ATTEMPTS):
                     try:
                         os.link(tmp, path)
                         break
@@ -148,7 +148,11 @@ class LocalStorage(Storage):
                         existing = self.head(key)
                         if existing is not None:
                             return Stored(key, existing.sha256, existing.bytes, existed=True)
+                        if os.path.lexists(path) and not path.is_file():  # a folder or a dangling link: no object
+                            raise StorageError(f"{self.location(key)} is in the way: not a file") from None
                         # Taken, then gone by the head (deleted meanwhile): link again, as S3's put writes again.
+                else:
+                    raise StorageError(f"writing {self.location(key)} failed: it kept appearing and going")
             else:
                 os.replace(tmp, path)
         finally:
