@@ -125,7 +125,8 @@ class Lease:
 
 
 def read(storage: Storage) -> dict | None:
-    """The lease's holder; None when there is no lease. An unreadable lease reads as one renewed long ago."""
+    """The lease's holder; None when there is no lease. An unreadable lease reads as one of no run, which a new run
+    watches and then takes over as it would another host's."""
     try:
         data = storage.get(LEASE)
     except StorageError:
