@@ -254,6 +254,8 @@ def _run(args: argparse.Namespace, written: list[Path]) -> int:
             return EXIT_ARGUMENTS
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # The dtype changes the pixels (bf16 against fp32: up to 18 of 255 here), so the image says which it was made in.
+    made_with = " ".join(w for w in (f"dtype={next(k for k, v in DTYPES.items() if v == dtype)}", img2img) if w)
 
     # No transformers 'Loading weights' bar (as the job's actors and cascade.train --no-progress): this command's
     # progress is its own lines (loaded ..., generated i/N), and the bar covered the text encoder only.
@@ -309,7 +311,7 @@ def _run(args: argparse.Namespace, written: list[Path]) -> int:
                 failed += 1
                 print(f"error: seed {result.request.seed}: {result.error}; no image written", file=sys.stderr)
                 continue
-            data = encode(result.image, result.request, models.name, SUFFIXES[path.suffix.lower()], extra=img2img)
+            data = encode(result.image, result.request, models.name, SUFFIXES[path.suffix.lower()], extra=made_with)
             try:
                 write_image(path, data)
             except OSError as e:  # (checked before the load; changed since, or a full disk): the rest would fail too

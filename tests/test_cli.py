@@ -26,6 +26,7 @@ def test_cli_writes_png_with_parameters(tmp_path, capsys):
     assert image.size == (256, 256)
     assert image.text["prompt"] == "a red circle" and image.text["seed"] == "7"
     assert "prior_steps=2" in image.text["parameters"] and "model=tiny" in image.text["parameters"]
+    assert image.text["parameters"].endswith(" dtype=fp32")  # (auto on a CPU): it changes the pixels
 
 
 def test_cli_num_images_use_consecutive_seeds(tmp_path):
