@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from workers.storage import Storage, StorageError
+from workers.storage import Storage, StorageError, StorageRefused
 
 LEASE = "_LEASE"
 RENEW_SECONDS = 15.0
@@ -97,7 +97,7 @@ class Lease:
         _SUCCESS. A lease gone counts as lost too: this run made it before anything else, so another run took it
         over and, finished, deleted it."""
         if self._lost is None:
-            holder = read(self.storage)
+            holder = self._read_patiently()
             if holder is None or holder.get("run_id") != self.body["run_id"]:
                 self._lost = holder or {}
         if self._lost is not None:
@@ -106,6 +106,20 @@ class Lease:
                 f"the output's lease was {by} (this run went unrenewed, or lost a race to take it over): another run "
                 "writes the output, so this run stops without writing more of it"
             )
+
+    def _read_patiently(self, attempts: int = 3) -> dict | None:
+        """`read`, tried again after a failure (1 s, then 2 s): a fence that failed once would stop a healthy run,
+        where the write it guards would have been retried. A refusal (credentials) is not tried again."""
+        for attempt in range(attempts):
+            try:
+                return read(self.storage)
+            except StorageRefused:
+                raise
+            except StorageError:
+                if attempt + 1 == attempts:
+                    raise
+                time.sleep(2.0**attempt)
+        return None  # (not reached)
 
     def _renewing(self) -> None:
         failing = False

@@ -186,3 +186,21 @@ def test_a_lease_key_that_is_not_a_file_is_an_error_not_a_hang(tmp_path):
     (tmp_path / LEASE).mkdir()
     with pytest.raises(StorageError, match="_LEASE is in the way: not a file"):
         take(storage, "mine", print)
+
+
+def test_the_fence_reads_the_lease_again_after_a_failure(storage, monkeypatch):
+    """One failed read of the lease (a connection reset while reading its body: botocore does not retry that) would
+    stop a healthy run at its next manifest part; it is read again first."""
+    monkeypatch.setattr("jobs.lease.time.sleep", lambda s: None)
+    with take(storage, "mine", print) as held:
+        real, fails = type(storage).get, [1]
+
+        def get(self, key):
+            if fails:
+                fails.pop()
+                raise StorageError(f"reading {key} failed: ConnectionResetError")
+            return real(self, key)
+
+        monkeypatch.setattr(type(storage), "get", get)
+        held.check()  # no LeaseLost, no StorageError
+        assert not fails
