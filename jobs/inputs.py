@@ -264,15 +264,12 @@ def plan(config: JobConfig) -> Plan:
         sources.append(Source(storage, key, name, tuple(groups)))
         try:
             ids, counts = _ids_and_counts(pf, name, first, config.num_images)
+            if "id" not in schema.names:  # ids are positions: what the resume must see unchanged (jobs.generate)
+                positional[name] = prompts_digest(pf)
         except UnicodeDecodeError:
             raise InputError(f"prompts: {where}: {_not_text(pf.read(columns=['id']), 'id')}") from None
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"prompts: {where}: {unreadable(e)}") from None
-        if "id" not in schema.names:  # ids are positions: what the resume must see unchanged (jobs.generate)
-            try:
-                positional[name] = prompts_digest(pf)
-            except (pa.ArrowException, OSError) as e:
-                raise InputError(f"prompts: {where}: {unreadable(e)}") from None
         image_ids.append(hashes((i, k) for i, c in zip(ids, counts) for k in range(c)))
         rows += first
         images += sum(counts)

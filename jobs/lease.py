@@ -110,16 +110,14 @@ class Lease:
     def _read_patiently(self, attempts: int = 3) -> dict | None:
         """`read`, tried again after a failure (1 s, then 2 s): a fence that failed once would stop a healthy run,
         where the write it guards would have been retried. A refusal (credentials) is not tried again."""
-        for attempt in range(attempts):
+        for attempt in range(attempts - 1):
             try:
                 return read(self.storage)
             except StorageRefused:
                 raise
             except StorageError:
-                if attempt + 1 == attempts:
-                    raise
                 time.sleep(2.0**attempt)
-        return None  # (not reached)
+        return read(self.storage)
 
     def _renewing(self) -> None:
         failing = False

@@ -95,8 +95,10 @@ class ManifestWriter:
         self.buffer, self.buffered = [], 0
 
 
-def manifest_keys(storage: Storage) -> list[str]:
-    return sorted(k for k, _ in storage.list(MANIFEST_DIR) if k.endswith(".parquet"))
+def manifest_keys(storage: Storage, run_id: str | None = None) -> list[str]:
+    """The manifest parts, in order: every run's, or one run's."""
+    keys = sorted(k for k, _ in storage.list(MANIFEST_DIR) if k.endswith(".parquet"))
+    return [k for k in keys if run_id is None or k.rpartition("/")[2].startswith(f"part-{run_id}-")]
 
 
 def read_part(storage: Storage, key: str, columns: list[str] | None = None) -> pa.Table:
@@ -116,8 +118,7 @@ def read_part(storage: Storage, key: str, columns: list[str] | None = None) -> p
 
 def read_manifests(storage: Storage, columns: list[str] | None = None, run_id: str | None = None) -> pa.Table | None:
     """All manifest parts (or one run's) as one table."""
-    keys = [k for k in manifest_keys(storage) if run_id is None or k.rpartition("/")[2].startswith(f"part-{run_id}-")]
-    tables = [read_part(storage, key, columns) for key in keys]
+    tables = [read_part(storage, key, columns) for key in manifest_keys(storage, run_id)]
     return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 

@@ -214,11 +214,9 @@ def _shown_rows(storage: Storage, run_id: str | None, errors: int) -> tuple[list
     columns = ["id", "image_index", "seed", "prompt", "key", "member", "status", "error"]
     ok: list[dict] = []
     failed: list[dict] = []
-    for key in manifest_keys(storage):
+    for key in manifest_keys(storage, run_id):
         if len(ok) == SHEET_IMAGES and len(failed) >= errors:
             break
-        if run_id is not None and not key.rpartition("/")[2].startswith(f"part-{run_id}-"):
-            continue
         part = read_part(storage, key, columns)
         status = part.column("status")
         ok += part.filter(pc.equal(status, "ok")).slice(0, SHEET_IMAGES - len(ok)).to_pylist()
