@@ -1,5 +1,6 @@
 """cluster.yaml parses, and its node types and resources agree with the job settings that go with it."""
 
+import re
 from pathlib import Path
 
 import yaml
@@ -34,9 +35,6 @@ def test_cluster_yaml_and_job_settings_agree():
     assert job.prior_pool.resources.keys() != job.decoder_pool.resources.keys()
     # The dashboard and job server stay on the head's loopback; setup installs the project.
     assert all("--dashboard-host=127.0.0.1" in c for c in cluster["head_start_ray_commands"] if "--head" in c)
-    assert any("pip install -e" in c and "pipeline" in c for c in cluster["setup_commands"])
-    # Only what installing the project needs is mounted: ray up hashes every file of a mounted folder, ignored ones
-    # included (.venv, a local weights/, outputs), and re-runs setup on every node when the hash changes.
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -44,15 +42,28 @@ def test_cluster_yaml_and_job_settings_agree():
 
         tomllib = pytest.importorskip("tomli")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (install,) = [c for c in cluster["setup_commands"] if "pip install -e" in c and "pipeline" in c]
+    # Every node installs the same Ray and torch, whenever it is launched: exact pins, within the project's ranges.
+    from packaging.requirements import Requirement
+
+    required = {r.name: r for r in map(Requirement, project["project"]["dependencies"])}
+    required.update((r.name, r) for r in map(Requirement, project["project"]["optional-dependencies"]["pipeline"]))
+    pins = {r.name: r for r in map(Requirement, re.findall(r"'([a-z]+(?:\[[a-z,]+\])?==[0-9.]+)'", install))}
+    assert set(pins) == {"ray", "torch"}
+    for name, pin in pins.items():
+        (exact,) = pin.specifier
+        assert exact.operator == "==" and required[name].specifier.contains(exact.version), (name, exact)
+        assert pin.extras == required[name].extras
+    # Only what installing the project needs is mounted: ray up hashes every file of a mounted folder, ignored ones
+    # included (.venv, a local weights/, outputs), and re-runs setup on every node when the hash changes.
     packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
     needed = {"pyproject.toml", project["project"]["readme"], *packages}
     mounts = cluster["file_mounts"]
     assert mounts == {f"~/cascade-batch/{name}": f"./{name}" for name in needed}
     assert all((ROOT / local).exists() for local in mounts.values())
     # The weights reach every node (the head too: the driver checks and hashes them) at the job's model path, and a
-    # local weights/ folder is never shipped with the project (ray up honours .gitignore, as ray job submit does).
+    # local weights/ folder is never shipped with the project (only the package folders are mounted, above).
     assert any(job.model in c and "aws s3 sync" in c for c in cluster["setup_commands"])
-    assert ".gitignore" in cluster["rsync_filter"] and "/weights/" in (ROOT / ".gitignore").read_text().split()
     # The head's instance profile is its own (it launches the GPU nodes: EC2 rights the workers do not get).
     profiles = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in types.items()}
     head = profiles.pop(cluster["head_node_type"])
