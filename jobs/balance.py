@@ -42,14 +42,17 @@ class Split:
             prior, decoder, per_node = self.nodes
             text = (
                 f"# nodes: {prior} for the Stage C pool and {decoder} for the Stage B/A pool, {per_node} GPUs each "
-                "(in cluster.yaml: the node types' min_workers)\n"
+                "(in cluster.yaml: the node types' min_workers, their max_workers at least as many, and the "
+                f"top-level max_workers at least {prior + decoder})\n"
             )
+        packed = min(self.prior_gpus, self.decoder_gpus) < 1
         text += (
-            "# merge into your job's prior_pool / decoder_pool (keep their batch_size and resources)\n"
-            f"prior_pool:\n  actors: {self.prior_actors}\n  gpus: {self.prior_gpus:g}\n"
+            "# merge into your job's prior_pool / decoder_pool (keep their batch_size"
+            + (")\n" if packed else " and resources)\n")
+            + f"prior_pool:\n  actors: {self.prior_actors}\n  gpus: {self.prior_gpus:g}\n"
             f"decoder_pool:\n  actors: {self.decoder_actors}\n  gpus: {self.decoder_gpus:g}\n"
         )
-        if min(self.prior_gpus, self.decoder_gpus) < 1:
+        if packed:
             text += (
                 "# packed: a pool pinned to a node type by a custom resource counted per GPU (cluster.yaml's\n"
                 "# {stage_c: 8} on 8 GPUs) must ask for the same share of it per actor as of a GPU, e.g.\n"

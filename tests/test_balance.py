@@ -53,6 +53,7 @@ def test_nodes_that_each_serve_one_pool_are_split_whole():
     assert (plan.prior_actors, plan.decoder_actors, plan.prior_gpus, plan.decoder_gpus) == (16, 8, 1.0, 1.0)
     assert plan.nodes == (2, 1, 8) and plan.images_per_s == pytest.approx(8 / 0.75)
     assert "# nodes: 2 for the Stage C pool and 1 for the Stage B/A pool, 8 GPUs each" in plan.yaml()
+    assert "top-level max_workers at least 3" in plan.yaml()
     assert "packed" not in plan.yaml()
     assert split_nodes(16, 8, 1.0, 100.0).nodes == (1, 1, 8)  # each pool keeps a node, however lopsided
     with pytest.raises(ValueError, match="both must be positive"):
