@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from workers import storage as storage_module
 from workers.storage import LocalStorage, S3Storage, StorageError, StorageRefused, open_storage, sha256_hex
 
 
@@ -74,6 +75,68 @@ def test_parquet_reads_through_ranged_gets(storage):
         pf = pq.ParquetFile(f)
         assert pf.metadata.num_row_groups == 10
         assert pf.read_row_group(7).column("prompt")[0].as_py() == "p700"
+
+
+def test_s3_opens_a_parquet_file_with_one_request_for_its_size_and_footer(s3_bucket, monkeypatch):
+    """Planning opens every input file: one GET of the last 64 KiB gives the size and the footer (and all of a small
+    file), where a HEAD then a GET of the footer took two round trips."""
+    calls = []
+    made = storage_module.s3_client
+
+    def counted(*args, **kwargs):  # every thread's client: pyarrow reads row groups on its own threads
+        client = made(*args, **kwargs)
+        client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+        return client
+
+    monkeypatch.setattr(storage_module, "s3_client", counted)
+    storage = open_storage(f"s3://{s3_bucket}/in")
+    small, large = io.BytesIO(), io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), small)
+    rows = [f"prompt {i} " + "x" * 40 for i in range(20_000)]  # ~1 MB: row groups before the last 64 KiB
+    pq.write_table(pa.table({"prompt": rows}), large, row_group_size=2_000, compression="none")
+    storage.put("small.parquet", small.getvalue())
+    storage.put("large.parquet", large.getvalue())
+    storage.put("empty.parquet", b"")
+
+    calls.clear()
+    with storage.open_input("small.parquet") as f:
+        assert pq.read_table(f).column("prompt").to_pylist() == ["a", "b"]
+    assert calls == ["GetObject"]
+
+    calls.clear()
+    with storage.open_input("large.parquet") as f:
+        pf = pq.ParquetFile(f)
+        assert pf.metadata.num_rows == 20_000 and calls == ["GetObject"]  # the footer came with the size
+        assert pf.read_row_group(3).column("prompt")[0].as_py() == rows[6_000]
+        assert calls == ["GetObject", "GetObject"]
+        assert pf.read().column("prompt").to_pylist() == rows  # reads that reach into the tail are whole
+
+    with storage.open_input("empty.parquet") as f:
+        assert f.read() == b""
+        with pytest.raises(pa.ArrowInvalid):
+            pq.ParquetFile(f)
+    with pytest.raises(StorageError, match=r"in/nope\.parquet: not found"):
+        storage.open_input("nope.parquet")
+
+
+def test_s3_open_takes_a_whole_object_from_a_server_that_ignores_the_range(monkeypatch):
+    """A server may answer a range request with the whole object (200, no Content-Range): then that is the file."""
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"]}), buf)
+    data = buf.getvalue()
+    storage = S3Storage("s3://bucket/in", max_attempts=1)
+    with Stubber(storage.client) as stub:
+        stub.add_response(
+            "get_object", {"Body": StreamingBody(io.BytesIO(data), len(data)), "ContentLength": len(data)}
+        )
+        with storage.open_input("p.parquet") as f:
+            assert pq.read_table(f).column("prompt").to_pylist() == ["a", "b", "c"]
+        stub.assert_no_pending_responses()
 
 
 def test_local_keys_cannot_escape(tmp_path):

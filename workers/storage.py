@@ -399,17 +399,37 @@ class S3Storage(Storage):
                 )
 
     def open_input(self, key: str):
-        response = self._head_object(key, "reading")
-        if response is None:
-            raise StorageError(f"{self.location(key)}: not found")
-        return _RangeReader(self, key, int(response["ContentLength"]))
+        """The object's last TAIL_BYTES and its size come in one request (in place of a HEAD, then the footer)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=-{TAIL_BYTES}")
+            tail = response["Body"].read()
+        except ClientError as e:
+            code, status = _error_code(e)
+            if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
+                raise StorageError(f"{self.location(key)}: not found") from None
+            if status == 416 or code == "InvalidRange":  # an empty object has no last bytes
+                return _RangeReader(self, key, 0, b"")
+            raise self._fail("reading", key, e) from None
+        except BotoCoreError as e:
+            raise self._fail("reading", key, e) from None
+        # "bytes 936-1959/1960"; a server that ignores the range sends the whole object, without it
+        content_range = response.get("ContentRange") or ""
+        size = int(content_range.rpartition("/")[2]) if content_range else len(tail)
+        return _RangeReader(self, key, size, tail)
+
+
+TAIL_BYTES = 64 * 1024  # what pyarrow reads first for a Parquet footer; all of a small file
 
 
 class _RangeReader(io.RawIOBase):
-    """A read-only, seekable file over ranged GETs, so pyarrow reads only the footer and the row groups it needs."""
+    """A read-only, seekable file over ranged GETs, so pyarrow reads only the footer and the row groups it needs. The
+    object's last bytes, read when it was opened, are served without a request."""
 
-    def __init__(self, storage: S3Storage, key: str, size: int):
+    def __init__(self, storage: S3Storage, key: str, size: int, tail: bytes):
         self.storage, self.key, self.size, self.pos = storage, key, size, 0
+        self.tail, self.tail_start = tail, size - len(tail)
 
     def readable(self) -> bool:
         return True
@@ -431,6 +451,10 @@ class _RangeReader(io.RawIOBase):
         end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
         if end <= self.pos:
             return b""
+        if self.pos >= self.tail_start:
+            data = self.tail[self.pos - self.tail_start : end - self.tail_start]
+            self.pos += len(data)
+            return data
         s = self.storage
         try:
             body = s.client.get_object(Bucket=s.bucket, Key=s._key(self.key), Range=f"bytes={self.pos}-{end - 1}")
