@@ -150,6 +150,80 @@ def test_plan_counts_images_and_rejects_bad_files(tmp_path):
         plan(config(tmp_path / "empty.parquet"))
 
 
+def test_plan_reads_files_concurrently_with_the_result_and_errors_of_reading_them_in_order(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from jobs import inputs
+
+    for i in range(12):
+        write(
+            tmp_path / f"in/p{i:02d}.parquet",
+            prompt=[f"p{i} r{r}" for r in range(i + 1)],
+            **{f"extra{i % 3}": [i] * (i + 1)},
+        )
+    seen, lock, running, most = [], threading.Lock(), [0], [0]
+    opened = inputs._open_parquet
+
+    def slow_first_files(storage, key):  # the first files finish last
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3 if key.endswith(("p00.parquet", "p01.parquet")) else 0.02)
+        with lock:
+            running[0] -= 1
+            seen.append(key)
+        return opened(storage, key)
+
+    monkeypatch.setattr(inputs, "_open_parquet", slow_first_files)
+    concurrent = plan(config(tmp_path / "in"))
+    assert most[0] > 1 and seen[-1].endswith(("p00.parquet", "p01.parquet"))  # several at once, out of order
+    monkeypatch.setattr(inputs, "PLAN_THREADS", 1)
+    one_at_a_time = plan(config(tmp_path / "in"))
+    assert [s.name for s in concurrent.sources] == [f"p{i:02d}.parquet" for i in range(12)]
+    sources = [[(s.key, s.name, s.row_groups) for s in p.sources] for p in (concurrent, one_at_a_time)]
+    assert sources[0] == sources[1] and concurrent.extra == one_at_a_time.extra
+    assert concurrent.extra.names == ["extra0", "extra1", "extra2"]
+    assert np.array_equal(concurrent.image_hashes, one_at_a_time.image_hashes)
+    assert (concurrent.rows, concurrent.images, concurrent.positional) == (78, 78, one_at_a_time.positional)
+
+    # The first bad file in order is named, though a later one failed first.
+    monkeypatch.setattr(inputs, "PLAN_THREADS", 8)
+    write(tmp_path / "in/p01.parquet", text=["no prompt"])
+    write(tmp_path / "in/p09.parquet", prompt=[1])
+    with pytest.raises(InputError, match=r"p01.parquet has no 'prompt' column"):
+        plan(config(tmp_path / "in"))
+
+
+def test_the_planning_threads_hold_at_most_the_row_budget_unless_one_file_is_larger():
+    import threading
+    import time
+
+    from jobs.inputs import _RowBudget
+
+    budget, held, lock, most, over = _RowBudget(100), [0], threading.Lock(), [0], []
+
+    def work(rows):
+        with budget.hold(rows):
+            with lock:
+                held[0] += rows
+                most[0] = max(most[0], held[0])
+                if held[0] > 100 and held[0] != rows:
+                    over.append(held[0])  # past the budget, and not a large file alone
+            time.sleep(0.01)
+            with lock:
+                held[0] -= rows
+
+    threads = [threading.Thread(target=work, args=(rows,)) for rows in [40, 70, 30, 250, 60, 10, 100, 90] * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert held[0] == 0 and budget.held == 0
+    assert most[0] == 250 and over == []  # the 250-row files ran alone; all else within 100
+    assert all(not t.is_alive() for t in threads)
+
+
 def test_duplicate_ids_are_refused_naming_both_rows(tmp_path):
     write(tmp_path / "in/a.parquet", prompt=["a", "b"], id=["x", "y"])
     write(tmp_path / "in/b.parquet", prompt=["c"], id=["x"])
