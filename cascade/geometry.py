@@ -32,7 +32,7 @@ class Geometry:
     def check_size(self, name: str, value) -> None:
         if not is_int(value) or not self.min_size <= value <= self.max_size or value % self.size_multiple:
             raise ValueError(
-                f"{name}: {value!r} is not supported; use a multiple of {self.size_multiple} "
+                f"{name}: {value!r} is not supported; use an integer multiple of {self.size_multiple} "
                 f"from {self.min_size} to {self.max_size}"
             )
 

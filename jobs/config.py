@@ -157,6 +157,11 @@ def _is_num(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_amount(v) -> bool:
+    """An amount of a Ray resource: 0, or a finite number Ray can schedule (at least its unit, 0.0001)."""
+    return _is_num(v) and (v == 0 or v >= RAY_RESOURCE_UNIT)
+
+
 def _check(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
@@ -172,7 +177,7 @@ def from_mapping(data: dict) -> JobConfig:
             raise _unknown(str(key), KEYS, "")
         if key in ("prior_pool", "decoder_pool"):
             if not isinstance(value, dict):
-                raise ConfigError(f"{key}: must be a mapping of {', '.join(sorted(POOL_KEYS))}")
+                raise ConfigError(f"{key}: {value!r} is not allowed; use a mapping of {', '.join(sorted(POOL_KEYS))}")
             pool = PoolConfig()
             for k, v in value.items():
                 if k not in POOL_KEYS:
@@ -187,6 +192,11 @@ def from_mapping(data: dict) -> JobConfig:
 # A bucket name: AWS wants 3-63 lowercase letters, digits, dots and hyphens; some S3-compatible servers (Ceph's relaxed
 # names) also take capitals and underscores, so only what no server takes is refused here.
 _BUCKET = re.compile(r"[A-Za-z0-9._-]{3,255}")
+# What looks like a URL, not a path: a scheme of two or more characters, then ":/" (a local path would make a folder
+# named "s3a:" and exit 0 with the images where nobody looks; "C:/" is a Windows drive, not a scheme).
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")
+# Ray's unit of a fractional resource: an amount above 0 and below it is refused when the actors start.
+RAY_RESOURCE_UNIT = 0.0001
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # Ray takes these only as num_cpus etc.
 
 
@@ -213,6 +223,13 @@ def validate(c: JobConfig) -> None:
     _check(isinstance(c.out, str) and c.out.strip() != "", "out", c.out, "give a local folder or an s3:// prefix")
     for name in ("prompts", "out"):
         url = getattr(c, name)
+        scheme = _SCHEME.match(url)
+        _check(
+            scheme is None or url.startswith("s3://"),
+            name,
+            url,
+            "give an s3://bucket/prefix URL (lowercase s3; s3a:, gs: and the like are not read) or a local path",
+        )
         bucket = url[len("s3://") :].partition("/")[0] if url.startswith("s3://") else None
         _check(
             bucket is None or _BUCKET.fullmatch(bucket) is not None,
@@ -280,7 +297,12 @@ def validate(c: JobConfig) -> None:
     _check(is_int(v) and v >= 1, "segment_rows", v, "use an integer of 1 or more")
     v = c.node_wait_seconds
     _check(_is_num(v) and v >= 0, "node_wait_seconds", v, "use a number of seconds, 0 to wait forever")
-    _check(_is_num(c.writer_cpus) and c.writer_cpus > 0, "writer_cpus", c.writer_cpus, "use a number above 0")
+    _check(
+        _is_amount(c.writer_cpus) and c.writer_cpus > 0,
+        "writer_cpus",
+        c.writer_cpus,
+        f"use a number from {RAY_RESOURCE_UNIT:g}",
+    )
     _check(c.latent_dtype in LATENT_DTYPES, "latent_dtype", c.latent_dtype, f"use one of {', '.join(LATENT_DTYPES)}")
     _check(
         is_int(c.storage_attempts) and 1 <= c.storage_attempts <= 100,
@@ -298,19 +320,19 @@ def validate(c: JobConfig) -> None:
             f"use 0 (a fixed pool) or an integer of at least {name}.actors ({p.actors}) to autoscale between them",
         )
         _check(
-            p.gpus == "auto" or (_is_num(p.gpus) and p.gpus >= 0 and (p.gpus <= 1 or float(p.gpus).is_integer())),
+            p.gpus == "auto" or (_is_amount(p.gpus) and (p.gpus <= 1 or float(p.gpus).is_integer())),
             f"{name}.gpus",
             p.gpus,
-            "use 'auto', 0, a fraction up to 1 (to pack actors on a GPU) or a whole number",
+            f"use 'auto', 0, a fraction from {RAY_RESOURCE_UNIT:g} up to 1 (to pack actors on a GPU) or a whole number",
         )
-        _check(_is_num(p.cpus) and p.cpus >= 0, f"{name}.cpus", p.cpus, "use a number of 0 or more")
+        _check(_is_amount(p.cpus), f"{name}.cpus", p.cpus, f"use 0 or a number from {RAY_RESOURCE_UNIT:g}")
         _check(is_int(p.batch_size) and 1 <= p.batch_size <= 1024, f"{name}.batch_size", p.batch_size, "use 1 to 1024")
         _check(
             isinstance(p.resources, dict)
-            and all(isinstance(k, str) and _is_num(v) and v > 0 for k, v in p.resources.items()),
+            and all(isinstance(k, str) and k.strip() and _is_amount(v) and v > 0 for k, v in p.resources.items()),
             f"{name}.resources",
             p.resources,
-            'use a mapping of resource name to a positive amount, e.g. {"stage_c": 1}',
+            f'use a mapping of resource name to an amount of at least {RAY_RESOURCE_UNIT:g}, e.g. {{"stage_c": 1}}',
         )
         taken = sorted(k for k in p.resources if k in RAY_BUILTIN_RESOURCES) if isinstance(p.resources, dict) else []
         _check(
@@ -361,7 +383,7 @@ def _unique_key_loader():
                         todo.append(value_node)
                         if key_node.tag == merge or not isinstance(key_node, yaml.ScalarNode):
                             continue
-                        key = self.construct_object(key_node)  # (1, 01 and 0x1 are one key, as are on and true)
+                        key = self.construct_object(key_node)  # (1, 01 and 0x1 are one key)
                         if key in keys:
                             raise yaml.constructor.ConstructorError(
                                 None, None, f"the key {key!r} is given twice", key_node.start_mark
@@ -371,7 +393,40 @@ def _unique_key_loader():
                     todo.extend(part.value)
             return super().construct_document(node)
 
+    _core_schema(UniqueKeyLoader)
     return UniqueKeyLoader
+
+
+def _core_schema(loader) -> None:
+    """Plain values read as YAML 1.2's core schema does, in place of PyYAML's YAML 1.1 rules, under which `1e3` is a
+    string, `seed: 010` is 8 (octal), `1:30` is 90 (base 60), `no` is false and `2024-01-01` a date: settings the
+    user did not write. Here only true/false are booleans; integers are decimal, 0x hex or 0o octal; floats take
+    an exponent with or without a sign or point; everything else is a string."""
+    import yaml
+
+    kept = ("tag:yaml.org,2002:merge",)
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag in kept]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    core = {  # tag: (pattern, the characters a plain value of it can start with; "" for the empty value)
+        "tag:yaml.org,2002:null": (r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+        "tag:yaml.org,2002:bool": (r"true|True|TRUE|false|False|FALSE", list("tTfF")),
+        "tag:yaml.org,2002:int": (r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", list("-+0123456789")),
+        "tag:yaml.org,2002:float": (
+            r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)",
+            list("-+0123456789."),
+        ),
+    }
+    for tag, (pattern, first) in core.items():
+        loader.add_implicit_resolver(tag, re.compile(f"^(?:{pattern})$"), first)
+
+    def integer(self, node):
+        text = self.construct_scalar(node)
+        base = {"0x": 16, "0o": 8}.get(text[:2], 10)
+        return int(text[2:] if base != 10 else text, base)
+
+    loader.add_constructor("tag:yaml.org,2002:int", integer)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -380,9 +435,13 @@ def load_yaml(path: str | Path) -> dict:
 
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8-sig")
     except OSError as e:
         raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"--config: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
     try:
         stream = io.StringIO(text)
         stream.name = str(path)  # what YAML's error marks name, in place of "<unicode string>"
@@ -429,7 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 kind = (
                     _resources
                     if pf.name == "resources"
-                    else (int if pf.name in POOL_COUNTS else _gpus if pf.name == "gpus" else float)
+                    else (_number(int) if pf.name in POOL_COUNTS else _gpus if pf.name == "gpus" else _number(float))
                 )
                 default = getattr(pool, pf.name)
                 text = f"{f.name}: {pf.name} (default {default!r})" if default != {} else f"{f.name}: {pf.name}"
@@ -447,7 +506,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             else:
                 kind = type(default)
                 text = f"(default {default!r})" if default != "" else REQUIRED_HELP.get(f.name, EMPTY_HELP.get(f.name))
+            kind = _number(kind) if kind in (int, float) else kind
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+
+
+def _number(kind):
+    """A flag's number, or its text as given where it is not one: validation then names the setting, the value and
+    what is allowed (argparse would say only "invalid int value")."""
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _gpus(text: str) -> float | str:
@@ -465,15 +539,23 @@ def _gpus(text: str) -> float | str:
 def _resources(text: str) -> dict:
     """--*-pool-resources: a JSON mapping (validate checks its names and amounts)."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except ValueError:
+        value = None
+    if not isinstance(value, dict):  # (null would read as "not given", and leave the file's resources as they were)
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not JSON; give a mapping of resource name to amount, e.g. '{{\"stage_c\": 1}}'"
-        ) from None
+            f"{text!r} is not a JSON mapping; give resource names and amounts, e.g. "
+            f"'{{\"stage_c\": 1}}' ('{{}}' for none)"
+        )
+    return value
 
 
 def resolve(args: argparse.Namespace) -> JobConfig:
     """YAML (if --config) overlaid with the flags that were given, then validated."""
+    if getattr(args, "config", None) == "":
+        raise ConfigError(
+            "--config: '' is not allowed; give the path of a YAML file of settings, or leave the flag out"
+        )
     data = load_yaml(args.config) if getattr(args, "config", None) else {}
     for key, value in vars(args).items():
         if value is None or key == "config":

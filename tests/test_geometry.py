@@ -20,7 +20,7 @@ SMALL = {"stage_c_compression": 16, "min_size": 64, "max_size": 256, "size_multi
 
 def test_official_geometry_is_the_reference():
     assert latent_sizes(1024, 1024, OFFICIAL) == ((16, 24, 24), (4, 256, 256))
-    with pytest.raises(ValueError, match="width: 1000 is not supported; use a multiple of 32 from 256 to 2048"):
+    with pytest.raises(ValueError, match="width: 1000 is not supported; use an integer multiple of 32 from 256 to 2048"):
         validate(Request("a", width=1000))
 
 
@@ -34,12 +34,12 @@ def test_a_family_file_sets_the_geometry(tmp_path):
     assert models.geometry == small
     results = generate(models, [Request("a red circle", seed=1, width=64, height=96, prior_steps=2, decoder_steps=2)])
     assert results[0].error is None and results[0].image.size == (64, 96)
-    with pytest.raises(ValueError, match="width: 1024 is not supported; use a multiple of 16 from 64 to 256"):
+    with pytest.raises(ValueError, match="width: 1024 is not supported; use an integer multiple of 16 from 64 to 256"):
         generate(models, [Request("x", width=1024, height=64)])
     # The job: sizes default to the family's and are checked against its rules.
     config = from_mapping({"prompts": "p", "out": "o", "model": str(folder)})
     assert (config.width, config.height) == (64, 64)
-    with pytest.raises(ConfigError, match="width: 1024 is not supported; use a multiple of 16 from 64 to 256"):
+    with pytest.raises(ConfigError, match="width: 1024 is not supported; use an integer multiple of 16 from 64 to 256"):
         from_mapping({"prompts": "p", "out": "o", "model": str(folder), "width": 1024})
     assert from_mapping({"prompts": "p", "out": "o", "model": "tiny"}).width == 1024  # the official geometry
     assert from_mapping({"prompts": "p", "out": "o"}).width == family_geometry(DEFAULT_MODEL).default_size

@@ -1,5 +1,7 @@
 """The job's configuration: YAML and flags, validated in full, with errors that name the key and suggest fixes."""
 
+import re
+
 import pytest
 
 from cascade.geometry import DEFAULT_MODEL, family_geometry
@@ -35,7 +37,9 @@ def test_pool_resources_flag_takes_json():
 @pytest.mark.parametrize(
     "flag, value, message",
     [
-        ("--prior-pool-resources", "{bad", "argument --prior-pool-resources: '{bad' is not JSON; give a mapping"),
+        ("--prior-pool-resources", "{bad", "argument --prior-pool-resources: '{bad' is not a JSON mapping; give"),
+        # null would read as "not given": the file's resources would stay, the flag ignored
+        ("--prior-pool-resources", "null", "argument --prior-pool-resources: 'null' is not a JSON mapping; give"),
         ("--decoder-pool-gpus", "half", "argument --decoder-pool-gpus: 'half' is not allowed; use 'auto', 0, a"),
         ("--prior-stepz", "3", "unrecognized arguments: --prior-stepz (did you mean --prior-steps?) 3"),
         ("--decoder-pool-batchsize", "2", "--decoder-pool-batchsize (did you mean --decoder-pool-batch-size?) 2"),
@@ -64,7 +68,7 @@ def test_unknown_keys_suggest_the_nearest(tmp_path):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("width", 1000, "width: 1000 is not supported; use a multiple of 32 from 256 to 2048"),
+        ("width", 1000, "width: 1000 is not supported; use an integer multiple of 32 from 256 to 2048"),
         ("height", -64, "height: -64 is not supported"),
         ("prior_steps", 0, "prior_steps: 0 is not allowed; use an integer from 1 to 1000"),
         ("decoder_cfg", float("nan"), "decoder_cfg: nan"),
@@ -95,8 +99,61 @@ def test_bad_pool_values_are_named():
         from_mapping({"prompts": "p", "out": "o", "decoder_pool": {"resources": {"stage_b": -1}}})
     with pytest.raises(ConfigError, match=r"prior_pool.resources: \{'GPU': 1\} is not allowed; GPU cannot go"):
         from_mapping({"prompts": "p", "out": "o", "prior_pool": {"resources": {"GPU": 1}}})  # Ray refuses it later
-    with pytest.raises(ConfigError, match="prior_pool: must be a mapping"):
+    with pytest.raises(ConfigError, match="prior_pool: 3 is not allowed; use a mapping of actors, batch_size"):
         from_mapping({"prompts": "p", "out": "o", "prior_pool": 3})
+
+
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ({"prior_pool": {"gpus": 0.00001}}, "prior_pool.gpus: 1e-05 is not allowed; use 'auto', 0, a fraction from"),
+        ({"decoder_pool": {"cpus": 0.00005}}, "decoder_pool.cpus: 5e-05 is not allowed; use 0 or a number from 0.0001"),
+        ({"writer_cpus": 0.00001}, "writer_cpus: 1e-05 is not allowed; use a number from 0.0001"),
+        ({"prior_pool": {"resources": {"stage_c": 0.00001}}}, "an amount of at least 0.0001"),
+        ({"prior_pool": {"resources": {"": 1}}}, "prior_pool.resources: {'': 1} is not allowed; use a mapping of"),
+    ],
+)
+def test_amounts_finer_than_ray_schedules_are_refused_before_ray_starts(setting, value):
+    """Ray refuses a fractional amount below 0.0001 only as the actors start, which the job took for a failure to
+    resume from (exit 1, "rerun"), and a rerun met again."""
+    with pytest.raises(ConfigError) as e:
+        from_mapping({"prompts": "p", "out": "o", **setting})
+    assert value in str(e.value)
+    unit = {"gpus": 0.0001, "cpus": 0.0001, "resources": {"stage_c": 0.0001}}
+    config = from_mapping({"prompts": "p", "out": "o", "writer_cpus": 0.0001, "prior_pool": unit})  # Ray's unit
+    assert config.prior_pool.gpus == config.writer_cpus == 0.0001
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--seed", "1e3", "seed: '1e3' is not allowed; use an integer from 0 to 2**63 - 1"),
+        ("--prior-cfg", "abc", "prior_cfg: 'abc' is not allowed; use a finite number from 0 to 100"),
+        ("--prior-pool-actors", "x", "prior_pool.actors: 'x' is not allowed; use an integer of 1 or more"),
+        ("--writer-cpus", "many", "writer_cpus: 'many' is not allowed; use a number from 0.0001"),
+        ("--width", "64.0", "width: '64.0' is not supported; use an integer multiple of 16 from 64 to 256"),
+    ],
+)
+def test_number_flags_that_do_not_parse_say_what_is_allowed(flag, value, message):
+    with pytest.raises(ConfigError) as e:
+        parse("--prompts", "p", "--out", "o", flag, value)
+    assert message in str(e.value)
+    assert parse("--prompts", "p", "--out", "o", "--prior-cfg", "1.5e1").prior_cfg == 15.0
+
+
+@pytest.mark.parametrize("url", ["s3a://bucket/run", "S3://bucket/run", "s3:/bucket/run", "gs://bucket/run"])
+def test_urls_the_job_does_not_read_are_refused_rather_than_made_local_folders(url):
+    """`s3a://b/run` as a local path is a folder named "s3a:" in the working directory (under ray job submit, the
+    head's temporary one): the job exited 0 with the images where nobody would look."""
+    for name in ("out", "prompts"):
+        with pytest.raises(ConfigError, match=f"{name}: '{url}' is not allowed; give an s3://bucket/prefix URL"):
+            from_mapping({"prompts": "p", "out": "o", name: url})
+    from_mapping({"prompts": "C:/prompts", "out": "./out:1/x"})  # a drive letter or a colon in a folder is a path
+
+
+def test_an_empty_config_flag_is_refused_not_ignored():
+    with pytest.raises(ConfigError, match="--config: '' is not allowed; give the path of a YAML file"):
+        parse("--prompts", "p", "--out", "o", "--config", "")
 
 
 def test_yaml_errors(tmp_path):
@@ -115,6 +172,39 @@ def test_yaml_errors(tmp_path):
     evil.write_text("prompts: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(evil)
+
+
+def test_yaml_values_read_as_written_yaml_1_2_core(tmp_path):
+    """PyYAML follows YAML 1.1, where 1e3 is a string, 010 is octal 8, 1:30 is 90, no is false: a config would
+    run with settings the user did not write, or be refused with a value they did not write."""
+    config = parse(
+        "--prompts", "p", "--out", "o", tmp_path=tmp_path,
+        yaml_text="seed: 010\nprior_cfg: 5e0\ndecoder_cfg: 1.5E-1\nnegative_prompt: no\nmanifest_seconds: 1.2e2\n"
+        "segment_rows: 0x10\nquality: 0o17\nreport: false\noverwrite: True\n",
+    )  # fmt: skip
+    assert (config.seed, config.prior_cfg, config.decoder_cfg, config.negative_prompt) == (10, 5.0, 0.15, "no")
+    assert (config.manifest_seconds, config.segment_rows, config.quality) == (120.0, 16, 15)
+    assert (config.report, config.overwrite) == (False, True)
+    for text, message in [
+        ("prior_cfg: 1e3\n", "prior_cfg: 1000.0 is not allowed"),
+        ("seed: 1:30\n", "seed: '1:30' is not allowed"),
+        ("overwrite: yes\n", "overwrite: 'yes' is not allowed; use true or false"),
+        ("seed: 2024-01-01\n", "seed: '2024-01-01' is not allowed"),
+        ("prior_cfg: .inf\n", "prior_cfg: inf is not allowed"),
+        ("negative_prompt: ~\n", "negative_prompt: None is not allowed"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse("--prompts", "p", "--out", "o", tmp_path=tmp_path, yaml_text=text)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("negative_prompt: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 0xe9 at offset 20\); save it"):
+        load_yaml(latin1)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes("negative_prompt: café\n".encode("utf-8-sig"))  # what Windows editors write
+    assert load_yaml(bom) == {"negative_prompt": "café"}
 
 
 def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path):
@@ -140,7 +230,7 @@ def test_a_key_given_twice_is_refused_naming_it_and_its_line(tmp_path):
     )
     assert load_yaml(nested)["decoder_pool"] == {"resources": {"stage_c": 2}}
     # Keys YAML reads as one value, written two ways, are one key given twice.
-    for text, key in [("steps: 1\n1: a\n01: b\n", "1"), ("on: 1\ntrue: 2\n", "True"), ("~: 1\nnull: 2\n", "None")]:
+    for text, key in [("steps: 1\n1: a\n01: b\n", "1"), ("true: 1\nTrue: 2\n", "True"), ("~: 1\nnull: 2\n", "None")]:
         other = tmp_path / "other.yaml"
         other.write_text(text)
         with pytest.raises(ConfigError, match=f"the key {key} is given twice"):

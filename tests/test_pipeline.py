@@ -118,7 +118,7 @@ def test_truncation_is_reported(models):
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("width", 1000, "width: 1000 is not supported; use a multiple of 32 from 256 to 2048"),
+        ("width", 1000, "width: 1000 is not supported; use an integer multiple of 32 from 256 to 2048"),
         ("height", 4096, "height: 4096 is not supported"),
         ("width", -256, "width: -256"),
         ("prior_steps", 0, "prior_steps: 0 is not allowed"),

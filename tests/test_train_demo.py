@@ -135,7 +135,7 @@ def test_a_stage_before_its_inputs_is_refused(tmp_path, capsys):
         ("[1]", "recipe: list is not allowed; use a mapping"),
         ('{"stage_c": {"steps": "10"}}', "recipe: stage_c: steps: '10' is not allowed; use a number"),
         ("{not json", "--recipe: not JSON"),
-        ('{"size": 48}', "recipe: size: 48 is not supported; use a multiple of 16 from 64 to 256"),
+        ('{"size": 48}', "recipe: size: 48 is not supported; use an integer multiple of 16 from 64 to 256"),
         ('{"stage_a": {"steps": -2}}', "recipe: stage_a: steps: -2 is not allowed; use 1 or more"),
         ('{"stage_c": {"lr": -1}}', "recipe: stage_c: lr: -1 is not allowed; use a finite number above 0"),
         ('{"semantic": {"ema_beta": 2}}', "recipe: semantic: ema_beta: 2 is not allowed; use a number from 0 up to"),
