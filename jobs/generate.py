@@ -88,6 +88,9 @@ def check_model(config):
     return geometry
 
 
+_OWN_RAY = []  # holds True once init_ray started a private Ray: its one node is all there will be (no autoscaler)
+
+
 def init_ray():
     import ray
 
@@ -99,6 +102,7 @@ def init_ray():
         # A private local Ray for this job (even if another local cluster runs: set RAY_ADDRESS to use that one),
         # dashboard off.
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        _OWN_RAY.append(True)
     interrupt_on_sigterm()  # again: ray.init() sets its own SIGTERM handler (a bare sys.exit)
     return ray
 
@@ -206,6 +210,33 @@ class Progress:
         eta = f"{int(left / rate // 60)}m{int(left / rate % 60):02d}s" if rate > 0 else "?"
         pct = 100 * self.done / self.total if self.total else 100
         return f"{self.done}/{self.total} images ({pct:.1f}%), {rate:.2f} images/s, ETA {eta}, {self.errors} errors"
+
+
+class NeverFits(Exception):
+    """On the job's own Ray (one machine, no autoscaler) a pool or the writers can never be placed."""
+
+
+def check_fits_here(needs: dict[str, dict[str, float]]) -> None:
+    """On the Ray this job started, refuse at once what the node watch would wait node_wait_seconds for: nothing
+    will add a node. (On a cluster, RAY_ADDRESS, an autoscaler may: the watch waits.)"""
+    from .placement import _over, _shortage, describe, live_nodes, unplaceable
+
+    if not _OWN_RAY:
+        return
+    nodes = live_nodes()
+    missing = unplaceable(needs, nodes)
+    has = describe({k: v for k, v in nodes[0].items() if k in ("CPU", "GPU")}) if nodes else "nothing"
+    if missing:
+        what = " or ".join(f"the {name} (one needs {describe(needs[name])})" for name in missing)
+        problem = f"this machine ({has}) can never run {what}"
+    elif over := _over(needs, nodes):
+        problem = f"this machine cannot run an actor of each pool and a writer at once: {_shortage(needs, over)}"
+    else:
+        return
+    raise NeverFits(
+        f"{problem}; the job started its own Ray here, which adds no nodes. Lower the pools' gpus, cpus or "
+        "resources, or writer_cpus (gpus: auto shares the GPUs there are), or submit the job to a cluster (RAY_ADDRESS)"
+    )
 
 
 class LocalPathError(Exception):
@@ -379,7 +410,7 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
             writer.flush()
             log(f"interrupted: {resume_hint(config)}")
             return EXIT_INTERRUPTED
-        except LocalPathError as e:  # before any work
+        except (LocalPathError, NeverFits) as e:  # before any work
             log(f"error: {e}")
             return EXIT_INPUT
         except Exception as e:  # Ray, storage: keep what is done, say how to go on
@@ -607,11 +638,14 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     gpus = [pool_args(p, auto)["num_gpus"] for p in (prior, decoder)]  # per actor
     wanted = prior.actors * gpus[0] + decoder.actors * gpus[1]
     digest = job_digest(config, *gpus)
+    needs = {name: actor_needs(pool, auto) for name, pool in (("Stage C pool", prior), ("Stage B/A pool", decoder))}
+    # The writers run beside the actors, so their CPUs count with the actors': more than a node holds, or more
+    # than the actors leave, and the stream stops at its last stage.
+    needs["writer tasks"] = {"CPU": config.writer_cpus}
+    check_fits_here(needs)
     if wanted > cluster_gpus:
-        log(
-            f"warning: the pools ask for {wanted:g} GPUs and the cluster has {cluster_gpus:g} now; "
-            "actors wait until an autoscaler adds GPU nodes"
-        )
+        later = "start with those that fit" if _OWN_RAY else "wait until an autoscaler adds GPU nodes"
+        log(f"warning: the pools ask for {wanted:g} GPUs and the cluster has {cluster_gpus:g} now; actors {later}")
 
     read_args, write_args = local_path_tasks(config, plan, out, say=True)
 
@@ -664,10 +698,6 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     queue_bytes = 0
     watch = None
     if config.node_wait_seconds > 0:
-        needs = {name: actor_needs(pool, auto) for name, pool in (("Stage C pool", prior), ("Stage B/A pool", decoder))}
-        # The writers run beside the actors, so their CPUs count with the actors': more than a node holds, or more
-        # than the actors leave, and the stream stops at its last stage.
-        needs["writer tasks"] = {"CPU": config.writer_cpus}
         watch = NodeWatch(needs, config.node_wait_seconds, log)
         watch.start()
     # One Ray Data execution per segment of the input: the executor's state grows with the blocks it has moved

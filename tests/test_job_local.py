@@ -189,6 +189,27 @@ def test_sigterm_stops_the_job_as_ctrl_c_does(tmp_path, capsys):
     check_output(out, 24)
 
 
+def test_pools_that_can_never_fit_on_the_job_s_own_ray_are_refused_at_once(tmp_path):
+    """With no RAY_ADDRESS the job starts a Ray of its own on this machine, which no autoscaler will grow: a pool
+    that fits nowhere (2 GPUs an actor here, where the machine has none) is a settings error, exit 2, not a wait of
+    node_wait_seconds and an exit 1 that asks for a rerun. In its own process: the tests' Ray is a shared one."""
+    import os
+    import subprocess
+    import sys
+
+    pq.write_table(prompts_table(2), tmp_path / "p.parquet")
+    argv = [sys.executable, "-m", "jobs.generate", "--prompts", str(tmp_path / "p.parquet"), "--out", str(tmp_path)]
+    argv += [*FAST, "--prior-pool-gpus", "2", "--node-wait-seconds", "3600", "--no-report"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (
+        "error: this machine (CPU 2) can never run the Stage C pool (one needs GPU 2); the job started its own "
+        "Ray here, which adds no nodes. Lower the pools' gpus"
+    ) in done.stderr, done.stderr[-3000:]
+    assert read_manifests(LocalStorage(tmp_path)) is None
+
+
 def test_job_on_s3_in_and_out_leaks_no_secret(s3_bucket, tmp_path, capfd):
     """Credentials only in the standard AWS variables (this process's and the Ray workers'), prompts and outputs on
     the S3 server. (A job in its own process on S3 is the storage-faults test.)"""
