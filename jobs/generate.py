@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import math
 import os
 import platform
@@ -430,7 +431,7 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
             log(f"error: the job stopped: {failure(e)}")
             log(resume_hint(config))
             return EXIT_INCOMPLETE
-    writer.flush()
+    writer.flush(everything=True)  # the stream has ended: every shard's rows are in
     finished = time.time()
 
     rendered = progress.done
@@ -679,6 +680,12 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
                 **pool_args(pool, auto),
             )
         webdataset = config.layout == "webdataset"
+        if webdataset:
+            # Blocks of exactly shard_size rows: map_batches gathers whole blocks up to its batch size, and each
+            # gathering's rest became a shard of its own (300 images at shard_size 10 made 25 shards of 10 and 25
+            # of 2). `strict` (Ray 2.60; not in every release the project takes) is what makes them exact.
+            exact = {"strict": True} if "strict" in inspect.signature(ds.repartition).parameters else {}
+            ds = ds.repartition(target_num_rows_per_block=config.shard_size, **exact)
         return ds.map_batches(
             write_shard if webdataset else write_images,
             batch_size=config.shard_size if webdataset else block_rows(decoder.batch_size),

@@ -67,7 +67,7 @@ RESERVED = {
     # the Stage B/A pool (workers.stages.DecoderStage)
     "pixels", "decoder_s", "decoder_batch", "decoder_start", "decoder_end", "decoder_actor",
     # the writer (workers.writer) and the manifest (jobs.manifest)
-    "status", "sha256", "bytes", "member", "model", "model_digest", "write_s", "write_end", "run_id",
+    "status", "sha256", "bytes", "member", "shard_images", "model", "model_digest", "write_s", "write_end", "run_id",
 }  # fmt: skip
 KEY_NAME_MAX = 100  # characters of an id kept in a key; S3 keys may be 1024 bytes
 

@@ -75,11 +75,18 @@ class ManifestWriter:
         if self.buffered >= self.rows or time.monotonic() - self.last >= self.seconds:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, everything: bool = False) -> None:
+        """Write the rows buffered, less those of shards whose other rows have not come yet: they wait for the next
+        part. (A run that stops meanwhile leaves such a shard named by no row: the resume deletes it and renders its
+        images again. Written, its rows would name a shard holding samples the resume renders again elsewhere.)
+        `everything`: the run has ended with every row in, so write all."""
         self.last = time.monotonic()
         if not self.buffer:
             return
         table = pa.concat_tables(self.buffer, promote_options="permissive")
+        table, held = (table, table.slice(0, 0)) if everything else _whole_shards(table)
+        if not table.num_rows:
+            return
         metadata = {**(table.schema.metadata or {}), SETTINGS: self.settings}
         if self.inputs and "source" in table.column_names:
             names = pc.unique(table.column("source")).drop_null().to_pylist()
@@ -92,7 +99,21 @@ class ManifestWriter:
         key = f"{MANIFEST_DIR}/part-{self.run_id}-{len(self.parts):06d}.parquet"
         self.storage.put(key, out.getvalue(), if_absent=True, content_type="application/vnd.apache.parquet")
         self.parts.append(key)
-        self.buffer, self.buffered = [], 0
+        self.buffer, self.buffered = ([held], held.num_rows) if held.num_rows else ([], 0)
+
+
+def _whole_shards(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(rows to write, rows held): held are the ok rows of each shard fewer of whose rows are here than it holds
+    samples (`shard_images`, set by the WebDataset writer)."""
+    if "shard_images" not in table.column_names or not table.num_rows:
+        return table, table.slice(0, 0)
+    ok = pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("key"))).fill_null(False)
+    counts = table.filter(ok).group_by("key").aggregate([("key", "count"), ("shard_images", "max")])
+    short = counts.filter(pc.less(counts.column("key_count"), counts.column("shard_images_max"))).column("key")
+    if not len(short):
+        return table, table.slice(0, 0)
+    held = pc.and_(ok, pc.is_in(table.column("key"), value_set=short)).fill_null(False)
+    return table.filter(pc.invert(held)), table.filter(held)
 
 
 def manifest_keys(storage: Storage, run_id: str | None = None) -> list[str]:

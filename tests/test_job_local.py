@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import math
 from importlib.metadata import version
 
 import numpy as np
@@ -431,13 +432,14 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     from workers.storage import sha256_hex
 
     # Input columns named as the pipeline's own (the writer's member, the manifest's run_id) travel renamed.
-    users = {"member": [f"m{i}" for i in range(7)], "run_id": [f"r{i}" for i in range(7)]}
-    pq.write_table(prompts_table(7, **users), tmp_path / "prompts.parquet")
+    users = {"member": [f"m{i}" for i in range(10)], "run_id": [f"r{i}" for i in range(10)]}
+    users["score"] = [0.5, float("nan"), None, 1.0, float("inf"), 2.0, 3.0, 4.0, 5.0, 6.0]  # pandas writes a missing float as NaN
+    pq.write_table(prompts_table(10, **users), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
-    argv = ["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *FAST]
+    argv = ["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *FAST, "--image-format", "jpeg"]
     assert main([*argv, "--layout", "webdataset", "--shard-size", "3"]) == 0
     table = read_manifests(out)
-    assert set(table.column_names) - RESERVED == {"style", "input_member", "input_run_id"}
+    assert set(table.column_names) - RESERVED == {"style", "input_member", "input_run_id", "score"}
     assert sorted(table.column("input_member").to_pylist()) == users["member"]
 
     def members() -> dict:
@@ -450,15 +452,26 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
 
     manifest = read_manifests(out).to_pylist()
     stored = members()
-    assert len(manifest) == 7 and len({(r["id"], r["image_index"]) for r in manifest}) == 7
-    assert len(stored) == 7 * 3 and not list(out.list("images"))  # image, .txt, .json per sample
+    assert len(manifest) == 10 and len({(r["id"], r["image_index"]) for r in manifest}) == 10
+    assert len(stored) == 10 * 3 and not list(out.list("images"))  # image, .txt, .json per sample
+    # Full shards: 3 + 3 + 3 + 1. (The decoder's blocks of 4 rows made shards of 3 + 1 + 3 + 1 + 2: Ray Data batches
+    # whole blocks, and each block's rest became a shard of its own.)
+    assert sorted(sum(1 for r in manifest if r["key"] == k) for k in {r["key"] for r in manifest}) == [1, 3, 3, 3]
     for row in manifest:
         image = stored[(row["key"], row["member"])]
         assert sha256_hex(image) == row["sha256"] and "." not in row["member"].rsplit(".", 1)[0]
+        assert row["member"].endswith(".jpg")  # as img2dataset names a JPEG (WebDataset's to_tuple("jpg"))
+        assert row["shard_images"] == sum(1 for r in manifest if r["key"] == row["key"])
         stem = row["member"].rsplit(".", 1)[0]
         assert stored[(row["key"], stem + ".txt")].decode() == row["prompt"]
-        meta = json.loads(stored[(row["key"], stem + ".json")])
+
+        def strict(constant):
+            raise ValueError(f"{constant} is not JSON")
+
+        meta = json.loads(stored[(row["key"], stem + ".json")], parse_constant=strict)  # what JSON.parse reads
         assert (meta["id"], meta["seed"], meta["style"]) == (row["id"], row["seed"], row["style"])
+        score = row["score"]
+        assert meta["score"] == (score if score is not None and math.isfinite(score) else None)
         assert meta["key"] == stem  # the sample's key, as img2dataset's json has it
 
     # A lost shard, one changed member in another and a third shard garbled at its start (its size unchanged): one
@@ -473,7 +486,7 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     files[row["member"]] = files[row["member"]][:-1] + b"\0"
     out.put(row["key"], tar_bytes(files))
     in_shard = sum(1 for r in manifest if r["key"] == row["key"])
-    (garbled,) = {r["key"] for r in manifest} - {lost, row["key"]}
+    garbled = sorted({r["key"] for r in manifest} - {lost, row["key"]})[0]
     garbled_rows, data = sum(1 for r in manifest if r["key"] == garbled), out.get(garbled)
     out.put(garbled, b"\xff" * 512 + data[512:])
     # And a shard no manifest row names (a run that stopped before writing its rows): removed, not left to duplicate.
@@ -481,7 +494,7 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     out.put(orphan, data)
     assert main([*argv, "--layout", "webdataset", "--shard-size", "3", "--verify"]) == 0
     manifest = read_manifests(out).to_pylist()
-    assert len(manifest) == 7 and len({(r["id"], r["image_index"]) for r in manifest}) == 7
+    assert len(manifest) == 10 and len({(r["id"], r["image_index"]) for r in manifest}) == 10
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == lost_rows + in_shard + garbled_rows
     stored = members()
     assert all(sha256_hex(stored[(r["key"], r["member"])]) == r["sha256"] for r in manifest)

@@ -260,3 +260,38 @@ def test_each_part_records_its_run_s_image_settings_and_a_resume_reads_those_of_
     assert settings_changes(found, {"model": "demo", "seed": 3}) == ["model 'tiny' (now 'demo')", "seed 0 (now 3)"]
     drop_rows(s, {manifest_keys(s)[0]: [0]})  # rewriting a part keeps what it records
     assert previous_work(s, _hashes("b"), retry_errors=False).settings == [{"model": "demo", "seed": 0}]
+
+
+def test_a_manifest_part_holds_all_of_a_shard_s_rows_or_none(tmp_path):
+    """Ray Data may split a shard's rows into several blocks, which reach the driver one at a time. A part written
+    between them named the shard with some of its rows; after a crash the resume rendered the others again into a
+    new shard, and the old one, still named, kept their samples too: duplicates in the training data, and exit 0."""
+    s = LocalStorage(tmp_path)
+
+    def rows(shard: str, n: int, members: range, error: bool = False) -> pa.Table:
+        ok = [{"id": f"{shard}{i}", "status": "ok", "key": f"shards/{shard}.tar", "shard_images": n} for i in members]
+        bad = [{"id": f"{shard}-bad", "status": "error", "key": None, "shard_images": None}] if error else []
+        return pa.Table.from_pylist(ok + bad, schema=SHARD_ROWS)
+
+    writer = ManifestWriter(s, "run", rows=1, seconds=60)
+    writer.add(pa.concat_tables([rows("a", 3, range(2), error=True), rows("b", 1, range(1))]))
+    (first,) = manifest_keys(s)  # b whole, a's error row; a's two ok rows wait for its third
+    assert sorted(read_part(s, first).column("id").to_pylist()) == ["a-bad", "b0"]
+    assert writer.buffered == 2
+    writer.add(rows("a", 3, range(2, 3)))
+    assert sorted(read_part(s, manifest_keys(s)[1]).column("id").to_pylist()) == ["a0", "a1", "a2"]
+    assert writer.buffered == 0
+
+    writer.add(rows("c", 2, range(1)))  # a run stopped here writes none of c's rows: c is an orphan, redone
+    writer.flush()
+    assert len(manifest_keys(s)) == 2 and writer.buffered == 1
+    writer.flush(everything=True)  # (the stream's end: whatever is there is written)
+    assert read_part(s, manifest_keys(s)[2]).column("id").to_pylist() == ["c0"]
+    files = ManifestWriter(s, "files", rows=1, seconds=60)  # the files layout has no shards: rows go as they come
+    files.add(pa.Table.from_pylist([{"id": "x", "status": "ok", "key": "images/x.png"}]))
+    assert files.buffered == 0 and len(manifest_keys(s, "files")) == 1
+
+
+SHARD_ROWS = pa.schema(
+    [("id", pa.string()), ("status", pa.string()), ("key", pa.string()), ("shard_images", pa.int32())]
+)

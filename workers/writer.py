@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import tarfile
 import time
 
@@ -89,14 +90,30 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> N
 
 
 JSON_SKIP = {"pixels", "latent", "clip_pooled", "clip_pooled_negative"}
+EXTENSIONS = {"jpeg": "jpg"}  # a sample's image as img2dataset names it (WebDataset's to_tuple("jpg") looks for it)
+
+
+def _json_safe(value):
+    """NaN and infinities as null (pandas writes a missing float as NaN, and JSON has no NaN: JSON.parse refuses it),
+    in nested values too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def write_shard(
     batch: pa.Table, storage: Storage, image_format: str, quality: int, model: str, digest: str, overwrite: bool
 ) -> pa.Table:
     """Write the batch's images as one tar shard. Its key is a hash of the samples it holds, so a retried batch writes
-    (or adopts) the same shard; manifest rows name the shard (`key`) and the sample (`member`)."""
+    (or adopts) the same shard; manifest rows name the shard (`key`) and the sample (`member`), and say how many
+    samples it holds (`shard_images`): Ray Data may split these rows into several blocks, which reach the driver one
+    at a time, and a manifest part must hold all of a shard's rows or none (jobs.manifest.ManifestWriter)."""
     rows = batch.to_pylist()
+    ext = EXTENSIONS.get(image_format, image_format)
     start = time.perf_counter()
     members: dict[str, bytes] = {}
     row_members: list[str | None] = []
@@ -105,12 +122,13 @@ def write_shard(
             row_members.append(None)
             continue
         name = sample_key(row["id"], row["image_index"])
-        members[f"{name}.{image_format}"] = _encoded(row, model, image_format, quality)
+        members[f"{name}.{ext}"] = _encoded(row, model, image_format, quality)
         members[f"{name}.txt"] = row["prompt"].encode()
         meta = {k: v for k, v in row.items() if k not in JSON_SKIP and not isinstance(v, bytes)}
         meta["key"] = name  # the sample's key, as img2dataset writes it (the row's is a files-layout path)
-        members[f"{name}.json"] = json.dumps({**meta, "model": model, "model_digest": digest}, default=str).encode()
-        row_members.append(f"{name}.{image_format}")
+        meta = _json_safe({**meta, "model": model, "model_digest": digest})
+        members[f"{name}.json"] = json.dumps(meta, default=str, allow_nan=False).encode()
+        row_members.append(f"{name}.{ext}")
     shard_key = key = None
     if members:
         names = sorted(members)
@@ -142,6 +160,7 @@ def write_shard(
             "bytes": pa.array([len(members[m]) if good else None for m, good in zip(row_members, ok)], pa.int64()),
             "status": pa.array(["ok" if good else "error" for good in ok], pa.string()),
             "error": pa.array(errors, pa.string()),
+            "shard_images": pa.array([sum(ok) if good else None for good in ok], pa.int32()),
             **_write_columns(model, digest, [seconds] * n, [end] * n),
         },
     )
