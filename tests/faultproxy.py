@@ -9,6 +9,8 @@ Requests pass through unchanged (the Host header too, so SigV4 signatures still 
 - `reset_after`: the request reaches the server (a PUT is stored) and the connection is reset before the reply, so the
   client cannot know whether its write happened: the case conditional writes exist for;
 - `slow`: the reply comes `slow_seconds` late.
+- `cut`: the reply's headers and half its body come, then the connection is reset: a body cut short mid-stream,
+  which botocore's retries (of a request, until its headers) do not cover.
 
 `rule(method, path, n)` sees every request (n counts them from 1) and returns a fault or None. Every request and its
 fault is logged in `requests`, so a test can check that a faulted request was retried.
@@ -26,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("slowdown", "error500", "reset", "reset_after", "slow")
+FAULTS = ("slowdown", "error500", "reset", "reset_after", "slow", "cut")
 ERROR_XML = '<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
 
 
@@ -84,8 +86,8 @@ class FaultProxy:
         if fault == "slow":
             time.sleep(self.slow_seconds)
         status, headers, data = self._forward(h, body)
-        if fault == "reset_after":
-            return self._reset(h)
+        if fault == "reset_after" or (fault == "cut" and (h.command == "HEAD" or len(data) < 2)):
+            return self._reset(h)  # (a reply without a body to cut is cut in its headers)
         h.send_response_only(status)
         for name, value in headers:
             if name.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -94,6 +96,10 @@ class FaultProxy:
         length = dict((k.lower(), v) for k, v in headers).get("content-length") if h.command == "HEAD" else None
         h.send_header("Content-Length", length if length is not None else str(len(data)))
         h.end_headers()
+        if fault == "cut":
+            h.wfile.write(data[: len(data) // 2])
+            h.wfile.flush()
+            return self._reset(h)
         if h.command != "HEAD":
             h.wfile.write(data)
 

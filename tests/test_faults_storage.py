@@ -16,7 +16,7 @@ import pytest
 from tests.faultproxy import FAULTS, FaultProxy
 from tests.jobhelpers import FAST, check_output, parquet_bytes, prompts_table
 from tests.servers import S3_HOST, S3_SECRET_KEY, s3_port
-from workers.storage import open_storage
+from workers.storage import StorageError, open_storage
 
 
 @pytest.fixture
@@ -89,3 +89,27 @@ def test_an_outage_stops_the_job_and_a_rerun_through_faults_within_the_retry_bud
     # stored once and described once (check_output); the retry adopted it.
     assert any(m == "PUT" and "/out/images/" in p and f == "reset_after" for m, p, f in proxy.requests)
     assert S3_SECRET_KEY not in rerun.stderr + rerun.stdout
+
+
+def test_a_body_cut_short_mid_stream_is_read_again(s3_bucket, proxy, monkeypatch):
+    """botocore retries a request until its reply's headers come, not a body cut off after them (a connection reset
+    mid-stream): manifests, --verify, the lease and the Parquet reads would stop at the first such cut."""
+    import pyarrow.parquet as pq
+
+    direct = open_storage(f"s3://{s3_bucket}/in")
+    data = parquet_bytes(prompts_table(20000))
+    assert len(data) > 70_000  # more than open_input's first read: its row group comes in a ranged GET of its own
+    direct.put("p.parquet", data)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setattr("workers.storage.time.sleep", lambda s: None)
+    through = open_storage(f"s3://{s3_bucket}/in")
+    proxy.rule = lambda method, path, n: "cut" if method == "GET" and n % 2 else None  # every other GET
+    assert through.get("p.parquet") == data
+    with through.open_input("p.parquet") as f:
+        assert pq.read_table(f).num_rows == 20000
+    cuts = [r for r in proxy.requests if r[2] == "cut"]
+    assert len(cuts) >= 3 and all(m == "GET" for m, _, _ in proxy.requests), proxy.requests
+    proxy.rule = lambda method, path, n: "cut"  # every one: after storage_attempts, a clear error
+    few = open_storage(f"s3://{s3_bucket}/in", max_attempts=2)
+    with pytest.raises(StorageError, match=rf"reading s3://{s3_bucket}/in/p.parquet failed: ResponseStreamingError"):
+        few.get("p.parquet")

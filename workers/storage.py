@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import io
 import os
+import random
 import threading
 import time
 import uuid
@@ -44,6 +45,8 @@ REFUSED_CODES = {
     "NoSuchBucket", "InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed", "InvalidAccessKeyId",
     "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AccountProblem", "AllAccessDisabled", "AccessDenied",
     "RequestTimeTooSkewed",
+    # a request the server will never take as it is (a key it cannot store, an argument it rejects)
+    "InvalidRequest", "InvalidArgument", "InvalidURI", "InvalidObjectName", "KeyTooLongError",
 }  # fmt: skip
 
 
@@ -322,11 +325,29 @@ class S3Storage(Storage):
             f"{WRITE_CONFLICT_ATTEMPTS} attempts"
         )
 
+    def _get_object(self, key: str, **args) -> tuple[dict, bytes]:
+        """A GET's response and its whole body. botocore retries a request until its headers come, not a body cut
+        short after them (a connection reset mid-stream): that is retried here, as often, with backoff and jitter.
+        Other errors are raised as botocore raises them."""
+        from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+        from botocore.exceptions import ReadTimeoutError as BodyTimeout
+
+        attempt = 1
+        while True:
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **args)
+                return response, response["Body"].read()
+            except (ResponseStreamingError, IncompleteReadError, BodyTimeout):
+                if attempt >= self.max_attempts:
+                    raise
+                time.sleep(random.uniform(0, min(20.0, 2.0 ** (attempt - 1))))
+                attempt += 1
+
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            return self._get_object(key)[1]
         except (ClientError, BotoCoreError) as e:
             raise self._fail("reading", key, e) from None
 
@@ -403,8 +424,7 @@ class S3Storage(Storage):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes=-{TAIL_BYTES}")
-            tail = response["Body"].read()
+            response, tail = self._get_object(key, Range=f"bytes=-{TAIL_BYTES}")
         except ClientError as e:
             code, status = _error_code(e)
             if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
@@ -457,8 +477,7 @@ class _RangeReader(io.RawIOBase):
             return data
         s = self.storage
         try:
-            body = s.client.get_object(Bucket=s.bucket, Key=s._key(self.key), Range=f"bytes={self.pos}-{end - 1}")
-            data = body["Body"].read()
+            _, data = s._get_object(self.key, Range=f"bytes={self.pos}-{end - 1}")
         except (ClientError, BotoCoreError) as e:
             raise s._fail("reading", self.key, e) from None
         self.pos += len(data)
