@@ -282,7 +282,7 @@ def local_path_tasks(config, plan, out, say: bool = False) -> tuple[dict, dict]:
 
 def run(config) -> int:
     from cascade.weights import WeightsError
-    from workers.storage import StorageError, open_storage
+    from workers.storage import StorageError, StorageRefused, open_storage
 
     from . import inputs, lease, manifest
 
@@ -293,6 +293,13 @@ def run(config) -> int:
     except inputs.InputError as e:
         log(f"error: {e}")
         return EXIT_INPUT
+    except StorageRefused as e:  # (one found past the listing, as the ids are read)
+        log(f"error: prompts: {e}: {REFUSED_HINT}")
+        return EXIT_INPUT
+    except StorageError as e:  # the prompts' storage failed past its retries: an outage, which a rerun may not meet
+        log(f"error: prompts: {e}")
+        log("nothing in the output was changed: rerun the same command when the storage answers again")
+        return EXIT_INCOMPLETE
     try:
         geometry = check_model(config)
     except WeightsError as e:

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from cascade.geometry import OFFICIAL, Geometry
 from cascade.request import MAX_SEED, Request, validate
 from workers.rows import REQUEST_FIELDS
-from workers.storage import LocalStorage, S3Storage, Storage, StorageError, is_s3
+from workers.storage import LocalStorage, S3Storage, Storage, StorageRefused, is_s3
 
 from .config import MAX_NUM_IMAGES, JobConfig
 
@@ -145,12 +145,13 @@ def _inside(location: str, folder: str) -> bool:
     return location == folder or location.startswith(folder.rstrip("/") + "/")
 
 
-def find_files(prompts: str, out: str | None = None) -> tuple[Storage, list[tuple[str, str]]]:
+def find_files(prompts: str, out: str | None = None, attempts: int = 10) -> tuple[Storage, list[tuple[str, str]]]:
     """(storage, [(key, name)]) for a file, a folder, a glob or an s3:// URI of any of those. The job's own manifest
-    parts (Parquet too), found under `out`, are not input; a file named as the input is."""
+    parts (Parquet too), found under `out`, are not input; a file named as the input is. `attempts`: per S3 request
+    (storage_attempts), here and in the read tasks, which take this storage."""
     if is_s3(prompts):
         bucket, _, path = prompts[len("s3://") :].partition("/")
-        storage = S3Storage(f"s3://{bucket}")
+        storage = S3Storage(f"s3://{bucket}", attempts)
         # An existing object first, whatever its name ends with (as a local file): a key may hold [ or * itself.
         if path and not path.endswith("/") and storage.exists(path):
             base, keys = path.rpartition("/")[0], [path]
@@ -304,10 +305,11 @@ def _plan_file(storage: Storage, key: str, name: str, default: int, budget: _Row
 def plan(config: JobConfig) -> Plan:
     """Find and check the inputs, and count the images: everything that can fail before a model loads. The files are
     read PLAN_THREADS at a time (on S3 each costs a few requests' round trips, not CPU), their results taken in order,
-    so the first bad file in order is the one named."""
+    so the first bad file in order is the one named. A refusal by the storage (a missing bucket, credentials) is an
+    InputError; an outage past the retries stays a StorageError, which a rerun may not meet."""
     try:
-        storage, files = find_files(config.prompts, config.out)
-    except StorageError as e:
+        storage, files = find_files(config.prompts, config.out, config.storage_attempts)
+    except StorageRefused as e:
         raise InputError(f"prompts: {e}") from None
     sources, extra_fields, positional = [], {}, {}
     image_ids: list[np.ndarray] = []
@@ -384,9 +386,9 @@ def changed_positions(plan: Plan, recorded: dict[str, set[tuple[str, int]]]) -> 
 def _open_parquet(storage: Storage, key: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(storage.open_input(key))
-    except StorageError as e:
+    except StorageRefused as e:
         raise InputError(f"prompts: {e}") from None
-    except (pa.ArrowException, OSError) as e:
+    except (pa.ArrowException, OSError) as e:  # (an outage is a StorageError, not these: it goes up as it is)
         raise InputError(f"prompts: {storage.location(key)} is not a readable Parquet file: {e}") from None
 
 

@@ -113,3 +113,22 @@ def test_a_body_cut_short_mid_stream_is_read_again(s3_bucket, proxy, monkeypatch
     few = open_storage(f"s3://{s3_bucket}/in", max_attempts=2)
     with pytest.raises(StorageError, match=rf"reading s3://{s3_bucket}/in/p.parquet failed: ResponseStreamingError"):
         few.get("p.parquet")
+
+
+def test_an_outage_while_planning_is_retried_storage_attempts_times_then_exit_1_with_nothing_changed(
+    s3_bucket, proxy, monkeypatch, capsys, tmp_path
+):
+    """The prompts' storage took the default 10 attempts whatever storage_attempts said, and an outage while
+    planning was exit 2, "bad input", where a rerun once the server answers goes on."""
+    from jobs.generate import main
+
+    open_storage(f"s3://{s3_bucket}").put("in/prompts.parquet", parquet_bytes(prompts_table(3)))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    proxy.rule = lambda method, path, n: "slowdown" if method == "GET" and "/in/" in path else None
+    argv = ["--prompts", f"s3://{s3_bucket}/in/", "--out", str(tmp_path / "out"), *FAST, "--storage-attempts", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"error: prompts: reading s3://{s3_bucket}/in/prompts.parquet failed: SlowDown (HTTP 503)" in err
+    assert "nothing in the output was changed: rerun the same command when the storage answers again" in err
+    assert [m for m, p, f in proxy.requests if f == "slowdown"] == ["GET", "GET"], proxy.requests  # attempts: 2
+    assert not (tmp_path / "out").exists()

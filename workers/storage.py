@@ -219,7 +219,7 @@ def s3_client(max_attempts: int = 10):
 
     config = Config(
         s3={"addressing_style": "path"},
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "total_max_attempts": max_attempts},  # (max_attempts counts retries only)
         connect_timeout=10,
         read_timeout=60,
         # Newer botocore adds CRC checksums that some S3-compatible servers reject; only send them when required.
