@@ -210,6 +210,40 @@ EMPTY_HELP = {  # settings whose default is "" (none)
 }
 
 
+def _check_url(name: str, url: str) -> None:
+    """`prompts` or `out`: a local path, or an s3:// URL whose keys every S3-compatible server stores as written."""
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return
+    if "@" in url[scheme.end() :].lstrip("/").partition("/")[0]:  # user:secret@bucket: never echoed
+        raise ConfigError(
+            f"{name}: a URL with credentials in it (user:secret@...) is not allowed, and is not shown here: "
+            "credentials come from the standard AWS configuration (environment, ~/.aws, an instance profile)"
+        )
+    _check(
+        url.startswith("s3://"),
+        name,
+        url,
+        "give an s3://bucket/prefix URL (lowercase s3; s3a:, gs: and the like are not read) or a local path",
+    )
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    _check(
+        _BUCKET.fullmatch(bucket) is not None,
+        name,
+        url,
+        "an s3:// URL starts with a bucket name of at least 3 letters, digits, dots or hyphens",
+    )
+    parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
+    _check(
+        "\\" not in prefix and not any(part in ("", ".", "..") for part in parts),
+        name,
+        url,
+        "write the key prefix without empty, '.' or '..' parts and without backslashes: S3-compatible servers "
+        "store such keys differently (SeaweedFS stores a//b as a/b, then lists nothing under a//b), so a rerun "
+        "would not find the work already done",
+    )
+
+
 def validate(c: JobConfig) -> None:
     for name in REQUIRED_HELP:
         if getattr(c, name) in ("", None):
@@ -222,21 +256,7 @@ def validate(c: JobConfig) -> None:
     )
     _check(isinstance(c.out, str) and c.out.strip() != "", "out", c.out, "give a local folder or an s3:// prefix")
     for name in ("prompts", "out"):
-        url = getattr(c, name)
-        scheme = _SCHEME.match(url)
-        _check(
-            scheme is None or url.startswith("s3://"),
-            name,
-            url,
-            "give an s3://bucket/prefix URL (lowercase s3; s3a:, gs: and the like are not read) or a local path",
-        )
-        bucket = url[len("s3://") :].partition("/")[0] if url.startswith("s3://") else None
-        _check(
-            bucket is None or _BUCKET.fullmatch(bucket) is not None,
-            name,
-            url,
-            "an s3:// URL starts with a bucket name of at least 3 letters, digits, dots or hyphens",
-        )
+        _check_url(name, getattr(c, name))
     _check(
         isinstance(c.model, str) and c.model != "",
         "model",

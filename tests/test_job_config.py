@@ -151,6 +151,25 @@ def test_urls_the_job_does_not_read_are_refused_rather_than_made_local_folders(u
     from_mapping({"prompts": "C:/prompts", "out": "./out:1/x"})  # a drive letter or a colon in a folder is a path
 
 
+@pytest.mark.parametrize("url", ["s3://bkt/dd//ee", "s3://bkt//x", "s3://bkt/a/../b", "s3://bkt/./x", "s3://bkt/a\\b"])
+def test_s3_prefixes_that_servers_store_differently_are_refused(url):
+    """SeaweedFS stores dd//ee/x as dd/ee/x and then lists nothing under dd//ee/: a rerun found none of its own
+    manifests, rendered everything again and exited 0 with two rows per image."""
+    with pytest.raises(ConfigError, match="write the key prefix without empty, '.' or '..' parts and without back"):
+        from_mapping({"prompts": "p", "out": url})
+    for fine in ("s3://bkt", "s3://bkt/", "s3://bkt/a/b/", "s3://bkt/a/b"):
+        assert from_mapping({"prompts": "p", "out": fine}).out == fine
+    assert from_mapping({"prompts": "s3://bkt/in/**/*.parquet", "out": "o"}).prompts == "s3://bkt/in/**/*.parquet"
+
+
+def test_credentials_in_a_url_are_refused_without_being_shown(capsys):
+    for url in ("s3://AKIAEXAMPLE:SECRETEXAMPLE@bucket/run", "s3a://AKIAEXAMPLE:SECRETEXAMPLE@bucket/run"):
+        with pytest.raises(ConfigError) as e:
+            parse("--prompts", "p", "--out", url)
+        assert "credentials in it (user:secret@...) is not allowed, and is not shown here" in str(e.value)
+        assert "SECRETEXAMPLE" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
+
+
 def test_an_empty_config_flag_is_refused_not_ignored():
     with pytest.raises(ConfigError, match="--config: '' is not allowed; give the path of a YAML file"):
         parse("--prompts", "p", "--out", "o", "--config", "")
