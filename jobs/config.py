@@ -441,8 +441,12 @@ def _core_schema(loader) -> None:
     for tag, (pattern, first) in core.items():
         loader.add_implicit_resolver(tag, re.compile(f"^(?:{pattern})$"), first)
 
+    plain_int = re.compile(f"^(?:{core['tag:yaml.org,2002:int'][0]})$")
+
     def integer(self, node):
         text = self.construct_scalar(node)
+        if not plain_int.match(text):  # an explicit !!int of another form (0b11, 1_000): YAML 1.1's reading
+            return yaml.SafeLoader.construct_yaml_int(self, node)
         base = {"0x": 16, "0o": 8}.get(text[:2], 10)
         return int(text[2:] if base != 10 else text, base)
 
@@ -466,7 +470,7 @@ def load_yaml(path: str | Path) -> dict:
         stream = io.StringIO(text)
         stream.name = str(path)  # what YAML's error marks name, in place of "<unicode string>"
         data = yaml.load(stream, Loader=_unique_key_loader())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # (ValueError: a tagged value its tag cannot read, !!int abc)
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
     if data is None:
         return {}

@@ -38,7 +38,8 @@ def test_cli_num_images_use_consecutive_seeds(tmp_path):
 
 def test_cli_bad_size_exits_2_with_the_rule(tmp_path, capsys):
     assert main(["x", "--out", str(tmp_path / "o.png"), "--width", "1000", "--model", "tiny"]) == 2
-    assert "error: --width: 1000 is not supported; use an integer multiple of 32 from 256 to 2048" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: --width: 1000 is not supported; use an integer multiple of 32 from 256 to 2048" in err
     assert not (tmp_path / "o.png").exists()
 
 

@@ -115,6 +115,32 @@ def test_a_body_cut_short_mid_stream_is_read_again(s3_bucket, proxy, monkeypatch
         few.get("p.parquet")
 
 
+def test_a_get_whose_reply_never_comes_is_tried_storage_attempts_times_in_all(s3_bucket, proxy, monkeypatch):
+    """A reply that does not come before the read timeout is botocore's to retry: the body retries must not try
+    the whole request again on top (2 attempts became 4, the default 10 a hundred: hours on a hung server)."""
+    from workers import storage as storage_module
+
+    open_storage(f"s3://{s3_bucket}/in").put("p.bin", b"x" * 1000)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+
+    def made_fast(attempts):  # the job's client, with a read timeout shorter than the proxy's 1 s delay
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            s3={"addressing_style": "path"},
+            retries={"mode": "standard", "total_max_attempts": attempts},
+            read_timeout=0.3,
+        )
+        return boto3.session.Session().client("s3", region_name="us-east-1", config=config)
+
+    monkeypatch.setattr(storage_module, "s3_client", made_fast)  # (time.sleep stays: the proxy's delay is one)
+    proxy.rule = lambda method, path, n: "slow"
+    with pytest.raises(StorageError, match="ReadTimeoutError"):
+        open_storage(f"s3://{s3_bucket}/in", max_attempts=2).get("p.bin")
+    assert len(proxy.requests) == 2, proxy.requests
+
+
 def test_an_outage_while_planning_is_retried_storage_attempts_times_then_exit_1_with_nothing_changed(
     s3_bucket, proxy, monkeypatch, capsys, tmp_path
 ):

@@ -204,6 +204,10 @@ def test_yaml_values_read_as_written_yaml_1_2_core(tmp_path):
     assert (config.seed, config.prior_cfg, config.decoder_cfg, config.negative_prompt) == (10, 5.0, 0.15, "no")
     assert (config.manifest_seconds, config.segment_rows, config.quality) == (120.0, 16, 15)
     assert (config.report, config.overwrite) == (False, True)
+    tagged = parse(
+        "--prompts", "p", "--out", "o", tmp_path=tmp_path, yaml_text="seed: !!int 0b11\nquality: !!int '90'\n"
+    )
+    assert (tagged.seed, tagged.quality) == (3, 90)  # an explicit tag of YAML 1.1's forms reads as before
     for text, message in [
         ("prior_cfg: 1e3\n", "prior_cfg: 1000.0 is not allowed"),
         ("seed: 1:30\n", "seed: '1:30' is not allowed"),
@@ -211,6 +215,7 @@ def test_yaml_values_read_as_written_yaml_1_2_core(tmp_path):
         ("seed: 2024-01-01\n", "seed: '2024-01-01' is not allowed"),
         ("prior_cfg: .inf\n", "prior_cfg: inf is not allowed"),
         ("negative_prompt: ~\n", "negative_prompt: None is not allowed"),
+        ("seed: !!int abc\n", "is not valid YAML: invalid literal for int() with base 10: 'abc'"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse("--prompts", "p", "--out", "o", tmp_path=tmp_path, yaml_text=text)

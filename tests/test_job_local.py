@@ -433,7 +433,8 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
 
     # Input columns named as the pipeline's own (the writer's member, the manifest's run_id) travel renamed.
     users = {"member": [f"m{i}" for i in range(10)], "run_id": [f"r{i}" for i in range(10)]}
-    users["score"] = [0.5, float("nan"), None, 1.0, float("inf"), 2.0, 3.0, 4.0, 5.0, 6.0]  # pandas writes a missing float as NaN
+    # pandas writes a missing float as NaN
+    users["score"] = [0.5, float("nan"), None, 1.0, float("inf"), 2.0, 3.0, 4.0, 5.0, 6.0]
     pq.write_table(prompts_table(10, **users), tmp_path / "prompts.parquet")
     out = LocalStorage(tmp_path / "out")
     argv = ["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *FAST, "--image-format", "jpeg"]

@@ -139,6 +139,28 @@ def test_s3_open_takes_a_whole_object_from_a_server_that_ignores_the_range(monke
         stub.assert_no_pending_responses()
 
 
+def test_s3_open_reads_without_a_tail_from_a_server_that_refuses_suffix_ranges(monkeypatch):
+    """416 on a suffix range is an empty object's answer, and a server's that takes no suffix ranges: the size then
+    comes from a HEAD (an empty object reads as empty; pyarrow says it is not Parquet)."""
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    storage = S3Storage("s3://bucket/in", max_attempts=1)
+    data = bytes(range(100))
+    with Stubber(storage.client) as stub:
+        stub.add_client_error("get_object", "InvalidRange", http_status_code=416)
+        stub.add_response("head_object", {"ContentLength": 100}, {"Bucket": "bucket", "Key": "in/p.parquet"})
+        part = {"Body": StreamingBody(io.BytesIO(data[10:20]), 10), "ContentLength": 10}
+        stub.add_response("get_object", part, {"Bucket": "bucket", "Key": "in/p.parquet", "Range": "bytes=10-19"})
+        with storage.open_input("p.parquet") as f:
+            assert f.seek(0, io.SEEK_END) == 100
+            f.seek(10)
+            assert f.read(10) == data[10:20]
+        stub.assert_no_pending_responses()
+
+
 def test_local_keys_cannot_escape(tmp_path):
     storage = LocalStorage(tmp_path / "out")
     with pytest.raises(StorageError, match="escapes"):

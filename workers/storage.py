@@ -327,15 +327,15 @@ class S3Storage(Storage):
 
     def _get_object(self, key: str, **args) -> tuple[dict, bytes]:
         """A GET's response and its whole body. botocore retries a request until its headers come, not a body cut
-        short after them (a connection reset mid-stream): that is retried here, as often, with backoff and jitter.
-        Other errors are raised as botocore raises them."""
+        short or stalled after them (a connection reset mid-stream): that is retried here, as often, with backoff
+        and jitter. Other errors are raised as botocore raises them (after its own retries: not retried again)."""
         from botocore.exceptions import IncompleteReadError, ResponseStreamingError
         from botocore.exceptions import ReadTimeoutError as BodyTimeout
 
         attempt = 1
         while True:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **args)
             try:
-                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **args)
                 return response, response["Body"].read()
             except (ResponseStreamingError, IncompleteReadError, BodyTimeout):
                 if attempt >= self.max_attempts:
@@ -429,8 +429,13 @@ class S3Storage(Storage):
             code, status = _error_code(e)
             if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
                 raise StorageError(f"{self.location(key)}: not found") from None
-            if status == 416 or code == "InvalidRange":  # an empty object has no last bytes
-                return _RangeReader(self, key, 0, b"")
+            if status == 416 or code == "InvalidRange":
+                # An empty object has no last bytes; a server without suffix ranges may say so of any object: the
+                # size then comes from a HEAD, and the object is read without a tail.
+                head = self._head_object(key, "reading")
+                if head is None:
+                    raise StorageError(f"{self.location(key)}: not found") from None
+                return _RangeReader(self, key, int(head["ContentLength"]), b"")
             raise self._fail("reading", key, e) from None
         except BotoCoreError as e:
             raise self._fail("reading", key, e) from None
