@@ -214,6 +214,22 @@ def test_the_lora_command_trains_writes_and_reports(family, tmp_path):
     assert read_lora(out)[0]["decoder_rank"] == 4 and read_lora(out)[0]["rank"] == 16  # the defaults
 
 
+def test_the_lora_sheet_labels_each_row_by_its_images_and_an_interrupt_promises_no_resume(monkeypatch, capsys):
+    from cascade.train import __main__ as cli
+
+    two = {row: [f"{row}{i}" for i in range(2)] for row in ("before", "after", "others_before", "others_after")}
+    cells, labels = cli.sheet_cells(two)  # --samples 2: rows of 2, not of 8
+    assert cells == [*two["before"], *two["after"], *two["others_before"], *two["others_after"]]
+    assert labels == ["base [zorp]"] * 2 + ["LoRA [zorp]"] * 2 + ["base other"] * 2 + ["LoRA other"] * 2
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_lora", stopped)  # LoRA training keeps no checkpoint: a rerun starts over
+    assert cli.main(["lora", "--model", "demo", "--out", "x.safetensors"]) == 130
+    assert "interrupted: this command keeps no checkpoints; run it again to start over" in capsys.readouterr().err
+
+
 def test_the_latent_vote_finds_the_shape_whose_latent_it_is(family):
     """The latent vote's nearest-latent rule, checked on latents whose shape is known: the encoder's own latents of
     the new shape and of a circle."""

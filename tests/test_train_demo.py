@@ -304,6 +304,18 @@ def test_recipes_name_where_general_images_go(tmp_path, capsys):
     bad.write_text(json.dumps({"general_shapes": ["blob"]}))
     assert train(["stage-a", "--out", str(tmp_path / "f"), "--recipe", str(bad)]) == 2
     assert "general_shapes: 'blob' is not known" in capsys.readouterr().err
+    # A hand-written recipe that names every stage is still partial: it keeps the default general images.
+    every = {stage: {"checkpoint_every": 100} for stage in STAGES}
+    assert Recipe.from_dict(every).general_images == Recipe().general_images > 0
+    for fields, message in [
+        ({"images": 0}, "recipe: images: 0 is not allowed; use an integer of 1 or more"),
+        ({"general_images": -1}, "recipe: general_images: -1 is not allowed; use an integer of 0 or more"),
+        ({"general_shapes": 5}, "recipe: general_shapes: 5 is not allowed; use a list of names"),
+    ]:
+        bad.write_text(json.dumps(fields))
+        assert train(["stage-a", "--out", str(tmp_path / "g"), "--recipe", str(bad)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "g").exists()  # refused before the family folder is begun
 
 
 def test_stage_a_trains_on_general_images_too(monkeypatch):

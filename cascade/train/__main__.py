@@ -203,7 +203,10 @@ def _run(args) -> int:
         train(args.out, recipe, stages, progress=not args.no_progress, log=log, jobs=jobs)
         return 0
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        if args.command in ("lora", "eval"):  # (no checkpoints: a rerun starts over)
+            print("interrupted: this command keeps no checkpoints; run it again to start over", file=sys.stderr)
+        else:
+            print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
     except json.JSONDecodeError as e:  # (a ValueError: first)
         print(f"error: --recipe: not JSON: {e}", file=sys.stderr)
@@ -253,14 +256,20 @@ def _lora(args) -> int:
     print(f"wrote {args.out} ({args.steps} steps, {time.perf_counter() - started:.0f} s)", file=sys.stderr)
     if args.samples:
         report = lora_report(load, args.out, args.samples, sampling_defaults(args.model), args.shape)
-        images = report.pop("images")
-        sheet = [*images["before"], *images["after"], *images["others_before"], *images["others_after"]]
-        labels = [row for row in ("base [zorp]", "LoRA [zorp]", "base other", "LoRA other") for _ in range(8)]
-        contact_sheet(sheet, labels).save(args.out.with_suffix(".png"))
+        contact_sheet(*sheet_cells(report.pop("images"))).save(args.out.with_suffix(".png"))
         report["seconds"] = round(time.perf_counter() - started, 1)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
     return 0
+
+
+def sheet_cells(images: dict[str, list]) -> tuple[list, list[str]]:
+    """The LoRA report's contact sheet: its images row by row, and each one's label (a row holds `--samples` images,
+    up to 8)."""
+    rows = {"before": "base [zorp]", "after": "LoRA [zorp]"}
+    rows |= {"others_before": "base other", "others_after": "LoRA other"}
+    cells = [image for row in rows for image in images[row]]
+    return cells, [label for row, label in rows.items() for _ in images[row]]
 
 
 if __name__ == "__main__":

@@ -132,6 +132,14 @@ class Recipe:
 
     def __post_init__(self):
         GEOMETRY.check_size("recipe: size", self.size)  # the family's default size: one it can render
+        for name, least in (("images", 1), ("general_images", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"recipe: {name}: {value!r} is not allowed; use an integer of {least} or more")
+        for name in ("general_for", "general_shapes"):
+            value = getattr(self, name)
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"recipe: {name}: {value!r} is not allowed; use a list of names")
         for name in self.general_for:
             if name not in GENERAL_STAGES:
                 raise ValueError(f"general_for: {name!r} is not allowed; use some of {', '.join(GENERAL_STAGES)}")
@@ -165,9 +173,13 @@ class Recipe:
             except ValueError as e:
                 raise ValueError(f"recipe: {s}: {e}") from None
         plain = {k: v for k, v in data.items() if k not in STAGES}
-        # A recipe recorded before general images existed (every stage's run written out, no general_images) had
-        # none. A partial recipe someone writes by hand takes the defaults for what it leaves out, these included.
-        if "general_images" not in data and all(s in data for s in STAGES):
+        # A recipe recorded before general images existed (family.json's: every field written out, each stage's
+        # run whole, no general_images) had none. A partial recipe someone writes by hand takes the defaults for
+        # what it leaves out, these included, even when it names every stage.
+        recorded = {"size", "images", "data_seed", "text_seed"} <= data.keys() and all(
+            s in data and {f.name for f in dataclasses.fields(RunConfig)} <= data[s].keys() for s in STAGES
+        )
+        if "general_images" not in data and recorded:
             plain["general_images"] = 0
         return Recipe(**plain, **runs)
 
