@@ -261,7 +261,7 @@ def validate(c: JobConfig) -> None:
         isinstance(c.model, str) and c.model != "",
         "model",
         c.model,
-        "give a built-in model (demo, tiny) or a local weights folder",
+        "give a built-in model (demo, tiny, random-big, random-lite) or a local weights folder",
     )
     _check(isinstance(c.lora, str), "lora", c.lora, "give the path of a LoRA .safetensors file, or '' for none")
     _check(isinstance(c.lite, bool), "lite", c.lite, "use true or false")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import inspect
 import math
 import os
@@ -75,9 +76,11 @@ def check_model(config):
             if os.environ.get("RAY_ADDRESS")
             else ""
         )
+        near = difflib.get_close_matches(config.model, list(BUILTIN_MODELS), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near and os.sep not in config.model else ""
         raise WeightsError(
             f"model: {config.model!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a weights "
-            f"folder{where}"
+            f"folder{where}{hint}"
         )
     import torch
 

@@ -83,3 +83,13 @@ def test_a_weights_folder_missing_on_the_driver_says_the_head_needs_it_on_a_clus
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # as under ray job submit
     with pytest.raises(WeightsError, match="driver \\(on the head node\\) reads the weights folder too"):
         check_model(config)
+
+
+def test_a_mistyped_built_in_model_gets_the_nearest_name():
+    import pytest
+
+    from cascade.weights import WeightsError
+    from jobs.generate import check_model
+
+    with pytest.raises(WeightsError, match=r"nor a weights folder \(did you mean 'demo'\?\)$"):
+        check_model(from_mapping({"prompts": "p", "out": "o", "model": "demoo"}))
