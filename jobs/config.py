@@ -500,6 +500,15 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+CHOICES = {  # the settings that take one of a few names, for --help (validate checks them)
+    "dtype": DTYPES,
+    "sampler": ("ddpm", "ddim"),
+    "image_format": FORMATS,
+    "layout": LAYOUTS,
+    "latent_dtype": LATENT_DTYPES,
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; every default is None, meaning "from the file, else the built-in default"."""
     defaults = JobConfig()
@@ -530,6 +539,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             else:
                 kind = type(default)
                 text = f"(default {default!r})" if default != "" else REQUIRED_HELP.get(f.name, EMPTY_HELP.get(f.name))
+                if f.name in CHOICES:
+                    text = f"one of {', '.join(CHOICES[f.name])} {text}"
             kind = _number(kind) if kind in (int, float) else kind
             parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
 

@@ -325,3 +325,9 @@ def test_ray_data_s_no_progress_limit_leaves_the_waiting_to_the_node_watch():
     assert no_progress_timeout(0, 1800) == -1
     assert no_progress_timeout(600, 1800) == 600 + NO_PROGRESS_MARGIN_S >= 1800
     assert no_progress_timeout(7200, 1800) == 7200 + NO_PROGRESS_MARGIN_S
+
+
+def test_help_lists_the_names_a_setting_takes():
+    text = build_parser().format_help()
+    for flag, names in [("--sampler", "ddpm, ddim"), ("--layout", "files, webdataset"), ("--dtype", "auto, bf16")]:
+        assert f"one of {names}" in text.split(flag, 1)[1].split("--", 1)[0], flag
