@@ -233,6 +233,13 @@ def _check_url(name: str, url: str) -> None:
         url,
         "an s3:// URL starts with a bucket name of at least 3 letters, digits, dots or hyphens",
     )
+    _check(
+        "?" not in prefix,
+        name,
+        url.partition("?")[0] + "?...",  # (a pasted presigned URL's query holds a signature: not shown)
+        "an s3:// URL has no query string: give the bucket and key prefix only (credentials come from the standard "
+        "AWS configuration)",
+    )
     parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
     _check(
         "\\" not in prefix and not any(part in ("", ".", "..") for part in parts),

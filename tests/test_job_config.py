@@ -168,6 +168,11 @@ def test_credentials_in_a_url_are_refused_without_being_shown(capsys):
             parse("--prompts", "p", "--out", url)
         assert "credentials in it (user:secret@...) is not allowed, and is not shown here" in str(e.value)
         assert "SECRETEXAMPLE" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
+    presigned = "s3://bucket/run?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=SECRETEXAMPLE"
+    with pytest.raises(ConfigError) as e:
+        parse("--prompts", "p", "--out", presigned)
+    assert "out: 's3://bucket/run?...' is not allowed; an s3:// URL has no query string" in str(e.value)
+    assert "SECRETEXAMPLE" not in str(e.value)
 
 
 def test_an_empty_config_flag_is_refused_not_ignored():
