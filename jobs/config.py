@@ -215,6 +215,11 @@ def _check_url(name: str, url: str) -> None:
     scheme = _SCHEME.match(url)
     if scheme is None:
         return
+    if "?" in url:  # a pasted presigned URL: its query holds a signature, never echoed
+        raise ConfigError(
+            f"{name}: {url.partition('?')[0] + '?...'!r} is not allowed; an s3:// URL has no query string: give the "
+            "bucket and key prefix only (credentials come from the standard AWS configuration)"
+        )
     if "@" in url[scheme.end() :].lstrip("/").partition("/")[0]:  # user:secret@bucket: never echoed
         raise ConfigError(
             f"{name}: a URL with credentials in it (user:secret@...) is not allowed, and is not shown here: "
@@ -232,13 +237,6 @@ def _check_url(name: str, url: str) -> None:
         name,
         url,
         "an s3:// URL starts with a bucket name of at least 3 letters, digits, dots or hyphens",
-    )
-    _check(
-        "?" not in prefix,
-        name,
-        url.partition("?")[0] + "?...",  # (a pasted presigned URL's query holds a signature: not shown)
-        "an s3:// URL has no query string: give the bucket and key prefix only (credentials come from the standard "
-        "AWS configuration)",
     )
     parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
     _check(
@@ -477,8 +475,10 @@ def load_yaml(path: str | Path) -> dict:
         stream = io.StringIO(text)
         stream.name = str(path)  # what YAML's error marks name, in place of "<unicode string>"
         data = yaml.load(stream, Loader=_unique_key_loader())
-    except (yaml.YAMLError, ValueError) as e:  # (ValueError: a tagged value its tag cannot read, !!int abc)
+    except yaml.YAMLError as e:
         raise ConfigError(f"--config: {path} is not valid YAML: {e}") from None
+    except Exception as e:  # a tagged value its tag cannot read (!!int abc, !!bool maybe): PyYAML's own error types
+        raise ConfigError(f"--config: {path} is not valid YAML: a tagged value ({type(e).__name__}: {e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -377,6 +377,9 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
             out.delete(previous.stale_keys)
         manifest.drop_rows(out, previous.drop)
         heap.trim()  # the planning's listing and rows, freed, go back to the system before the models load
+    except inputs.InputError as e:  # a file without ids read again for its digest, refused or gone meanwhile
+        log(f"error: {e}")
+        return EXIT_INPUT
     except StorageError as e:
         return stopped_before_work(e, config)
     todo = plan.images - len(previous.done)

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from cascade.geometry import OFFICIAL, Geometry
 from cascade.request import MAX_SEED, Request, validate
 from workers.rows import REQUEST_FIELDS
-from workers.storage import LocalStorage, S3Storage, Storage, StorageRefused, is_s3
+from workers.storage import LocalStorage, S3Storage, Storage, StorageNotFound, StorageRefused, is_s3
 
 from .config import MAX_NUM_IMAGES, JobConfig
 
@@ -388,6 +388,8 @@ def _open_parquet(storage: Storage, key: str) -> pq.ParquetFile:
         return pq.ParquetFile(storage.open_input(key))
     except StorageRefused as e:
         raise InputError(f"prompts: {e}") from None
+    except StorageNotFound as e:  # listed, then removed: the input changed under the job
+        raise InputError(f"prompts: {e} (removed since the prompts were listed)") from None
     except (pa.ArrowException, OSError) as e:  # (an outage is a StorageError, not these: it goes up as it is)
         raise InputError(f"prompts: {storage.location(key)} is not a readable Parquet file: {e}") from None
 

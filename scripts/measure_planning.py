@@ -12,6 +12,7 @@ import argparse
 import collections
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,8 @@ def main() -> None:
     from tests.servers import S3_HOST, SeaweedFS, s3_env, s3_port
 
     os.environ.update(s3_env())
-    server = SeaweedFS(Path(tempfile.mkdtemp()) / "seaweedfs")
+    scratch = Path(tempfile.mkdtemp(prefix="measure-planning-"))
+    server = SeaweedFS(scratch / "seaweedfs")
     proxy = None
     try:
         client = server.client()
@@ -92,6 +94,7 @@ def main() -> None:
         if proxy is not None:
             proxy.kill()
         server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,23 @@ def test_plan_reads_files_concurrently_with_the_result_and_errors_of_reading_the
         plan(config(tmp_path / "in"))
 
 
+def test_a_file_removed_after_the_listing_is_named_as_input_not_as_an_outage(tmp_path, monkeypatch):
+    from jobs import inputs
+
+    write(tmp_path / "in/a.parquet", prompt=["a"])
+    write(tmp_path / "in/b.parquet", prompt=["b"])
+    listed = inputs.find_files
+
+    def then_removed(*args):
+        found = listed(*args)
+        (tmp_path / "in/b.parquet").unlink()
+        return found
+
+    monkeypatch.setattr(inputs, "find_files", then_removed)
+    with pytest.raises(InputError, match=r"in/b.parquet: not found \(removed since the prompts were listed\)"):
+        plan(config(tmp_path / "in"))
+
+
 def test_the_planning_threads_hold_at_most_the_row_budget_unless_one_file_is_larger():
     import threading
     import time

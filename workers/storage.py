@@ -33,6 +33,10 @@ class StorageError(RuntimeError):
     """A storage operation failed for good (after retries); the message names the location, never a credential."""
 
 
+class StorageNotFound(StorageError):
+    """The object to read is not there (a file listed as input, then removed)."""
+
+
 class StorageRefused(StorageError):
     """The server refused the request for a reason no retry or rerun changes: the bucket does not exist, the
     credentials are missing, wrong or expired, or they lack the permission (a configuration error, not an outage)."""
@@ -167,7 +171,7 @@ class LocalStorage(Storage):
         try:
             return self._path(key).read_bytes()
         except FileNotFoundError:
-            raise StorageError(f"{self.location(key)}: not found") from None
+            raise StorageNotFound(f"{self.location(key)}: not found") from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -209,7 +213,7 @@ class LocalStorage(Storage):
         try:
             return open(self._path(key), "rb")
         except FileNotFoundError:
-            raise StorageError(f"{self.location(key)}: not found") from None
+            raise StorageNotFound(f"{self.location(key)}: not found") from None
 
 
 def s3_client(max_attempts: int = 10):
@@ -428,13 +432,13 @@ class S3Storage(Storage):
         except ClientError as e:
             code, status = _error_code(e)
             if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
-                raise StorageError(f"{self.location(key)}: not found") from None
+                raise StorageNotFound(f"{self.location(key)}: not found") from None
             if status == 416 or code == "InvalidRange":
                 # An empty object has no last bytes; a server without suffix ranges may say so of any object: the
                 # size then comes from a HEAD, and the object is read without a tail.
                 head = self._head_object(key, "reading")
                 if head is None:
-                    raise StorageError(f"{self.location(key)}: not found") from None
+                    raise StorageNotFound(f"{self.location(key)}: not found") from None
                 return _RangeReader(self, key, int(head["ContentLength"]), b"")
             raise self._fail("reading", key, e) from None
         except BotoCoreError as e:

@@ -256,7 +256,8 @@ def _lora(args) -> int:
     print(f"wrote {args.out} ({args.steps} steps, {time.perf_counter() - started:.0f} s)", file=sys.stderr)
     if args.samples:
         report = lora_report(load, args.out, args.samples, sampling_defaults(args.model), args.shape)
-        contact_sheet(*sheet_cells(report.pop("images"))).save(args.out.with_suffix(".png"))
+        images = report.pop("images")
+        contact_sheet(*sheet_cells(images), columns=len(images["before"])).save(args.out.with_suffix(".png"))
         report["seconds"] = round(time.perf_counter() - started, 1)
         args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
