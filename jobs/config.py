@@ -443,10 +443,10 @@ def _core_schema(loader) -> None:
             list("-+0123456789."),
         ),
     }
-    for tag, (pattern, first) in core.items():
-        loader.add_implicit_resolver(tag, re.compile(f"^(?:{pattern})$"), first)
-
-    plain_int = re.compile(f"^(?:{core['tag:yaml.org,2002:int'][0]})$")
+    whole = {tag: re.compile(f"^(?:{pattern})$") for tag, (pattern, _) in core.items()}
+    for tag, (_, first) in core.items():
+        loader.add_implicit_resolver(tag, whole[tag], first)
+    plain_int = whole["tag:yaml.org,2002:int"]
 
     def integer(self, node):
         text = self.construct_scalar(node)

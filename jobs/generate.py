@@ -92,10 +92,11 @@ def check_model(config):
     return geometry
 
 
-_OWN_RAY = []  # holds True once init_ray started a private Ray: its one node is all there will be (no autoscaler)
+_own_ray = False  # True once init_ray started a private Ray: its one node is all there will be (no autoscaler)
 
 
 def init_ray():
+    global _own_ray
     import ray
 
     if ray.is_initialized():
@@ -106,7 +107,7 @@ def init_ray():
         # A private local Ray for this job (even if another local cluster runs: set RAY_ADDRESS to use that one),
         # dashboard off.
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
-        _OWN_RAY.append(True)
+        _own_ray = True
     interrupt_on_sigterm()  # again: ray.init() sets its own SIGTERM handler (a bare sys.exit)
     return ray
 
@@ -223,9 +224,9 @@ class NeverFits(Exception):
 def check_fits_here(needs: dict[str, dict[str, float]]) -> None:
     """On the Ray this job started, refuse at once what the node watch would wait node_wait_seconds for: nothing
     will add a node. (On a cluster, RAY_ADDRESS, an autoscaler may: the watch waits.)"""
-    from .placement import _over, _shortage, describe, live_nodes, unplaceable
+    from .placement import describe, live_nodes, short_of, unplaceable
 
-    if not _OWN_RAY:
+    if not _own_ray:
         return
     nodes = live_nodes()
     missing = unplaceable(needs, nodes)
@@ -233,8 +234,8 @@ def check_fits_here(needs: dict[str, dict[str, float]]) -> None:
     if missing:
         what = " or ".join(f"the {name} (one needs {describe(needs[name])})" for name in missing)
         problem = f"this machine ({has}) can never run {what}"
-    elif over := _over(needs, nodes):
-        problem = f"this machine cannot run an actor of each pool and a writer at once: {_shortage(needs, over)}"
+    elif shortage := short_of(needs, nodes):
+        problem = f"this machine cannot run an actor of each pool and a writer at once: {shortage}"
     else:
         return
     raise NeverFits(
@@ -658,7 +659,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     needs["writer tasks"] = {"CPU": config.writer_cpus}
     check_fits_here(needs)
     if wanted > cluster_gpus:
-        later = "start with those that fit" if _OWN_RAY else "wait until an autoscaler adds GPU nodes"
+        later = "start with those that fit" if _own_ray else "wait until an autoscaler adds GPU nodes"
         log(f"warning: the pools ask for {wanted:g} GPUs and the cluster has {cluster_gpus:g} now; actors {later}")
 
     read_args, write_args = local_path_tasks(config, plan, out, say=True)
