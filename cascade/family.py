@@ -215,9 +215,10 @@ def _load_text(text_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype, d
     return encoder
 
 
-def _liven(model: nn.Module, generator: torch.Generator) -> nn.Module:
+def liven(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """Give the reference's zero-initialised weights (output conv, modulation, GRN, Stage A gammas) small random
-    values, so every path of the tiny model carries signal and the conditioning changes the output."""
+    values, so every path of the tiny model carries signal and the conditioning changes the output (and the
+    profile's float8 error is measured on a random full-size model's output, not on its zeros)."""
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point() and not p.any():
@@ -247,9 +248,9 @@ def tiny_models(
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        stage_c = _liven(StageC(STAGE_C_TINY), generator)
-        stage_b = _liven(StageB(STAGE_B_TINY), generator)
-        stage_a = _liven(StageA(STAGE_A_TINY), generator)
+        stage_c = liven(StageC(STAGE_C_TINY), generator)
+        stage_b = liven(StageB(STAGE_B_TINY), generator)
+        stage_a = liven(StageA(STAGE_A_TINY), generator)
         effnet = EfficientNetEncoder(EFFNET_ENCODER) if with_effnet else None
     models = CascadeModels(
         text_encoder=_text().build_text_encoder(_text().TINY_TEXT_CONFIG, seed=seed) if "prior" in parts else None,
