@@ -68,6 +68,8 @@ class JobConfig:
     lora: str = ""  # a LoRA file (python -m cascade.train lora) merged into the actors; "" for none
     dry_run: bool = False  # skip the model maths, move the same data (zero latents, grey images): tests the plumbing
     compile: bool = False  # torch.compile Stage C's and Stage B's blocks in the actors (cascade/speed.py), per bucket
+    # Stage C's token linear layers as float8 products (cascade/float8.py) on the Stage C actors; needs compile: true
+    fp8: bool = False
     lite: bool = False
     dtype: str = "auto"
     seed: int = 0
@@ -122,6 +124,7 @@ IMAGE_SETTINGS = (
     "lora",
     "lite",
     "dtype",
+    "fp8",  # (compile is not here: it leaves the pixels as they are; float8 products do not)
     "dry_run",
     "seed",
     "negative_prompt",
@@ -313,8 +316,15 @@ def validate(c: JobConfig) -> None:
     _check(is_int(c.quality) and 1 <= c.quality <= 100, "quality", c.quality, "use an integer from 1 to 100")
     _check(c.layout in LAYOUTS, "layout", c.layout, f"use one of {', '.join(LAYOUTS)}")
     _check(is_int(c.shard_size) and 1 <= c.shard_size <= 100_000, "shard_size", c.shard_size, "use 1 to 100000")
-    for key in ("overwrite", "retry_errors", "verify", "report", "dry_run", "compile"):
+    for key in ("overwrite", "retry_errors", "verify", "report", "dry_run", "compile", "fp8"):
         _check(isinstance(getattr(c, key), bool), key, getattr(c, key), "use true or false")
+    _check(
+        not c.fp8 or c.compile,
+        "fp8",
+        c.fp8,
+        "it needs compile: true (--compile): without compiled blocks float8's scaling passes run as kernels of their "
+        "own, and Stage C measured slower than in bf16 (docs/PERFORMANCE.md)",
+    )
     _check(is_int(c.manifest_rows) and c.manifest_rows >= 1, "manifest_rows", c.manifest_rows, "use 1 or more")
     for key in ("manifest_seconds", "progress_seconds"):
         _check(_is_num(getattr(c, key)) and getattr(c, key) > 0, key, getattr(c, key), "use a number above 0")

@@ -438,6 +438,10 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
             if unusable is not None:  # a rerun would fail the same way: exit 3, as when the driver's check finds it
                 log(f"error: the model cannot be loaded on a node: {unusable}")
                 return EXIT_MODEL
+            refused = setting_failure(e)
+            if refused is not None:  # a setting this cluster's devices cannot run: exit 2, as a setting refused earlier
+                log(f"error: {refused}")
+                return EXIT_INPUT
             damaged = raised(e, inputs.InputError)
             if damaged is not None:  # a damaged input file, found as it is read: so would a rerun be, until replaced
                 log(f"error: {damaged}; the images stored so far are kept: after that, rerun the same command")
@@ -529,6 +533,14 @@ def model_failure(e: BaseException) -> str | None:
     from cascade.errors import WeightsError
 
     return raised(e, WeightsError)
+
+
+def setting_failure(e: BaseException) -> str | None:
+    """The message of a SettingRefused an actor raised as it started (fp8 on a GPU without float8 products); None
+    for anything else."""
+    from workers.stages import SettingRefused
+
+    return raised(e, SettingRefused)
 
 
 def usual_request(config):
@@ -636,6 +648,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     model_args["latent_dtype"] = config.latent_dtype
     model_args["dry_run"] = config.dry_run
     model_args["compile"] = config.compile
+    model_args["fp8"] = config.fp8  # (the Stage B/A actors leave Stage B as it is: workers.stages)
     model_args["geometry"] = geometry
     model_args["warm_up"] = usual_request(config)
     prior, decoder = config.prior_pool, config.decoder_pool

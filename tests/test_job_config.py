@@ -301,6 +301,45 @@ def test_compile_is_off_by_default_and_a_yes_no_setting(tmp_path):
         from_mapping({"prompts": "p", "out": "o", "compile": "yes"})
 
 
+def test_fp8_is_off_by_default_and_needs_compile(tmp_path, capsys):
+    """Without compiled blocks float8's scaling passes are kernels of their own: Stage C measured slower than bf16,
+    so `fp8: true` alone is refused (exit 2, before anything starts), from the file as from the flag."""
+    from jobs.generate import main
+
+    assert parse("--prompts", "p", "--out", "o").fp8 is False
+    refusal = "fp8: True is not allowed; it needs compile: true (--compile): without compiled blocks"
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        parse("--prompts", "p", "--out", "o", "--fp8")
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
+        parse("--prompts", "p", tmp_path=tmp_path, yaml_text="out: o\nfp8: true\n")
+    with pytest.raises(ConfigError, match=re.escape(refusal)):  # a dry run too: it checks the settings it runs with
+        parse("--prompts", "p", "--out", "o", "--fp8", "--dry-run")
+    assert main(["--prompts", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "out"), "--fp8"]) == 2
+    assert f"[generate] error: {refusal}" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+    assert parse("--prompts", "p", "--out", "o", "--fp8", "--compile").fp8 is True
+    assert parse("--prompts", "p", tmp_path=tmp_path, yaml_text="out: o\nfp8: true\ncompile: true\n").fp8 is True
+    assert (
+        parse("--prompts", "p", "--compile", "--fp8", "--no-fp8", tmp_path=tmp_path, yaml_text="out: o\n").fp8 is False
+    )
+    with pytest.raises(ConfigError, match="fp8: 'yes' is not allowed; use true or false"):
+        from_mapping({"prompts": "p", "out": "o", "fp8": "yes", "compile": True})
+    entry = re.search(r"^  --fp8, --no-fp8\s+(.*)$", build_parser().format_help(), re.MULTILINE)
+    assert entry and entry.group(1) == "(default False)"  # as --compile's
+
+
+def test_fp8_is_an_image_setting_and_compile_is_not():
+    """float8 products change the pixels, compiling does not: a resume under another fp8 warns that the output
+    mixes settings (manifest.settings_changes)."""
+    from jobs.manifest import settings_changes
+
+    plain = from_mapping({"prompts": "p", "out": "o", "compile": True})
+    fast = from_mapping({"prompts": "p", "out": "o", "compile": True, "fp8": True})
+    assert fast.image_settings()["fp8"] is True and "compile" not in fast.image_settings()
+    assert settings_changes([plain.image_settings()], fast.image_settings()) == ["fp8 False (now True)"]
+    assert settings_changes([fast.image_settings()], from_mapping(fast.public()).image_settings()) == []
+
+
 @pytest.mark.parametrize(
     "gpus, pools, expected",
     [

@@ -271,6 +271,25 @@ def test_a_job_with_compile_compiles_its_actors_stage_after_loading():
     assert not any(m._compiled_call_impl is not None for m in plain.models.stage_c.modules())
 
 
+def test_a_job_with_fp8_runs_compiled_float8_blocks_in_its_stage_c_actors():
+    """`fp8: true` (which needs `compile: true`): the Stage C actor's compiled blocks hold float8 layers, swapped in
+    before compiling, and render a finite latent. The one test here that compiles: tiny blocks, about 20 s cold on
+    the 2-core CPU."""
+    import numpy as np
+
+    from cascade.float8 import Float8Linear
+    from tests.jobhelpers import stage_block
+    from workers.stages import PriorStage
+
+    prior = PriorStage("tiny", False, "fp32", "fp32", compile=True, fp8=True)
+    blocks = [m for m in prior.models.stage_c.modules() if isinstance(m, ResBlock)]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    assert all(isinstance(m.channelwise[0], Float8Linear) for m in blocks)
+    out = prior(stage_block(1))
+    assert out.column("error").to_pylist() == [None]
+    assert np.isfinite(np.frombuffer(out.column("latent")[0].as_py(), np.float32)).all()
+
+
 @pytest.mark.gpu
 def test_compiled_blocks_sample_what_eager_mode_samples():
     """On a GPU: Stage C's guided loop with compiled blocks matches the eager loop."""

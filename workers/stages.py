@@ -25,6 +25,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from cascade.float8 import float8_linears, float8_supported
 from cascade.geometry import OFFICIAL
 from cascade.lora import apply_lora_file
 from cascade.pipeline import PriorOutput, Result, run_decoder, run_prior
@@ -85,6 +86,11 @@ def _actor_name(stage: str) -> str:
     return f"{stage}@{socket.gethostname()}:{os.getpid()}/{node}"
 
 
+class SettingRefused(ValueError):
+    """A job setting an actor's node cannot honour (fp8 on a GPU without float8 products); the message names the
+    setting. The job exits 2 for it, as for a setting refused before Ray starts: a rerun would meet it again."""
+
+
 def free_device_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -104,25 +110,30 @@ class _Stage:
         geometry=OFFICIAL,
         lora: str = "",
         compile: bool = False,
+        fp8: bool = False,
         batch_size: int | None = None,
         warm_up: Request | None = None,
     ):
         """batch_size: the most images per model batch (None: a block's rows, all of one bucket, are one batch). A
         block may carry several batches: Ray Data's cost is per block (docs/PERFORMANCE.md).
+        fp8: Stage C's token linear layers as float8 products, on the prior actors only (Stage B in float8 measured
+        2 % slower on an H200); SettingRefused where this device cannot run them.
         warm_up: the job's usual request (its default size, cfg and sampler): the actor runs one batch of it at one
         step before it takes work (`_warm_up`)."""
         start = time.perf_counter()
         self.batch_size = batch_size
+        self.name = _actor_name(self.part)
         self.models = None if dry_run else load_part(model, lite, dtype, self.part)
         if lora and self.models is not None:
             # Text encoder + Stage C on the prior actors; Stage B on the decoder actors if the file has a part for it.
             apply_lora_file(self.models, lora)
+        if fp8 and self.part == "prior" and self.models is not None:
+            self._float8()  # after the LoRA merge (it copies the merged weights) and before compiling
         if compile and self.models is not None:
             # After the LoRA merge; each block compiles on the first batch of each bucket (shape), then is cached.
             compile_blocks(self.models.stage_c if self.part == "prior" else self.models.stage_b)
         self.geometry = geometry if self.models is None else self.models.geometry
         self.latent_dtype = latent_dtype
-        self.name = _actor_name(self.part)
         self.fit = 1 << 30  # the largest batch known to fit in the device's memory (lowered on out-of-memory)
         self.load_s = time.perf_counter() - start
         self.warm_s = 0.0
@@ -137,6 +148,21 @@ class _Stage:
                 file=sys.stderr,
                 flush=True,
             )
+
+    def _float8(self) -> None:
+        """Stage C's token linear layers as float8 products (cascade.float8), or SettingRefused naming the setting
+        and why this node's device or torch cannot: a GPU before Ada, a model not in bf16, an old torch."""
+        # Asked here rather than caught from float8_linears: its RuntimeError would also catch a CUDA out-of-memory
+        # error (a subclass), which is no refusal of the setting.
+        first = next(self.models.stage_c.parameters())
+        reason = float8_supported(first.device, first.dtype)
+        if reason is not None:
+            raise SettingRefused(
+                f"fp8: True is not allowed on the {self.title} actor {self.name}: {reason}; set fp8: false (leave out "
+                "--fp8) for this cluster"
+            )
+        count = float8_linears(self.models.stage_c)
+        print(f"[{self.title} actor {self.name}] {count} linear layers of Stage C as float8 products", file=sys.stderr)
 
     def _warm_up(self, request: Request, batch_size: int) -> None:
         """Run one batch of `request` (a whole batch of the pool's size, so the same shapes as the job's) and drop
