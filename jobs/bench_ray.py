@@ -1,12 +1,12 @@
 """The Ray pipeline part of `jobs.bench`: the real job (`jobs.generate`) on a local Ray, timed from its manifests.
 
 The job renders `prompts` prompts into a temporary folder with both pools at the benchmark's batch size (and compiled
-blocks with the benchmark's `--compile`; the job has no float8 or CUDA graphs, so with those the benchmark leaves this
-part out). Its rate is
-taken in the steady state: the images written after the first block (a pool's block carries whole batches and at
-least 4 images, `jobs.generate.block_rows`, and its images are written together), over the time from that block's
-last write to the last write, so the actors' start (model loading) is left out. It is compared with its bound on
-this machine:
+blocks with the benchmark's `--compile`, float8 Stage C with its `--fp8`; the job has no CUDA graphs and no eager
+float8, so with `--graphs`, or `--fp8` without `--compile`, the benchmark leaves this part out). Its rate is taken
+in the steady state: the images written after the first block (a pool's block carries whole batches and at least 4
+images, `jobs.generate.block_rows`, and its images are written together), over the time from that block's last
+write to the last write, so the actors' start (model loading) is left out. It is compared with its bound on this
+machine:
 - pools on devices of their own (two or more GPUs: `gpus: auto` gives each pool's actor one): the bottleneck pool's
   work done alone, text encoder + Stage C for the Stage C pool, Stage B + Stage A for the Stage B/A pool;
 - pools sharing one device (one GPU, half each, or the CPU's cores): that device doing every stage's work, one after
@@ -41,6 +41,7 @@ def ray_pipeline(args, batch: int, stage_seconds: dict[str, float], devices: int
         argv += ["--prior-steps", str(args.prior_steps), "--decoder-steps", str(args.decoder_steps)]
         argv += ["--prior-pool-batch-size", str(batch), "--decoder-pool-batch-size", str(batch)]
         argv += ["--no-report", "--progress-seconds", "3600"] + (["--compile"] if args.compile else [])
+        argv += ["--fp8"] if args.fp8 else []  # (with --compile: main leaves this part out otherwise)
         code = generate(argv)
         if code != 0:
             raise RuntimeError(f"the Ray pipeline's job failed with exit code {code}")

@@ -123,3 +123,29 @@ def test_the_ray_pipeline_s_bound_is_the_shared_device_or_the_bottleneck_pool_on
     assert ray_bound(pool_seconds(seconds), 2) == ("Stage B/A pool", "Stage B/A pool alone", 3.0)
     seconds["stage_c"] = 3.9
     assert ray_bound(pool_seconds(seconds), 8) == ("Stage C pool", "Stage C pool alone", 4.0)
+
+
+def test_the_ray_pipeline_runs_the_job_with_the_bench_s_compile_and_fp8(monkeypatch):
+    """With --compile --fp8 the Ray part times the job with the same settings (its fp8: float8 Stage C, compiled), and
+    the flags it passes are ones the job takes. (The job is stood in for: a compiled Ray run takes minutes here.)"""
+    import argparse
+
+    import jobs.generate
+    from jobs.bench_ray import ray_pipeline
+    from jobs.config import resolve
+
+    runs = []
+
+    def job(argv):
+        runs.append(resolve(jobs.generate.build_parser().parse_args(argv)))
+        return 1  # (stops the part before it reads manifests)
+
+    monkeypatch.setattr(jobs.generate, "main", job)
+    bench = dict(ray_prompts=8, model="tiny", size=256, dtype="auto", prior_steps=2, decoder_steps=2)
+    for flags, expected in [
+        ({"compile": True, "fp8": True}, (True, True)),
+        ({"compile": True, "fp8": False}, (True, False)),
+    ]:
+        with pytest.raises(RuntimeError, match="the Ray pipeline's job failed with exit code 1"):
+            ray_pipeline(argparse.Namespace(**bench, **flags), 2, {}, 0)
+        assert (runs[-1].compile, runs[-1].fp8) == expected
