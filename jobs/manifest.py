@@ -325,11 +325,17 @@ def previous_work(storage: Storage, expected: np.ndarray, retry_errors: bool, ve
     return previous
 
 
+# Image settings added after outputs had been written, with the value every run before them had. A key an earlier
+# run did not record is compared as that value; any other missing key is not compared.
+ADDED_SETTINGS = {"fp8": False}
+
+
 def settings_changes(earlier: list[dict], now: dict) -> list[str]:
     """How earlier runs' image settings differ from `now`: e.g. "model 'demo' (now 'tiny')", one per value."""
     changes = []
     for key, value in now.items():
-        olds = [s[key] for s in earlier if key in s and s[key] != value]
+        recorded = [s[key] if key in s else ADDED_SETTINGS[key] for s in earlier if key in s or key in ADDED_SETTINGS]
+        olds = [old for old in recorded if old != value]
         changes += [f"{key} {old!r} (now {value!r})" for i, old in enumerate(olds) if old not in olds[:i]]
     return changes
 

@@ -258,6 +258,10 @@ def test_each_part_records_its_run_s_image_settings_and_a_resume_reads_those_of_
     assert sorted(found, key=str) == [{"model": "demo", "seed": 0}, {"model": "tiny"}]
     assert settings_changes(found, {"model": "tiny", "seed": 0}) == ["model 'demo' (now 'tiny')"]
     assert settings_changes(found, {"model": "demo", "seed": 3}) == ["model 'tiny' (now 'demo')", "seed 0 (now 3)"]
+    # A setting added later (fp8) compares as the value runs before it had; other unrecorded keys are not compared.
+    before_fp8 = [{"model": "demo"}]
+    assert settings_changes(before_fp8, {"model": "demo", "fp8": True, "quality": 5}) == ["fp8 False (now True)"]
+    assert settings_changes([{"model": "demo"}], {"model": "demo", "fp8": False}) == []
     drop_rows(s, {manifest_keys(s)[0]: [0]})  # rewriting a part keeps what it records
     assert previous_work(s, _hashes("b"), retry_errors=False).settings == [{"model": "demo", "seed": 0}]
 
