@@ -1,37 +1,34 @@
 #!/usr/bin/env bash
 # Everything a short GPU lease should measure, in order of importance, each part under its own time limit (and all
 # under TOTAL) so that a slow part cannot starve the rest, each writing into OUT as it goes (a stopped run keeps what
-# it measured):
-#   1. check: the GPU check (scripts/gpu_check.sh), the headline table against diffusers, batches 1, 4, 8;
-#   2. profile: one guided pass per stage at batch 4, ours against ours with the conditioning done at every step (before
-#      2026-11-29), with GRN's norm as a sum of squares (before 2026-11-28), on channels-last memory, with the
-#      module's attention (before 2026-11-27), diffusers, and last with float8 linear layers (and their output's
-#      error) (scripts/profile_stages.py: a variant that fails is recorded and the rest go on);
-#   3. fp8: our pipeline with float8 linear layers, batch 4 (eager, no baseline);
-#   4. stagea: Stage A's decode as it is (ResBlocks' passes fused, channels-last memory) against NCHW memory and
-#      the ResBlocks before 2026-11-29 (scripts/stage_a_variants.py);
-#   5. compiled: compiled blocks with float8 linear layers at batch 4, one timed repeat, where float8's scaling passes
-#      fuse (compiling takes most of its limit; each stage's figure is printed and saved as it comes, Stage C's
-#      first, so a run stopped at the limit keeps what it timed);
-#   6. share: one GPU shared by 1 and 2 Stage B/A processes, the model behind packed actors (scripts/share_gpu.py);
-#   7. gputests: the GPU tests (-m gpu), float8's first, each named as it passes or fails (a module that cannot be
-#      collected on that image costs only its own tests).
+# it measured). The first two sessions (2026-11-27 and 2026-11-29, docs/PERFORMANCE.md) measured the eager figures,
+# the profile of every optimisation and Stage A's variants; this one measures what the job's settings give:
+#   1. check: the GPU check (scripts/gpu_check.sh), the headline table against diffusers, batches 4 and 8, eager;
+#   2. compiled: compiled blocks (the job's `compile: true`), batch 8 (batch 4 was measured), one timed repeat;
+#   3. fp8: compiled blocks with float8 Stage C (the job's `fp8: true`), batches 4 and 8, one timed repeat;
+#   4. profile: one guided pass per stage at batch 4, ours and float8 (eager, with its output's error against ours,
+#      on the random model's zero-initialised weights made non-zero: NaN before);
+#   5. share: one GPU shared by 1 and 2 Stage B/A processes at batch 4 (at batch 1 two gave 1.41x one);
+#   6. gputests: the GPU tests (-m gpu), each named as it passes or fails.
 # The limits add up to more than TOTAL on purpose: each is a cap for a part that hangs, and the parts before usually
-# finish well inside theirs, leaving the rest to the later ones. The check took 3.7 minutes on an H200 with these
-# batches (2026-11-27, the wheel install included, before the attention fix made our side faster); every part saves
-# its figures as they come, so one stopped at its limit keeps what it measured.
+# finish well inside theirs, leaving the rest to the later ones. Each part saves its figures as they come, so one
+# stopped at its limit keeps what it measured. Everything is packed into OUT/session.tar after each part (below).
 # Usage: OUT=dir bash scripts/gpu_session.sh (about 9.5 minutes on an H200: give it a device call of 10).
 # Settings (environment): OUT (bench/), PYTHON (python3), MODEL (random-big), SIZE (1024), TOTAL (570 s for all),
-# T1..T7, each part's limit in seconds, in the order above (240, 90, 60, 30, 150, 60, 75). A part still running
-# at its limit gets SIGTERM, and SIGKILL 10 s later. On a CPU, MODEL=tiny
-# SIZE=256 T4=60 proves the script (the profile, stagea and share parts then run on the CPU in fp32, and the GPU tests
-# skip).
+# T1..T6, each part's limit in seconds, in the order above (150, 100, 130, 60, 60, 60). A part still running at its
+# limit gets SIGTERM, and SIGKILL 10 s later. On a CPU, MODEL=tiny SIZE=256 proves the script (the profile and share
+# parts then run on the CPU in fp32, float8 on the CPU's reference arithmetic, and the GPU tests skip).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export OUT=${OUT:-bench} PYTHONUNBUFFERED=1 PYTHONPATH=.
+RESULTS=${OUT:-bench}
+mkdir -p "$RESULTS"
+# The parts write their logs and JSON into a folder of their own, packed into RESULTS/session.tar after each part:
+# a device call returns at most 8 files (on 2026-11-29 five logs did not come back). `tar -xf session.tar` unpacks it.
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+export OUT PYTHONUNBUFFERED=1 PYTHONPATH=.
 PY=${PYTHON:-python3}
 MODEL=${MODEL:-random-big} SIZE=${SIZE:-1024} TOTAL=${TOTAL:-570}
-mkdir -p "$OUT"
 part() {  # part NAME LIMIT COMMAND...: run one part (within what TOTAL leaves), log to OUT/NAME.log, print its tail
   local name=$1 limit=$2 left=$((TOTAL - SECONDS))
   shift 2
@@ -40,18 +37,18 @@ part() {  # part NAME LIMIT COMMAND...: run one part (within what TOTAL leaves),
   timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
   echo "== $name: exit $? (limit ${limit}s, at ${SECONDS}s)"
   tail -n 8 "$OUT/$name.log"
+  tar -cf "$RESULTS/.session.tar" -C "$OUT" . && mv "$RESULTS/.session.tar" "$RESULTS/session.tar"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "(no nvidia-smi)"
-part check "${T1:-240}" env BATCHES="1 4 8" PYTHON="$PY" bash scripts/gpu_check.sh
-part profile "${T2:-90}" "$PY" scripts/profile_stages.py --model "$MODEL" --size "$SIZE" \
-  --batch 4 --top 6 --variants ours raw squares cl mha diffusers fp8 --json "$OUT/profile.json"
-part fp8 "${T3:-60}" env NAME=fp8 FP8=1 DIFFUSERS=0 BATCHES=4 PYTHON="$PY" bash scripts/gpu_check.sh
-part stagea "${T4:-30}" "$PY" scripts/stage_a_variants.py --size "$SIZE" --batch 4 --repeats 3 \
-  --json "$OUT/stage_a.json"
-part compiled "${T5:-150}" env NAME=compiled COMPILE=1 FP8=1 DIFFUSERS=0 BATCHES=4 REPEATS=1 PYTHON="$PY" \
+part check "${T1:-150}" env BATCHES="4 8" PYTHON="$PY" bash scripts/gpu_check.sh
+part compiled "${T2:-100}" env NAME=compiled COMPILE=1 DIFFUSERS=0 BATCHES=8 REPEATS=1 PYTHON="$PY" \
   bash scripts/gpu_check.sh
-part share "${T6:-60}" "$PY" scripts/share_gpu.py --model "$MODEL" --size "$SIZE" --part decoder --batch 1 \
-  --procs 1 2 --seconds 12 --json "$OUT/share.json"
-part gputests "${T7:-75}" "$PY" -m pytest -p no:cacheprovider -v -rfE -m gpu --continue-on-collection-errors \
-  tests/test_float8_gpu.py tests/test_float8.py tests/test_gdf.py \
-  tests/test_real_weights.py tests/test_stages_oom.py tests/test_speed.py
+part fp8 "${T3:-130}" env NAME=fp8 COMPILE=1 FP8=1 DIFFUSERS=0 BATCHES="4 8" REPEATS=1 PYTHON="$PY" \
+  bash scripts/gpu_check.sh
+part profile "${T4:-60}" "$PY" scripts/profile_stages.py --model "$MODEL" --size "$SIZE" \
+  --batch 4 --top 6 --variants ours fp8 --json "$OUT/profile.json"
+part share "${T5:-60}" "$PY" scripts/share_gpu.py --model "$MODEL" --size "$SIZE" --part decoder --batch 4 \
+  --procs 1 2 --seconds 15 --json "$OUT/share.json"
+part gputests "${T6:-60}" "$PY" -m pytest -p no:cacheprovider -v -rfE -m gpu --continue-on-collection-errors \
+  tests/test_speed.py tests/test_float8_gpu.py tests/test_float8.py tests/test_gdf.py \
+  tests/test_real_weights.py tests/test_stages_oom.py
