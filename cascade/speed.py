@@ -23,7 +23,11 @@ from .blocks import AttnBlock, ResBlock, TimestepBlock
 RECOMPILE_LIMIT = 256
 
 
-def _raise_recompile_limit() -> None:
+def allow_recompiles() -> None:
+    """Raise Dynamo's recompile limits to RECOMPILE_LIMIT in the calling thread. Since torch 2.13 a setting of
+    `torch._dynamo.config` holds only in the thread that made it (a ContextVar), so every thread that runs compiled
+    blocks must call this: Ray Data builds an actor on its main thread but calls it on a thread pool's, where the
+    limit was Dynamo's 8 and the blocks of a ninth shape (another bucket, a last partial batch) ran eagerly."""
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.6; set whichever exists
         if hasattr(config, name):
@@ -36,7 +40,7 @@ def compile_blocks(model: nn.Module, mode: str | None = None) -> int:
     """Compile every ResBlock, TimestepBlock and AttnBlock of a Stage B or Stage C in place; returns how many.
 
     mode: torch.compile's mode (None: the default, which fuses kernels without CUDA graphs)."""
-    _raise_recompile_limit()
+    allow_recompiles()  # here; and the threads that run the blocks, if others (workers.stages)
     count = 0
     for module in model.modules():
         if isinstance(module, (ResBlock, TimestepBlock, AttnBlock)):

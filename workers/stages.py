@@ -30,7 +30,7 @@ from cascade.geometry import OFFICIAL
 from cascade.lora import apply_lora_file
 from cascade.pipeline import PriorOutput, Result, run_decoder, run_prior
 from cascade.request import Request, buckets, latent_sizes
-from cascade.speed import compile_blocks
+from cascade.speed import allow_recompiles, compile_blocks
 
 from .models import load_part
 from .rows import REQUEST_FIELDS, request_of, requests_of, set_columns
@@ -129,7 +129,8 @@ class _Stage:
             apply_lora_file(self.models, lora)
         if fp8 and self.part == "prior" and self.models is not None:
             self._float8()  # after the LoRA merge (it copies the merged weights) and before compiling
-        if compile and self.models is not None:
+        self.compiled = compile and self.models is not None
+        if self.compiled:
             # After the LoRA merge; each block compiles on the first batch of each bucket (shape), then is cached.
             compile_blocks(self.models.stage_c if self.part == "prior" else self.models.stage_b)
         self.geometry = geometry if self.models is None else self.models.geometry
@@ -204,6 +205,8 @@ class _Stage:
         A chunk that runs out of memory is split in half and retried, and later batches stay at the size that
         fitted; one image that does not fit alone becomes an error row (failed(item, reason), in no batch) that
         names the size, and the job goes on."""
+        if self.compiled:  # in this thread too: Ray Data calls an actor on another thread than the one it built it on
+            allow_recompiles()
         results, start = [], 0
         while start < len(items):
             chunk = items[start : start + self.fit]
