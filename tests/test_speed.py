@@ -290,7 +290,7 @@ def test_a_job_with_fp8_runs_compiled_float8_blocks_in_its_stage_c_actors(monkey
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)
     assert all(isinstance(m.channelwise[0], Float8Linear) for m in blocks)
     # Called on another thread than the one that built it, as Ray Data does: Dynamo's recompile limit, a per-thread
-    # setting since torch 2.13, is raised there too (it was 8 there, and blocks of a ninth shape ran eagerly).
+    # setting in torch 2.13, is raised there too (it was 8 there, and blocks of a ninth shape ran eagerly).
     limits, run_prior = [], workers.stages.run_prior
     monkeypatch.setattr(
         workers.stages, "run_prior", lambda *a: limits.append(torch._dynamo.config.recompile_limit) or run_prior(*a)
