@@ -25,9 +25,10 @@ RECOMPILE_LIMIT = 256
 
 def allow_recompiles() -> None:
     """Raise Dynamo's recompile limits to RECOMPILE_LIMIT in the calling thread. In torch 2.13 (earlier releases
-    not checked) a setting of `torch._dynamo.config` holds only in the thread that made it (a ContextVar), so every thread that runs compiled
-    blocks must call this: Ray Data builds an actor on its main thread but calls it on a thread pool's, where the
-    limit was Dynamo's 8 and the blocks of a ninth shape (another bucket, a last partial batch) ran eagerly."""
+    not checked) a setting of `torch._dynamo.config` holds only in the thread that made it (a ContextVar), so every
+    thread that runs compiled blocks must call this: Ray Data builds an actor on its main thread but calls it on a
+    thread pool's, where the limit was Dynamo's 8 and the blocks of a ninth shape (another bucket, a last partial
+    batch) ran eagerly."""
     config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # renamed in torch 2.6; set whichever exists
         if hasattr(config, name):
