@@ -12,7 +12,8 @@
 #   6. gputests: the GPU tests (-m gpu), each named as it passes or fails.
 # The limits add up to more than TOTAL on purpose: each is a cap for a part that hangs, and the parts before usually
 # finish well inside theirs, leaving the rest to the later ones. Each part saves its figures as they come, so one
-# stopped at its limit keeps what it measured. Everything is packed into OUT/session.tar after each part (below).
+# stopped at its own limit keeps what it measured (a run killed from outside loses the part in progress: the tar is
+# made after each part). Everything is packed into OUT/session.tar after each part (below).
 # Usage: OUT=dir bash scripts/gpu_session.sh (about 9.5 minutes on an H200: give it a device call of 10).
 # Settings (environment): OUT (bench/), PYTHON (python3), MODEL (random-big), SIZE (1024), TOTAL (570 s for all),
 # T1..T6, each part's limit in seconds, in the order above (150, 100, 130, 60, 60, 60). A part still running at its

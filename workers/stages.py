@@ -163,7 +163,14 @@ class _Stage:
                 "--fp8) for this cluster"
             )
         count = float8_linears(self.models.stage_c)
-        print(f"[{self.title} actor {self.name}] {count} linear layers of Stage C as float8 products", file=sys.stderr)
+        # A CPU runs the GPU's float8 arithmetic (torch 2.13's reference kernels): the same pixels, none of the speed.
+        slow = (
+            " (on a CPU: a GPU's arithmetic, emulated, slower than without fp8)" if first.device.type == "cpu" else ""
+        )
+        print(
+            f"[{self.title} actor {self.name}] {count} linear layers of Stage C as float8 products{slow}",
+            file=sys.stderr,
+        )
 
     def _warm_up(self, request: Request, batch_size: int) -> None:
         """Run one batch of `request` (a whole batch of the pool's size, so the same shapes as the job's) and drop
