@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .family import BUILTIN_MODELS, load_models
+from .family import BUILTIN_MODELS, check_folder, load_models
 from .geometry import DEFAULT_MODEL, family_geometry
 from .imagefile import encode
 from .lora import apply_lora_file, lora_info
@@ -209,6 +209,8 @@ def _run(args: argparse.Namespace, written: list[Path]) -> int:
     model = args.weights if args.weights is not None else args.model or DEFAULT_MODEL
     strength = DEFAULT_STRENGTH if args.strength is None else args.strength  # (used with --init-image only)
     try:
+        if args.weights is not None:  # first: sizes checked against a folder that is not there would blame them
+            check_folder(args.weights)
         geometry, sampling = family_geometry(model), sampling_defaults(model)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .effnet import EFFNET_ENCODER, EfficientNetEncoder
@@ -111,6 +112,15 @@ def locate_text_encoder(folder: Path) -> Path:
     return text_dir
 
 
+def check_folder(folder: str | os.PathLike) -> Path:
+    """The weights folder as a Path, or WeightsError where it is not one (missing, or a file)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "is a file, not a weights folder" if folder.exists() else "weights folder not found"
+        raise WeightsError(f"{folder}: {what}")
+    return folder
+
+
 def load_models(
     folder: str | os.PathLike,
     *,
@@ -128,10 +138,7 @@ def load_models(
     the prior ("prior": text encoder + Stage C) or the decoder ("decoder": Stage B + A).
     """
     _check_parts(parts)
-    folder = Path(folder)
-    if not folder.is_dir():
-        what = "is a file, not a weights folder" if folder.exists() else "weights folder not found"
-        raise WeightsError(f"{folder}: {what}")
+    folder = check_folder(folder)
     variant = "lite" if lite else "big"
     prior, decoder = "prior" in parts, "decoder" in parts
     # Every file found before any loads (gigabytes for the official family): a folder without Stage B, or without
@@ -208,7 +215,11 @@ def _load_text(text_dir: Path, tokenizer_dir: Path | None, dtype: torch.dtype, d
             raise WeightsError(f"{tokenizer_dir}: the tokenizer could not be loaded: {e}") from e
     try:
         encoder = _text().load_text_encoder(text_dir, None, dtype=dtype, device=device, variant=variant)
-    except (OSError, ValueError) as e:  # FileNotFoundError included; transformers raises OSError for bad folders
+    except torch.cuda.OutOfMemoryError:
+        raise  # the device's, not the folder's (a RuntimeError too)
+    except (OSError, ValueError, SafetensorError, RuntimeError) as e:
+        # FileNotFoundError included; transformers raises OSError for bad folders, RuntimeError for a config.json
+        # whose sizes are not the file's; a cut-off file is a SafetensorError
         raise WeightsError(f"{text_dir}: the text encoder could not be loaded: {e}") from e
     if tokenizer is not None:
         encoder.tokenizer = tokenizer

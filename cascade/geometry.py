@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -85,6 +86,18 @@ def family_geometry(model: str | os.PathLike) -> Geometry:
         geometry = Geometry(**given)
     except (ValueError, TypeError, AttributeError) as e:
         raise WeightsError(f"{path}: not a valid family file: {e}") from None
-    if not (geometry.min_size <= geometry.default_size <= geometry.max_size and geometry.size_multiple > 0):
+    # Each value's type and range, then how they fit together: a bad one would otherwise surface later as a
+    # TypeError, a division by zero after the models load, or as a refusal of a --width the user never gave.
+    for name in fields:
+        value = getattr(geometry, name)
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not (number and value > 0 and (name == "stage_c_compression" or is_int(value))):
+            kind = "a number above 0" if name == "stage_c_compression" else "an integer above 0"
+            raise WeightsError(f"{path}: not a valid family file: geometry: {name}: {value!r}; use {kind}")
+    if not geometry.min_size <= geometry.default_size <= geometry.max_size:
         raise WeightsError(f"{path}: geometry {geometry} is inconsistent (default size outside min..max)")
+    try:
+        geometry.check_size("default_size", geometry.default_size)
+    except ValueError as e:
+        raise WeightsError(f"{path}: not a valid family file: geometry: {e}") from None
     return geometry

@@ -186,9 +186,16 @@ def load_text_encoder(
     weights = [_add_variant("model.safetensors", variant), _add_variant("model.safetensors.index.json", variant)]
     if not any((path / w).is_file() for w in weights):
         raise FileNotFoundError(f"no weights in {path}: expected {' or '.join(weights)} (safetensors only)")
-    model = CLIPTextModelWithProjection.from_pretrained(
-        path, local_files_only=True, use_safetensors=True, variant=variant, **{_DTYPE_KWARG: dtype}
-    )
+    model, info = CLIPTextModelWithProjection.from_pretrained(
+        path, local_files_only=True, use_safetensors=True, variant=variant, output_loading_info=True,
+        **{_DTYPE_KWARG: dtype},
+    )  # fmt: skip
+    if info["missing_keys"]:  # transformers fills them at random and carries on: another file in this slot
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"not a CLIP text encoder's weights: {len(missing)} of its parameters are missing from the file "
+            f"(such as {missing[0]})"
+        )
     tokenizer = None
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)

@@ -296,8 +296,8 @@ def validate(c: JobConfig) -> None:
     for key in ("width", "height"):
         v = getattr(c, key)
         if v is None:
-            setattr(c, key, geometry.default_size)
-        else:
+            setattr(c, key, (geometry or OFFICIAL).default_size)
+        elif geometry is not None:
             try:
                 geometry.check_size(key, v)
             except ValueError as e:
@@ -379,8 +379,14 @@ def validate(c: JobConfig) -> None:
         )
 
 
-def _geometry(model: str) -> Geometry:
-    """The sizes the model family supports; a broken family file is reported when the model is checked (exit 3)."""
+def _geometry(model: str) -> Geometry | None:
+    """The sizes the model family supports; a broken family file is reported when the model is checked (exit 3).
+    None for a weights folder that is not there: the model check names it (exit 3) rather than the sizes being
+    refused against a family that is not the one meant (a path mistyped, of a family with its own sizes)."""
+    from cascade.family import BUILTIN_MODELS
+
+    if model not in BUILTIN_MODELS and not Path(model).is_dir():
+        return None
     try:
         return family_geometry(model)
     except WeightsError:

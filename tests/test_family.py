@@ -171,6 +171,40 @@ def test_a_pickle_text_encoder_is_refused_and_never_unpickled(tmp_path, tiny):
     assert not marker.exists()
 
 
+def test_a_broken_text_encoder_is_named_not_a_traceback_nor_random_weights(tmp_path, tiny, capsys):
+    """A cut-off or empty file (a partial download), a config.json whose sizes are not the file's, and another
+    stage's file in the text encoder's place: each a WeightsError naming the folder (exit 3 from the CLI), as a stage
+    file's faults are. Before, the first two were tracebacks (exit 1) and the third loaded a randomly initialised
+    CLIP with exit 0."""
+    import json
+    import shutil
+
+    from cascade.__main__ import main
+
+    good = write_family(tiny, tmp_path / "good", "stability")
+    weights = "text_encoder/model.safetensors"
+    cases = {
+        "cut": lambda f: (f / weights).write_bytes((good / weights).read_bytes()[:5000]),
+        "empty": lambda f: (f / weights).write_bytes(b""),
+        "config": lambda f: (f / "text_encoder/config.json").write_text(
+            json.dumps({**json.loads((good / "text_encoder/config.json").read_text()), "hidden_size": 64})
+        ),
+        "stage_a": lambda f: shutil.copyfile(good / "stage_a.safetensors", f / weights),
+    }
+    for name, spoil in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        spoil(folder)
+        with pytest.raises(WeightsError, match="text_encoder: the text encoder could not be loaded: ") as refused:
+            load_models(folder)
+        if name == "stage_a":
+            assert "not a CLIP text encoder's weights: " in str(refused.value)
+    assert main(["x", "--weights", str(tmp_path / "stage_a"), "--out", str(tmp_path / "o.png")]) == 3
+    assert "text_encoder: the text encoder could not be loaded: not a CLIP text encoder's weights: " in (
+        capsys.readouterr().err
+    )
+
+
 def test_random_full_size_models_have_the_official_parameter_counts():
     from cascade.family import BUILTIN_MODELS
     from cascade.geometry import OFFICIAL, family_geometry

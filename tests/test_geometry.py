@@ -1,6 +1,7 @@
 """A family's geometry: the official one by default, a family's own from family.json, used by every entry point."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -58,6 +59,39 @@ def test_a_broken_family_file_is_named(tmp_path):
     (folder / "family.json").write_text(json.dumps({"geometry": {"default_size": 4096}}))
     with pytest.raises(WeightsError, match="inconsistent"):
         family_geometry(folder)
+    # Each value's type and range, and a default size the family's own rule refuses: named here, not met later as a
+    # TypeError, a division by zero after loading, or a refusal of a --width nobody gave.
+    for geometry, message in [
+        ({"min_size": "a"}, "geometry: min_size: 'a'; use an integer above 0"),
+        ({"stage_c_compression": 0}, "geometry: stage_c_compression: 0; use a number above 0"),
+        ({"stage_c_compression": float("nan")}, "geometry: stage_c_compression: nan; use a number above 0"),
+        ({"size_multiple": 16.0}, "geometry: size_multiple: 16.0; use an integer above 0"),
+        ({"stage_a_compression": True}, "geometry: stage_a_compression: True; use an integer above 0"),
+        ({"default_size": 300}, "geometry: default_size: 300 is not supported; use an integer multiple of 32"),
+    ]:
+        (folder / "family.json").write_text(json.dumps({"geometry": geometry}))
+        with pytest.raises(WeightsError) as refused:
+            family_geometry(folder)
+        assert str(refused.value).startswith(f"{folder / 'family.json'}: not a valid family file: {message}")
+    (folder / "family.json").write_text(json.dumps({"geometry": {"stage_c_compression": 16, "min_size": 64}}))
+    assert family_geometry(folder).stage_c_compression == 16
+
+
+def test_a_mistyped_weights_folder_is_named_not_the_size_it_was_asked_for(tmp_path, capsys):
+    """A size checked against the official family, because the folder of a family with its own sizes is not there,
+    blamed the size (exit 2): the folder is named instead (exit 3), by the CLI and by the job."""
+    from cascade.__main__ import main
+    from jobs.generate import main as generate
+
+    missing = str(tmp_path / "runs" / "demoo")
+    assert main(["x", "--weights", missing, "--width", "64", "--out", str(tmp_path / "o.png")]) == 3
+    assert f"error: {missing}: weights folder not found" in capsys.readouterr().err
+    config = from_mapping({"prompts": "p", "out": "o", "model": missing, "width": 64})
+    assert config.width == 64  # not refused here: the model check names the folder
+    prompts = Path(__file__).parents[1] / "examples" / "prompts.parquet"
+    argv = ["--prompts", str(prompts), "--out", str(tmp_path / "out"), "--model", missing]
+    assert generate([*argv, "--width", "64"]) == 3
+    assert f"model: {missing!r} is neither a built-in model" in capsys.readouterr().err
 
 
 def test_cli_uses_the_family_default_size(tmp_path):
