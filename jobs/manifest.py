@@ -334,8 +334,8 @@ def settings_changes(earlier: list[dict], now: dict) -> list[str]:
     """How earlier runs' image settings differ from `now`: e.g. "model 'demo' (now 'tiny')", one per value."""
     changes = []
     for key, value in now.items():
-        recorded = [s[key] if key in s else ADDED_SETTINGS[key] for s in earlier if key in s or key in ADDED_SETTINGS]
-        olds = [old for old in recorded if old != value]
+        # A key not recorded and not added later reads as `value`: not compared.
+        olds = [old for old in (s.get(key, ADDED_SETTINGS.get(key, value)) for s in earlier) if old != value]
         changes += [f"{key} {old!r} (now {value!r})" for i, old in enumerate(olds) if old not in olds[:i]]
     return changes
 
