@@ -2,23 +2,28 @@
 # Everything a short GPU lease should measure, in order of importance, each part under its own time limit (and all
 # under TOTAL) so that a slow part cannot starve the rest, each writing into OUT as it goes (a stopped run keeps what
 # it measured). The first two sessions (2026-11-27 and 2026-11-29, docs/PERFORMANCE.md) measured the eager figures,
-# the profile of every optimisation and Stage A's variants; this one measures what the job's settings give:
-#   1. check: the GPU check (scripts/gpu_check.sh), the headline table against diffusers, batches 4 and 8, eager;
-#   2. compiled: compiled blocks (the job's `compile: true`), batch 8 (batch 4 was measured), one timed repeat;
-#   3. fp8: compiled blocks with float8 Stage C (the job's `fp8: true`), batches 4 and 8, one timed repeat;
-#   4. profile: one guided pass per stage at batch 4, ours and float8 (eager, with its output's error against ours,
-#      on the random model's zero-initialised weights made non-zero: NaN before);
-#   5. share: one GPU shared by 1 and 2 Stage B/A processes at batch 4 (at batch 1 two gave 1.41x one);
-#   6. gputests: the GPU tests (-m gpu), each named as it passes or fails.
+# the profile of every eager optimisation, Stage A's variants and compiled blocks at batch 4; the parts now:
+#   compiled_b: a guided Stage B pass at batch 4 (Stage B is the gap to the floor), eager and compiled, with the
+#      compiled variants that might close it: GRN folded into the next product, CUDA graphs, channels-last memory;
+#   compiled_c: the same for Stage C: compiled, compiled as CUDA graphs, compiled with float8;
+#   fp8: the pipeline with compiled blocks and float8 Stage C (the job's `fp8: true`), batch 8, one timed repeat;
+#   fp8_b: a compiled Stage B pass at batch 4 in bf16, with float8 in its wide blocks only (c >= 1024), and all float8;
+#   fp8_both: fp8 with Stage B's wide blocks in float8 too (the bench's --fp8-decoder);
+#   autotune: Stage B compiled in max-autotune-no-cudagraphs mode (Inductor's product kernels with fused epilogues);
+#   gputests: the GPU tests (-m gpu), each named as it passes or fails;
+#   check: the GPU check (scripts/gpu_check.sh), the headline table against diffusers, batches 4 and 8, eager;
+#   compiled: the pipeline with compiled blocks, batch 8, one timed repeat;
+#   share: one GPU shared by 1 and 2 Stage B/A processes at batch 4 (at batch 1 two gave 1.41x one).
 # The limits add up to more than TOTAL on purpose: each is a cap for a part that hangs, and the parts before usually
 # finish well inside theirs, leaving the rest to the later ones. Each part saves its figures as they come, so one
 # stopped at its own limit keeps what it measured (a run killed from outside loses the part in progress: the tar is
 # made after each part). Everything is packed into OUT/session.tar after each part (below).
 # Usage: OUT=dir bash scripts/gpu_session.sh (about 9.5 minutes on an H200: give it a device call of 10).
 # Settings (environment): OUT (bench/), PYTHON (python3), MODEL (random-big), SIZE (1024), TOTAL (570 s for all),
-# T1..T6, each part's limit in seconds, in the order above (150, 100, 130, 60, 60, 60). A part still running at its
-# limit gets SIGTERM, and SIGKILL 10 s later. On a CPU, MODEL=tiny SIZE=256 proves the script (the profile and share
-# parts then run on the CPU in fp32, float8 on the CPU's reference arithmetic, and the GPU tests skip).
+# PARTS (the parts to run, in order: all of the above), and each part's limit in seconds as LIMIT_<part> (compiled_b
+# 170, compiled_c 90, fp8 110, fp8_b 120, fp8_both 110, autotune 150, gputests 60, check 150, compiled 100, share 60). A part still running at
+# its limit gets SIGTERM, and SIGKILL 10 s later. On a CPU, MODEL=tiny SIZE=256 proves the script (the profiles and
+# share run on the CPU in fp32, float8 on the CPU's reference arithmetic, and the GPU tests skip).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-bench}
@@ -41,15 +46,31 @@ part() {  # part NAME LIMIT COMMAND...: run one part (within what TOTAL leaves),
   tar -cf "$RESULTS/.session.tar" -C "$OUT" . && mv "$RESULTS/.session.tar" "$RESULTS/session.tar"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "(no nvidia-smi)"
-part check "${T1:-150}" env BATCHES="4 8" PYTHON="$PY" bash scripts/gpu_check.sh
-part compiled "${T2:-100}" env NAME=compiled COMPILE=1 DIFFUSERS=0 BATCHES=8 REPEATS=1 PYTHON="$PY" \
-  bash scripts/gpu_check.sh
-part fp8 "${T3:-130}" env NAME=fp8 COMPILE=1 FP8=1 DIFFUSERS=0 BATCHES="4 8" REPEATS=1 PYTHON="$PY" \
-  bash scripts/gpu_check.sh
-part profile "${T4:-60}" "$PY" scripts/profile_stages.py --model "$MODEL" --size "$SIZE" \
-  --batch 4 --top 6 --variants ours fp8 --json "$OUT/profile.json"
-part share "${T5:-60}" "$PY" scripts/share_gpu.py --model "$MODEL" --size "$SIZE" --part decoder --batch 4 \
-  --procs 1 2 --seconds 15 --json "$OUT/share.json"
-part gputests "${T6:-60}" "$PY" -m pytest -p no:cacheprovider -v -rfE -m gpu --continue-on-collection-errors \
-  tests/test_speed.py tests/test_float8_gpu.py tests/test_float8.py tests/test_gdf.py \
-  tests/test_real_weights.py tests/test_stages_oom.py
+PROFILE=("$PY" scripts/profile_stages.py --model "$MODEL" --size "$SIZE" --batch 4 --top 8)
+ALL="compiled_b compiled_c fp8 fp8_b fp8_both autotune gputests check compiled share"
+for name in ${PARTS:-$ALL}; do
+  limit_var=LIMIT_$name
+  case $name in
+    compiled_b) part "$name" "${!limit_var:-170}" "${PROFILE[@]}" --stages stage_b --json "$OUT/$name.json" \
+      --variants ours fold compiled compiled-fold compiled-graphs compiled-cl ;;
+    compiled_c) part "$name" "${!limit_var:-90}" "${PROFILE[@]}" --stages stage_c --json "$OUT/$name.json" \
+      --variants ours compiled compiled-graphs compiled-fp8 ;;
+    fp8) part "$name" "${!limit_var:-110}" env NAME=fp8 COMPILE=1 FP8=1 DIFFUSERS=0 BATCHES=8 REPEATS=1 \
+      PYTHON="$PY" bash scripts/gpu_check.sh ;;
+    fp8_b) part "$name" "${!limit_var:-120}" "${PROFILE[@]}" --stages stage_b --json "$OUT/$name.json" \
+      --variants compiled compiled-fp8-wide compiled-fp8 ;;
+    fp8_both) part "$name" "${!limit_var:-110}" env NAME=fp8-both COMPILE=1 FP8=1 FP8_DECODER=1 DIFFUSERS=0 BATCHES=8 \
+      REPEATS=1 PYTHON="$PY" bash scripts/gpu_check.sh ;;
+    autotune) part "$name" "${!limit_var:-150}" "${PROFILE[@]}" --stages stage_b --json "$OUT/$name.json" \
+      --variants autotune ;;
+    gputests) part "$name" "${!limit_var:-60}" "$PY" -m pytest -p no:cacheprovider -v -rfE -m gpu \
+      --continue-on-collection-errors tests/test_speed.py tests/test_float8_gpu.py tests/test_float8.py \
+      tests/test_gdf.py tests/test_real_weights.py tests/test_stages_oom.py ;;
+    check) part "$name" "${!limit_var:-150}" env BATCHES="4 8" PYTHON="$PY" bash scripts/gpu_check.sh ;;
+    compiled) part "$name" "${!limit_var:-100}" env NAME=compiled COMPILE=1 DIFFUSERS=0 BATCHES=8 REPEATS=1 \
+      PYTHON="$PY" bash scripts/gpu_check.sh ;;
+    share) part "$name" "${!limit_var:-60}" "$PY" scripts/share_gpu.py --model "$MODEL" --size "$SIZE" \
+      --part decoder --batch 4 --procs 1 2 --seconds 15 --json "$OUT/share.json" ;;
+    *) echo "== $name: no such part (PARTS: $ALL)" ;;
+  esac
+done

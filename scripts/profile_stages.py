@@ -59,28 +59,56 @@ def module_attention_block_forward(self, x, cond, skip=None):
     return x + self.attention.attn(tokens, kv, kv, need_weights=False)[0].permute(0, 2, 1).reshape(b, c, h, w)
 
 
+def conversions(variant: str) -> list:
+    """What a variant timed on a converted copy of ours does to that copy, in order (cascade.speed, cascade.float8);
+    [] for the variants that time ours or diffusers' as they are."""
+    from cascade.float8 import WIDE, float8_linears
+    from cascade.speed import channels_last, compile_blocks, cuda_graphs
+
+    def wide_float8(model):  # float8 in the blocks of c >= WIDE only, as the bench's --fp8-decoder for Stage B
+        return float8_linears(model, min_width=WIDE)
+
+    def autotuned(model):  # Inductor's own matrix-product kernels, tried against cuBLAS, with epilogues fused in
+        return compile_blocks(model, mode="max-autotune-no-cudagraphs")
+
+    return {
+        "cl": [channels_last],
+        "fp8": [float8_linears],
+        "compiled": [compile_blocks],
+        "compiled-cl": [channels_last, compile_blocks],
+        "compiled-fp8": [float8_linears, compile_blocks],
+        "compiled-fp8-wide": [wide_float8, compile_blocks],
+        "compiled-graphs": [compile_blocks, cuda_graphs],
+        "compiled-fold": [compile_blocks],
+        "autotune": [autotuned],
+    }.get(variant, [])
+
+
 # The variants that time a pass as a sampling run makes it: the step-invariant conditioning done beforehand, once.
-PRECOMPUTED = ("ours", "squares", "cl", "fp8")
+PRECOMPUTED = (
+    *("ours", "squares", "fold", "cl", "fp8"),
+    *("compiled", "compiled-cl", "compiled-fp8", "compiled-fp8-wide", "compiled-graphs", "compiled-fold", "autotune"),
+)
+VARIANTS = ("ours", "raw", "squares", "mha", "diffusers", *PRECOMPUTED[2:])
+FOLDED = ("fold", "compiled-fold")  # the variants run with ResBlock.fold_grn on
 
 
-COPIES: dict[tuple[str, str], torch.nn.Module] = {}  # (stage, variant): the converted copy the `cl`/`fp8` variant times
+COPIES: dict[tuple[str, str], torch.nn.Module] = {}  # (stage, variant): the converted copy a variant times
 
 
 def variant_model(models, stage: str, variant: str, twin):
-    """The forward pass `(x, r, **conditions)` a variant times: ours (also for `mha`), a copy of ours on
-    channels-last memory (`cl`, cascade.speed.channels_last) or with float8 linear layers (`fp8`, cascade.float8),
-    or diffusers' (same weights)."""
+    """The forward pass `(x, r, **conditions)` a variant times: ours (also for `mha`), a copy of ours converted as
+    `conversions` says (channels-last memory, float8 linear layers, compiled blocks, CUDA graphs), or diffusers'
+    (same weights)."""
     model = getattr(models, stage)
-    if variant in ("cl", "fp8"):
+    if conversions(variant):
         if (stage, variant) not in COPIES:
             import copy
 
-            from cascade.float8 import float8_linears
-            from cascade.speed import channels_last
-
             COPIES.clear()  # one copy at a time: a full-size Stage C is 7 GB in bf16
             COPIES[stage, variant] = copy.deepcopy(model)
-            (channels_last if variant == "cl" else float8_linears)(COPIES[stage, variant])
+            for convert in conversions(variant):
+                convert(COPIES[stage, variant])
         return COPIES[stage, variant]
     if variant != "diffusers":
         return model
@@ -114,10 +142,16 @@ def profile(models, stage: str, batch: int, size: int, top: int, variant: str = 
             return model(x, r, **cond)
 
     error = None
-    if variant == "fp8":  # what float8 costs in accuracy: the pass's output against ours, same inputs
-        ours = getattr(models, stage)
+    if conversions(variant) or variant in FOLDED:  # what a change costs in accuracy: its output against ours's
+        from cascade.blocks import ResBlock
+
+        ours, folded = getattr(models, stage), ResBlock.fold_grn
         with torch.inference_mode():
-            reference = ours(x, r, **ours.precompute(x, **raw)).float()
+            ResBlock.fold_grn = False
+            try:
+                reference = ours(x, r, **ours.precompute(x, **raw)).float()
+            finally:
+                ResBlock.fold_grn = folded
             error = ((step().float() - reference).norm() / reference.norm()).item()
     on_gpu = x.is_cuda
     wall = median_seconds(step, x.device, warmup=3, repeats=5)
@@ -161,16 +195,23 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=positive, nargs="+", default=[1, 4])
     p.add_argument("--top", type=positive, default=12)
     p.add_argument("--json", type=Path)
+    p.add_argument("--stages", nargs="+", choices=("stage_c", "stage_b"), default=["stage_c", "stage_b"])
     p.add_argument(
         "--variants",
         nargs="+",
-        choices=("ours", "raw", "squares", "mha", "cl", "fp8", "diffusers"),
+        choices=VARIANTS,
         default=["ours"],
         help="ours (the step-invariant conditioning precomputed, as sampling does); raw: ours, that conditioning done "
         "in the pass (before 2026-11-29); squares: ours, GRN's norm as a float32 sum of squares (the GPU's before "
-        "2026-11-28); mha: raw, attention through nn.MultiheadAttention's forward (before 2026-11-27); cl: ours on "
-        "channels-last memory; fp8: ours with float8 linear layers (cascade.float8), with its output's relative "
-        "error against ours; diffusers: its UNet, same weights",
+        "2026-11-28); mha: raw, attention through nn.MultiheadAttention's forward (before 2026-11-27); diffusers: "
+        "its UNet, same weights; fold: ours, GRN folded into the product after it where that moves fewer bytes "
+        "(cascade.blocks.ResBlock.fold_grn). On a copy of ours, each with its output's relative error against "
+        "ours: cl, on channels-last memory; fp8, with float8 linear layers (cascade.float8); compiled, its blocks "
+        "compiled as the job's `compile: true` does (cascade.speed); compiled-cl, compiled-fp8, compiled-graphs and "
+        "compiled-fold, compiled on channels-last memory, with float8 linear layers, run as CUDA graphs (CUDA "
+        "only), and with fold; compiled-fp8-wide, compiled with float8 in the blocks of c >= 1024 only; autotune, "
+        "compiled in max-autotune-no-cudagraphs mode (Inductor's matrix-product kernels tried against cuBLAS: "
+        "minutes)",
     )
     args = p.parse_args(argv)
     if args.json:  # written after each row: a missing folder would lose the first one's work
@@ -199,15 +240,16 @@ def main(argv=None) -> int:
         if twin is None:  # the other variants still run
             print(f"[profile] {why}: no diffusers variant", file=sys.stderr)
             args.variants = [v for v in args.variants if v != "diffusers"]
-    from cascade.blocks import AttnBlock, GlobalResponseNorm
+    from cascade.blocks import AttnBlock, GlobalResponseNorm, ResBlock
 
     ours_forward = AttnBlock.forward
     report = []
-    for stage in ("stage_c", "stage_b"):
+    for stage in args.stages:
         for batch in args.batch:
             for variant in args.variants:
                 AttnBlock.forward = module_attention_block_forward if variant == "mha" else ours_forward
                 GlobalResponseNorm.fused = False if variant == "squares" else None
+                ResBlock.fold_grn = variant in FOLDED
                 try:
                     row = profile(models, stage, batch, args.size, args.top, variant, twin)
                 except Exception as e:  # one variant failing (a kernel a new card refuses) must not lose the rest
@@ -218,7 +260,7 @@ def main(argv=None) -> int:
                         torch.cuda.empty_cache()
                     continue
                 finally:
-                    AttnBlock.forward, GlobalResponseNorm.fused = ours_forward, None
+                    AttnBlock.forward, GlobalResponseNorm.fused, ResBlock.fold_grn = ours_forward, None, False
                 report.append(row)
                 if args.json:  # after every row: a run stopped at its time limit keeps what it measured
                     args.json.write_text(json.dumps(report, indent=2))
@@ -228,7 +270,7 @@ def main(argv=None) -> int:
                     f"per pass, {row['device_ms_per_pass']:.2f} ms on the device, {row['kernels_per_pass']} kernels; "
                     f"ms by kind: {kinds}"
                     + (
-                        f"; output's relative error vs ours {row['relative_error_vs_ours']:.4f}"
+                        f"; output's relative error vs ours {row['relative_error_vs_ours']:.3g}"
                         if "relative_error_vs_ours" in row
                         else ""
                     )
