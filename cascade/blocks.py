@@ -93,10 +93,6 @@ class GlobalResponseNorm(nn.Module):
 class ResBlock(nn.Module):
     """Depthwise conv -> LN -> (concat skip) -> channelwise MLP with GRN, residual."""
 
-    # Whether blocks fold GRN into the product after it where that moves fewer bytes (fold_pays): an experiment the
-    # profile's `fold` variants time (scripts/profile_stages.py); off until a GPU measurement says it pays.
-    fold_grn: bool = False
-
     def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size=kernel_size, padding=kernel_size // 2, groups=c)
@@ -114,29 +110,8 @@ class ResBlock(nn.Module):
         x = self.norm(self.depthwise(x))
         if skip is not None:
             x = torch.cat([x, skip], dim=1)  # (B, c + c_skip, H, W)
-        x = x.permute(0, 2, 3, 1)
-        x = self._folded_channelwise(x) if self.fold_grn and self.fold_pays(x) else self.channelwise(x)
-        return x.permute(0, 3, 1, 2) + residual
-
-    def fold_pays(self, x: torch.Tensor) -> bool:
-        """Whether folding GRN into the last product moves fewer bytes for this input (B, H, W, C), and is exact:
-        plain linear layers (not float8 ones), no dropout between GRN and the product."""
-        up, _, _, dropout, down = self.channelwise
-        plain = type(up).__name__ != "Float8Linear" and type(down).__name__ != "Float8Linear"
-        # Folding writes and reads a (c, 4c) weight per image in place of a pass over the (H * W, 4c) hidden state.
-        return plain and x.shape[1] * x.shape[2] >= 4 * down.out_features and not (self.training and dropout.p > 0)
-
-    def _folded_channelwise(self, x: torch.Tensor) -> torch.Tensor:
-        """self.channelwise(x) with GRN folded into the product after it. GRN is h * s + beta with s per (image,
-        channel), so down(GRN(h)) = h @ (W * s)^T + (W @ beta + b): one batched product with each image's own scaled
-        weight, in place of a pass that reads and writes the whole hidden state h to scale it."""
-        up, act, grn, _, down = self.channelwise
-        h = act(up(x))  # (B, H, W, 4c)
-        b, height, width, hidden = h.shape
-        weight = down.weight * grn.scale(h).view(b, 1, hidden)  # (B, c, 4c)
-        bias = torch.addmv(down.bias, down.weight, grn.beta.view(hidden))  # (c,)
-        out = torch.baddbmm(bias, h.reshape(b, height * width, hidden), weight.transpose(1, 2))
-        return out.view(b, height, width, -1)
+        x = self.channelwise(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + residual
 
 
 class TimestepBlock(nn.Module):

@@ -132,25 +132,18 @@ class Float8InProjection(nn.Module):
         self.kv = Float8Linear(weight[c:], None if bias is None else bias[c:])
 
 
-# float8_linears' min_width for a Stage B: its 320- and 640-channel levels lose more to the scaling passes than the
-# products gain (all of Stage B in float8, compiled, measured 2 % slower than bf16 on an H200, docs/PERFORMANCE.md).
-WIDE = 1024
-
-
 def _fits(*features: int) -> bool:
     return all(f % ALIGN == 0 for f in features)
 
 
-def float8_linears(model: nn.Module, check_device: bool = True, min_width: int = 0) -> int:
+def float8_linears(model: nn.Module, check_device: bool = True) -> int:
     """Swap a Stage B's or Stage C's token linear layers for float8 ones, in place; returns how many products.
 
     Each ResBlock's two MLP layers (`channelwise.0`, `channelwise.4`) and each attention block's input projection
-    (as two products: queries, keys + values) and output projection, in the blocks of width c >= min_width (WIDE:
-    Stage B's levels of 1280 channels, where 80 % of its product FLOPs are, and all of Stage C's). Layers whose
-    sizes are not multiples of 16 stay as they are; so do the small rest (the TimestepBlocks' mappers, the condition
-    mappings made once per sampling run, the convolutions). Layers already in float8 are left alone, so a second
-    call changes nothing and returns 0. check_device=False skips the device check: for counting on the meta
-    device."""
+    (as two products: queries, keys + values) and output projection. Layers whose sizes are not multiples of 16 stay
+    as they are; so do the small rest (the TimestepBlocks' mappers, the condition mappings made once per sampling
+    run, the convolutions). Layers already in float8 are left alone, so a second call changes nothing and returns
+    0. check_device=False skips the device check: for counting on the meta device. model may be one block."""
     first = next(model.parameters())
     reason = float8_supported(first.device, first.dtype) if check_device else None
     if reason is not None:
@@ -158,8 +151,6 @@ def float8_linears(model: nn.Module, check_device: bool = True, min_width: int =
     count = 0
     for module in list(model.modules()):
         if isinstance(module, ResBlock):
-            if module.channelwise[4].out_features < min_width:
-                continue
             for i in (0, 4):
                 layer = module.channelwise[i]
                 if isinstance(layer, nn.Linear) and _fits(layer.in_features, layer.out_features):
@@ -167,7 +158,7 @@ def float8_linears(model: nn.Module, check_device: bool = True, min_width: int =
                     count += 1
         elif isinstance(module, Attention2D):
             attn = module.attn
-            if hasattr(module, "float8_in_proj") or not _fits(attn.embed_dim) or attn.embed_dim < min_width:
+            if hasattr(module, "float8_in_proj") or not _fits(attn.embed_dim):
                 continue
             # Computed from the module's own parameters, so the float8 copy must be made after any LoRA merge.
             module.float8_in_proj = Float8InProjection(attn)

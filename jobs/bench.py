@@ -277,12 +277,6 @@ def build_parser() -> argparse.ArgumentParser:
         "slower on an H200); MFU stays against the matmul rate of the model's dtype",
     )
     p.add_argument(
-        "--fp8-decoder",
-        action="store_true",
-        help="with --fp8, Stage B's wide blocks too (c >= 1024: its 1280-channel levels, cascade.float8.WIDE), "
-        "which the job does not do yet (an experiment: the Ray part is left out)",
-    )
-    p.add_argument(
         "--graphs",
         action="store_true",
         help="run Stage C's and Stage B's forward passes as CUDA graphs (cascade.speed.cuda_graphs; CUDA only)",
@@ -362,9 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.fp8_decoder and not args.fp8:
-        print("error: --fp8-decoder: give --fp8 too (it adds Stage B's wide blocks to Stage C's)", file=sys.stderr)
-        return 2
     if args.fp8:
         from cascade.float8 import float8_supported
 
@@ -379,8 +370,6 @@ def main(argv: list[str] | None = None) -> int:
         without = "--graphs: the job has no such setting"
     elif args.fp8 and not args.compile:
         without = "--fp8 without --compile: the job's fp8 setting needs compile: true"
-    elif args.fp8_decoder:
-        without = "--fp8-decoder: the job has no such setting"
     if without and args.ray_prompts:
         print(f"[bench] no Ray pipeline figure with {without} (--ray-prompts 0)", file=sys.stderr)
         args.ray_prompts = 0
@@ -402,17 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         from cascade.float8 import float8_linears
 
         count = float8_linears(models.stage_c)  # as the job's Stage C actors (workers.stages)
-        if args.fp8_decoder:
-            from cascade.float8 import WIDE
-
-            wide = float8_linears(models.stage_b, min_width=WIDE)
-            print(f"[bench] {count} products of Stage C and {wide} of Stage B in float8", file=sys.stderr)
-        else:
-            kept = str(dtype).removeprefix("torch.")
-            print(
-                f"[bench] {count} linear layers of Stage C as float8 products (Stage B stays in {kept})",
-                file=sys.stderr,
-            )
+        kept = str(dtype).removeprefix("torch.")
+        print(f"[bench] {count} linear layers of Stage C as float8 products (Stage B stays in {kept})", file=sys.stderr)
     if args.compile:
         from cascade.speed import compile_blocks
 

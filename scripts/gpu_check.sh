@@ -10,8 +10,7 @@
 # Settings (environment): MODEL (random-big), SIZE (1024), BATCHES ("1 4"), PRIOR_STEPS (20), DECODER_STEPS (10),
 # REPEATS (2), OUT (bench/: the JSON goes there), NAME (gpu-check: the JSON's name), COMPILE (0; 1 compiles Stage C's
 # and Stage B's blocks, cascade/speed.py), GRAPHS (0; 1 runs their forward passes as CUDA graphs), FP8 (0; 1 runs
-# Stage C's token linear layers as float8 products, as the job's fp8, cascade/float8.py), FP8_DECODER (0; 1 with FP8=1
-# adds Stage B's wide blocks), DIFFUSERS (1; 0 leaves the baseline out),
+# Stage C's token linear layers as float8 products, as the job's fp8, cascade/float8.py), DIFFUSERS (1; 0 leaves the baseline out),
 # PYTHON (python3). On a CPU, MODEL=tiny SIZE=256 proves the script at a reduced size.
 # The Ray pipeline part of the benchmark is left out here: Ray is not on that image and its wheel
 # is too large to carry.
@@ -38,7 +37,6 @@ EXTRA=()
 [ "${COMPILE:-0}" = 1 ] && EXTRA+=(--compile)
 [ "${GRAPHS:-0}" = 1 ] && EXTRA+=(--graphs)
 [ "${FP8:-0}" = 1 ] && EXTRA+=(--fp8)
-[ "${FP8_DECODER:-0}" = 1 ] && EXTRA+=(--fp8-decoder)
 [ "${DIFFUSERS:-1}" = 0 ] && EXTRA+=(--no-diffusers)
 # shellcheck disable=SC2086  # BATCHES is a list
 PYTHONPATH=. exec "$PY" -m jobs.bench --model "${MODEL:-random-big}" --size "${SIZE:-1024}" --batch ${BATCHES:-1 4} \

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import torch
 
+from cascade.blocks import AttnBlock, GlobalResponseNorm, ResBlock
 from jobs.argtypes import official_size, positive
+
+# The blocks' forward passes as cascade.blocks has them: the `mha` and `fold` variants swap in their own for a while.
+ATTN_BLOCK_FORWARD, RES_BLOCK_FORWARD = AttnBlock.forward, ResBlock.forward
 
 KINDS = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
@@ -48,6 +52,28 @@ def guided_inputs(models, stage: str, batch: int, size: int):
     return x, r, both
 
 
+def folded_res_block_forward(self, x, cond=None, skip=None):
+    """ResBlock with GRN folded into the product after it, where that moves fewer bytes, for the `fold` variants.
+    GRN is h * s + beta with s per (image, channel), so down(GRN(h)) = h @ (W * s)^T + (W @ beta + b): one batched
+    product with each image's own scaled weight in place of a pass that reads and writes the hidden state h. On an
+    H200 (2026-11-30, docs/PERFORMANCE.md) it saved 1 % of a compiled Stage B pass, as much as two runs of the same
+    code differ, so the blocks do not do it."""
+    residual = x
+    x = self.norm(self.depthwise(x))
+    if skip is not None:
+        x = torch.cat([x, skip], dim=1)
+    x = x.permute(0, 2, 3, 1)  # (B, H, W, c)
+    up, act, grn, _, down = self.channelwise
+    if x.shape[1] * x.shape[2] < 4 * down.out_features:  # a (c, 4c) weight per image would move more than h
+        return self.channelwise(x).permute(0, 3, 1, 2) + residual
+    h = act(up(x))  # (B, H, W, 4c)
+    b, height, width, hidden = h.shape
+    weight = down.weight * grn.scale(h).view(b, 1, hidden)  # (B, c, 4c)
+    bias = torch.addmv(down.bias, down.weight, grn.beta.view(hidden))  # (c,)
+    out = torch.baddbmm(bias, h.reshape(b, height * width, hidden), weight.transpose(1, 2))
+    return out.view(b, height, width, -1).permute(0, 3, 1, 2) + residual
+
+
 def module_attention_block_forward(self, x, cond, skip=None):
     """AttnBlock as before 2026-11-27, for the `mha` variant: the condition tokens mapped at every step and attention
     through nn.MultiheadAttention's own forward."""
@@ -62,11 +88,15 @@ def module_attention_block_forward(self, x, cond, skip=None):
 def conversions(variant: str) -> list:
     """What a variant timed on a converted copy of ours does to that copy, in order (cascade.speed, cascade.float8);
     [] for the variants that time ours or diffusers' as they are."""
-    from cascade.float8 import WIDE, float8_linears
+    from cascade.float8 import float8_linears
     from cascade.speed import channels_last, compile_blocks, cuda_graphs
 
-    def wide_float8(model):  # float8 in the blocks of c >= WIDE only, as the bench's --fp8-decoder for Stage B
-        return float8_linears(model, min_width=WIDE)
+    def wide_float8(model):  # float8 in the blocks of c >= 1024 only: Stage B's 1280-channel levels (80 % of its FLOPs)
+        for block in model.modules():
+            width = block.channelwise[4].out_features if isinstance(block, ResBlock) else None
+            width = block.attention.attn.embed_dim if isinstance(block, AttnBlock) else width
+            if width is not None and width >= 1024:
+                float8_linears(block)
 
     def autotuned(model):  # Inductor's own matrix-product kernels, tried against cuBLAS, with epilogues fused in
         return compile_blocks(model, mode="max-autotune-no-cudagraphs")
@@ -90,7 +120,7 @@ PRECOMPUTED = (
     *("compiled", "compiled-cl", "compiled-fp8", "compiled-fp8-wide", "compiled-graphs", "compiled-fold", "autotune"),
 )
 VARIANTS = ("ours", "raw", "squares", "mha", "diffusers", *PRECOMPUTED[2:])
-FOLDED = ("fold", "compiled-fold")  # the variants run with ResBlock.fold_grn on
+FOLDED = ("fold", "compiled-fold")  # the variants run with folded_res_block_forward
 
 
 COPIES: dict[tuple[str, str], torch.nn.Module] = {}  # (stage, variant): the converted copy a variant times
@@ -143,15 +173,13 @@ def profile(models, stage: str, batch: int, size: int, top: int, variant: str = 
 
     error = None
     if conversions(variant) or variant in FOLDED:  # what a change costs in accuracy: its output against ours's
-        from cascade.blocks import ResBlock
-
-        ours, folded = getattr(models, stage), ResBlock.fold_grn
+        ours, forward = getattr(models, stage), ResBlock.forward
         with torch.inference_mode():
-            ResBlock.fold_grn = False
+            ResBlock.forward = RES_BLOCK_FORWARD
             try:
                 reference = ours(x, r, **ours.precompute(x, **raw)).float()
             finally:
-                ResBlock.fold_grn = folded
+                ResBlock.forward = forward
             error = ((step().float() - reference).norm() / reference.norm()).item()
     on_gpu = x.is_cuda
     wall = median_seconds(step, x.device, warmup=3, repeats=5)
@@ -204,14 +232,13 @@ def main(argv=None) -> int:
         help="ours (the step-invariant conditioning precomputed, as sampling does); raw: ours, that conditioning done "
         "in the pass (before 2026-11-29); squares: ours, GRN's norm as a float32 sum of squares (the GPU's before "
         "2026-11-28); mha: raw, attention through nn.MultiheadAttention's forward (before 2026-11-27); diffusers: "
-        "its UNet, same weights; fold: ours, GRN folded into the product after it where that moves fewer bytes "
-        "(cascade.blocks.ResBlock.fold_grn). On a copy of ours, each with its output's relative error against "
-        "ours: cl, on channels-last memory; fp8, with float8 linear layers (cascade.float8); compiled, its blocks "
-        "compiled as the job's `compile: true` does (cascade.speed); compiled-cl, compiled-fp8, compiled-graphs and "
-        "compiled-fold, compiled on channels-last memory, with float8 linear layers, run as CUDA graphs (CUDA "
-        "only), and with fold; compiled-fp8-wide, compiled with float8 in the blocks of c >= 1024 only; autotune, "
-        "compiled in max-autotune-no-cudagraphs mode (Inductor's matrix-product kernels tried against cuBLAS: "
-        "minutes)",
+        "its UNet, same weights; fold: ours, GRN folded into the product after it where that moves fewer bytes. "
+        "On a copy of ours, each with its output's relative error against ours: cl, on channels-last memory; fp8, "
+        "with float8 linear layers (cascade.float8); compiled, its blocks compiled as the job's `compile: true` "
+        "does (cascade.speed); compiled-cl, compiled-fp8, compiled-graphs and compiled-fold, compiled on "
+        "channels-last memory, with float8 linear layers, run as CUDA graphs (CUDA only), and with fold; "
+        "compiled-fp8-wide, compiled with float8 in the blocks of c >= 1024 only; autotune, compiled in "
+        "max-autotune-no-cudagraphs mode (Inductor's matrix-product kernels tried against cuBLAS: minutes)",
     )
     args = p.parse_args(argv)
     if args.json:  # written after each row: a missing folder would lose the first one's work
@@ -240,16 +267,13 @@ def main(argv=None) -> int:
         if twin is None:  # the other variants still run
             print(f"[profile] {why}: no diffusers variant", file=sys.stderr)
             args.variants = [v for v in args.variants if v != "diffusers"]
-    from cascade.blocks import AttnBlock, GlobalResponseNorm, ResBlock
-
-    ours_forward = AttnBlock.forward
     report = []
     for stage in args.stages:
         for batch in args.batch:
             for variant in args.variants:
-                AttnBlock.forward = module_attention_block_forward if variant == "mha" else ours_forward
+                AttnBlock.forward = module_attention_block_forward if variant == "mha" else ATTN_BLOCK_FORWARD
                 GlobalResponseNorm.fused = False if variant == "squares" else None
-                ResBlock.fold_grn = variant in FOLDED
+                ResBlock.forward = folded_res_block_forward if variant in FOLDED else RES_BLOCK_FORWARD
                 try:
                     row = profile(models, stage, batch, args.size, args.top, variant, twin)
                 except Exception as e:  # one variant failing (a kernel a new card refuses) must not lose the rest
@@ -260,7 +284,8 @@ def main(argv=None) -> int:
                         torch.cuda.empty_cache()
                     continue
                 finally:
-                    AttnBlock.forward, GlobalResponseNorm.fused, ResBlock.fold_grn = ours_forward, None, False
+                    AttnBlock.forward, ResBlock.forward = ATTN_BLOCK_FORWARD, RES_BLOCK_FORWARD
+                    GlobalResponseNorm.fused = None
                 report.append(row)
                 if args.json:  # after every row: a run stopped at its time limit keeps what it measured
                     args.json.write_text(json.dumps(report, indent=2))

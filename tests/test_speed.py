@@ -333,3 +333,39 @@ def test_stage_a_on_a_gpu_decodes_in_bfloat16_autocast_on_channels_last_memory_a
     assert dtype == torch.bfloat16 and features.is_contiguous(memory_format=torch.channels_last)
     assert got.dtype == torch.float32 and expected.abs().max() > 0.1
     torch.testing.assert_close(got.cpu(), expected, rtol=0.05, atol=0.05)
+
+
+def test_the_profile_times_the_experiments_with_their_error_against_ours(tmp_path):
+    """scripts/profile_stages.py's `fold` variants (GRN folded into the next product, measured on an H200 and kept
+    out of the blocks) compute what ours computes, compiled too; --stages limits the stages; and the blocks' own
+    forward pass is back afterwards."""
+    import json
+
+    from tests.helpers import load_script
+
+    script = load_script("profile_stages")
+    out = tmp_path / "profile.json"
+    args = ["--model", "tiny", "--size", "256", "--batch", "1", "--top", "2", "--stages", "stage_b"]
+    assert script.main([*args, "--variants", "ours", "fold", "compiled-fold", "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    assert {r["stage"] for r in rows.values()} == {"stage_b"} and set(rows) == {"ours", "fold", "compiled-fold"}
+    assert rows["ours"]["wall_ms_per_pass"] > 0 and "relative_error_vs_ours" not in rows["ours"]
+    for variant in ("fold", "compiled-fold"):  # float32 on the CPU: the same up to the order of the sums
+        assert 0 < rows[variant]["relative_error_vs_ours"] < 1e-5
+    assert ResBlock.forward is script.RES_BLOCK_FORWARD and AttnBlock.forward is script.ATTN_BLOCK_FORWARD
+
+
+def test_the_folded_res_block_computes_what_the_block_does_with_and_without_a_skip():
+    """The fold rewrites GRN + the last product as one batched product with each image's own weight: the same
+    function of the block's parameters, with a skip input too, and where folding would not pay (H * W < 4c) the
+    block's own channel MLP runs."""
+    from tests.helpers import load_script, randomize
+
+    script = load_script("profile_stages")
+    torch.manual_seed(0)
+    for c, c_skip, side in ((8, 0, 16), (8, 8, 16), (16, 0, 4)):  # the last: 4 x 4 < 4c, not folded
+        block = randomize(ResBlock(c, c_skip), scale=0.3).eval()
+        x, skip = torch.randn(3, c, side, side), (torch.randn(3, c_skip, side, side) if c_skip else None)
+        with torch.no_grad():
+            expected, got = block(x, None, skip), script.folded_res_block_forward(block, x, None, skip)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
