@@ -37,15 +37,16 @@ def allow_recompiles() -> None:
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None) -> int:
+def compile_blocks(model: nn.Module, mode: str | None = None, options: dict | None = None) -> int:
     """Compile every ResBlock, TimestepBlock and AttnBlock of a Stage B or Stage C in place; returns how many.
 
-    mode: torch.compile's mode (None: the default, which fuses kernels without CUDA graphs)."""
+    mode: torch.compile's mode (None: the default, which fuses kernels without CUDA graphs); options: Inductor's
+    settings instead of a mode (torch.compile takes one or the other)."""
     allow_recompiles()  # here; and the threads that run the blocks, if others (workers.stages)
     count = 0
     for module in model.modules():
         if isinstance(module, (ResBlock, TimestepBlock, AttnBlock)):
-            module.compile(mode=mode, dynamic=False)
+            module.compile(mode=mode, options=options, dynamic=False)
             count += 1
     return count
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything a short GPU lease should measure, each part under its own time limit (and all under TOTAL) so that a
 # slow part cannot starve the rest, each writing into OUT as it goes (a stopped run keeps what it measured). Three
-# sessions (2026-11-27, 2026-11-29, 2026-11-30: docs/PERFORMANCE.md) measured all of it but two parts; those come
+# sessions (2026-11-27, 2026-11-29, 2026-11-30: docs/PERFORMANCE.md) measured all of it but three parts; those come
 # first, then the rest again (the figures to compare a change with), in this order:
 #   share: one GPU shared by 1 and 2 Stage B/A processes at batch 4 (at batch 1 two gave 1.41x one): not measured;
+#   tuned: compiled Stage B and Stage C passes with Inductor's coordinate descent tuning of its fused kernels (GRN's
+#      two kernels ran at 1.9 TB/s of the card's 4.8 on 2026-11-30, 23 of Stage B's 125 ms): not measured;
 #   autotune: Stage B compiled in max-autotune-no-cudagraphs mode (Inductor's product kernels with fused epilogues):
 #      still compiling after 150 s on 2026-11-30;
 #   fp8: the pipeline with compiled blocks and float8 Stage C (the job's `fp8: true`), batch 8, one timed repeat;
@@ -21,7 +23,7 @@
 # Usage: OUT=dir bash scripts/gpu_session.sh (about 9.5 minutes on an H200: give it a device call of 10).
 # Settings (environment): OUT (bench/), PYTHON (python3), MODEL (random-big), SIZE (1024), TOTAL (570 s for all),
 # PARTS (the parts to run, in order: all of the above), and each part's limit in seconds as LIMIT_<part> (share 60,
-# autotune 240, fp8 110, compiled 100, compiled_b 170, compiled_c 90, fp8_b 120, gputests 60, check 150). A part
+# tuned 150, autotune 240, fp8 110, compiled 100, compiled_b 170, compiled_c 90, fp8_b 120, gputests 60, check 150). A part
 # still running at its limit gets SIGTERM, and SIGKILL 10 s later. On a CPU, MODEL=tiny SIZE=256 proves the script
 # (the profiles and share run on the CPU in fp32, float8 on the CPU's reference arithmetic, and the GPU tests skip).
 set -uo pipefail
@@ -47,7 +49,7 @@ part() {  # part NAME LIMIT COMMAND...: run one part (within what TOTAL leaves),
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "(no nvidia-smi)"
 PROFILE=("$PY" scripts/profile_stages.py --model "$MODEL" --size "$SIZE" --batch 4 --top 8)
-ALL="share autotune fp8 compiled compiled_b compiled_c fp8_b gputests check"
+ALL="share tuned autotune fp8 compiled compiled_b compiled_c fp8_b gputests check"
 for name in ${PARTS:-$ALL}; do
   limit_var=LIMIT_$name
   case $name in
@@ -59,6 +61,7 @@ for name in ${PARTS:-$ALL}; do
       PYTHON="$PY" bash scripts/gpu_check.sh ;;
     fp8_b) part "$name" "${!limit_var:-120}" "${PROFILE[@]}" --stages stage_b --json "$OUT/$name.json" \
       --variants compiled compiled-fp8-wide compiled-fp8 ;;
+    tuned) part "$name" "${!limit_var:-150}" "${PROFILE[@]}" --json "$OUT/$name.json" --variants compiled tuned ;;
     autotune) part "$name" "${!limit_var:-240}" "${PROFILE[@]}" --stages stage_b --json "$OUT/$name.json" \
       --variants autotune ;;
     gputests) part "$name" "${!limit_var:-60}" "$PY" -m pytest -p no:cacheprovider -v -rfE -m gpu \

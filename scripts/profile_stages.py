@@ -101,6 +101,9 @@ def conversions(variant: str) -> list:
     def autotuned(model):  # Inductor's own matrix-product kernels, tried against cuBLAS, with epilogues fused in
         return compile_blocks(model, mode="max-autotune-no-cudagraphs")
 
+    def tuned(model):  # the fused kernels' block sizes tuned by measuring them (GRN's ran at 1.9 TB/s, 2026-11-30)
+        return compile_blocks(model, options={"coordinate_descent_tuning": True})
+
     return {
         "cl": [channels_last],
         "fp8": [float8_linears],
@@ -111,13 +114,15 @@ def conversions(variant: str) -> list:
         "compiled-graphs": [compile_blocks, cuda_graphs],
         "compiled-fold": [compile_blocks],
         "autotune": [autotuned],
+        "tuned": [tuned],
     }.get(variant, [])
 
 
 # The variants that time a pass as a sampling run makes it: the step-invariant conditioning done beforehand, once.
 PRECOMPUTED = (
     *("ours", "squares", "fold", "cl", "fp8"),
-    *("compiled", "compiled-cl", "compiled-fp8", "compiled-fp8-wide", "compiled-graphs", "compiled-fold", "autotune"),
+    *("compiled", "compiled-cl", "compiled-fp8", "compiled-fp8-wide", "compiled-graphs", "compiled-fold"),
+    *("autotune", "tuned"),
 )
 VARIANTS = ("ours", "raw", "squares", "mha", "diffusers", *PRECOMPUTED[2:])
 FOLDED = ("fold", "compiled-fold")  # the variants run with folded_res_block_forward
@@ -238,7 +243,8 @@ def main(argv=None) -> int:
         "does (cascade.speed); compiled-cl, compiled-fp8, compiled-graphs and compiled-fold, compiled on "
         "channels-last memory, with float8 linear layers, run as CUDA graphs (CUDA only), and with fold; "
         "compiled-fp8-wide, compiled with float8 in the blocks of c >= 1024 only; autotune, compiled in "
-        "max-autotune-no-cudagraphs mode (Inductor's matrix-product kernels tried against cuBLAS: minutes)",
+        "max-autotune-no-cudagraphs mode (Inductor's matrix-product kernels tried against cuBLAS: minutes); tuned, "
+        "compiled with Inductor's coordinate_descent_tuning (its fused kernels' block sizes tuned by timing them)",
     )
     args = p.parse_args(argv)
     if args.json:  # written after each row: a missing folder would lose the first one's work
