@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .family import BUILTIN_MODELS, check_folder, load_models
+from .family import BUILTIN_MODELS, check_folder, device_problem, load_models
 from .geometry import DEFAULT_MODEL, family_geometry
 from .imagefile import encode
 from .lora import apply_lora_file, lora_info
@@ -30,6 +30,9 @@ from .signals import sigterm_interrupts
 from .weights import WeightsError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+# One prompt's images in one run: each is a file checked before the run starts (a billion made the checks alone run
+# out of memory); the batch job is for more.
+MAX_IMAGES = 10_000
 DEFAULT_STRENGTH = 0.8  # img2img: as cascade.pipeline.generate
 EXIT_OK, EXIT_FAILED, EXIT_ARGUMENTS, EXIT_WEIGHTS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130  # 130: Ctrl-C or SIGTERM
 
@@ -155,8 +158,11 @@ def check_arguments(args) -> str | None:
             "--lite picks the lite files of a --weights folder; the built-in random-lite is the lite architecture "
             "with random weights"
         )
-    if args.num_images < 1:
-        return f"--num-images: {args.num_images} is not allowed; use 1 or more"
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        return (
+            f"--num-images: {args.num_images} is not allowed; use 1 to {MAX_IMAGES} "
+            "(for more, the batch job: python -m jobs.generate)"
+        )
     if args.batch_size < 1:
         return f"--batch-size: {args.batch_size} is not allowed; use 1 or more"
     if not 0 <= args.seed <= MAX_SEED:
@@ -176,15 +182,9 @@ def check_arguments(args) -> str | None:
     problem = unwritable(args.out, args.num_images)  # every name the run writes
     if problem is not None:
         return problem
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        return f"--device: {args.device!r} is not a device; use e.g. cpu, cuda, cuda:1"
-    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
-    if device.type not in available:
-        return f"--device: {args.device!r}: {device.type} devices are not supported; use cpu or cuda"
-    if not available[device.type]():
-        return f"--device: {args.device} is not available here (no {device.type.upper()} device); use cpu"
+    problem = device_problem(args.device)
+    if problem is not None:
+        return f"--device: {problem}"
     if args.init_image is None and args.strength is not None:
         return "--strength: applies to img2img only; give --init-image too"
     return None

@@ -121,6 +121,36 @@ def check_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def device_problem(device, meta: bool = False) -> str | None:
+    """What is wrong with a device to run a family on, after its argument's name (the library's `device: `, the CLI's
+    `--device: `), or None where it can be used here. meta: the meta device will do (the library builds families
+    there to count their parameters and FLOPs)."""
+    try:
+        on = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"{device!r} is not a device; use e.g. cpu, cuda, cuda:1"
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if meta:
+        available["meta"] = lambda: True
+    if on.type not in available:
+        return f"{device!r}: {on.type} devices are not supported; use cpu or cuda"
+    if not available[on.type]():
+        return f"{device} is not available here (no {on.type.upper()} device); use cpu"
+    if on.type == "cuda" and on.index is not None and on.index >= torch.cuda.device_count():
+        return f"{device} is not available here ({torch.cuda.device_count()} CUDA device(s)); use cuda:0 to cuda:N-1"
+    return None
+
+
+def check_placement(device, dtype) -> None:
+    """A family loader's device and dtype, checked before anything loads: ValueError naming the argument, the value
+    and what is allowed (a mistyped device is the caller's, not a fault of the weights)."""
+    problem = device_problem(device, meta=True)
+    if problem is not None:
+        raise ValueError(f"device: {problem}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: {dtype!r} is not allowed; use a torch floating dtype, e.g. torch.bfloat16")
+
+
 def load_models(
     folder: str | os.PathLike,
     *,
@@ -138,6 +168,7 @@ def load_models(
     the prior ("prior": text encoder + Stage C) or the decoder ("decoder": Stage B + A).
     """
     _check_parts(parts)
+    check_placement(device, dtype)
     folder = check_folder(folder)
     variant = "lite" if lite else "big"
     prior, decoder = "prior" in parts, "decoder" in parts
@@ -256,6 +287,7 @@ def tiny_models(
     depend on which half a process holds.
     """
     _check_parts(parts)
+    check_placement(device, dtype)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -318,6 +350,7 @@ def random_models(
     "big" (CLIP-G, Stage C 3.6 B, Stage B 1.5 B, Stage A) or "lite" (Stage C 1 B, Stage B 0.7 B). For benchmarks on
     machines without the official weights: the values do not change the work. Built in float32, then cast."""
     _check_parts(parts)
+    check_placement(device, dtype)
     c_config, b_config = {"big": (STAGE_C_3B, STAGE_B_3B), "lite": (STAGE_C_1B, STAGE_B_700M)}[preset]
     prior, decoder = "prior" in parts, "decoder" in parts
     with torch.random.fork_rng(devices=[]), torch.device(device):

@@ -12,6 +12,7 @@ batch. A result holding NaN or Inf is reported as an error for that request, nev
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,21 @@ def to_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         return image.float()
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def image_problem(image) -> str | None:
+    """What is wrong with an img2img input image, or None: a PIL image, or a floating (3, H, W) or (1, 3, H, W)
+    tensor of RGB values in [0, 1] (a uint8 tensor of 0 to 255 would be clamped to white)."""
+    if isinstance(image, Image.Image):
+        return None
+    if not isinstance(image, torch.Tensor):
+        return f"a {type(image).__name__} is not allowed; give a PIL image or a (3, H, W) tensor in [0, 1]"
+    if not image.is_floating_point():
+        return f"a {image.dtype} tensor is not allowed; give floating RGB values in [0, 1] (e.g. uint8 / 255)"
+    shape = tuple(image.shape)
+    if not (len(shape) == 3 and shape[0] == 3 or len(shape) == 4 and shape[:2] == (1, 3)):
+        return f"shape {shape} is not allowed; give (3, H, W) or (1, 3, H, W), channels first"
+    return None
 
 
 def effnet_latents(
@@ -268,15 +284,36 @@ def generate(
 
     init_images (img2img): one image per request; Stage C starts from it noised to t = strength.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size: {batch_size} is not allowed; use 1 or more")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size: {batch_size!r} is not allowed; use a whole number, 1 or more")
+    if isinstance(requests, (Request, str)) or not isinstance(requests, Sequence):
+        what = type(requests).__name__
+        raise ValueError(f"requests: a {what} is not allowed; give a list of Request, e.g. [Request('a prompt')]")
     for i, r in enumerate(requests):
+        if not isinstance(r, Request):
+            what = type(r).__name__
+            raise ValueError(f"request {i}: a {what} is not allowed; give a Request, e.g. Request('a prompt')")
         try:
             validate(r, models.geometry)
         except ValueError as e:
             raise ValueError(f"request {i}: {e}") from None
-    if init_images is not None and len(init_images) != len(requests):
-        raise ValueError(f"init_images: {len(init_images)} images for {len(requests)} requests; give one per request")
+    missing = [name for name in ("text_encoder", "stage_c", "stage_b", "stage_a") if getattr(models, name) is None]
+    if missing and requests:
+        raise ValueError(
+            f"models: {', '.join(missing)} not loaded; generate needs both halves (load with the default parts)"
+        )
+    if init_images is not None:
+        if len(init_images) != len(requests):
+            raise ValueError(
+                f"init_images: {len(init_images)} images for {len(requests)} requests; give one per request"
+            )
+        for i, image in enumerate(init_images):
+            problem = image_problem(image)
+            if problem is not None:
+                raise ValueError(f"init_images[{i}]: {problem}")
+        validate_strength(strength)
+        if models.effnet is None and requests:
+            effnet_latents(models, [], (1, 1))  # raises: it names what img2img needs and how to load it
     results: list[Result | None] = [None] * len(requests)
     done = 0
     for idx in buckets(requests, batch_size):

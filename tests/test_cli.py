@@ -146,6 +146,8 @@ def test_cli_arguments_that_need_no_model_are_checked_before_any_load(tmp_path, 
         (["--device", "meta"], "--device: 'meta': meta devices are not supported; use cpu or cuda"),
         (["--strength", "0.5"], "--strength: applies to img2img only; give --init-image too"),
         (["--seed", "-1"], "--seed: -1 is not allowed; use an integer from 0 to 2**63 - 1"),
+        # Each image's file is checked before the run: a billion ran those checks out of memory.
+        (["--num-images", "10001"], "--num-images: 10001 is not allowed; use 1 to 10000 (for more, the batch job"),
         (
             ["--seed", str(2**63 - 1), "--num-images", "2"],
             f"--seed: {2**63 - 1} with --num-images 2 goes past 2**63 - 1 (image i uses seed + i); "

@@ -139,6 +139,65 @@ def test_invalid_requests_are_rejected_before_any_work(models, field, value, mes
             run_prior(models, [Request("fine", **SMALL), Request(**kwargs)])  # the one-bucket call checks too
 
 
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda m: generate(m, ["a prompt"]), "request 0: a str is not allowed; give a Request"),
+        (lambda m: generate(m, Request("x", **SMALL)), "requests: a Request is not allowed; give a list of Request"),
+        (lambda m: generate(m, [Request("x", **SMALL)], batch_size=2.5), "batch_size: 2.5 is not allowed"),
+        (lambda m: generate(m, [Request("x", **SMALL)], batch_size="4"), "batch_size: '4' is not allowed"),
+        (
+            lambda m: generate(tiny_models(parts=("prior",)), [Request("x", **SMALL)]),
+            "models: stage_b, stage_a not loaded; generate needs both halves",
+        ),
+        (
+            lambda m: generate(
+                m, [Request("x", **SMALL)], init_images=[torch.full((3, 64, 64), 255, dtype=torch.uint8)]
+            ),
+            r"init_images\[0\]: a torch.uint8 tensor is not allowed; give floating RGB values in \[0, 1\]",
+        ),
+        (
+            lambda m: generate(m, [Request("x", **SMALL)], init_images=[torch.zeros(64, 64, 3)]),
+            r"init_images\[0\]: shape \(64, 64, 3\) is not allowed; give \(3, H, W\)",
+        ),
+        (
+            lambda m: generate(m, [Request("x", **SMALL)], init_images=[np.zeros((64, 64, 3))]),
+            r"init_images\[0\]: a ndarray is not allowed; give a PIL image",
+        ),
+        (
+            lambda m: generate(m, [Request("x", **SMALL)], init_images=[torch.zeros(3, 64, 64)]),
+            "init_images: img2img needs the family's semantic encoder",
+        ),
+    ],
+)
+def test_bad_arguments_to_generate_are_rejected_before_any_work(models, monkeypatch, call, message):
+    """Not only the requests: every argument is checked, with a message naming it, before a stage runs."""
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a stage ran")
+
+    monkeypatch.setattr("cascade.pipeline.run_prior", no_work)
+    with pytest.raises(ValueError, match=message):
+        call(models)
+
+
+def test_a_family_is_refused_a_device_or_dtype_it_cannot_use_before_it_loads(tmp_path):
+    """A mistyped device or dtype is the caller's mistake, named as such (not as broken weights)."""
+    from cascade.family import load_models
+
+    cases = [
+        (lambda: tiny_models(device="gpu"), "device: 'gpu' is not a device; use e.g. cpu, cuda, cuda:1"),
+        (lambda: tiny_models(device="xla"), "device: 'xla': xla devices are not supported; use cpu or cuda"),
+        (lambda: tiny_models(dtype="bf16"), "dtype: 'bf16' is not allowed; use a torch floating dtype"),
+        (lambda: load_models(tmp_path, dtype=torch.int8), "dtype: torch.int8 is not allowed"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((lambda: load_models(tmp_path, device="cuda"), "device: cuda is not available here"))
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_the_one_bucket_calls_take_an_empty_batch(models):
     assert run_prior(models, []) == [] and run_decoder(models, []) == []
 
