@@ -14,6 +14,7 @@ import io
 import json
 import math
 import numbers
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -165,6 +166,14 @@ def _is_amount(v) -> bool:
     return _is_num(v) and (v == 0 or v >= RAY_RESOURCE_UNIT)
 
 
+def in_ray_working_dir(cwd: str | None = None) -> bool:
+    """Whether the job runs in the copy of a `working_dir` that `ray job submit` unpacked on the node (under Ray's
+    session folder, runtime_resources/working_dir_files/): a relative --out would land there, not where the user
+    submitted from."""
+    parts = Path(cwd or os.getcwd()).parts
+    return any(a == "runtime_resources" and b == "working_dir_files" for a, b in zip(parts, parts[1:]))
+
+
 def _check(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {value!r} is not allowed; {allowed}")
@@ -265,6 +274,13 @@ def validate(c: JobConfig) -> None:
     _check(isinstance(c.out, str) and c.out.strip() != "", "out", c.out, "give a local folder or an s3:// prefix")
     for name in ("prompts", "out"):
         _check_url(name, getattr(c, name))
+    _check(
+        "://" in c.out or os.path.isabs(os.path.expanduser(c.out)) or not in_ray_working_dir(),
+        "out",
+        c.out,
+        f"it is relative, and this job runs in Ray's copy of its working_dir ({os.getcwd()}), which Ray shares with "
+        "later jobs and deletes: give an absolute path or an s3:// prefix",
+    )
     _check(
         isinstance(c.model, str) and c.model != "",
         "model",

@@ -25,6 +25,7 @@ import os
 import platform
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -186,35 +187,77 @@ def versions() -> dict:
 
 
 class Progress:
-    """A progress line every `every` seconds: images done / total, images/s over the last minute, ETA."""
+    """A progress line every `every` seconds, whether images arrive or not (a stall shows as lines that do not move
+    and say for how long): images done / total, images/s over the last minute, ETA. The rate is counted from the
+    first images on, so start-up (Ray, the models loading) does not read as a slow rate and a far ETA. `start`
+    begins the lines a stall still gets (a thread), `stop` ends them; `update` counts the images written."""
 
-    def __init__(self, total: int, every: float):
-        self.total, self.every = total, every
+    def __init__(self, total: int, every: float, clock=time.monotonic):
+        self.total, self.every, self.clock = total, every, clock
         self.done = self.errors = 0
-        self.start = self.last = time.monotonic()
-        self.history: list[tuple[float, int]] = [(self.start, 0)]
+        self.created = self.last = self.clock()  # when the last line was printed
+        self.last_images: float | None = None  # when images last arrived
+        self.history: list[tuple[float, int]] = []  # (time, done) over the last minute, from the first images on
+        self.lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     def update(self, done: int, errors: int) -> None:
-        self.done += done
-        self.errors += errors
-        now = time.monotonic()
-        self.history.append((now, self.done))
-        while len(self.history) > 2 and now - self.history[0][0] > 60:
-            self.history.pop(0)
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            log(self.line())
+        with self.lock:
+            self.done += done
+            self.errors += errors
+            now = self.last_images = self.clock()
+            self.history.append((now, self.done))
+            while len(self.history) > 2 and now - self.history[0][0] > 60:
+                self.history.pop(0)
+            if now - self.last >= self.every or self.done == self.total:
+                self._print(now)
 
-    def rate(self) -> float:
+    def tick(self) -> None:
+        """A line if none was printed for `every` seconds: the ticker's, while no images arrive."""
+        with self.lock:
+            now = self.clock()
+            if now - self.last >= self.every and self.done < self.total:
+                self._print(now)
+
+    def start(self) -> None:
+        def run():
+            while not self._stopped.wait(min(self.every, 1.0)):
+                self.tick()
+
+        self._ticker = threading.Thread(target=run, name="progress", daemon=True)
+        self._ticker.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._ticker is not None:
+            self._ticker.join()
+
+    def _print(self, now: float) -> None:
+        self.last = now
+        log(self.line(now))
+
+    def rate(self, now: float | None = None) -> float:
+        """Images/s over the last minute, up to `now` (a stall lowers it as it lasts), from the first images on: 0
+        before a second batch of them has arrived."""
+        if len(self.history) < 2:
+            return 0.0
         (t0, d0), (t1, d1) = self.history[0], self.history[-1]
-        return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
+        end = t1 if now is None else max(now, t1)
+        return (d1 - d0) / (end - t0) if end > t0 else 0.0
 
-    def line(self) -> str:
-        rate = self.rate()
+    def line(self, now: float | None = None) -> str:
+        now = self.clock() if now is None else now
+        rate = self.rate(now)
         left = self.total - self.done
         eta = f"{int(left / rate // 60)}m{int(left / rate % 60):02d}s" if rate > 0 else "?"
         pct = 100 * self.done / self.total if self.total else 100
-        return f"{self.done}/{self.total} images ({pct:.1f}%), {rate:.2f} images/s, ETA {eta}, {self.errors} errors"
+        line = f"{self.done}/{self.total} images ({pct:.1f}%), {rate:.2f} images/s, ETA {eta}, {self.errors} errors"
+        if self.done < self.total and self.last_images is None:
+            line += f"; waiting for the first images ({int(now - self.created)}s)"
+        elif self.done < self.total and now - self.last_images >= self.every:
+            line += f"; none for {int(now - self.last_images)}s"
+        return line
 
 
 class NeverFits(Exception):
@@ -737,6 +780,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
     # One Ray Data execution per segment of the input: the executor's state grows with the blocks it has moved
     # (driver memory measured in docs/RELIABILITY.md), and a new execution starts from a fresh one.
     parts = segments(plan.sources, config.segment_rows)
+    progress.start()  # lines while no images arrive too (the actors loading, a stall)
     try:
         for number, items in enumerate(parts, 1):
             heap.trim()  # what the last segment's execution freed (jobs/heap.py)
@@ -756,6 +800,7 @@ def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int
             raise PlacementError(watch.reason) from None
         raise
     finally:
+        progress.stop()
         if watch is not None:
             watch.stop()
     return queue_bytes, digest, {"prior_pool": gpus[0], "decoder_pool": gpus[1]}

@@ -379,3 +379,23 @@ def test_help_lists_the_names_a_setting_takes():
     for flag, names in [("--sampler", "ddpm, ddim"), ("--layout", "files, webdataset"), ("--dtype", "auto, bf16")]:
         entry = re.search(rf"^  {flag} [A-Z_]+\s+(.*)$", text, re.MULTILINE)  # (the usage line names it first)
         assert entry and f"one of {names}" in entry.group(1), flag
+
+
+def test_a_relative_out_is_refused_where_ray_job_submit_unpacked_the_working_dir(tmp_path, monkeypatch):
+    """Under `ray job submit --working-dir .` the job runs in Ray's copy of that folder, in Ray's session folder,
+    which Ray shares with later jobs and deletes: a relative --out would land there, not where the user submitted
+    from. Absolute paths and s3:// are taken there; elsewhere a relative --out is the user's folder, as always."""
+    from jobs.config import in_ray_working_dir
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    assert in_ray_working_dir(str(copy / "sub")) and not in_ray_working_dir(str(tmp_path / "runtime_resources"))
+    base = {"prompts": "prompts.parquet"}
+    from_mapping({**base, "out": "rel-out/"})  # here: the user's own folder
+    monkeypatch.chdir(copy)
+    with pytest.raises(
+        ConfigError, match=r"out: 'rel-out/' is not allowed; it is relative, and this job runs in Ray's"
+    ):
+        from_mapping({**base, "out": "rel-out/"})
+    for out in (str(tmp_path / "out"), "s3://bucket/run-1", "~/renders"):
+        assert from_mapping({**base, "out": out}).out == out
