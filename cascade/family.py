@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ from torch import nn
 
 from .effnet import EFFNET_ENCODER, EfficientNetEncoder
 from .geometry import DEMO_FOLDER, DEMO_SHIPPED, FAMILY_FILE, OFFICIAL, Geometry, family_geometry
+from .request import Request, family_sampling
 from .stage_a import STAGE_A, STAGE_A_TINY, StageA
 from .stage_b import STAGE_B_3B, STAGE_B_700M, STAGE_B_TINY, StageB
 from .stage_c import STAGE_C_1B, STAGE_C_3B, STAGE_C_TINY, StageC
@@ -53,6 +54,16 @@ class CascadeModels:
     effnet: nn.Module | None = None
     previewer: nn.Module | None = None
     geometry: Geometry = OFFICIAL
+    # The family's own sampling defaults (its family.json's "sampling", e.g. {"prior_cfg": 2.0}); {} where it keeps
+    # the reference's, as the official families do.
+    sampling: dict = field(default_factory=dict)
+
+    def request(self, prompt: str, **settings) -> Request:
+        """A Request for this family with its own defaults, as the CLI and the job give them: its default size and
+        its sampling defaults, the reference's for the rest; `settings` (seed, width, prior_cfg, ...) override them.
+        (Request(...) alone takes the reference's: 1024 px, 20 / 4 / 10 / 1.1.)"""
+        size = self.geometry.default_size
+        return Request(prompt, **{"width": size, "height": size, **self.sampling, **settings})
 
     @property
     def device(self) -> torch.device:
@@ -188,6 +199,7 @@ def load_models(
         stage_a=load_stage(paths["stage_a"], dtype=torch.float32, device=device, expect="stage_a") if decoder else None,
         name=f"{folder.name}:{variant}",
         geometry=family_geometry(folder),
+        sampling=family_sampling(folder),
     )
     _check_widths(folder, models)
     if with_effnet:

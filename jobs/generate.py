@@ -195,7 +195,7 @@ class Progress:
     def __init__(self, total: int, every: float, clock=time.monotonic):
         self.total, self.every, self.clock = total, every, clock
         self.done = self.errors = 0
-        self.created = self.last = self.clock()  # when the last line was printed
+        self.created = self.last = self.clock()  # when made, and when the last line was printed
         self.last_images: float | None = None  # when images last arrived
         self.history: list[tuple[float, int]] = []  # (time, done) over the last minute, from the first images on
         self.lock = threading.Lock()

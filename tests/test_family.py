@@ -241,3 +241,18 @@ def test_ship_family_copies_a_family_that_loads_and_refuses_a_partial_one_before
     refused = ship(partial, tmp_path / "never")
     assert refused.returncode == 1 and "previewer.safetensors not found: is" in refused.stderr
     assert not (tmp_path / "never").exists()  # nothing written
+
+
+def test_a_family_makes_requests_with_its_own_defaults():
+    """Request(...) alone takes the reference's defaults (1024 px, 20 / 4 / 10 / 1.1), which the demo cannot even
+    render; models.request(...) takes the family's own, as the CLI and the job do."""
+    from cascade import CascadeModels, Request
+    from cascade.family import demo_models
+    from cascade.request import sampling_defaults
+
+    demo = demo_models(parts=("decoder",))
+    made = demo.request("a red circle", seed=3)
+    assert (made.width, made.height, made.seed) == (demo.geometry.default_size, demo.geometry.default_size, 3)
+    assert demo.sampling and {k: getattr(made, k) for k in sampling_defaults("demo")} == sampling_defaults("demo")
+    assert demo.request("x", prior_cfg=5.0, width=128).prior_cfg == 5.0
+    assert CascadeModels(None, None, None, None).request("x", seed=1) == Request("x", seed=1)  # the official's
