@@ -211,6 +211,7 @@ def profile(models, stage: str, batch: int, size: int, top: int, variant: str = 
     return {
         "stage": stage,
         "variant": variant,
+        "res_block_forward": ResBlock.forward.__name__,  # forward, or folded_res_block_forward for the fold variants
         "batch": batch,
         "wall_ms_per_pass": wall * 1e3,
         "device_ms_per_pass": device_ms,
