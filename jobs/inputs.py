@@ -13,6 +13,7 @@ row, which travels to the manifest (status "error"). Bad files do: a missing inp
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import math
@@ -134,6 +135,15 @@ def _listed(name: str) -> bool:
     return not any(part.startswith((".", "_")) for part in name.split("/"))
 
 
+def _globbed(pattern: str, name: str) -> bool:
+    """Whether a file a glob matched is input: a hidden part of its path (one that starts with `.` or `_`, as
+    `_listed`) only where the pattern names it with a part of its own that starts so (`in/_tmp/*.parquet`), not
+    through a wildcard: `in/**/*.parquet` skips Spark's `_temporary/` and `_SUCCESS`, as glob.glob skips `.` names."""
+    named = [segment for segment in pattern.split("/") if segment.startswith((".", "_"))]
+    hidden = (part for part in name.split("/") if part.startswith((".", "_")))
+    return all(any(fnmatch.fnmatchcase(part, segment) for segment in named) for part in hidden)
+
+
 def _manifests(out: str) -> str:
     """Where the job's manifest parts under `out` are: the only Parquet files it writes there."""
     from .manifest import MANIFEST_DIR
@@ -157,9 +167,7 @@ def find_files(prompts: str, out: str | None = None, attempts: int = 10) -> tupl
             base, keys = path.rpartition("/")[0], [path]
         elif _has_glob(path):
             base, regex = _glob_base(path), _glob_regex(path)
-            # As a local glob matches: no hidden name unless the pattern asks for one.
-            hidden = "/." in "/" + path
-            keys = [k for k, _ in storage.list(base) if regex.match(k) and (hidden or "/." not in "/" + k)]
+            keys = [k for k, _ in storage.list(base) if regex.match(k) and _globbed(path, k)]
         else:
             base = path.strip("/")
             keys = [k for k, _ in storage.list(base) if k.endswith(".parquet") and _listed(k[len(base) :])]
@@ -179,7 +187,8 @@ def find_files(prompts: str, out: str | None = None, attempts: int = 10) -> tupl
             )
         elif _has_glob(pattern):
             base = Path(_glob_base(pattern) or ".")
-            files = [Path(f) for f in sorted(glob.glob(pattern, recursive=True)) if Path(f).is_file()]
+            matched = sorted(glob.glob(pattern, recursive=True))
+            files = [Path(f) for f in matched if Path(f).is_file() and _globbed(pattern, Path(f).as_posix())]
         else:
             raise InputError(f"prompts: {prompts}: no such file or folder")
         # Keys are the files' paths below the base as written, not as resolved: a file or folder that is a link
@@ -293,7 +302,10 @@ def _plan_file(storage: Storage, key: str, name: str, default: int, budget: _Row
         with budget.hold(first):
             try:
                 ids, counts = _ids_and_counts(pf, name, first, default)
-                digest = None if "id" in schema.names else prompts_digest(pf)  # ids are positions: see generate
+                # Where any row's id is its position (no id column, or a null in it), rows inserted, removed or
+                # reordered would give images made to other prompts: the digest lets a resume tell (see generate).
+                positions = "id" not in schema.names or pf.read(columns=["id"]).column("id").null_count > 0
+                digest = prompts_digest(pf) if positions else None
             except UnicodeDecodeError:
                 raise InputError(f"prompts: {where}: {_not_text(pf.read(columns=['id']), 'id')}") from None
             except (pa.ArrowException, OSError) as e:
