@@ -76,7 +76,9 @@ KEY_NAME_MAX = 100  # characters of an id kept in a key; S3 keys may be 1024 byt
 def _accepts(kind: str, t: pa.DataType) -> bool:
     if pa.types.is_null(t):
         return True
-    if kind == STRING:
+    if kind == STRING:  # pandas' categorical strings too (dictionary-encoded)
+        if pa.types.is_dictionary(t):
+            t = t.value_type
         return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
     # Integer columns with nulls come out of pandas as float64: accepted, each value checked per row.
     return pa.types.is_integer(t) or pa.types.is_floating(t)
@@ -362,7 +364,10 @@ def prompts_digest(pf: pq.ParquetFile, rows: int | None = None) -> str:
     for batch in pf.iter_batches(batch_size=65536, columns=["prompt"]):
         if left <= 0:
             break
-        column = batch.column(0).slice(0, left).cast(pa.large_binary())
+        column = batch.column(0).slice(0, left)
+        if pa.types.is_dictionary(column.type):  # (pandas' categorical prompts)
+            column = column.dictionary_decode()
+        column = column.cast(pa.large_binary())
         left -= len(column)
         nulls.update(column.is_null().to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
         column = column.fill_null(b"")

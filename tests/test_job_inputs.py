@@ -586,3 +586,24 @@ def test_a_file_without_ids_is_changed_unless_the_rows_earlier_runs_rendered_are
     write(tmp_path / "p.parquet", prompt=["a", "b", "c", "d"])
     now = plan(config(tmp_path / "p.parquet"))
     assert changed_positions(now, {"p.parquet": {(then.positional["p.parquet"], None)}}) == ["p.parquet"]
+
+
+def test_categorical_strings_from_pandas_are_strings(tmp_path):
+    """pandas writes a categorical column as dictionary-encoded strings: it was refused for prompt, negative_prompt
+    and sampler ("use strings"). It reads as its strings, and its prompts digest as the plain column's do."""
+    import pandas as pd
+
+    frame = {"prompt": ["a cat", "a dog", "a cat"], "negative_prompt": ["blur", None, "blur"], "sampler": ["ddpm"] * 3}
+    pd.DataFrame({k: pd.Categorical(v) for k, v in frame.items()}).to_parquet(tmp_path / "c.parquet")
+    (tmp_path / "plain").mkdir()
+    pd.DataFrame(frame).to_parquet(tmp_path / "plain" / "c.parquet")
+    c = config(tmp_path / "c.parquet")
+    p = plan(c)
+    assert p.positional["c.parquet"] == plan(config(tmp_path / "plain" / "c.parquet")).positional["c.parquet"]
+    items = pa.Table.from_pylist(segments(p.sources, 100)[0])
+    rows = pa.concat_tables(read_fragments(items, p.sources, c, p.extra, np.zeros(0, np.uint64))).to_pylist()
+    assert [(r["prompt"], r["negative_prompt"], r["sampler"], r["error"]) for r in rows] == [
+        ("a cat", "blur", "ddpm", None),
+        ("a dog", "", "ddpm", None),
+        ("a cat", "blur", "ddpm", None),
+    ]
