@@ -521,7 +521,7 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
         "latent_queue_bytes_per_image": round(queue_bytes / rendered, 1) if rendered else None,
         "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "actor_gpus": actor_gpus,  # per actor of each pool, as run (gpus: auto resolved); None if nothing rendered
-        "model": config.model,
+        "model": model_label(config),  # as the manifests and the images name it (the LoRA too)
         "model_digest": digest or earlier_digests(out),
         "manifests": writer.parts,
         "versions": made_by,

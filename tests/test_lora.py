@@ -163,6 +163,10 @@ def test_a_job_merges_the_lora_in_its_stage_c_and_stage_b_actors(family, tmp_pat
     # The image's parameters and the manifest name the LoRA, as `python -m cascade` does.
     assert manifest["model"] == f"{family}+l.safetensors"
     assert f"model={family}+l.safetensors " in Image.open(tmp_path / "out" / manifest["key"]).text["parameters"]
+    # _SUCCESS and the report name it so too, beside the digest of the merged weights.
+    success = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert (success["model"], success["model_digest"]) == (manifest["model"], manifest["model_digest"])
+    assert f"Model {family}+l.safetensors (weights digest" in (tmp_path / "out" / "report.html").read_text()
 
     # The actor's image is the in-process pipeline's with the LoRA merged, and not the base model's.
     # Sampled as the job does: the family's own defaults (its family.json's sampling) where the user sets none.
