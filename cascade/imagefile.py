@@ -61,8 +61,9 @@ JPEG_DESCRIPTION_MAX = 65000
 
 def description(request: Request, model: str, limit: int | None = None, extra: str = "") -> str:
     """The EXIF description: JSON with the prompts, the seed and the parameters. EXIF text is ASCII, so the JSON
-    escapes everything else (up to 12 bytes for a character such as an emoji). Over `limit` characters, the prompts
-    are shortened until it fits and "truncated": true says so (the manifest keeps them whole)."""
+    escapes everything else (up to 12 bytes for a character such as an emoji). Over `limit` characters, the longer
+    prompt is shortened first, down to the other's length at most, then both alike, until it fits (a short negative
+    prompt beside a long prompt stays whole), and "truncated": true says so (the manifest keeps them whole)."""
     fields = {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
@@ -70,10 +71,18 @@ def description(request: Request, model: str, limit: int | None = None, extra: s
         "parameters": parameters(request, model, extra),
     }
     text = json.dumps(fields, ensure_ascii=True)
-    while limit is not None and len(text) > limit:
-        keep = limit / len(text) * 0.95  # the share of each prompt kept this round; shrinks until it fits
-        for name in ("prompt", "negative_prompt"):
-            fields[name] = fields[name][: int(len(fields[name]) * keep)]
+    while limit is not None and len(text) > limit and (fields["prompt"] or fields["negative_prompt"]):
+        over = len(text) - limit
+        encoded = {name: len(json.dumps(fields[name], ensure_ascii=True)) for name in ("prompt", "negative_prompt")}
+        longer, shorter = sorted(encoded, key=encoded.get, reverse=True)
+        if encoded[longer] - encoded[shorter] > over:  # the longer alone, by its share of what is over (a margin)
+            kept = {longer: (1 - over / encoded[longer]) * 0.95}
+        elif encoded[longer] > encoded[shorter]:  # the longer down to the shorter's length first
+            kept = {longer: encoded[shorter] / encoded[longer]}
+        else:  # as long as each other: both, by the same share
+            kept = {name: (1 - over / (2 * encoded[name])) * 0.95 for name in encoded}
+        for name, share in kept.items():
+            fields[name] = fields[name][: int(len(fields[name]) * max(0.0, share))]
         fields["truncated"] = True
         text = json.dumps(fields, ensure_ascii=True)
     return text

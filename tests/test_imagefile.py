@@ -42,3 +42,24 @@ def test_a_prompt_too_long_for_a_jpeg_s_exif_is_shortened_and_marked(prompt):
     assert JPEG_DESCRIPTION_MAX * 0.8 < len(description) <= JPEG_DESCRIPTION_MAX  # cut no more than it must
     _, whole = read_back(encode(PIXELS, request, "webp"))
     assert whole["prompt"] == prompt and "truncated" not in whole
+
+
+def test_a_short_negative_prompt_beside_a_long_prompt_stays_whole_in_a_jpeg():
+    """The long prompt is cut first: both used to be cut by the same share, so a 10-character negative prompt lost
+    its end (a review, 2026-11-30) and a reader could not tell which field was cut."""
+    request = Request("a" * 78000, negative_prompt="blurry <b>", seed=1, width=64, height=64)
+    _, fields = read_back(encode(PIXELS, request, "demo", "jpeg"))
+    assert fields["truncated"] is True and fields["negative_prompt"] == "blurry <b>"
+    assert 60000 < len(fields["prompt"]) < 78000
+    # Two long prompts: the longer is cut, then the other only if that is not enough; each stays a prefix.
+    for prompt, negative in ((70000, 30000), (64000, 64000)):
+        request = Request("b" * prompt, negative_prompt="n" * negative, seed=1, width=64, height=64)
+        data = encode(PIXELS, request, "demo", "jpeg")
+        _, fields = read_back(data)
+        assert fields["truncated"] is True and len(fields["prompt"]) < prompt
+        assert set(fields["prompt"]) == {"b"} and set(fields["negative_prompt"]) <= {"n"}
+        assert len(Image.open(io.BytesIO(data)).getexif()[EXIF_IMAGE_DESCRIPTION]) <= JPEG_DESCRIPTION_MAX
+        if prompt - negative > 30000:
+            assert fields["negative_prompt"] == request.negative_prompt
+        else:  # cut alike: neither is left much shorter than the other
+            assert abs(len(fields["prompt"]) - len(fields["negative_prompt"])) < 2000
