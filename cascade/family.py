@@ -57,6 +57,8 @@ class CascadeModels:
     # The family's own sampling defaults (its family.json's "sampling", e.g. {"prior_cfg": 2.0}); {} where it keeps
     # the reference's, as the official families do.
     sampling: dict = field(default_factory=dict)
+    # The sha256 of each LoRA file merged into these models (cascade.lora.apply_lora_file), in order.
+    loras: list = field(default_factory=list)
 
     def request(self, prompt: str, **settings) -> Request:
         """A Request for this family with its own defaults, as the CLI and the job give them: its default size and

@@ -23,6 +23,7 @@ halves of a family are loaded (text encoder + Stage C; Stage B): no cost per ima
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,9 +260,16 @@ def _deltas(path: Path, model: nn.Module, info: dict, tensors, prefix: str, stag
 def apply_lora_file(models, path: str | Path, strength: float = 1.0) -> list[str]:
     """Merge a LoRA file into the halves of a family that are loaded: the text encoder and Stage C (the prior half),
     and Stage B (the decoder half) where the file has a decoder part. Returns its new words. A file made for another
-    model (layers or shapes that do not match) is refused before anything changes."""
+    model (layers or shapes that do not match) is refused before anything changes; so is a file already merged into
+    these models (its updates would be added twice; its token rows only set again)."""
     path = Path(path)
     info, tensors = read_lora(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest in models.loras:
+        raise ValueError(
+            f"{path}: already merged into these models (a second merge would add its updates twice); load the models "
+            "again to merge it at another strength"
+        )
     prior = models.stage_c is not None and models.text_encoder is not None
     if not prior and models.stage_b is None:
         raise ValueError("a LoRA adapts the prior half (text encoder + Stage C) or Stage B: load one of them")
@@ -283,4 +291,5 @@ def apply_lora_file(models, path: str | Path, strength: float = 1.0) -> list[str
             embedding.weight[token] = base + strength * tensors["embeddings.embeddings"][row].to(embedding.weight)
     for weight, delta in deltas:
         weight.add_(delta.to(weight) * strength)
-    return words
+    models.loras.append(digest)
+    return words if prior else []  # (a decoder half has no text encoder: no words were added)

@@ -98,12 +98,18 @@ def test_a_decoder_part_adapts_stage_b_and_merges_into_whichever_half_is_loaded(
 
     def stage_b_of(**kwargs):
         fresh = load_models(family, dtype=torch.float32, **kwargs)
-        assert apply_lora_file(fresh, tmp_path / "l.safetensors") == [WORD]
+        words = [] if kwargs.get("parts") == ("decoder",) else [WORD]  # (no text encoder there: no words added)
+        assert apply_lora_file(fresh, tmp_path / "l.safetensors") == words
         with torch.no_grad():
             return fresh, fresh.stage_b(x, torch.tensor([0.5]), effnet=effnet, clip=clip)
 
     decoder_half, merged = stage_b_of(parts=("decoder",))
     assert torch.allclose(merged, trained, atol=1e-5)
+    # The same file a second time would add its updates twice: refused, nothing changed.
+    before = [p.clone() for p in decoder_half.stage_b.parameters()]
+    with pytest.raises(ValueError, match="l.safetensors: already merged into these models"):
+        apply_lora_file(decoder_half, tmp_path / "l.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(before, decoder_half.stage_b.parameters()))
     _, whole = stage_b_of()
     assert torch.allclose(whole, trained, atol=1e-5)
     with torch.no_grad():
