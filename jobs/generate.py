@@ -419,6 +419,10 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
             out.delete([manifest.SUCCESS])
         if previous.stale_keys:
             out.delete(previous.stale_keys)
+            log(
+                f"removed {len(previous.stale_keys)} stored objects that no manifest row names (a stopped run's, "
+                "stored after its last manifest part) or whose bytes changed: their images are rendered again"
+            )
         manifest.drop_rows(out, previous.drop)
         heap.trim()  # the planning's listing and rows, freed, go back to the system before the models load
     except inputs.InputError as e:  # a file without ids read again for its digest, refused or gone meanwhile

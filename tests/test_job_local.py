@@ -425,7 +425,7 @@ def test_mixed_sizes_and_steps_run_in_full_batches_of_one_bucket(tmp_path):
         assert {r[f"{part}_batch"] for r in rows} == {4}, part  # what each image's model batch held
 
 
-def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
+def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path, capsys):
     import tarfile
 
     from jobs.inputs import RESERVED
@@ -493,7 +493,10 @@ def test_webdataset_shards_hold_every_image_once_and_resume(tmp_path):
     # And a shard no manifest row names (a run that stopped before writing its rows): removed, not left to duplicate.
     orphan = "shards/" + "0" * 20 + ".tar"
     out.put(orphan, data)
+    capsys.readouterr()
     assert main([*argv, "--layout", "webdataset", "--shard-size", "3", "--verify"]) == 0
+    # The tampered and the garbled shard and the orphan, said (they were deleted silently).
+    assert "removed 3 stored objects that no manifest row names" in capsys.readouterr().err
     manifest = read_manifests(out).to_pylist()
     assert len(manifest) == 10 and len({(r["id"], r["image_index"]) for r in manifest}) == 10
     assert json.loads(out.get(SUCCESS))["rendered_this_run"] == lost_rows + in_shard + garbled_rows
