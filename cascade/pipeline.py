@@ -97,6 +97,16 @@ def image_problem(image) -> str | None:
     return None
 
 
+def check_semantic_encoder(models: CascadeModels) -> None:
+    """img2img encodes its images with the family's semantic encoder: ValueError naming what to load where it is not
+    loaded."""
+    if models.effnet is None:
+        raise ValueError(
+            "init_images: img2img needs the family's semantic encoder (effnet_encoder.safetensors, or "
+            "semantic_encoder.safetensors in a family trained here); load the models with with_effnet=True"
+        )
+
+
 def effnet_latents(
     models: CascadeModels, images: Sequence[Image.Image | torch.Tensor], size: tuple[int, int]
 ) -> torch.Tensor:
@@ -105,11 +115,7 @@ def effnet_latents(
     Each image is resized to the encoder's stride times the latent grid first (the EfficientNet's 32: 768 px for a
     1024 px image, as the reference's img2img).
     """
-    if models.effnet is None:
-        raise ValueError(
-            "init_images: img2img needs the family's semantic encoder (effnet_encoder.safetensors, or "
-            "semantic_encoder.safetensors in a family trained here); load the models with with_effnet=True"
-        )
+    check_semantic_encoder(models)
     stride = models.effnet.stride
     pixel_size = (size[0] * stride, size[1] * stride)
     pixels = torch.cat(
@@ -312,8 +318,8 @@ def generate(
             if problem is not None:
                 raise ValueError(f"init_images[{i}]: {problem}")
         validate_strength(strength)
-        if models.effnet is None and requests:
-            effnet_latents(models, [], (1, 1))  # raises: it names what img2img needs and how to load it
+        if requests:
+            check_semantic_encoder(models)
     results: list[Result | None] = [None] * len(requests)
     done = 0
     for idx in buckets(requests, batch_size):
