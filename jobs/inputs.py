@@ -303,10 +303,12 @@ def _plan_file(storage: Storage, key: str, name: str, default: int, budget: _Row
             first += n
         with budget.hold(first):
             try:
-                ids, counts = _ids_and_counts(pf, name, first, default)
+                columns = [c for c in ID_COLUMNS if c in schema.names]
+                table = pf.read(columns=columns) if columns else None
+                ids, counts = _ids_and_counts_of(table, name, 0, first, default)
                 # Where any row's id is its position (no id column, or a null in it), rows inserted, removed or
                 # reordered would give images made to other prompts: the digest lets a resume tell (see generate).
-                positions = "id" not in schema.names or pf.read(columns=["id"]).column("id").null_count > 0
+                positions = "id" not in schema.names or table.column("id").null_count > 0
                 digest = prompts_digest(pf) if positions else None
             except UnicodeDecodeError:
                 raise InputError(f"prompts: {where}: {_not_text(pf.read(columns=['id']), 'id')}") from None
