@@ -430,9 +430,14 @@ def _check_schema(schema: pa.Schema, where: str, extra_fields: dict[str, pa.Fiel
         else:
             out = carried_name(field.name)
             previous = extra_fields.get(out)
+            carried = _carried_type(field.type)
             if previous is None or pa.types.is_null(previous.type):
-                extra_fields[out] = pa.field(out, _carried_type(field.type))
-            elif previous.type != _carried_type(field.type) and not pa.types.is_null(field.type):
+                extra_fields[out] = pa.field(out, carried)
+            elif {previous.type, carried} == {pa.int64(), pa.float64()}:
+                # pandas writes an integer column with a missing value as floats: the same column is int64 in the
+                # files without one. Both are carried as floats, as pandas would read them together.
+                extra_fields[out] = pa.field(out, pa.float64())
+            elif previous.type != carried and not pa.types.is_null(field.type):
                 raise InputError(
                     f"prompts: {where}: column {field.name!r} has type {field.type}, "
                     f"but {previous.type} in an earlier file"
@@ -442,7 +447,10 @@ def _check_schema(schema: pa.Schema, where: str, extra_fields: dict[str, pa.Fiel
 def _carried_type(t: pa.DataType) -> pa.DataType:
     """The manifest's type for an extra input column: the families of text, bytes, integers and floats each as one
     type, so that files written by different tools (pandas' string, polars' large_string, int32 beside int64) can
-    make up one input; any other type is carried as it is and must be the same in every file."""
+    make up one input; any other type is carried as it is and must be the same in every file. A dictionary-encoded
+    column (pandas' categorical) is carried as its values' type: its rows are read as their values."""
+    if pa.types.is_dictionary(t):
+        return _carried_type(t.value_type)
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return pa.string()
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):

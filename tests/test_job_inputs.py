@@ -558,6 +558,25 @@ def test_extra_columns_of_one_family_of_types_join_across_files_and_others_must_
         plan(config(tmp_path))
 
 
+def test_extra_columns_as_pandas_writes_them_in_different_files_join(tmp_path):
+    """pandas writes an integer column that has a missing value as floats, and a categorical one dictionary-encoded:
+    the same column of another file, without a gap or as plain text, was refused ("int64, but double in an earlier
+    file"). They join as floats and as strings."""
+    import pandas as pd
+
+    pd.DataFrame({"prompt": ["a", "b"], "score": [1.5, None], "tag": pd.Categorical(["x", "y"])}).to_parquet(
+        tmp_path / "a.parquet"
+    )
+    pd.DataFrame({"prompt": ["c"], "score": [3], "tag": ["z"]}).to_parquet(tmp_path / "b.parquet")
+    c = config(tmp_path)
+    p = plan(c)
+    assert p.extra == pa.schema([("score", pa.float64()), ("tag", pa.string())])
+    items = pa.Table.from_pylist(segments(p.sources, 100)[0])
+    rows = pa.concat_tables(read_fragments(items, p.sources, c, p.extra, np.zeros(0, np.uint64))).to_pylist()
+    got = sorted((r["prompt"], r["score"], r["tag"]) for r in rows)
+    assert got == [("a", 1.5, "x"), ("b", None, "y"), ("c", 3.0, "z")]
+
+
 def test_a_file_whose_id_column_has_nulls_is_checked_for_changes_as_one_without(tmp_path):
     """A null id is the row's position too: a row inserted before it gave its images to another prompt and the
     resume kept them, silently (a review, 2026-11-30). Such a file's prompts are digested as a file without ids."""
