@@ -96,7 +96,31 @@ def check_model(config):
 _own_ray = False  # True once init_ray started a private Ray: its one node is all there will be (no autoscaler)
 
 
-def init_ray():
+# Tasks of the job that hold a CPU while they mostly wait: the one reading a segment (a generator, paused while its
+# blocks wait for the Stage C pool) holds its CPU until the pools have taken the segment's last rows, and the cut
+# before the Stage B/A pool holds one while blocks keep coming. On a machine of 2 CPUs they held both, the writers
+# got none until the segment was read, and rendered images piled up in Ray's object store (docs/RELIABILITY.md).
+WAITING_TASK_CPUS = 2
+
+
+def local_cpus(config, machine: int) -> int:
+    """The CPUs a private Ray gets on a machine of `machine` CPUs: the machine's, or, where that is fewer, enough for
+    the two waiting tasks, a writer and the pools' actors at once. Ray's CPUs are slots, not cores: the waiting tasks
+    use little of one, and the writers then run beside them."""
+    actors = sum(p.actors * p.cpus for p in (config.prior_pool, config.decoder_pool))
+    return max(machine, math.ceil(WAITING_TASK_CPUS + config.writer_cpus + actors))
+
+
+def machine_cpus() -> int:
+    """The CPUs Ray would take this machine to have (its cgroup's limit included)."""
+    try:
+        from ray._private.utils import get_num_cpus  # (private; os.cpu_count ignores a container's limit)
+    except ImportError:
+        return os.cpu_count() or 1
+    return int(get_num_cpus())
+
+
+def init_ray(config):
     global _own_ray
     import ray
 
@@ -107,7 +131,8 @@ def init_ray():
     else:
         # A private local Ray for this job (even if another local cluster runs: set RAY_ADDRESS to use that one),
         # dashboard off.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        cpus = local_cpus(config, machine_cpus())
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
         _own_ray = True
     interrupt_on_sigterm()  # again: ray.init() sets its own SIGTERM handler (a bare sys.exit)
     return ray
@@ -299,7 +324,7 @@ def local_path_tasks(config, plan, out, say: bool = False) -> tuple[dict, dict]:
     they run, on a cluster of several nodes."""
     from workers.storage import LocalStorage
 
-    ray = init_ray()
+    ray = init_ray(config)
     node_id = ray.get_runtime_context().get_node_id()
     # Every node carries its id as a label. (A scheduling_strategy would do the same, but Ray Data takes it only
     # in the ray_remote_args it deprecates, due to go in Ray 2.64.)
@@ -671,7 +696,7 @@ NO_PROGRESS_MARGIN_S = 1800  # beyond node_wait_seconds: a model load and a firs
 def stream(config, plan, previous, out, writer, progress, geometry) -> tuple[int, str, dict]:
     """Build the Ray Data pipeline and consume its manifest rows as they arrive; return the latent queue's bytes, the
     weights digest written in the manifests and the GPUs each pool's actors had (`gpus: auto` resolved)."""
-    init_ray()
+    init_ray(config)
     import ray
     import ray.data
 
