@@ -18,6 +18,7 @@ Built-in families:
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -388,7 +389,17 @@ if DEMO_SHIPPED:
 
 
 def load_family(model: str | os.PathLike, **kwargs) -> CascadeModels:
-    """A built-in model by name, or a weights folder: `kwargs` go to the built-in or to `load_models`."""
-    if str(model) in BUILTIN_MODELS:
-        return BUILTIN_MODELS[str(model)](**kwargs)
-    return load_models(model, **kwargs)
+    """A built-in model by name, or a weights folder: `kwargs` go to the built-in or to `load_models`. The two take
+    different ones (a built-in its `seed`; a folder `lite` and `with_previewer`): one the other lacks is refused by
+    name, where it used to be Python's bare "unexpected keyword argument"."""
+    builtin = BUILTIN_MODELS.get(str(model))
+    load = builtin or functools.partial(load_models, model)
+    takes = list(inspect.signature(load).parameters)
+    unknown = [name for name in kwargs if name not in takes]
+    if unknown:
+        what = f"the built-in model {str(model)!r}" if builtin else "a weights folder"
+        hint = " (random-lite is the lite architecture, with random weights)" if builtin and "lite" in unknown else ""
+        raise TypeError(
+            f"load_family: {', '.join(unknown)} does not apply to {what}{hint}; it takes {', '.join(takes)}"
+        )
+    return load(**kwargs)

@@ -256,3 +256,17 @@ def test_a_family_makes_requests_with_its_own_defaults():
     assert demo.sampling and {k: getattr(made, k) for k in sampling_defaults("demo")} == sampling_defaults("demo")
     assert demo.request("x", prior_cfg=5.0, width=128).prior_cfg == 5.0
     assert CascadeModels(None, None, None, None).request("x", seed=1) == Request("x", seed=1)  # the official's
+
+
+def test_load_family_names_a_setting_that_does_not_apply_to_the_model_given(tmp_path, tiny):
+    """A built-in takes a seed, a folder `lite` and `with_previewer`: the other was Python's bare "unexpected keyword
+    argument" from deep inside. What applies still loads."""
+    from cascade.family import load_family
+
+    with pytest.raises(TypeError, match=r"lite does not apply to the built-in model 'tiny' \(random-lite is"):
+        load_family("tiny", lite=True)
+    folder = write_family(tiny, tmp_path / "weights", "stability")
+    with pytest.raises(TypeError, match="seed does not apply to a weights folder; it takes lite, dtype"):
+        load_family(folder, seed=3)
+    assert load_family(folder, dtype=torch.float32, parts=("decoder",)).stage_b is not None
+    assert load_family("tiny", seed=1, parts=("prior",)).stage_c is not None
