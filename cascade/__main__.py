@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=Path("out.png"),
         help="the image file: .png (or no extension), .webp or .jpg, parameters embedded; with --num-images N, "
-        "-0..-N-1 before the extension",
+        "-0..-N-1 before the extension; files of those names are replaced",
     )
     p.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional input)")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}; image i uses seed + i")
