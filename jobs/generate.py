@@ -94,6 +94,7 @@ def check_model(config):
 
 
 _own_ray = False  # True once init_ray started a private Ray: its one node is all there will be (no autoscaler)
+_machine_cpus = 0  # the CPUs of the machine a private Ray runs on (its slots are more: local_cpus)
 
 
 # Tasks of the job that hold a CPU while they mostly wait: the one reading a segment (a generator, paused while its
@@ -121,7 +122,7 @@ def machine_cpus() -> int:
 
 
 def init_ray(config):
-    global _own_ray
+    global _own_ray, _machine_cpus
     import ray
 
     if ray.is_initialized():
@@ -131,7 +132,8 @@ def init_ray(config):
     else:
         # A private local Ray for this job (even if another local cluster runs: set RAY_ADDRESS to use that one),
         # dashboard off.
-        cpus = local_cpus(config, machine_cpus())
+        _machine_cpus = machine_cpus()
+        cpus = local_cpus(config, _machine_cpus)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
         _own_ray = True
     interrupt_on_sigterm()  # again: ray.init() sets its own SIGTERM handler (a bare sys.exit)
@@ -296,7 +298,9 @@ def check_fits_here(needs: dict[str, dict[str, float]]) -> None:
 
     if not _own_ray:
         return
-    nodes = live_nodes()
+    # Against the machine's CPUs, not the private Ray's slots: those beyond them are for the tasks that wait
+    # (local_cpus), and an actor's cpus are its threads.
+    nodes = [{**n, "CPU": min(n.get("CPU", 0.0), _machine_cpus)} for n in live_nodes()]
     missing = unplaceable(needs, nodes)
     has = describe({k: v for k, v in nodes[0].items() if k in ("CPU", "GPU")}) if nodes else "nothing"
     if missing:

@@ -697,7 +697,7 @@ def read_fragments(
     Small output blocks keep the stages streaming: an actor stage emits one block per input block (platform notes).
     """
     schema = pa.schema(list(IMAGE_SCHEMA) + list(extra))
-    carried = [(f.name, _input_column(f.name)) for f in extra]
+    carried = [(f.name, _input_column(f.name), pa.types.is_floating(f.type)) for f in extra]
 
     def images() -> Iterator[dict]:
         for item in items.to_pylist():
@@ -712,9 +712,13 @@ def read_fragments(
                 for image in expand_row(row, source.name, item["first_row"] + offset, config, geometry):
                     if contains(done, image_hash(image["id"], image["image_index"])):
                         continue
-                    for out_name, in_name in carried:
+                    for out_name, in_name, floating in carried:
                         value = row.get(in_name)
-                        image[out_name] = None if isinstance(value, NotText) else value
+                        if isinstance(value, NotText):
+                            value = None
+                        elif floating and isinstance(value, int):  # (joined with floats: Arrow refuses ints past 2**53)
+                            value = float(value)
+                        image[out_name] = value
                     yield image
 
     unit = batch_unit(config.prior_pool.batch_size, config.decoder_pool.batch_size)

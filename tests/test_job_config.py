@@ -378,6 +378,22 @@ def test_a_private_ray_has_cpus_for_the_waiting_tasks_a_writer_and_the_actors_at
     assert local_cpus(busy, machine=2) == 6  # 2 waiting + 1.5 writer + 2 + 0.5 actors, rounded up
 
 
+def test_the_job_s_own_ray_refuses_actors_and_writers_past_the_machine_s_cpus_not_its_slots(monkeypatch):
+    """The slots beyond the machine's CPUs are for the tasks that wait: pools of 16 CPUs an actor (16 threads each)
+    on 2 CPUs are refused, as before those slots, where they ran on 2 cores."""
+    import jobs.generate
+    import jobs.placement
+
+    monkeypatch.setattr(jobs.generate, "_own_ray", True)
+    monkeypatch.setattr(jobs.generate, "_machine_cpus", 2)
+    monkeypatch.setattr(jobs.placement, "live_nodes", lambda: [{"CPU": 35.0, "memory": 1e9}])
+    needs = {"Stage C pool": {"GPU": 0.0, "CPU": 16.0}, "Stage B/A pool": {"GPU": 0.0, "CPU": 16.0}}
+    with pytest.raises(jobs.generate.NeverFits, match=r"this machine \(CPU 2\) can never run the Stage C pool"):
+        jobs.generate.check_fits_here({**needs, "writer tasks": {"CPU": 1.0}})
+    fits = {"Stage C pool": {"GPU": 0.0, "CPU": 0.5}, "Stage B/A pool": {"GPU": 0.0, "CPU": 0.5}}
+    jobs.generate.check_fits_here({**fits, "writer tasks": {"CPU": 1.0}})  # 2 CPUs for them: no error
+
+
 def test_ray_data_s_no_progress_limit_leaves_the_waiting_to_the_node_watch():
     """Ray Data ends an execution that moves no block for 30 minutes by default: with node_wait_seconds 0 ("wait
     forever" for nodes) it must not, and otherwise it must come well after the node watch's own limit."""

@@ -198,14 +198,17 @@ def test_pools_that_can_never_fit_on_the_job_s_own_ray_are_refused_at_once(tmp_p
     import subprocess
     import sys
 
+    from jobs.generate import machine_cpus
+
     pq.write_table(prompts_table(2), tmp_path / "p.parquet")
     argv = [sys.executable, "-m", "jobs.generate", "--prompts", str(tmp_path / "p.parquet"), "--out", str(tmp_path)]
     argv += [*FAST, "--prior-pool-gpus", "2", "--node-wait-seconds", "3600", "--no-report"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
+    cpus = machine_cpus()  # (the machine's, not the more slots its private Ray has: jobs.generate.local_cpus)
     assert (
-        "error: this machine (CPU 2) can never run the Stage C pool (one needs GPU 2); the job started its own "
+        f"error: this machine (CPU {cpus}) can never run the Stage C pool (one needs GPU 2); the job started its own "
         "Ray here, which adds no nodes. Lower the pools' gpus"
     ) in done.stderr, done.stderr[-3000:]
     assert read_manifests(LocalStorage(tmp_path)) is None
