@@ -200,10 +200,11 @@ def shared_pools(summary: dict | None) -> tuple[str, bool]:
     had, which the summary records since 2026-11-29; for earlier runs, from its settings, where `gpus: auto` may or
     may not have shared."""
     names = {"prior_pool": "the Stage C pool", "decoder_pool": "the Stage B/A pool"}
-    had = (summary or {}).get("actor_gpus")
-    if had:
+    summary = summary or {}
+    if "actor_gpus" in summary:  # (null where the run rendered nothing, e.g. only wrote _SUCCESS: no pool ran)
+        had = summary["actor_gpus"] or {}
         return " and ".join(title for key, title in names.items() if 0 < had.get(key, 1) < 1), False
-    config = (summary or {}).get("config", {})
+    config = summary.get("config", {})
     gpus = {key: config.get(key, {}).get("gpus", 1) for key in names}
     shared = [title for key, title in names.items() if gpus[key] == "auto" or 0 < gpus[key] < 1]
     return " and ".join(shared), "auto" in gpus.values()

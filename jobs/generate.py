@@ -213,6 +213,9 @@ def versions() -> dict:
     }
 
 
+MIN_RATE_SPAN_S = 1.0  # the progress line's rate needs images over this long at least
+
+
 class Progress:
     """A progress line every `every` seconds, whether images arrive or not (a stall shows as lines that do not move
     and say for how long): images done / total, images/s over the last minute, ETA. The rate is counted from the
@@ -266,18 +269,22 @@ class Progress:
 
     def rate(self, now: float | None = None) -> float:
         """Images/s over the last minute, up to `now` (a stall lowers it as it lasts), from the first images on: 0
-        before a second batch of them has arrived."""
+        until images have come over a second or more (two batches written together would read as hundreds a
+        second). Once all are done, the whole run's, start-up included: the last line's rate is the run's."""
+        end = self.history[-1][0] if self.history else self.created
+        end = end if now is None else max(now, end)
+        if self.done == self.total:
+            return self.done / (end - self.created) if end > self.created else 0.0
         if len(self.history) < 2:
             return 0.0
-        (t0, d0), (t1, d1) = self.history[0], self.history[-1]
-        end = t1 if now is None else max(now, t1)
-        return (d1 - d0) / (end - t0) if end > t0 else 0.0
+        (t0, d0), (_, d1) = self.history[0], self.history[-1]
+        return (d1 - d0) / (end - t0) if end - t0 >= MIN_RATE_SPAN_S else 0.0
 
     def line(self, now: float | None = None) -> str:
         now = self.clock() if now is None else now
         rate = self.rate(now)
         left = self.total - self.done
-        eta = f"{int(left / rate // 60)}m{int(left / rate % 60):02d}s" if rate > 0 else "?"
+        eta = "0m00s" if left == 0 else f"{int(left / rate // 60)}m{int(left / rate % 60):02d}s" if rate > 0 else "?"
         pct = 100 * self.done / self.total if self.total else 100
         line = f"{self.done}/{self.total} images ({pct:.1f}%), {rate:.2f} images/s, ETA {eta}, {self.errors} errors"
         if self.done < self.total and self.last_images is None:
@@ -443,9 +450,11 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
             )
             return EXIT_INPUT
         # Order matters for a crash in between: first _SUCCESS (the output is about to change: it is not complete
-        # until we say so), then bad objects, then the rows that point at them.
-        if len(previous.done) < plan.images and out.exists(manifest.SUCCESS):
-            out.delete([manifest.SUCCESS])
+        # until we say so) and the report of the run it described, then bad objects, then the rows that point at them.
+        if len(previous.done) < plan.images:
+            stale = [k for k in (manifest.SUCCESS, manifest.REPORT) if out.exists(k)]
+            if stale:
+                out.delete(stale)
         if previous.stale_keys:
             out.delete(previous.stale_keys)
             log(
@@ -528,7 +537,8 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
     writer.flush(everything=True)  # the stream has ended: every shard's rows are in
     finished = time.time()
 
-    rendered = progress.done
+    rendered = progress.done  # this run's manifest rows: the images it made and its error rows
+    made = rendered - progress.errors
     accounted = len(previous.done) + rendered
     if accounted != plan.images:
         log(f"incomplete: {accounted} of {plan.images} images accounted for; no _SUCCESS written")
@@ -550,7 +560,7 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
         "wall_s": round(finished - started, 3),
-        "images_per_s": round(rendered / (finished - started), 4) if rendered else 0.0,
+        "images_per_s": round(made / (finished - started), 4),  # images made (error rows are no work done)
         "latent_queue_bytes_per_image": round(queue_bytes / rendered, 1) if rendered else None,
         "driver_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "actor_gpus": actor_gpus,  # per actor of each pool, as run (gpus: auto resolved); None if nothing rendered
@@ -567,7 +577,7 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
         held.check()  # (again: a report of a large output takes a while)
     manifest.write_success(out, summary)
     log(
-        f"done: {ok} images ok, {plan.images - ok} errors, {rendered} rendered in this run in "
+        f"done: {ok} images ok, {plan.images - ok} errors; this run made {made} and met {progress.errors} errors in "
         f"{finished - started:.1f} s -> {out.location()}"
     )
     return EXIT_OK

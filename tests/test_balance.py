@@ -86,6 +86,7 @@ def test_the_command_reads_a_runs_manifests(tmp_path, capsys):
         ({"prior_pool": 0.5, "decoder_pool": 0.5}, "the Stage C pool and the Stage B/A pool shared GPUs, so"),
         ({"prior_pool": 1, "decoder_pool": 1}, None),
         ({"prior_pool": 0, "decoder_pool": 0}, "# note: the last run on this output had no GPU (a CPU run)"),
+        (None, None),  # a run that rendered nothing (it only wrote _SUCCESS): no pool ran, nothing to say of it
     ]:
         (tmp_path / "_SUCCESS").write_text(json.dumps({"config": auto, "actor_gpus": had}))
         assert main(["--run", str(tmp_path), "--gpus", "2"]) == 0

@@ -71,6 +71,7 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
     assert image.text["seed"] == str(rows[("p0", 0)]["seed"])
     summary = json.loads(out.get(SUCCESS))
     assert (summary["ok"], summary["errors"], summary["rendered_this_run"]) == (5, 2, 7)
+    assert summary["images_per_s"] == pytest.approx(5 / summary["wall_s"], abs=2e-4)  # images made: not error rows
     assert summary["latent_queue_bytes_per_image"] > 0 and summary["config"]["width"] == 256
     assert summary["actor_gpus"] == {"prior_pool": 1, "decoder_pool": 1}  # the GPUs each actor had
     made_by = summary["versions"]  # what made the images, read without importing transformers in the driver
@@ -117,6 +118,7 @@ def test_job_renders_resumes_and_starts_over(tmp_path, capsys, monkeypatch):
         success = out.get(SUCCESS)
         assert run_job(tmp_path / "prompts.parquet", out.root, "--verify", "--retry-errors") == 1
         assert not out.exists(SUCCESS) and out.exists(changed)
+        assert not out.exists("report.html")  # (it went with _SUCCESS: it told of the run that wrote that)
         out.put(SUCCESS, success)
         assert run_job(tmp_path / "prompts.parquet", out.root, "--overwrite") == 1
         assert not out.exists(SUCCESS) and out.exists(changed)
