@@ -127,7 +127,7 @@ def measured_seconds(table) -> tuple[float, float]:
     prior = [v for v in ok.column("prior_s").to_pylist() if v is not None]
     decoder = [v for v in ok.column("decoder_s").to_pylist() if v is not None]
     if not prior or not decoder:
-        raise ValueError("the run's manifests hold no stage timings (prior_s, decoder_s)")
+        raise ValueError("the run's manifests hold no stage timings (prior_s, decoder_s): a dry run records none")
     return statistics.median(prior), statistics.median(decoder)
 
 

@@ -372,6 +372,7 @@ def test_dry_run_moves_full_size_data_through_every_stage(tmp_path):
     assert main(["--prompts", str(tmp_path / "prompts.parquet"), "--out", str(out.root), *flags]) == 0
     manifest = check_output(out, 64)
     assert set(manifest.column("model").to_pylist()) == {"dry-run"}
+    assert manifest.column("prior_s").null_count == manifest.column("decoder_s").null_count == 64  # no maths timed
     image = Image.open(io.BytesIO(out.get(manifest.column("key")[0].as_py())))
     assert image.size == (1024, 1024)
     # A full-size Stage C latent (16 x 24 x 24 bf16) and two pooled embeddings (2 x 1280 bf16) per image, plus metadata.

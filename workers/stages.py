@@ -274,7 +274,8 @@ class PriorStage(_Stage):
             else:
                 outputs = [(out, len(requests)) for out in dry_prior(requests, self.geometry)]
             for i, (out, batch_images) in zip(group, outputs, strict=True):
-                tokens[i], truncated[i], seconds[i] = out.prompt_tokens, out.prompt_truncated, out.seconds
+                tokens[i], truncated[i] = out.prompt_tokens, out.prompt_truncated
+                seconds[i] = out.seconds if self.models is not None else None  # (a dry run times nothing: null)
                 batches[i] = batch_images
                 if out.error is not None:
                     errors[i] = out.error
