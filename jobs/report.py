@@ -305,6 +305,9 @@ figcaption{{font-size:11px;overflow-wrap:anywhere}}</style></head><body>
 <p>Every image of the input, whichever run made it (<code>resumed</code>: those earlier runs had made):</p>
 <pre>{esc(json.dumps(whole, indent=1))}</pre>
 <h2>This run</h2>
+<p>From the job's start (Ray and the models loading included) to <code>_SUCCESS</code>; <code>rendered_this_run</code>
+counts its manifest rows, <code>errors_this_run</code> of them error rows, and <code>images_per_s</code> the images it
+made:</p>
 <pre>{esc(json.dumps(this_run, indent=1))}</pre>
 <p><b>{esc(scope)}</b></p>
 <h2>Pools ({here})</h2>
