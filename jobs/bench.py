@@ -25,6 +25,7 @@ import math
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -299,12 +300,17 @@ def cpu_name() -> str:
 def check_arguments(args) -> str | None:
     """What is wrong with the arguments that need no model (the message), or None: checked before the model loads
     (the full-size ones take minutes)."""
-    from .bench_ray import min_prompts
+    from cascade.request import MAX_STEPS
+
+    from .bench_ray import MIN_RAY_BLOCKS, min_prompts
 
     for name, least in (("batch", 1), ("prior_steps", 1), ("decoder_steps", 1), ("repeats", 1), ("warmup", 0)):
         for value in getattr(args, name) if name == "batch" else [getattr(args, name)]:
             if value < least:
                 return f"--{name.replace('_', '-')}: {value} is not allowed; use {least} or more"
+    for name in ("prior_steps", "decoder_steps"):
+        if getattr(args, name) > MAX_STEPS:
+            return f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; use 1 to {MAX_STEPS}"
     if args.size is not None and args.size < 1:
         return f"--size: {args.size} is not allowed; use a size the model supports (omit it for the family's own)"
     if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
@@ -314,15 +320,16 @@ def check_arguments(args) -> str | None:
         batches = ", ".join(map(str, args.batch))
         return (
             f"--ray-prompts: {args.ray_prompts} leaves no steady state to time at batch {batches}; "
-            f"use 0 (no Ray part) or at least {least} (two blocks)"
+            f"use 0 (no Ray part) or at least {least} ({MIN_RAY_BLOCKS} blocks)"
         )
     if args.json is not None:
         if args.json.is_dir():
             return f"--json: {args.json} is a folder; give a file name"
-        try:
+        try:  # a file made and removed beside it: the figures are written as they come, from minutes in
             args.json.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.NamedTemporaryFile(dir=args.json.parent, prefix=".bench-probe-").close()
         except OSError as e:
-            return f"--json: {args.json} cannot be written: {e}"
+            return f"--json: {args.json} cannot be written: {e.strerror or e}"
     return None
 
 
@@ -444,10 +451,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             write_json(partial=row)
 
-    for batch in args.batch:
-        rows.append(measure(models, batch, args, twin, flops, peak, progress))
-        if args.json:
-            write_json()
+    try:
+        for batch in args.batch:
+            rows.append(measure(models, batch, args, twin, flops, peak, progress))
+            if args.json:
+                write_json()
+    except KeyboardInterrupt:  # (Ctrl-C: the figures so far are in --json, the last row marked partial)
+        kept = f": the figures so far are in {args.json}" if args.json else ""
+        print(f"[bench] interrupted{kept}", file=sys.stderr)
+        if rows:
+            print(table(rows))
+        return 130
     print(table(rows))
     return 0
 

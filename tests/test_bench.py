@@ -12,7 +12,7 @@ from jobs.bench import STAGES, main
 def test_bench_reports_each_stage_and_the_pipeline(tmp_path, capsys):
     # One batch size: each one costs a Ray pipeline run (about 13 s of start-up here), and the rows are one loop.
     args = ["--size", "256", "--batch", "2", "--prior-steps", "2", "--decoder-steps", "2", "--repeats", "1"]
-    args += ["--ray-prompts", "8"]  # two blocks of 4 (jobs.generate.block_rows)
+    args += ["--ray-prompts", "16"]  # four blocks of 4 (jobs.bench_ray.MIN_RAY_BLOCKS, jobs.generate.block_rows)
     assert main([*args, "--json", str(tmp_path / "bench.json")]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("batch | text img/s") and "pipeline MFU" in out.splitlines()[0]
@@ -41,8 +41,10 @@ def test_bench_refuses_an_unsupported_size_and_too_few_prompts(capsys, tmp_path,
     monkeypatch.setitem(BUILTIN_MODELS, "tiny", lambda **kw: pytest.fail("the model loaded before the check"))
     (tmp_path / "a-file").write_text("")
     for argv, message in [
-        (["--batch", "4", "--ray-prompts", "5"], "--ray-prompts: 5 leaves no steady state to time at batch 4; use 0"),
-        (["--batch", "1", "--ray-prompts", "6"], "use 0 (no Ray part) or at least 8 (two blocks)"),
+        (["--batch", "4", "--ray-prompts", "8"], "--ray-prompts: 8 leaves no steady state to time at batch 4; use 0"),
+        (["--batch", "1", "--ray-prompts", "6"], "use 0 (no Ray part) or at least 16 (4 blocks)"),
+        (["--prior-steps", "1001"], "--prior-steps: 1001 is not allowed; use 1 to 1000"),
+        (["--json", "/proc/bench.json"], "--json: /proc/bench.json cannot be written"),
         (["--batch", "1", "0"], "--batch: 0 is not allowed; use 1 or more"),
         (["--prior-steps", "0"], "--prior-steps: 0 is not allowed; use 1 or more"),
         (["--warmup", "-1"], "--warmup: -1 is not allowed; use 0 or more"),
@@ -71,13 +73,13 @@ def test_a_bench_stopped_part_way_keeps_the_figures_it_measured(tmp_path, capsys
         raise KeyboardInterrupt  # stopped after the four stages (a time limit's SIGTERM ends it at any point)
 
     monkeypatch.setattr(jobs.bench, "pipeline_call", stopped)
-    with pytest.raises(KeyboardInterrupt):
-        main([*QUICK, "--no-diffusers", "--json", str(tmp_path / "bench.json")])
+    assert main([*QUICK, "--no-diffusers", "--json", str(tmp_path / "bench.json")]) == 130  # as Ctrl-C: no traceback
     (row,) = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert row["partial"] is True and all(row[f"{s}_images_per_s"] > 0 for s in STAGES)
     assert "pipeline_s" not in row
     err = capsys.readouterr().err
     assert all(f"[bench] batch 1: {s} " in err for s in STAGES) and "images/s, MFU " in err
+    assert f"[bench] interrupted: the figures so far are in {tmp_path / 'bench.json'}" in err
 
 
 def test_a_diffusers_baseline_that_fails_costs_only_its_column(tmp_path, capsys, monkeypatch):
@@ -141,7 +143,7 @@ def test_the_ray_pipeline_runs_the_job_with_the_bench_s_compile_and_fp8(monkeypa
         return 1  # (stops the part before it reads manifests)
 
     monkeypatch.setattr(jobs.generate, "main", job)
-    bench = dict(ray_prompts=8, model="tiny", size=256, dtype="auto", prior_steps=2, decoder_steps=2)
+    bench = dict(ray_prompts=16, model="tiny", size=256, dtype="auto", prior_steps=2, decoder_steps=2)
     for flags, expected in [
         ({"compile": True, "fp8": True}, (True, True)),
         ({"compile": True, "fp8": False}, (True, False)),
@@ -149,3 +151,6 @@ def test_the_ray_pipeline_runs_the_job_with_the_bench_s_compile_and_fp8(monkeypa
         with pytest.raises(RuntimeError, match="the Ray pipeline's job failed with exit code 1"):
             ray_pipeline(argparse.Namespace(**bench, **flags), 2, {}, 0)
         assert (runs[-1].compile, runs[-1].fp8) == expected
+    monkeypatch.setattr(jobs.generate, "main", lambda argv: 130)  # the job interrupted (Ctrl-C): so is the bench
+    with pytest.raises(KeyboardInterrupt):
+        ray_pipeline(argparse.Namespace(**bench, compile=False, fp8=False), 2, {}, 0)
