@@ -452,9 +452,7 @@ def render(config, plan, geometry, out, held, started: float, made_by: dict) -> 
         # Order matters for a crash in between: first _SUCCESS (the output is about to change: it is not complete
         # until we say so) and the report of the run it described, then bad objects, then the rows that point at them.
         if len(previous.done) < plan.images:
-            stale = [k for k in (manifest.SUCCESS, manifest.REPORT) if out.exists(k)]
-            if stale:
-                out.delete(stale)
+            manifest.remove_marks(out)
         if previous.stale_keys:
             out.delete(previous.stale_keys)
             log(

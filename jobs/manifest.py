@@ -389,11 +389,18 @@ def drop_rows(storage: Storage, drop: dict[str, list[int]]) -> None:
         storage.put(part, out.getvalue(), content_type="application/vnd.apache.parquet")
 
 
+def remove_marks(storage: Storage) -> list[str]:
+    """Remove _SUCCESS and the report of the run it describes, in a delete of their own, before the output changes:
+    a crash part way through must not leave them over a partial output. Returns the keys removed."""
+    marks = [k for k in (SUCCESS, REPORT) if storage.exists(k)]
+    if marks:
+        storage.delete(marks)
+    return marks
+
+
 def clear_outputs(storage: Storage) -> int:
     """--overwrite: remove what earlier runs wrote (only the job's own files), so the job starts over."""
-    # _SUCCESS first, in a delete of its own: a crash part way through must not leave it over a partial output.
-    marks = [k for k in (SUCCESS, REPORT) if storage.exists(k)]
-    storage.delete(marks)
+    marks = remove_marks(storage)
     keys = [k for d in OUTPUT_DIRS for k, _ in storage.list(d)]
     storage.delete(keys)
     return len(marks) + len(keys)
